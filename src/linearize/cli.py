@@ -1,0 +1,162 @@
+"""The `linearize` command.
+
+    linearize run [--config FILE|NAME] [--fresh] [key.sub=value ...]
+    linearize eval MODEL_DIR --data FILE [--teacher] [--seq-len 1024]
+    linearize generate MODEL_DIR --prompt TEXT [--max-new-tokens 64]
+    linearize export MODEL_DIR OUT_DIR
+    linearize config [--config FILE|NAME] [key.sub=value ...]   (print the resolved config)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from linearize.errors import LinearizeError
+
+
+def shipped_configs() -> dict[str, Path]:
+    root = resources.files("linearize") / "configs"
+    return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
+
+
+def resolve_config_path(value: str | None) -> Path | None:
+    """A file path, or the name of a config shipped with the package (e.g. `liger`)."""
+    if value is None or Path(value).is_file():
+        return Path(value) if value else None
+    shipped = shipped_configs()
+    if value in shipped:
+        return shipped[value]
+    raise LinearizeError(f"config '{value}' is neither a file nor a shipped config ({', '.join(sorted(shipped))})")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from linearize.config import load_config
+    from linearize.pipeline import run
+
+    config = load_config(resolve_config_path(args.config), args.overrides)
+    report = run(config, fresh=args.fresh, log=lambda msg: print(f"[linearize] {msg}", file=sys.stderr))
+    print(json.dumps({k: report[k] for k in ("method", "teacher", "eval", "seconds_total")}))
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from linearize.config import load_config
+
+    print(yaml.safe_dump(load_config(resolve_config_path(args.config), args.overrides).to_dict(), sort_keys=False))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from linearize.api import load, resolve_dtype
+    from linearize.data import file_blocks
+    from linearize.evaluate import score, summarize
+    from linearize.teacher import load_teacher
+
+    model, tokenizer = load(args.model_dir, device=args.device)
+    blocks = file_blocks(tokenizer, args.data, args.seq_len, max_blocks=args.max_blocks)
+    student = score(model, blocks, desc="student")
+    result = {"student": summarize(student)}
+    if args.teacher:
+        config = model.linearize_config
+        teacher_model, _ = load_teacher(config.model, dtype=resolve_dtype(config.dtype))
+        teacher_model.to(next(model.parameters()).device)
+        teacher = score(teacher_model, blocks, desc="teacher")
+        result["teacher"] = summarize(teacher)
+        result["student"] = summarize(student, teacher)
+    print(json.dumps(result))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from linearize.api import load
+
+    model, tokenizer = load(args.model_dir, device=args.device)
+    if tokenizer.chat_template and not args.raw:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = args.prompt
+    inputs = tokenizer(text, return_tensors="pt").to(next(model.parameters()).device)
+    torch.manual_seed(args.seed)
+    output = model.generate(
+        **inputs,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from linearize.api import export, load
+
+    model, tokenizer = load(args.model_dir, device="cpu")
+    export(model, tokenizer, model.linearize_config, args.out_dir)
+    print(f"exported to {args.out_dir}", file=sys.stderr)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="linearize", description="Linearize a pretrained softmax-attention LLM.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="convert, train, evaluate, save and report (the whole recipe)")
+    run.add_argument("--config", help="YAML file or shipped config name (default: the built-in defaults)")
+    run.add_argument("--fresh", action="store_true", help="discard a previous run in output_dir instead of resuming")
+    run.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. transfer.tokens=8192")
+    run.set_defaults(func=cmd_run)
+
+    config = sub.add_parser("config", help="print the resolved config")
+    config.add_argument("--config")
+    config.add_argument("overrides", nargs="*")
+    config.set_defaults(func=cmd_config)
+
+    ev = sub.add_parser("eval", help="perplexity of a saved model on a text file (JSON on stdout)")
+    ev.add_argument("model_dir")
+    ev.add_argument("--data", required=True, help="a .txt or .jsonl file")
+    ev.add_argument("--teacher", action="store_true", help="also score the teacher and the agreement with it")
+    ev.add_argument("--seq-len", type=int, default=1024)
+    ev.add_argument("--max-blocks", type=int, default=None)
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="generate text with a saved model")
+    gen.add_argument("model_dir")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--device", default="auto")
+    gen.set_defaults(func=cmd_generate)
+
+    exp = sub.add_parser("export", help="write a standalone merged model directory")
+    exp.add_argument("model_dir")
+    exp.add_argument("out_dir")
+    exp.set_defaults(func=cmd_export)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LinearizeError as err:
+        print(f"linearize: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("linearize: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

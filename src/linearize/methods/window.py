@@ -1,0 +1,48 @@
+"""Sliding-window softmax attention alone: the baseline every linearization must beat at the same budget.
+
+Its decoding memory is constant too (the last window_size keys), so a linear-attention method earns its
+place only where its recurrent state carries what the window alone cannot.
+"""
+
+from __future__ import annotations
+
+from linearize.attention import Mixer
+from linearize.config import AttentionConfig, RunConfig
+from linearize.errors import LinearizeError
+from linearize.methods.base import Method
+from linearize.ops import sliding_window_attention_chunked, sliding_window_attention_recurrent
+
+
+class WindowMixer(Mixer):
+    def __init__(self, config: AttentionConfig, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.window_size = config.window_size
+        self.scale = head_dim**-0.5
+
+    def forward(self, q, k, v, q_nope, k_nope, cache):
+        if cache is None or cache.get_seq_length() == 0:
+            out = sliding_window_attention_chunked(q, k, v, self.window_size, scale=self.scale)
+        else:
+            out, _ = sliding_window_attention_recurrent(
+                q, k, v, self.window_size, (cache.keys, cache.values), scale=self.scale
+            )
+        if cache is not None:
+            cache.update(k, v)
+        return out
+
+
+class Window(Method):
+    name = "window"
+    defaults = {"attention": {"window_size": 64}, "transfer": {"enabled": False}}
+    foreign_attention_keys = {
+        key: "the window-only baseline has no linear-attention part"
+        for key in ("feature_map", "feature_dim", "window_factor_init", "key_maps", "gate", "gate_normalizer", "mix")
+    }
+
+    def build_mixer(self, config, num_heads, num_kv_heads, head_dim):
+        return WindowMixer(config, num_heads, num_kv_heads, head_dim)
+
+    def check_config(self, config: RunConfig) -> None:
+        super().check_config(config)
+        if config.attention.window_size < 1:
+            raise LinearizeError("method 'window' needs attention.window_size >= 1")

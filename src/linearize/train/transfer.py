@@ -1,0 +1,126 @@
+"""Stage 1, attention transfer (LoLCATS): train each converted layer's mixer to reproduce the teacher's
+softmax attention output for the same inputs.
+
+Every layer sees the teacher's own q, k, v and is scored against the teacher's output (before o_proj),
+and the teacher's output is what flows downstream, so layers train independently and one teacher
+forward (no LM head) serves all of them. The recorded activations are written to disk as safetensors
+shards during the first epoch; later epochs read them back instead of re-running the teacher.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from linearize.attention import attention_mode, linearized_attentions
+from linearize.checkpoint import atomic_save_tensors, load_tensors
+from linearize.config import TransferConfig
+from linearize.convert import mixer_parameters
+from linearize.train.loop import TrainResult, run_steps
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+NAMES = ("q", "k", "v", "y")
+
+
+class ActivationCache:
+    """Teacher activations per training block: `block_00012.safetensors` holds `{layer}.{q,k,v,y}`."""
+
+    def __init__(self, model: torch.nn.Module, directory: Path, dtype: str):
+        self.model = model
+        self.directory = directory
+        self.dtype = DTYPES[dtype]
+        self.layers = linearized_attentions(model)
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, block: int) -> Path:
+        return self.directory / f"block_{block:05d}.safetensors"
+
+    def get(self, blocks: torch.Tensor, ids: list[int]) -> list[dict[str, torch.Tensor]]:
+        """Per layer, {q, k, v, y} for the given blocks ([B, heads, T, D] each), from disk or the teacher."""
+        todo = [i for i in ids if not self.path(i).is_file()]
+        if todo:
+            self._record(blocks, todo)
+        shards = [load_tensors(self.path(i)) for i in ids]
+        return [
+            {name: torch.cat([shard[f"{layer.layer_idx}.{name}"] for shard in shards]) for name in NAMES}
+            for layer in self.layers
+        ]
+
+    @torch.no_grad()
+    def _record(self, blocks: torch.Tensor, ids: list[int]) -> None:
+        device = next(self.model.parameters()).device
+        inputs = blocks[ids].to(device)
+        with attention_mode(self.model, "record"):
+            self.model.get_decoder()(input_ids=inputs, use_cache=False)
+            recorded = {layer.layer_idx: layer.recorded for layer in self.layers}
+        for row, block in enumerate(ids):
+            tensors = {
+                f"{index}.{name}": tensor[row : row + 1].to(self.dtype)
+                for index, values in recorded.items()
+                for name, tensor in zip(NAMES, values)
+            }
+            atomic_save_tensors(tensors, self.path(block))
+
+
+def transfer_loss(layer, activations: dict[str, torch.Tensor], device) -> torch.Tensor:
+    """MSE between the mixer's output and the teacher's softmax output, per head before o_proj."""
+    q, k, v, y = (activations[name].to(device=device, dtype=torch.float32) for name in NAMES)
+    out = layer.mixer(q, k, v, None, None, None)
+    return F.mse_loss(out.float(), y)
+
+
+def attention_transfer(
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    config: TransferConfig,
+    work_dir: Path,
+    checkpoint_every: int,
+    seed: int = 0,
+) -> TrainResult:
+    """Train the mixers of every converted layer on `config.tokens` tokens of `blocks` ([N, T])."""
+    params = {name: p for name, p in mixer_parameters(model).items() if p.requires_grad}
+    seq_len = blocks.shape[1]
+    num_blocks = max(config.batch_size, min(len(blocks), config.tokens // seq_len))
+    steps_per_epoch = num_blocks // config.batch_size
+    cache = ActivationCache(model, work_dir / "activations", config.cache_dtype)
+    layers = cache.layers
+    device = next(model.parameters()).device
+    per_layer: dict[int, float] = {}
+
+    def order(epoch: int) -> list[int]:
+        ids = list(range(steps_per_epoch * config.batch_size))
+        if epoch > 0:  # the first epoch runs in order, so the cache fills front to back
+            random.Random(seed * 1000 + epoch).shuffle(ids)
+        return ids
+
+    def step_fn(step: int) -> dict:
+        epoch, index = divmod(step, steps_per_epoch)
+        ids = order(epoch)[index * config.batch_size : (index + 1) * config.batch_size]
+        activations = cache.get(blocks, ids)
+        total = 0.0
+        for layer, acts in zip(layers, activations):
+            # one backward per layer: layers are independent, and this keeps one layer's graph in memory
+            loss = transfer_loss(layer, acts, device)
+            (loss * config.loss_weight / len(layers)).backward()
+            per_layer[layer.layer_idx] = loss.item()
+            total += loss.item()
+        return {"loss": total * config.loss_weight / len(layers), "tokens": len(ids) * seq_len}
+
+    result = run_steps(
+        name="stage 1: attention transfer",
+        params=params,
+        step_fn=step_fn,
+        total_steps=steps_per_epoch * config.epochs,
+        lr=config.lr,
+        min_lr_ratio=config.min_lr_ratio,
+        warmup_steps=config.warmup_steps,
+        state_dir=work_dir / "state",
+        checkpoint_every=checkpoint_every,
+        hint=" (transfer.lr)",
+    )
+    if per_layer:
+        result.history[-1]["per_layer_mse"] = dict(sorted(per_layer.items()))
+    return result
