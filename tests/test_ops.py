@@ -82,7 +82,10 @@ def naive_linear(fq, fk, v, log_gate, normalize: bool, eps: float = 1e-6) -> tor
         kv = head // groups
         for i in range(t):
             w = torch.stack(
-                [(fq[:, head, i] * fk[:, kv, s] * a[:, kv, s + 1 : i + 1].prod(dim=1)).sum(-1) for s in range(i + 1)],
+                [
+                    (fq[:, head, i] * fk[:, kv, s] * a[:, kv, s + 1 : i + 1].prod(dim=1)).sum(-1)
+                    for s in range(i + 1)
+                ],
                 dim=1,
             )  # [B, i + 1]
             num = (w[..., None] * v[:, kv, : i + 1]).sum(1)
@@ -158,14 +161,18 @@ def test_linear_continues_from_state(gate):
     fq, fk, v, log_gate = linear_inputs(6, 2, gate)
     expected = linear_attention_chunked(fq, fk, v, log_gate, chunk_size=16)
     first, rest = slice(0, 20), slice(20, T)
-    gate_first, gate_rest = (None, None) if log_gate is None else (log_gate[:, :, first], log_gate[:, :, rest])
+    gate_first, gate_rest = (
+        (None, None) if log_gate is None else (log_gate[:, :, first], log_gate[:, :, rest])
+    )
     o1, state = linear_attention_chunked(
         fq[:, :, first], fk[:, :, first], v[:, :, first], gate_first, chunk_size=16, output_final_state=True
     )
     o2 = linear_attention_chunked(
         fq[:, :, rest], fk[:, :, rest], v[:, :, rest], gate_rest, chunk_size=16, initial_state=state
     )
-    o2_rec, _ = linear_attention_recurrent(fq[:, :, rest], fk[:, :, rest], v[:, :, rest], gate_rest, initial_state=state)
+    o2_rec, _ = linear_attention_recurrent(
+        fq[:, :, rest], fk[:, :, rest], v[:, :, rest], gate_rest, initial_state=state
+    )
     close(torch.cat([o1, o2], dim=2), expected)
     close(o2_rec, expected[:, :, rest])
 
@@ -230,7 +237,10 @@ def test_window_parallel_matches_definition(window):
     q, k, v, fq, fk = window_inputs(6, 2, t=12)
     factor = torch.rand(6)
     close(sliding_window_attention_parallel(q, k, v, window), naive_sliding_window(q, k, v, window))
-    close(hybrid_attention_parallel(q, k, v, fq, fk, factor, window), naive_hybrid(q, k, v, fq, fk, factor, window))
+    close(
+        hybrid_attention_parallel(q, k, v, fq, fk, factor, window),
+        naive_hybrid(q, k, v, fq, fk, factor, window),
+    )
 
 
 @pytest.mark.parametrize("heads", HEADS)
@@ -246,12 +256,12 @@ def test_sliding_window_forms_agree(window, heads):
     close(v_win, last(v, window - 1))
 
     # prefill with the chunked form, then decode one token at a time from its cache
-    t1 = 20
-    outs = [sliding_window_attention_chunked(q[:, :, :t1], k[:, :, :t1], v[:, :, :t1], window)]
-    cache = (last(k[:, :, :t1], window - 1), last(v[:, :, :t1], window - 1))
-    for t in range(t1, T):
-        step = slice(t, t + 1)
-        o, cache = sliding_window_attention_recurrent(q[:, :, step], k[:, :, step], v[:, :, step], window, cache)
+    q1, k1, v1 = (x[:, :, :20] for x in (q, k, v))
+    outs = [sliding_window_attention_chunked(q1, k1, v1, window)]
+    cache = (last(k1, window - 1), last(v1, window - 1))
+    for t in range(20, T):
+        step = [x[:, :, t : t + 1] for x in (q, k, v)]
+        o, cache = sliding_window_attention_recurrent(*step, window, cache)
         outs.append(o)
     close(torch.cat(outs, dim=2), expected)
 
@@ -283,23 +293,17 @@ def test_hybrid_forms_agree(window, t1, heads):
     o_rec, s_rec, cache = hybrid_attention_recurrent(q, k, v, fq, fk, factor, window, None, None)
     close(o_rec, expected)
     close(s_chunk, s_rec)
-    for cached, full in zip(cache, (k, v, fk)):
+    for cached, full in zip(cache, (k, v, fk), strict=True):
         close(cached, last(full, window - 1))
 
     # prefill with the chunked form, then decode one token at a time from its state and cache
-    first = slice(0, t1)
-    o1, state = hybrid_attention_chunked(
-        q[:, :, first], k[:, :, first], v[:, :, first], fq[:, :, first], fk[:, :, first], factor, window,
-        output_final_state=True,
-    )  # fmt: skip
-    cache = tuple(last(x[:, :, first], window - 1) for x in (k, v, fk))
+    q1, k1, v1, fq1, fk1 = (x[:, :, :t1] for x in (q, k, v, fq, fk))
+    o1, state = hybrid_attention_chunked(q1, k1, v1, fq1, fk1, factor, window, output_final_state=True)
+    cache = (last(k1, window - 1), last(v1, window - 1), last(fk1, window - 1))
     outs = [o1]
     for t in range(t1, T):
-        step = slice(t, t + 1)
-        o, state, cache = hybrid_attention_recurrent(
-            q[:, :, step], k[:, :, step], v[:, :, step], fq[:, :, step], fk[:, :, step], factor, window,
-            state, cache,
-        )  # fmt: skip
+        step = [x[:, :, t : t + 1] for x in (q, k, v, fq, fk)]
+        o, state, cache = hybrid_attention_recurrent(*step, factor, window, state, cache)
         outs.append(o)
     close(torch.cat(outs, dim=2), expected)
     close(state, s_chunk)
@@ -311,7 +315,26 @@ def test_hybrid_gqa_equals_expanded_heads():
     factor = torch.rand(6)
     expected = hybrid_attention_parallel(q, expand(k, 3), expand(v, 3), fq, expand(fk, 3), factor, 5)
     close(hybrid_attention_chunked(q, k, v, fq, fk, factor, 5), expected)
-    close(sliding_window_attention_chunked(q, k, v, 5), sliding_window_attention_parallel(q, expand(k, 3), expand(v, 3), 5))
+    close(
+        sliding_window_attention_chunked(q, k, v, 5),
+        sliding_window_attention_parallel(q, expand(k, 3), expand(v, 3), 5),
+    )
+
+
+@pytest.mark.parametrize("window", [1, 5])
+def test_decode_ignores_cache_entries_older_than_window(window):
+    """A cache longer than window - 1 (here the whole prefix) decodes the same: its older tokens are
+    outside the softmax window and, for the hybrid, already counted in the state."""
+    torch.manual_seed(15)
+    q, k, v, fq, fk = window_inputs(6, 2)
+    factor = torch.rand(6)
+    q1, k1, v1, fq1, fk1 = (x[:, :, :20] for x in (q, k, v, fq, fk))
+    q2, k2, v2, fq2, fk2 = (x[:, :, 20:] for x in (q, k, v, fq, fk))
+    o, _ = sliding_window_attention_recurrent(q2, k2, v2, window, (k1, v1))
+    close(o, sliding_window_attention_parallel(q, k, v, window)[:, :, 20:])
+    _, state = hybrid_attention_chunked(q1, k1, v1, fq1, fk1, factor, window, output_final_state=True)
+    o, _, _ = hybrid_attention_recurrent(q2, k2, v2, fq2, fk2, factor, window, state, (k1, v1, fk1))
+    close(o, hybrid_attention_parallel(q, k, v, fq, fk, factor, window)[:, :, 20:])
 
 
 @pytest.mark.parametrize("factor", [1e-3, 0.1, 0.9])

@@ -3,10 +3,10 @@
 Every teacher comes back in eval mode with its weights frozen, using PyTorch SDPA attention, and
 with a `TeacherInfo` attached as `model.teacher_info` that says where it came from.
 
-GGUF files are de-quantised to float once (tens of seconds) and cached as safetensors under
-`<cache_dir>/teachers/<name>-<key>`; later loads read the cache in seconds. The cache is written to a
-temporary directory and renamed into place, and a cache entry whose files are missing or corrupt is
-rebuilt.
+GGUF files are de-quantised to float32 once (about 20 s for the default) and cached as safetensors
+under `<cache_dir>/teachers/<file stem>-<key>`; later loads read the cache in under a second. The
+cache is written to a temporary directory and renamed into place, and a cache entry whose files are
+missing or corrupt is rebuilt.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def load_teacher(
     path = Path(name).expanduser()
     if name == DEFAULT_TEACHER:
         gguf = default_teacher_gguf()
-        model, tokenizer = _load_gguf(gguf, cache_root, name, dtype, cache_name=DEFAULT_TEACHER)
+        model, tokenizer = _load_gguf(gguf, cache_root, name, dtype)
     elif path.is_dir() and (path / "config.json").is_file():
         gguf = None
         model, tokenizer = _load_pretrained_dir(path, name, dtype)
@@ -188,8 +188,7 @@ def _looks_like_local_path(name: str) -> bool:
         name.lower().endswith(".gguf")
         or name.startswith((".", "/", "~"))
         or name.count("/") > 1
-        or os.sep != "/"
-        and os.sep in name
+        or (os.sep != "/" and os.sep in name)
     )
 
 
@@ -268,20 +267,18 @@ def _load_from_hub(model_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, 
 # --- GGUF cache -------------------------------------------------------------------------------------
 
 
-def _load_gguf(
-    gguf: Path, cache_root: Path, name: str, dtype: torch.dtype, cache_name: str | None = None
-) -> tuple[PreTrainedModel, Any]:
+def _load_gguf(gguf: Path, cache_root: Path, name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
     """Load a GGUF teacher through its safetensors cache; a cache that fails to load is rebuilt once."""
-    entry = _cached_gguf_dir(gguf, cache_root, cache_name)
+    entry = _cached_gguf_dir(gguf, cache_root)
     try:
         return _load_pretrained_dir(entry, name, dtype)
     except Exception as err:  # a damaged cache fails in safetensors, json or transformers; rebuild it
         logger.warning("teacher cache %s failed to load (%s); rebuilding it", entry, err)
         shutil.rmtree(entry, ignore_errors=True)
-        return _load_pretrained_dir(_cached_gguf_dir(gguf, cache_root, cache_name), name, dtype)
+        return _load_pretrained_dir(_cached_gguf_dir(gguf, cache_root), name, dtype)
 
 
-def _cached_gguf_dir(gguf: Path, cache_root: Path, cache_name: str | None = None) -> Path:
+def _cached_gguf_dir(gguf: Path, cache_root: Path) -> Path:
     """Directory holding the de-quantised safetensors copy of `gguf`, building it if needed.
 
     The entry's name carries a key of the file's absolute path, size and modification time, so an edited
@@ -296,7 +293,7 @@ def _cached_gguf_dir(gguf: Path, cache_root: Path, cache_name: str | None = None
         "format": CACHE_FORMAT,
     }
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
-    entry = cache_root / "teachers" / f"{cache_name or _slug(gguf.stem)}-{key}"
+    entry = cache_root / "teachers" / f"{_slug(gguf.stem)}-{key}"
     if _cache_entry_is_valid(entry):
         return entry
     if entry.exists():
@@ -351,6 +348,7 @@ def _build_gguf_cache(gguf: Path, entry: Path, fingerprint: dict[str, Any]) -> N
     check_model_type(config, str(gguf))
 
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory once renamed
     try:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION

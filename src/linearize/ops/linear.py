@@ -98,7 +98,7 @@ def linear_attention_parallel(
         # [B, Hk, T, T, F | 1]
         decay = _masked_decay(a[..., :, None, :] - a[..., None, :, :], causal[..., None])
         w = torch.einsum("bkgtf,bktsf->bkgts", fq, decay * fk[:, :, None])  # [B, Hk, G, T, T]
-    o = _readout(w @ ve[:, :, None], normalize, eps)  # [B, Hk, G, T, D]
+    o = _readout(torch.einsum("bkgts,bksd->bkgtd", w, ve), normalize, eps)  # [B, Hk, G, T, D]
     return o.flatten(1, 2).to(v.dtype)
 
 
@@ -150,7 +150,7 @@ def linear_attention_chunked(
         fq_in = fq * a.exp()[:, :, None]
         fk_out = fk * (a_end - a).exp()
         chunk_decay = a_end.exp().transpose(-1, -2)  # [B, Hk, N, F | 1, 1]
-    o = w @ ve[:, :, None]  # [B, Hk, G, N, C, D + 1]
+    o = torch.einsum("bkgnts,bknsd->bkgntd", w, ve)  # [B, Hk, G, N, C, D + 1]
 
     # Between chunks: each chunk's own contribution to the state, then a short scan over chunks.
     chunk_states = fk_out.transpose(-1, -2) @ ve  # [B, Hk, N, F, D + 1]
@@ -162,7 +162,7 @@ def linear_attention_chunked(
         states_before.append(state)
         state = state if chunk_decay is None else chunk_decay[:, :, i] * state
         state = state + chunk_states[:, :, i]
-    o = o + fq_in @ torch.stack(states_before, dim=2)[:, :, None]
+    o = o + torch.einsum("bkgntf,bknfd->bkgntd", fq_in, torch.stack(states_before, dim=2))
 
     o = _unchunk(_readout(o, normalize, eps), t).flatten(1, 2).to(v.dtype)
     return (o, state) if output_final_state else o

@@ -11,11 +11,15 @@ The hybrid (LoLCATS) mixes those softmax terms with linear terms for every older
 with c_t the max of the window scores only and g in (0, 1) one factor per query head.
 
 Shapes: q: [B, H, T, D], k, v: [B, Hk, T, D], fq: [B, H, T, F], fk: [B, Hk, T, F], H % Hk == 0
-(query head h reads kv head h // (H // Hk)). Decode caches hold the W <= window - 1 most recent
-previous tokens: window_cache = (k_win, v_win[, fk_win]) with [B, Hk, W, D | F]. The hybrid's linear
-state is [B, Hk, F, D + 1] float32 (last column = normaliser) and covers the keys s <= T - window,
-i.e. the keys that are linear for the next query, at position T. Math runs in float32; outputs
-come back in v's dtype.
+(query head h reads kv head h // (H // Hk)).
+
+Decode caches hold the most recent previous tokens: window_cache = (k_win, v_win[, fk_win]), each
+[B, Hk, W, D | F]. Only the last window - 1 are read (a longer cache, e.g. the last `window` tokens,
+is fine) and the returned caches hold exactly the last min(tokens so far, window - 1). The hybrid's
+linear state is [B, Hk, F, D + 1] float32 (last column = normaliser) and covers the keys
+s <= T - window, i.e. the keys that are linear for the next query, at position T.
+
+Math runs in float32; outputs come back in v's dtype.
 """
 
 import torch
@@ -78,7 +82,7 @@ def sliding_window_attention_parallel(
     scale = head_dim**-0.5 if scale is None else scale
     scores = torch.einsum("bkgtd,bksd->bkgts", group_heads(q.float(), kv_heads), k.float()) * scale
     scores = scores.masked_fill(~_window_mask(t, window, k.device), float("-inf"))
-    o = scores.softmax(-1) @ v.float()[:, :, None]
+    o = torch.einsum("bkgts,bksd->bkgtd", scores.softmax(-1), v.float())
     return o.flatten(1, 2).to(v.dtype)
 
 
@@ -99,7 +103,7 @@ def sliding_window_attention_chunked(
     # every query row keeps at least itself (j = t + C); padded keys lie after every real query
     scores = torch.einsum("bkgntd,bknsd->bkgnts", q, k) * scale
     scores = scores.masked_fill(~in_window, float("-inf"))
-    o = scores.softmax(-1) @ vv[:, :, None]  # [B, Hk, G, N, C, D]
+    o = torch.einsum("bkgnts,bknsd->bkgntd", scores.softmax(-1), vv)  # [B, Hk, G, N, C, D]
     return _unchunk(o, t).flatten(1, 2).to(v.dtype)
 
 
@@ -114,7 +118,8 @@ def sliding_window_attention_recurrent(
     """Decode form: token by token against the cache of previous tokens.
 
     q: [B, H, T, D], k, v: [B, Hk, T, D]
-    window_cache: (k_win, v_win) [B, Hk, W, D], the W <= window - 1 most recent previous tokens, or None
+    window_cache: (k_win, v_win) [B, Hk, W, D], the most recent previous tokens (the last window - 1
+    are used), or None
     returns o: [B, H, T, D] and the new cache (the last window - 1 tokens, in k's and v's dtypes)
     """
     kv_heads, t, head_dim = k.shape[1:]
@@ -123,8 +128,8 @@ def sliding_window_attention_recurrent(
     k_win, v_win = (k[:, :, :0], v[:, :, :0]) if window_cache is None else window_cache
     outs = []
     for i in range(t):
-        k_win = torch.cat([k_win, k[:, :, i : i + 1]], dim=2)[:, :, -window:]
-        v_win = torch.cat([v_win, v[:, :, i : i + 1]], dim=2)[:, :, -window:]
+        k_win = torch.cat([_keep_last(k_win, window - 1), k[:, :, i : i + 1]], dim=2)
+        v_win = torch.cat([_keep_last(v_win, window - 1), v[:, :, i : i + 1]], dim=2)
         scores = torch.einsum("bkgd,bksd->bkgs", q[:, :, :, i], k_win.float()) * scale
         outs.append(scores.softmax(-1) @ v_win.float())  # [B, Hk, G, D]
     o = torch.stack(outs, dim=3).flatten(1, 2).to(v.dtype)
@@ -158,7 +163,7 @@ def hybrid_attention_parallel(
     soft = (scores - scores.amax(-1, keepdim=True)).exp() * g  # c_t: max over the window only
     lin = torch.einsum("bkgtf,bksf->bkgts", group_heads(fq.float(), kv_heads), fk.float())
     lin = lin.masked_fill(~older, 0.0)
-    o = _readout((soft + lin) @ _append_ones(v.float())[:, :, None], True, eps)
+    o = _readout(torch.einsum("bkgts,bksd->bkgtd", soft + lin, _append_ones(v.float())), True, eps)
     return o.flatten(1, 2).to(v.dtype)
 
 
@@ -202,13 +207,14 @@ def hybrid_attention_chunked(
     scores = scores.masked_fill(~in_window, float("-inf"))
     soft = (scores - scores.amax(-1, keepdim=True)).exp() * g
     lin = torch.einsum("bkgntf,bknsf->bkgnts", fq, _with_previous_chunk(fk_c)).masked_fill(~older, 0.0)
-    o = (soft + lin) @ _with_previous_chunk(ve_c)[:, :, None]  # [B, Hk, G, N, C, D + 1]
+    # [B, Hk, G, N, C, D + 1]
+    o = torch.einsum("bkgnts,bknsd->bkgntd", soft + lin, _with_previous_chunk(ve_c))
 
     # chunks <= i - 2: cumulative per-chunk states, shifted by two chunks
     states = (fk_c.transpose(-1, -2) @ ve_c).cumsum(dim=2)  # [B, Hk, N, F, D + 1], through chunk i
     no_state = states.new_zeros(batch, kv_heads, 2, feat, head_dim + 1)
     states = torch.cat([no_state, states], dim=2)[:, :, :n_chunks]
-    o = o + fq @ states[:, :, None]
+    o = o + torch.einsum("bkgntf,bknfd->bkgntd", fq, states)
 
     o = _unchunk(_readout(o, True, eps), t).flatten(1, 2).to(v.dtype)
     if not output_final_state:
@@ -234,8 +240,8 @@ def hybrid_attention_recurrent(
 
     q: [B, H, T, D], k, v: [B, Hk, T, D], fq: [B, H, T, F], fk: [B, Hk, T, F], window_factor: [H]
     state: [B, Hk, F, D + 1] linear state of the keys s <= (first new position) - window, or None (zeros)
-    window_cache: (k_win, v_win, fk_win) [B, Hk, W, D | D | F], the W <= window - 1 most recent
-    previous tokens, or None (empty)
+    window_cache: (k_win, v_win, fk_win) [B, Hk, W, D | D | F], the most recent previous tokens, or
+    None (empty). Only the last window - 1 are used: older ones are already in the state.
     returns o: [B, H, T, D], the new state and the new cache (the last window - 1 tokens)
     """
     heads, (batch, kv_heads, t, head_dim) = q.shape[1], k.shape
@@ -245,7 +251,9 @@ def hybrid_attention_recurrent(
     if state is None:
         state = empty_state(batch, kv_heads, fk.shape[-1], head_dim, k.device)
     state = state.float()
-    k_win, v_win, fk_win = (k[:, :, :0], v[:, :, :0], fk[:, :, :0]) if window_cache is None else window_cache
+    if window_cache is None:
+        window_cache = (k[:, :, :0], v[:, :, :0], fk[:, :, :0])
+    k_win, v_win, fk_win = (_keep_last(x, window - 1) for x in window_cache)
     outs = []
     for i in range(t):
         k_win = torch.cat([k_win, k[:, :, i : i + 1]], dim=2)

@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny byte-level tokenizer and the real embedded teacher.
+
+`smollm2` loads the embedded SmolLM2-135M-Instruct through `load_teacher`, so the first test session on a
+machine de-quantises the GGUF into the teacher cache (about 20 s); later sessions load it in under a
+second. Set LINEARIZE_CACHE to keep that cache somewhere else.
+"""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer, decoders, models
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from linearize.teacher import DEFAULT_TEACHER, load_teacher
+
+
+def make_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per UTF-8 byte (ids 0-255) plus "<eos>" (id 256): fits `make_tiny_model`'s vocabulary."""
+    vocab = {symbol: index for index, symbol in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    return make_byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """(model, tokenizer) of the embedded default teacher, fp32, frozen, in eval mode."""
+    return load_teacher(DEFAULT_TEACHER)

@@ -1,0 +1,141 @@
+"""Teachers load from every kind of source, come back frozen, and unsupported families are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from linearize.errors import LinearizeError
+from linearize.teacher import (
+    CACHE_MARKER,
+    SUPPORTED_MODEL_TYPES,
+    TeacherInfo,
+    _cache_entry_is_valid,
+    load_teacher,
+    make_tiny_model,
+)
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_tiny_model_of_each_family_gives_logits(model_type):
+    model = make_tiny_model(model_type)
+    input_ids = torch.randint(0, 257, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    assert logits.shape == (2, 11, model.config.vocab_size)
+    assert torch.isfinite(logits).all()
+    assert model.config.model_type == model_type
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_tiny_model_families_keep_their_quirks():
+    qwen2_attention = make_tiny_model("qwen2").model.layers[0].self_attn
+    assert qwen2_attention.q_proj.bias is not None and qwen2_attention.k_proj.bias is not None
+    qwen3_attention = make_tiny_model("qwen3").model.layers[0].self_attn
+    assert hasattr(qwen3_attention, "q_norm") and hasattr(qwen3_attention, "k_norm")
+
+
+def test_tiny_model_is_deterministic_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first, second = make_tiny_model("llama", seed=5), make_tiny_model("llama", seed=5)
+    assert torch.equal(torch.rand(3), expected_next)
+    for a, b in zip(first.parameters(), second.parameters(), strict=True):
+        assert torch.equal(a, b)
+    other = make_tiny_model("llama", seed=6)
+    assert not torch.equal(other.model.embed_tokens.weight, first.model.embed_tokens.weight)
+
+
+def test_tiny_model_overrides_apply():
+    assert make_tiny_model("mistral", num_hidden_layers=3).config.num_hidden_layers == 3
+
+
+def test_tiny_model_of_unsupported_family_is_refused():
+    with pytest.raises(LinearizeError, match="supported are llama, mistral, qwen2, qwen3"):
+        make_tiny_model("gpt2")
+
+
+def test_local_directory_round_trip(tmp_path, byte_tokenizer):
+    model = make_tiny_model("qwen3", seed=1)
+    model.save_pretrained(tmp_path)
+    byte_tokenizer.save_pretrained(tmp_path)
+
+    loaded, tokenizer = load_teacher(str(tmp_path))
+
+    assert loaded.teacher_info == TeacherInfo(str(tmp_path), str(tmp_path.resolve()), "qwen3")
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert loaded.config._attn_implementation == "sdpa"
+    assert tokenizer.eos_token_id == 256
+    input_ids = torch.tensor([tokenizer("def f(): pass")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits)
+
+
+def test_local_directory_loads_in_requested_dtype(tmp_path, byte_tokenizer):
+    make_tiny_model("llama").save_pretrained(tmp_path)
+    byte_tokenizer.save_pretrained(tmp_path)
+    loaded, _ = load_teacher(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+
+
+def test_unsupported_model_type_names_supported_ones(tmp_path):
+    config = GPT2Config(vocab_size=260, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    with pytest.raises(
+        LinearizeError, match="model type 'gpt2' is not supported.*llama, mistral, qwen2, qwen3"
+    ):
+        load_teacher(str(tmp_path))
+
+
+def test_missing_local_path_says_what_to_pass(tmp_path):
+    with pytest.raises(LinearizeError, match="does not exist"):
+        load_teacher(str(tmp_path / "nowhere" / "model.gguf"))
+
+
+def test_directory_without_config_or_gguf_is_refused(tmp_path):
+    with pytest.raises(LinearizeError, match="no config.json"):
+        load_teacher(str(tmp_path))
+
+
+def test_non_gguf_file_is_refused(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\0" * 16)
+    with pytest.raises(LinearizeError, match="not a .gguf file"):
+        load_teacher(str(path))
+
+
+def test_teacher_cache_validation_spots_missing_and_truncated_files(tmp_path):
+    make_tiny_model("llama").save_pretrained(tmp_path)
+    files = {p.name: p.stat().st_size for p in tmp_path.iterdir() if p.is_file()}
+    assert not _cache_entry_is_valid(tmp_path)  # no marker yet: an interrupted build
+    (tmp_path / CACHE_MARKER).write_text(json.dumps({"format": 1, "files": files}))
+    assert _cache_entry_is_valid(tmp_path)
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert not _cache_entry_is_valid(tmp_path)
+    weights.unlink()
+    assert not _cache_entry_is_valid(tmp_path)
+
+
+def test_embedded_default_teacher_is_smollm2(smollm2):
+    model, tokenizer = smollm2
+    config = model.config
+    assert config.model_type == "llama"
+    assert (config.num_hidden_layers, config.hidden_size) == (30, 576)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (9, 3, 64)
+    assert model.teacher_info.source_path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert getattr(config, "quantization_config", None) is None
+    assert not any(p.requires_grad for p in model.parameters())
+
+    input_ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    assert logits.shape == (1, input_ids.shape[1], config.vocab_size)
+    assert torch.isfinite(logits).all()
+    assert tokenizer.decode(logits[0, -1].argmax()).strip() == "Paris"
