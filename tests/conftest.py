@@ -3,20 +3,26 @@
 `smollm2` loads the embedded SmolLM2-135M-Instruct through `load_teacher`, so the first test session on a
 machine de-quantises the GGUF into the teacher cache (about 20 s); later sessions load it in under a
 second. Set LINEARIZE_CACHE to keep that cache somewhere else.
+
+transformers is imported inside the fixtures, so test modules that do not use them collect quickly.
 """
 
 from __future__ import annotations
 
-import pytest
-from tokenizers import Tokenizer, decoders, models
-from tokenizers.pre_tokenizers import ByteLevel
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
 
-from linearize.teacher import DEFAULT_TEACHER, load_teacher
+import pytest
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 
 def make_byte_tokenizer() -> PreTrainedTokenizerFast:
     """One token per UTF-8 byte (ids 0-255) plus "<eos>" (id 256): fits `make_tiny_model`'s vocabulary."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {symbol: index for index, symbol in enumerate(sorted(ByteLevel.alphabet()))}
     vocab["<eos>"] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -33,4 +39,6 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """(model, tokenizer) of the embedded default teacher, fp32, frozen, in eval mode."""
+    from linearize.teacher import DEFAULT_TEACHER, load_teacher
+
     return load_teacher(DEFAULT_TEACHER)

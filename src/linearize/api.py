@@ -143,7 +143,9 @@ def _load_exported(path: Path, device: str) -> tuple[torch.nn.Module, Any]:
     # tied embeddings are saved once; everything else must match exactly
     missing = [key for key in missing if not (hf_config.tie_word_embeddings and key == "lm_head.weight")]
     if missing or unexpected:
-        raise LinearizeError(f"'{path}' weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise LinearizeError(
+            f"'{path}' weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     if hf_config.tie_word_embeddings:
         model.tie_weights()
     model.to(resolve_device(device if device != "auto" else config.device)).eval()

@@ -8,8 +8,8 @@ very same projections, so one model in memory serves as student, teacher and act
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F

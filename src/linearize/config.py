@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import yaml
 
 from linearize.errors import LinearizeError
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclass
@@ -119,8 +122,23 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(default):
             kwargs[key] = _from_dict(type(default), value or {}, f"{prefix}{key}.")
         else:
-            kwargs[key] = value
+            kwargs[key] = _coerce(value, known[key].type, f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def _coerce(value: Any, annotation: str, name: str) -> Any:
+    """Check a scalar against its field's type; accept YAML's "1e-3" (a string in YAML 1.1) as a float."""
+    expected = {"float": float, "int": int, "bool": bool, "str": str}.get(annotation.replace(" | None", ""))
+    if expected is None or (value is None and "None" in annotation):
+        return value
+    if expected is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    raise LinearizeError(f"config key '{name}' must be a {annotation}, got {value!r}")
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -141,6 +159,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise LinearizeError(f"override '{item}' must look like key.sub=value (e.g. transfer.tokens=8192)")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw else None
+        if isinstance(value, str) and _NUMBER.fullmatch(value):
+            value = float(value)  # YAML 1.1 reads "1e-3" as a string
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

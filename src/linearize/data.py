@@ -76,7 +76,8 @@ class Blocks:
     train: [N, seq_len] training blocks, shuffled across domains.
     eval: domain -> [M, eval_seq_len] blocks from held-out documents only.
     train_tokens: domain -> number of training tokens taken from that domain.
-    train_documents / eval_documents: domain -> ids of the documents whose tokens were used.
+    train_documents / eval_documents: domain -> ids of the documents read for those blocks, in order
+        (the last one may be used only in part).
     """
 
     train: torch.Tensor
@@ -393,6 +394,22 @@ def build_blocks(
     )
 
 
+def file_blocks(
+    tokenizer: Any, source: str, seq_len: int, max_blocks: int | None = None, text_field: str = "text"
+) -> torch.Tensor:
+    """All of `source` (a .txt/.jsonl file or directory; no held-out split) packed into [N, seq_len] blocks,
+    for evaluating on text of the user's choosing."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    stream = _BlockStream(tokenizer, load_texts(source, text_field), seq_len, eos if eos is not None else 0)
+    blocks = stream.take(max_blocks if max_blocks is not None else 1 << 30)
+    if not blocks:
+        raise LinearizeError(
+            f"'{source}' has fewer than {seq_len} tokens, too few for one evaluation block: give more text "
+            "or a smaller --seq-len"
+        )
+    return _stack(blocks, seq_len)
+
+
 def _take_mixed(
     streams: dict[str, _BlockStream], weights: dict[str, float], wanted: int, source: str, seq_len: int
 ) -> list[tuple[str, torch.Tensor]]:
@@ -440,9 +457,10 @@ class _BlockStream:
             needed_tokens = (count - len(blocks)) * self.block_len - len(self._buffer)
             if len(self._buffer) < self.block_len and not self._fill(needed_tokens):
                 break
-            while len(self._buffer) >= self.block_len and len(blocks) < count:
-                blocks.append(torch.tensor(self._buffer[: self.block_len], dtype=torch.long))
-                del self._buffer[: self.block_len]
+            ready = min(len(self._buffer) // self.block_len, count - len(blocks))
+            cut = ready * self.block_len
+            blocks.extend(torch.tensor(self._buffer[:cut], dtype=torch.long).view(ready, self.block_len))
+            self._buffer = self._buffer[cut:]
         return blocks
 
     def _fill(self, needed_tokens: int) -> bool:

@@ -10,8 +10,9 @@ import json
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -85,12 +86,12 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
         config.data.source,
         seq_len=config.data.seq_len,
         train_tokens=max(stage_tokens, default=0),
-        eval_seq_len=config.data.eval_seq_len,
-        eval_blocks=config.data.eval_blocks,
+        eval_tokens_per_domain=config.data.eval_blocks * config.data.eval_seq_len,
         seed=config.seed,
+        eval_seq_len=config.data.eval_seq_len,
         text_field=config.data.text_field,
     )
-    log(f"data: {data.describe()}")
+    log(f"data: {data_summary(data)}")
 
     teacher = teacher_scores(model, data.eval, out / "teacher_predictions.safetensors", progress)
 
@@ -108,7 +109,7 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
             "converted_layers": layers - len(config.attention.softmax_layers),
             "parameters": count_parameters(model)["total"],
         },
-        "data": data.summary(),
+        "data": data_summary(data),
         "eval": {"teacher": {d: summarize(s) for d, s in teacher.items()}},
         "stages": {},
         "config": config.to_dict(),
@@ -119,13 +120,17 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
     if config.transfer.enabled and mixer_params:
         stage_dir = out / "stage1"
         trainable = sum(p.numel() for p in mixer_params.values())
-        result = attention_transfer(model, data.train, config.transfer, stage_dir, config.checkpoint_every, config.seed)
+        result = attention_transfer(
+            model, data.train, config.transfer, stage_dir, config.checkpoint_every, config.seed
+        )
         report["stages"]["transfer"] = stage_summary(result, trainable, distinct=config.transfer.tokens)
         model.requires_grad_(False)
         report["eval"]["transfer"] = evaluate("transfer", model)
         shutil.rmtree(stage_dir / "activations", ignore_errors=True)  # disk, not results: rebuilt on demand
     if config.finetune.enabled:
-        model, result = finetune(model, data.train, config.finetune, out / "stage2", config.checkpoint_every, config.seed)
+        model, result = finetune(
+            model, data.train, config.finetune, out / "stage2", config.checkpoint_every, config.seed
+        )
         trainable = count_parameters(model)["trainable"]
         report["stages"]["finetune"] = stage_summary(result, trainable, distinct=config.finetune.tokens)
         model.eval()
@@ -134,9 +139,10 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
 
     for baseline in config.baselines:
         report.setdefault("baselines", {})[baseline] = progress.once(
-            f"baseline.{baseline}", lambda: run_baseline(config, baseline, out, device, dtype, data, teacher)
+            f"baseline.{baseline}", lambda name=baseline: run_baseline(config, name, out, device, dtype, data, teacher)
         )
-    report["seconds_total"] = progress.put("seconds", (progress.get("seconds") or 0) + time.perf_counter() - started)
+    elapsed = (progress.get("seconds") or 0) + time.perf_counter() - started
+    report["seconds_total"] = progress.put("seconds", elapsed)
     write_report(report, out)
     log(f"report: {out / 'report.md'}")
     return report
@@ -156,6 +162,15 @@ def teacher_scores(model, eval_blocks: dict, path: Path, progress: Progress) -> 
     atomic_save_tensors({d: s.predictions for d, s in scores.items()}, path)
     progress.put("eval.teacher_raw", {d: {"nll": s.nll, "tokens": s.tokens} for d, s in scores.items()})
     return scores
+
+
+def data_summary(data) -> dict[str, Any]:
+    return {
+        "train_tokens": data.train_tokens,
+        "train_documents": {d: len(ids) for d, ids in data.train_documents.items()},
+        "eval_tokens": {d: int(b.numel()) for d, b in data.eval.items()},
+        "eval_documents": {d: len(ids) for d, ids in data.eval_documents.items()},
+    }
 
 
 def stage_summary(result, trainable: int, distinct: int) -> dict[str, Any]:
@@ -184,7 +199,9 @@ def run_baseline(config: RunConfig, method: str, out: Path, device, dtype, data,
     summary["eval"]["untrained"] = evaluate_domains(model, data.eval, teacher, f"{method} untrained")
     if baseline_config.finetune.enabled:
         work = out / "baselines" / method
-        model, result = finetune(model, data.train, baseline_config.finetune, work, config.checkpoint_every, config.seed)
+        model, result = finetune(
+            model, data.train, baseline_config.finetune, work, config.checkpoint_every, config.seed
+        )
         summary["finetune"] = stage_summary(result, count_parameters(model)["trainable"], config.finetune.tokens)
         model.eval()
         summary["eval"]["finetune"] = evaluate_domains(model, data.eval, teacher, method)

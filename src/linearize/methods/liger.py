@@ -3,7 +3,6 @@ parameters; Liger Attention mixes it with sliding-window softmax attention; LoRA
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from linearize.attention import Mixer
@@ -57,7 +56,8 @@ class LigerMixer(Mixer):
                 fq, fk, v, log_gate, chunk_size=self.chunk_size, output_final_state=cache is not None, **kwargs
             )
         else:
-            recurrent = linear_attention_recurrent(fq, fk, v, log_gate, initial_state=cache.recurrent_states[0], **kwargs)
+            state = cache.recurrent_states[0]
+            recurrent = linear_attention_recurrent(fq, fk, v, log_gate, initial_state=state, **kwargs)
         if cache is not None:
             recurrent, state = recurrent
             cache.update_recurrent_state(state)
