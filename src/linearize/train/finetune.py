@@ -46,6 +46,7 @@ def finetune(
     seed: int = 0,
 ) -> tuple[PeftModel, TrainResult]:
     """Wrap `model` with LoRA adapters and train them on `config.tokens` tokens of `blocks` ([N, T])."""
+    torch.manual_seed(seed)  # LoRA's random init, the same whether or not the run was resumed
     peft_model = get_peft_model(model, lora_config(config))
     params = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
     seq_len = blocks.shape[1]

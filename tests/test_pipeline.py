@@ -1,0 +1,211 @@
+"""The whole recipe on a tiny random Llama saved to disk: run, report, save, reload, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from linearize import LinearizeError, load
+from linearize.config import build_config
+from linearize.pipeline import run
+from linearize.teacher import make_tiny_model
+from linearize.train.loop import run_steps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    from conftest import make_byte_tokenizer
+
+    path = tmp_path_factory.mktemp("teacher")
+    make_tiny_model("llama", initializer_range=0.2).save_pretrained(path)
+    make_byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def tiny_settings(teacher_dir: Path, output_dir: Path, **extra) -> dict:
+    settings = {
+        "model": str(teacher_dir),
+        "output_dir": str(output_dir),
+        "checkpoint_every": 2,
+        "attention": {"window_size": 8, "chunk_size": 8},
+        "data": {"source": "default", "seq_len": 64, "eval_seq_len": 64, "eval_blocks": 2},
+        "transfer": {"tokens": 64 * 4, "epochs": 2, "warmup_steps": 1, "lr": 0.05},
+        "finetune": {"tokens": 64 * 3, "lr": 1e-3, "warmup_steps": 1},
+    }
+    for key, value in extra.items():
+        settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
+    return settings
+
+
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "linearize.cli", *args], capture_output=True, text=True, cwd=ROOT, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(teacher_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    settings = tiny_settings(teacher_dir, out, baselines=["window"])
+    report = run(build_config(settings), log=lambda msg: None)
+    return out, report
+
+
+def test_report_holds_every_row_and_stage(finished_run):
+    out, report = finished_run
+    assert set(report["eval"]) == {"teacher", "untrained", "transfer", "finetune"}
+    for row in ("untrained", "transfer", "finetune"):
+        for domain in ("code", "prose"):
+            entry = report["eval"][row][domain]
+            assert entry["tokens"] == 2 * 63 and 0 <= entry["agreement"] <= 1 and entry["perplexity"] > 1
+    assert report["baselines"]["window"]["eval"]["finetune"]["code"]["perplexity"] > 1
+    transfer, finetune = report["stages"]["transfer"], report["stages"]["finetune"]
+    assert transfer["distinct_tokens"] == 256 and transfer["tokens"] == 512 and transfer["steps"] == 8
+    # LoRA r=8 on q, o (64 -> 64) and k, v (64 -> 32) in 2 layers
+    assert finetune["trainable_parameters"] == 2 * (2 * 8 * (64 + 64) + 2 * 8 * (64 + 32))
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["eval"] == json.loads(json.dumps(report["eval"]))
+    text = (out / "report.md").read_text()
+    for row in ("teacher", "untrained swap", "after stage 1", "after stage 2", "window baseline"):
+        assert row in text
+
+
+def test_attention_transfer_lowers_its_loss(finished_run):
+    curve = [loss for _, loss in finished_run[1]["stages"]["transfer"]["loss_curve"]]
+    assert sum(curve[-2:]) < 0.8 * sum(curve[:2])
+
+
+def test_saved_student_reloads_to_identical_logits_in_a_fresh_process(finished_run):
+    out, _ = finished_run
+    model, _ = load(out / "model")
+    x = torch.arange(0, 120).view(2, 60) % 250
+    with torch.no_grad():
+        here = model(x).logits
+    code = (
+        "import sys, torch; from safetensors.torch import save_file; from linearize import load;"
+        "m, _ = load(sys.argv[1]); x = torch.arange(0, 120).view(2, 60) % 250;"
+        "save_file({'logits': m(x).logits.detach()}, sys.argv[2])"
+    )
+    target = out / "logits.safetensors"
+    subprocess.run([sys.executable, "-c", code, str(out / "model"), str(target)], check=True, cwd=ROOT)
+    from safetensors.torch import load_file
+
+    assert torch.equal(here, load_file(str(target))["logits"])
+
+
+def test_teacher_weights_are_untouched_by_a_run(finished_run, teacher_dir):
+    from safetensors.torch import load_file
+
+    before = load_file(str(teacher_dir / "model.safetensors"))
+    fresh = make_tiny_model("llama", initializer_range=0.2).state_dict()
+    for name, tensor in before.items():
+        assert torch.equal(tensor, fresh[name])
+
+
+def test_export_writes_a_standalone_model_with_the_same_logits(finished_run, tmp_path):
+    out, _ = finished_run
+    result = cli("export", str(out / "model"), str(tmp_path / "merged"))
+    assert result.returncode == 0, result.stderr
+    merged, _ = load(tmp_path / "merged")
+    student, _ = load(out / "model")
+    x = torch.arange(0, 64).view(1, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, student(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_cli_prints_student_and_teacher_json(finished_run, tmp_path):
+    out, _ = finished_run
+    text = tmp_path / "text.txt"
+    text.write_text((ROOT / "src" / "linearize" / "pipeline.py").read_text())
+    result = cli("eval", str(out / "model"), "--data", str(text), "--teacher", "--seq-len", "128")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(printed) == {"student", "teacher"}
+    assert printed["student"]["tokens"] == printed["teacher"]["tokens"] > 0
+    assert 0 <= printed["student"]["agreement"] <= 1
+
+
+def test_generate_cli_generates(finished_run):
+    out, _ = finished_run
+    result = cli("generate", str(out / "model"), "--prompt", "def main(", "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() != ""
+
+
+def test_a_killed_run_resumes_to_the_same_result(teacher_dir, tmp_path):
+    settings = tiny_settings(teacher_dir, tmp_path / "once", transfer={"tokens": 64 * 8, "epochs": 3},
+                             checkpoint_every=1, baselines=[])
+    run(build_config(settings), log=lambda msg: None)
+
+    killed = tmp_path / "killed"
+    config_file = tmp_path / "killed.yaml"
+    config_file.write_text(yaml.safe_dump({**settings, "output_dir": str(killed)}))
+    process = subprocess.Popen([sys.executable, "-m", "linearize.cli", "run", "--config", str(config_file)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "stage1" / "state" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["progress"]["step"] >= 3:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed; give it more steps"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model").exists()
+    step_at_kill = json.loads(state.read_text())["progress"]["step"]
+    assert 3 <= step_at_kill < 24
+
+    result = cli("run", "--config", str(config_file))
+    assert result.returncode == 0, result.stderr
+    from safetensors.torch import load_file
+
+    for name in ("mixers.safetensors", "lora.safetensors"):
+        resumed, uninterrupted = load_file(str(killed / "model" / name)), load_file(str(tmp_path / "once" / "model" / name))
+        assert resumed.keys() == uninterrupted.keys()
+        for key in resumed:
+            torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
+
+
+def test_rerun_with_another_config_in_the_same_dir_is_refused(finished_run, teacher_dir):
+    out, _ = finished_run
+    with pytest.raises(LinearizeError, match="different config: pass --fresh"):
+        run(build_config(tiny_settings(teacher_dir, out, seed=1)), log=lambda msg: None)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    param = torch.nn.Parameter(torch.ones(3))
+
+    def step_fn(step):
+        loss = (param * (float("nan") if step == 3 else 1.0)).sum()
+        loss.backward()
+        return {"loss": loss.item(), "tokens": 1}
+
+    with pytest.raises(LinearizeError, match="loss is nan at step 4.*Lower the learning rate"):
+        run_steps(name="test", params={"p": param}, step_fn=step_fn, total_steps=6, lr=0.1, min_lr_ratio=0.1,
+                  warmup_steps=0, state_dir=tmp_path / "state", checkpoint_every=1)
+    saved = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert saved["progress"]["step"] == 3
+
+
+def test_missing_or_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path):
+    out, _ = finished_run
+    with pytest.raises(LinearizeError, match="not a linearize model"):
+        load(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in (out / "model").iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "mixers.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(LinearizeError, match="corrupt"):
+        load(broken)
