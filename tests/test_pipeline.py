@@ -171,7 +171,8 @@ def test_a_killed_run_resumes_to_the_same_result(teacher_dir, tmp_path):
     from safetensors.torch import load_file
 
     for name in ("mixers.safetensors", "lora.safetensors"):
-        resumed, uninterrupted = load_file(str(killed / "model" / name)), load_file(str(tmp_path / "once" / "model" / name))
+        resumed = load_file(str(killed / "model" / name))
+        uninterrupted = load_file(str(tmp_path / "once" / "model" / name))
         assert resumed.keys() == uninterrupted.keys()
         for key in resumed:
             torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)

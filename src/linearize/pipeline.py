@@ -123,7 +123,9 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
         result = attention_transfer(
             model, data.train, config.transfer, stage_dir, config.checkpoint_every, config.seed
         )
-        report["stages"]["transfer"] = stage_summary(result, trainable, distinct=config.transfer.tokens)
+        report["stages"]["transfer"] = progress.once(
+            "stage.transfer", lambda: stage_summary(result, trainable, distinct=config.transfer.tokens)
+        )
         model.requires_grad_(False)
         report["eval"]["transfer"] = evaluate("transfer", model)
         shutil.rmtree(stage_dir / "activations", ignore_errors=True)  # disk, not results: rebuilt on demand
@@ -132,7 +134,9 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
             model, data.train, config.finetune, out / "stage2", config.checkpoint_every, config.seed
         )
         trainable = count_parameters(model)["trainable"]
-        report["stages"]["finetune"] = stage_summary(result, trainable, distinct=config.finetune.tokens)
+        report["stages"]["finetune"] = progress.once(
+            "stage.finetune", lambda: stage_summary(result, trainable, distinct=config.finetune.tokens)
+        )
         model.eval()
         report["eval"]["finetune"] = evaluate("finetune", model)
     save_student(model, config, out / "model")
@@ -183,6 +187,7 @@ def stage_summary(result, trainable: int, distinct: int) -> dict[str, Any]:
         "trainable_parameters": trainable,
         "final_loss": result.final_loss,
         "loss_curve": [(h["step"], h["loss"]) for h in result.history],
+        "per_layer_loss": result.per_layer_loss,
     }
 
 

@@ -69,6 +69,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {name} | {stage['distinct_tokens']} | {stage['tokens']} | {stage['seconds']} | "
             f"{stage['tokens_per_second']} | {stage['trainable_parameters']:,} | {stage['final_loss']:.4g} |"
         )
+    per_layer = report["stages"].get("transfer", {}).get("per_layer_loss")
+    if per_layer:
+        worst = sorted(per_layer.items(), key=lambda item: -item[1])[:5]
+        lines += ["", "Stage 1 loss per layer (final epoch, x loss_weight): "
+                  + ", ".join(f"{layer}: {loss:.3g}" for layer, loss in per_layer.items())
+                  + f". Worst: {', '.join(f'layer {layer}' for layer, _ in worst)}."]
     lines += ["", f"Teacher parameters: {report['model']['parameters']:,}.", ""]
     return "\n".join(lines)
 

@@ -23,6 +23,7 @@ class TrainResult:
     tokens: int
     seconds: float
     history: list[dict] = field(default_factory=list)  # one entry per step: step, loss, lr, tokens
+    per_layer_loss: dict[int, float] = field(default_factory=dict)  # stage 1: final-epoch loss per layer
 
     @property
     def final_loss(self) -> float:

