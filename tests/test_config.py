@@ -36,7 +36,7 @@ def test_liger_rejects_options_of_other_methods():
     with pytest.raises(LinearizeError, match="transfer.enabled does not apply to method 'liger'"):
         build_config({"method": "liger", "transfer": {"enabled": True}})
     with pytest.raises(LinearizeError, match="attention.mix does not apply to method 'lolcats'"):
-        build_config({"attention": {"mix": [0.5, 0.5]}})
+        build_config({"attention": {"mix": [0.7, 0.3]}})
 
 
 def test_unknown_method_and_feature_map_are_clear_errors():
@@ -63,3 +63,10 @@ def test_config_file_round_trips(tmp_path):
     assert (config.method, config.attention.gate, config.finetune.tokens) == ("liger", "hgrn2", 2048)
     with pytest.raises(LinearizeError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("method", ["lolcats", "liger", "window"])
+def test_a_printed_full_config_loads_back_unchanged(method, tmp_path):
+    config = build_config({"method": method})
+    config.save(tmp_path / "full.yaml")
+    assert load_config(tmp_path / "full.yaml").to_dict() == config.to_dict()

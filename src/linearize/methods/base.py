@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from linearize.attention import Mixer
-from linearize.config import AttentionConfig, RunConfig
+from linearize.config import AttentionConfig, RunConfig, deep_merge
 from linearize.errors import LinearizeError
 
 
@@ -20,9 +20,12 @@ class Method:
         raise NotImplementedError
 
     def check_user_config(self, user: dict[str, Any]) -> None:
-        """Reject options the user set that only make sense for another method."""
+        """Reject options the user set, to a value other than this method's own, that only make sense for
+        another method. (A full config as `linearize config` prints it carries every key at its default.)"""
+        own = deep_merge(RunConfig().to_dict(), self.defaults)["attention"]
         for key, why in self.foreign_attention_keys.items():
-            if key in (user.get("attention") or {}):
+            attention = user.get("attention") or {}
+            if key in attention and attention[key] != own[key]:
                 raise LinearizeError(f"attention.{key} does not apply to method '{self.name}': {why}")
 
     def check_config(self, config: RunConfig) -> None:
