@@ -127,3 +127,19 @@ def test_unsupported_model_type_is_a_clear_error():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(LinearizeError, match="model type 'gpt2' is not supported: supported are llama"):
         linearize(model, "lolcats")
+
+
+def test_right_padding_is_harmless_and_left_padding_is_refused():
+    model = make_tiny_model("llama")
+    linearize(model, "lolcats", attention={"window_size": 4})
+    x = tokens(batch=2, length=12)
+    mask = torch.ones_like(x)
+    mask[1, 8:] = 0  # right padding
+    with torch.no_grad():
+        padded = model(x, attention_mask=mask).logits
+        single = model(x[1:, :8]).logits
+    torch.testing.assert_close(padded[1, :8], single[0], rtol=1e-5, atol=1e-5)
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0  # left padding
+    with pytest.raises(LinearizeError, match="left-padded batches are not supported"):
+        model(x, attention_mask=mask)

@@ -17,6 +17,8 @@ from torch import nn
 from transformers.cache_utils import Cache, LinearAttentionAndSlidingWindowAttentionLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from linearize.errors import LinearizeError
+
 
 class Mixer(nn.Module):
     """A token mixer over per-head tensors. Subclasses implement `forward` and say their window.
@@ -43,6 +45,20 @@ def softmax_attention(
             q, k, v, attn_mask=attention_mask[..., : k.shape[-2]], scale=scale, enable_gqa=True
         )
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+
+def check_no_left_padding(attention_mask: torch.Tensor | None) -> None:
+    """The mixers have no key-padding mask yet: refuse left-padded batches instead of mixing pad tokens in.
+    (Right padding is harmless: pads come after every real token, and attention is causal.)"""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return
+    last_row_first_key = attention_mask[:, 0, -1, 0]
+    visible = last_row_first_key if last_row_first_key.dtype == torch.bool else last_row_first_key == 0
+    if not bool(visible.all()):
+        raise LinearizeError(
+            "left-padded batches are not supported by linearized attention yet: generate or score one "
+            "sequence per batch, or pad on the right (tokenizer.padding_side = 'right')"
+        )
 
 
 class LinearizedAttention(nn.Module):
@@ -99,7 +115,10 @@ class LinearizedAttention(nn.Module):
         batch, length, _ = hidden_states.shape
         q, k, v, q_nope, k_nope = self.project(hidden_states, position_embeddings)
         if self.mode == "linear":
-            out = self.mixer(q, k, v, q_nope, k_nope, self._cache_layer(past_key_values))
+            cache = self._cache_layer(past_key_values)
+            if cache is None or cache.get_seq_length() == 0:
+                check_no_left_padding(attention_mask)
+            out = self.mixer(q, k, v, q_nope, k_nope, cache)
         else:
             if past_key_values is not None:
                 k, v = past_key_values.update(k, v, self.layer_idx)
