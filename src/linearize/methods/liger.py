@@ -9,12 +9,8 @@ from linearize.attention import Mixer
 from linearize.config import AttentionConfig, RunConfig
 from linearize.errors import LinearizeError
 from linearize.methods.base import Method
-from linearize.ops import (
-    linear_attention_chunked,
-    linear_attention_recurrent,
-    sliding_window_attention_chunked,
-    sliding_window_attention_recurrent,
-)
+from linearize.methods.window import sliding_window_softmax
+from linearize.ops import linear_attention_chunked, linear_attention_recurrent
 
 GATES = ("gla", "hgrn2", "none")
 
@@ -66,14 +62,7 @@ class LigerMixer(Mixer):
             if cache is not None:
                 cache.cumulative_length += q.shape[-2]
             return recurrent
-        if prefill:
-            window = sliding_window_attention_chunked(q, k, v, self.window_size, scale=self.scale)
-        else:
-            window, _ = sliding_window_attention_recurrent(
-                q, k, v, self.window_size, (cache.keys, cache.values), scale=self.scale
-            )
-        if cache is not None:
-            cache.update(k, v)
+        window = sliding_window_softmax(q, k, v, self.window_size, self.scale, cache)
         return self.mix[0] * window + self.mix[1] * recurrent
 
 

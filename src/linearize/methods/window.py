@@ -20,15 +20,19 @@ class WindowMixer(Mixer):
         self.scale = head_dim**-0.5
 
     def forward(self, q, k, v, q_nope, k_nope, cache):
-        if cache is None or cache.get_seq_length() == 0:
-            out = sliding_window_attention_chunked(q, k, v, self.window_size, scale=self.scale)
-        else:
-            out, _ = sliding_window_attention_recurrent(
-                q, k, v, self.window_size, (cache.keys, cache.values), scale=self.scale
-            )
-        if cache is not None:
-            cache.update(k, v)
-        return out
+        return sliding_window_softmax(q, k, v, self.window_size, self.scale, cache)
+
+
+def sliding_window_softmax(q, k, v, window: int, scale: float, cache):
+    """Sliding-window softmax attention: chunked for a prefill, recurrent over the cached window after it;
+    the cache layer (if any) keeps the last window - 1 keys and values."""
+    if cache is None or cache.get_seq_length() == 0:
+        out = sliding_window_attention_chunked(q, k, v, window, scale=scale)
+    else:
+        out, _ = sliding_window_attention_recurrent(q, k, v, window, (cache.keys, cache.values), scale=scale)
+    if cache is not None:
+        cache.update(k, v)
+    return out
 
 
 class Window(Method):
