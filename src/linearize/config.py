@@ -54,7 +54,7 @@ class TransferConfig:
     """Stage 1, attention transfer: train feature maps and window factors to match softmax outputs."""
 
     enabled: bool = True
-    tokens: int = 49152  # distinct training tokens passed through the teacher
+    tokens: int = 65536  # distinct training tokens passed through the teacher
     epochs: int = 3  # passes over them; later passes read teacher activations back from disk
     lr: float = 1e-2
     min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio
@@ -69,8 +69,8 @@ class FinetuneConfig:
     """Stage 2: LoRA on next-token loss, optionally distilling the teacher's logits."""
 
     enabled: bool = True
-    tokens: int = 8192
-    lr: float = 1e-4
+    tokens: int = 24576
+    lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 2
     batch_size: int = 1
@@ -78,7 +78,7 @@ class FinetuneConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    distill_weight: float = 0.0  # weight of KL(teacher || student) next to the next-token loss
+    distill_weight: float = 1.0  # weight of KL(teacher || student) next to the next-token loss
     distill_temperature: float = 1.0
     grad_clip: float = 1.0
 
