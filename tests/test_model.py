@@ -143,3 +143,26 @@ def test_right_padding_is_harmless_and_left_padding_is_refused():
     mask[1, :4] = 0  # left padding
     with pytest.raises(LinearizeError, match="left-padded batches are not supported"):
         model(x, attention_mask=mask)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("prefill", [2, 19])
+def test_sink_tokens_decode_matches_parallel(method, prefill):
+    model = make_tiny_model("qwen2")
+    linearize(model, method, attention={"window_size": 4, "sink_tokens": 3})
+    x = tokens(length=30)
+    with torch.no_grad():
+        full = model(x).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(x[:, :prefill], past_key_values=cache, use_cache=True).logits]
+        steps += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(prefill, 30)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_window_with_sinks_covering_the_sequence_equals_the_teacher():
+    model = make_tiny_model("llama")
+    x = tokens(length=20)
+    with torch.no_grad():
+        teacher = model(x).logits
+        linearize(model, "window", attention={"window_size": 4, "sink_tokens": 20})
+        torch.testing.assert_close(model(x).logits, teacher, rtol=1e-4, atol=1e-4)

@@ -36,6 +36,25 @@ class Mixer(nn.Module):
         return LinearAttentionAndSlidingWindowAttentionLayer(sliding_window=max(self.window_size, 1))
 
 
+def sink_arguments(cache, sink_tokens: int) -> dict:
+    """Keyword arguments for a recurrent window op continuing from `cache`: the sink keys/values kept so far
+    (the first `sink_tokens` of the sequence) and the absolute position of the first new token."""
+    if sink_tokens == 0:
+        return {}
+    return {"sink_tokens": sink_tokens, "sinks": getattr(cache, "sinks", None), "position": cache.get_seq_length()}
+
+
+def remember_sinks(cache, k: torch.Tensor, v: torch.Tensor, sink_tokens: int) -> None:
+    """Keep the sequence's first `sink_tokens` keys and values on the cache layer (call before it advances)."""
+    position = cache.get_seq_length()
+    take = max(min(sink_tokens - position, k.shape[-2]), 0)
+    if take == 0:
+        return
+    new = (k[:, :, :take], v[:, :, :take])
+    old = getattr(cache, "sinks", None)
+    cache.sinks = new if old is None else tuple(torch.cat([a, b], dim=-2) for a, b in zip(old, new))
+
+
 def softmax_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attention_mask: torch.Tensor | None
 ) -> torch.Tensor:

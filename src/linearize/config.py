@@ -29,6 +29,7 @@ class AttentionConfig:
     feature_map: str = "hedgehog"  # hedgehog | t2r | elu | softmax | identity (see feature_maps.py)
     feature_dim: int | None = None  # hedgehog/t2r projection size; None = head_dim
     window_size: int = 64  # softmax keys per query (including itself); 0 = no window
+    sink_tokens: int = 0  # the sequence's first keys, kept as softmax keys for every query (attention sinks)
     window_factor_init: float = 0.1  # LoLCATS g = sigmoid(logit), initialised to this value
     key_maps: str = "per_kv_head"  # per_kv_head (GQA kept) | per_query_head (reference LoLCATS)
     softmax_layers: list[int] = field(default_factory=list)  # layers kept as full softmax attention

@@ -32,5 +32,7 @@ class Method:
         attention = config.attention
         if attention.window_size < 0:
             raise LinearizeError("attention.window_size must be >= 0 (0 means no softmax window)")
+        if attention.sink_tokens < 0 or (attention.sink_tokens and attention.window_size == 0):
+            raise LinearizeError("attention.sink_tokens must be >= 0 and needs a softmax window (window_size > 0)")
         if attention.key_maps not in ("per_kv_head", "per_query_head"):
             raise LinearizeError("attention.key_maps must be 'per_kv_head' or 'per_query_head'")

@@ -27,6 +27,7 @@ class LigerMixer(Mixer):
     def __init__(self, config: AttentionConfig, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
         self.window_size = config.window_size
+        self.sink_tokens = config.sink_tokens
         self.chunk_size = config.chunk_size
         self.scale = head_dim**-0.5
         self.gate = config.gate
@@ -62,7 +63,7 @@ class LigerMixer(Mixer):
             if cache is not None:
                 cache.cumulative_length += q.shape[-2]
             return recurrent
-        window = sliding_window_softmax(q, k, v, self.window_size, self.scale, cache)
+        window = sliding_window_softmax(q, k, v, self.window_size, self.scale, cache, self.sink_tokens)
         return self.mix[0] * window + self.mix[1] * recurrent
 
 

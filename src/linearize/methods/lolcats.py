@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from linearize.attention import Mixer
+from linearize.attention import Mixer, remember_sinks, sink_arguments
 from linearize.config import AttentionConfig, RunConfig
 from linearize.errors import LinearizeError
 from linearize.feature_maps import build_feature_map
@@ -32,6 +32,7 @@ class LolcatsMixer(Mixer):
     def __init__(self, config: AttentionConfig, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
         self.window_size = config.window_size
+        self.sink_tokens = config.sink_tokens
         self.chunk_size = config.chunk_size
         self.scale = head_dim**-0.5
         self.groups = num_heads // num_kv_heads
@@ -50,19 +51,23 @@ class LolcatsMixer(Mixer):
         if self.window_size == 0:
             return self._linear(fq, fk, v, cache)
         g = torch.sigmoid(self.window_factor_logit)
+        sinks = self.sink_tokens
         if cache is None:
-            return hybrid_attention_chunked(q, k, v, fq, fk, g, self.window_size, scale=self.scale)
+            return hybrid_attention_chunked(q, k, v, fq, fk, g, self.window_size, scale=self.scale, sink_tokens=sinks)
         head_dim = k.shape[-1]
         if cache.get_seq_length() == 0:
             out, state = hybrid_attention_chunked(
-                q, k, v, fq, fk, g, self.window_size, scale=self.scale, output_final_state=True
+                q, k, v, fq, fk, g, self.window_size, scale=self.scale, sink_tokens=sinks, output_final_state=True
             )
         else:
             keys = cache.keys
             window_cache = (keys[..., :head_dim], cache.values, keys[..., head_dim:])
+            state = cache.recurrent_states[0]
             out, state, _ = hybrid_attention_recurrent(
-                q, k, v, fq, fk, g, self.window_size, cache.recurrent_states[0], window_cache, scale=self.scale
+                q, k, v, fq, fk, g, self.window_size, state, window_cache, scale=self.scale,
+                **sink_arguments(cache, sinks),
             )
+        remember_sinks(cache, k, v, sinks)
         # the window keeps raw keys beside their features: a key leaving the window enters the state
         cache.update(torch.cat([k, fk.to(k.dtype)], dim=-1), v)
         cache.update_recurrent_state(state)

@@ -6,7 +6,7 @@ place only where its recurrent state carries what the window alone cannot.
 
 from __future__ import annotations
 
-from linearize.attention import Mixer
+from linearize.attention import Mixer, remember_sinks, sink_arguments
 from linearize.config import AttentionConfig, RunConfig
 from linearize.errors import LinearizeError
 from linearize.methods.base import Method
@@ -17,20 +17,25 @@ class WindowMixer(Mixer):
     def __init__(self, config: AttentionConfig, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
         self.window_size = config.window_size
+        self.sink_tokens = config.sink_tokens
         self.scale = head_dim**-0.5
 
     def forward(self, q, k, v, q_nope, k_nope, cache):
-        return sliding_window_softmax(q, k, v, self.window_size, self.scale, cache)
+        return sliding_window_softmax(q, k, v, self.window_size, self.scale, cache, self.sink_tokens)
 
 
-def sliding_window_softmax(q, k, v, window: int, scale: float, cache):
-    """Sliding-window softmax attention: chunked for a prefill, recurrent over the cached window after it;
-    the cache layer (if any) keeps the last window - 1 keys and values."""
+def sliding_window_softmax(q, k, v, window: int, scale: float, cache, sink_tokens: int = 0):
+    """Sliding-window softmax attention (plus the first `sink_tokens` keys): chunked for a prefill,
+    recurrent over the cached window after it; the cache layer (if any) keeps the last window - 1 keys
+    and values, and the sinks."""
     if cache is None or cache.get_seq_length() == 0:
-        out = sliding_window_attention_chunked(q, k, v, window, scale=scale)
+        out = sliding_window_attention_chunked(q, k, v, window, scale=scale, sink_tokens=sink_tokens)
     else:
-        out, _ = sliding_window_attention_recurrent(q, k, v, window, (cache.keys, cache.values), scale=scale)
+        out, _ = sliding_window_attention_recurrent(
+            q, k, v, window, (cache.keys, cache.values), scale=scale, **sink_arguments(cache, sink_tokens)
+        )
     if cache is not None:
+        remember_sinks(cache, k, v, sink_tokens)
         cache.update(k, v)
     return out
 
