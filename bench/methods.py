@@ -1,8 +1,8 @@
 """Side by side: LoLCATS, Liger (GLA / HGRN2 gates, with and without Liger Attention) and the sliding window
 alone, on the embedded default teacher and corpus, at one token budget, in one run; prints one table.
 
-    python bench/methods.py                      # the budget below (about 35 minutes on 2 CPU cores)
-    python bench/methods.py --lora-tokens 4096   # smaller, for a quick look
+    python bench/methods.py                                  # the default budget (about 40 minutes on 2 CPU cores)
+    python bench/methods.py --only lolcats "window only"     # a subset
 
 Budget: LoLCATS spends `--transfer-tokens` (distinct, `--transfer-epochs` passes) in stage 1 and
 `--lora-tokens` in stage 2. Methods without a stage 1 (Liger, window) get `--lora-tokens` plus the
@@ -27,13 +27,20 @@ VARIANTS = {
     "liger-hgrn2 (Liger Attention)": {"method": "liger", "attention": {"gate": "hgrn2"}},
     "liger-hgrn2, no window": {"method": "liger", "attention": {"gate": "hgrn2", "window_size": 0}},
     "window only": {"method": "window"},
+    # not the papers' conditions: the sequence's first 4 keys stay softmax keys (attention sinks)
+    "lolcats + 4 sinks": {"method": "lolcats", "attention": {"sink_tokens": 4}},
+    "window only + 4 sinks": {"method": "window", "attention": {"sink_tokens": 4}},
 }
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
 def state_bytes_per_layer(config, num_kv_heads: int = 3, head_dim: int = 64) -> int:
     """Bytes of decoding state one layer keeps, whatever the sequence length (fp32, batch 1)."""
     attention = config.attention
-    window = max(attention.window_size - 1, 0)
+    window = max(attention.window_size - 1, 0) + attention.sink_tokens
     if config.method == "window":
         return 4 * num_kv_heads * window * 2 * head_dim
     if config.method == "lolcats":
@@ -45,9 +52,9 @@ def state_bytes_per_layer(config, num_kv_heads: int = 3, head_dim: int = 64) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--transfer-tokens", type=int, default=16384)
+    parser.add_argument("--transfer-tokens", type=int, default=8192)
     parser.add_argument("--transfer-epochs", type=int, default=3)
-    parser.add_argument("--lora-tokens", type=int, default=8192)
+    parser.add_argument("--lora-tokens", type=int, default=4096)
     parser.add_argument("--eval-blocks", type=int, default=4)
     parser.add_argument("--output-dir", default="runs/bench-methods")
     parser.add_argument("--only", nargs="*", help="run only these variants (names as in the table)")
@@ -61,8 +68,7 @@ def main() -> None:
         lora_tokens = args.lora_tokens + (0 if stage1 else args.transfer_tokens)
         settings = {
             **settings,
-            "output_dir": str(Path(args.output_dir) / name.split(" ")[0].replace(",", "")
-                              + ("-nowindow" if "no window" in name else "")),
+            "output_dir": str(Path(args.output_dir) / slug(name)),
             "baselines": [],
             "data": {"eval_blocks": args.eval_blocks},
             "finetune": {"tokens": lora_tokens, "distill_weight": 1.0, "lr": 1e-3},
