@@ -75,7 +75,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Stage 1 loss per layer (final epoch, x loss_weight): "
                   + ", ".join(f"{layer}: {loss:.3g}" for layer, loss in per_layer.items())
                   + f". Worst: {', '.join(f'layer {layer}' for layer, _ in worst)}."]
-    lines += ["", f"Teacher parameters: {report['model']['parameters']:,}.", ""]
+    lines += ["", f"Parameters after conversion (teacher + mixers): {report['model']['parameters']:,}.", ""]
     return "\n".join(lines)
 
 

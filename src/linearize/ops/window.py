@@ -137,6 +137,17 @@ def _factor(window_factor: torch.Tensor, heads: int, kv_heads: int) -> torch.Ten
     return window_factor.float().reshape(kv_heads, heads // kv_heads)
 
 
+def _softmax_keys(
+    k_sink: torch.Tensor, v_sink: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, current: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax keys/values of the query at absolute position `current` (decode forms): the window,
+    plus the sinks that are outside it (positions <= current - window); the window holds the others."""
+    n_extra = min(k_sink.shape[2], max(current - window + 1, 0))
+    if n_extra == 0:
+        return k_win, v_win
+    return torch.cat([k_sink[:, :, :n_extra], k_win], dim=2), torch.cat([v_sink[:, :, :n_extra], v_win], dim=2)
+
+
 def sliding_window_attention_parallel(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -229,12 +240,7 @@ def sliding_window_attention_recurrent(
     for i in range(t):
         k_win = torch.cat([_keep_last(k_win, window - 1), k[:, :, i : i + 1]], dim=2)
         v_win = torch.cat([_keep_last(v_win, window - 1), v[:, :, i : i + 1]], dim=2)
-        keys, values = k_win, v_win
-        # sinks outside the window (positions <= current - window); the window holds the others
-        n_extra = min(k_sink.shape[2], max(position + i - window + 1, 0))
-        if n_extra > 0:
-            keys = torch.cat([k_sink[:, :, :n_extra], k_win], dim=2)
-            values = torch.cat([v_sink[:, :, :n_extra], v_win], dim=2)
+        keys, values = _softmax_keys(k_sink, v_sink, k_win, v_win, position + i, window)
         if position + i < sink_tokens:  # this token is a sink for the following ones
             k_sink = torch.cat([k_sink, k[:, :, i : i + 1]], dim=2)
             v_sink = torch.cat([v_sink, v[:, :, i : i + 1]], dim=2)
@@ -396,12 +402,7 @@ def hybrid_attention_recurrent(
         k_win = torch.cat([k_win, k[:, :, i : i + 1]], dim=2)
         v_win = torch.cat([v_win, v[:, :, i : i + 1]], dim=2)
         fk_win = torch.cat([fk_win, fk[:, :, i : i + 1]], dim=2)
-        keys, values = k_win, v_win
-        # sinks outside the window (positions <= current - window); the window holds the others
-        n_extra = min(k_sink.shape[2], max(position + i - window + 1, 0))
-        if n_extra > 0:
-            keys = torch.cat([k_sink[:, :, :n_extra], k_win], dim=2)
-            values = torch.cat([v_sink[:, :, :n_extra], v_win], dim=2)
+        keys, values = _softmax_keys(k_sink, v_sink, k_win, v_win, position + i, window)
         if position + i < sink_tokens:  # this token is a sink for the following ones
             k_sink = torch.cat([k_sink, k[:, :, i : i + 1]], dim=2)
             v_sink = torch.cat([v_sink, v[:, :, i : i + 1]], dim=2)
