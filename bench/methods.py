@@ -24,6 +24,7 @@ VARIANTS = {
     "lolcats": {"method": "lolcats"},
     "liger-gla (Liger Attention)": {"method": "liger", "attention": {"gate": "gla"}},
     "liger-gla, no window": {"method": "liger", "attention": {"gate": "gla", "window_size": 0}},
+    "liger-gla, unnormalised (reference)": {"method": "liger", "attention": {"gate": "gla", "normalize": False}},
     "liger-hgrn2 (Liger Attention)": {"method": "liger", "attention": {"gate": "hgrn2"}},
     "liger-hgrn2, no window": {"method": "liger", "attention": {"gate": "hgrn2", "window_size": 0}},
     "window only": {"method": "window"},
