@@ -12,23 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
+from helpers import make_byte_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
-
-
-def make_byte_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per UTF-8 byte (ids 0-255) plus "<eos>" (id 256): fits `make_tiny_model`'s vocabulary."""
-    from tokenizers import Tokenizer, decoders, models
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {symbol: index for index, symbol in enumerate(sorted(ByteLevel.alphabet()))}
-    vocab["<eos>"] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,13 @@
-"""Config: YAML + overrides, method defaults, errors that name the key."""
+"""Config: YAML + overrides, each method's own attention section, errors that name the key, before any
+model loads."""
 
 import pytest
 import yaml
 
 from linearize import LinearizeError
 from linearize.cli import shipped_configs
-from linearize.config import RunConfig, build_config, load_config, parse_overrides
+from linearize.config import RunConfig, parse_overrides
+from linearize.methods import METHODS, build_config, load_config
 
 
 def test_overrides_parse_nested_keys_and_yaml_values():
@@ -23,32 +25,53 @@ def test_a_wrong_key_names_the_key_and_suggests_the_right_one():
         build_config({"epochz": 2})
 
 
-def test_method_defaults_sit_between_base_defaults_and_the_user():
-    liger = build_config({"method": "liger"})
-    assert liger.attention.feature_map == "softmax" and not liger.transfer.enabled and liger.finetune.lr == 1e-3
-    assert build_config({"method": "liger", "finetune": {"lr": 5e-4}}).finetune.lr == 5e-4
-    assert build_config({}).attention.feature_map == "hedgehog"
-
-
-def test_liger_rejects_options_of_other_methods():
-    with pytest.raises(LinearizeError, match="attention.feature_map does not apply to method 'liger'"):
-        build_config({"method": "liger", "attention": {"feature_map": "hedgehog"}})
-    with pytest.raises(LinearizeError, match="transfer.enabled does not apply to method 'liger'"):
-        build_config({"method": "liger", "transfer": {"enabled": True}})
-    with pytest.raises(LinearizeError, match="attention.mix does not apply to method 'lolcats'"):
+def test_each_method_owns_its_attention_section():
+    assert build_config({"method": "liger"}).attention.gate == "gla"
+    assert build_config({"method": "lolcats"}).attention.window_factor_init == 0.1
+    with pytest.raises(LinearizeError, match="unknown config key 'attention.gate'"):
+        build_config({"method": "lolcats", "attention": {"gate": "gla"}})
+    with pytest.raises(LinearizeError, match="unknown config key 'attention.mix'"):
         build_config({"attention": {"mix": [0.7, 0.3]}})
 
 
-def test_unknown_method_and_feature_map_are_clear_errors():
-    with pytest.raises(LinearizeError, match="unknown method 'mamba'"):
-        build_config({"method": "mamba"})
-    with pytest.raises(LinearizeError, match="attention.gate must be one of"):
-        build_config({"method": "liger", "attention": {"gate": "lstm"}})
+def test_method_stage_defaults_sit_between_base_defaults_and_the_user():
+    assert build_config({"method": "liger"}).finetune.lora_alpha == 8.0
+    assert build_config({"method": "liger", "finetune": {"lora_alpha": 4.0}}).finetune.lora_alpha == 4.0
+    assert not build_config({"method": "liger"}).transfer.enabled
+    assert build_config({}).transfer.enabled
+
+
+@pytest.mark.parametrize(
+    "user,message",
+    [
+        ({"method": "mamba"}, "unknown method 'mamba'"),
+        ({"attention": {"feature_map": "relu6"}}, "attention.feature_map must be one of hedgehog"),
+        ({"method": "lolcats", "attention": {"feature_map": "identity"}}, "attention.feature_map must be one of"),
+        ({"method": "liger", "attention": {"gate": "lstm"}}, "attention.gate must be one of"),
+        ({"attention": {"decay": 1.5}}, r"attention.decay must lie in \(0, 1\]"),
+        ({"attention": {"decay": 0.0}}, r"attention.decay must lie in \(0, 1\]"),
+        ({"attention": {"window_size": 0}}, "attention.window_size must be >= 1"),
+        ({"method": "lolcats", "attention": {"window_size": 0, "sink_tokens": 4}}, "sink_tokens needs a softmax"),
+        ({"method": "liger", "attention": {"window_size": 0, "sink_tokens": 4}}, "sink_tokens needs a softmax"),
+        ({"attention": {"sink_tokens": -1}}, "attention.sink_tokens must be >= 0"),
+        ({"attention": {"window_size": "wide"}}, "attention.window_size' must be a int"),
+        ({"baselines": {"w": {"method": "window", "attention": {"sink_tokens": -2}}}}, "sink_tokens must be >= 0"),
+        ({"baselines": {"w": {"attention": {}}}}, "baselines.w must be a mapping with a 'method'"),
+        ({"dtype": "float8"}, "dtype must be float32"),
+        ({"finetune": {"lr": 0}}, "lr and batch_size must be positive"),
+    ],
+)
+def test_bad_settings_are_errors_naming_the_key_before_anything_loads(user, message):
+    with pytest.raises(LinearizeError, match=message):
+        build_config(user)
 
 
 def test_shipped_default_config_is_the_built_in_default():
     shipped = load_config(shipped_configs()["default"])
-    assert shipped.to_dict() == RunConfig().to_dict()
+    assert shipped.to_dict() == build_config({}).to_dict()
+    assert shipped.method == RunConfig.method == "hybrid"
+    window_sinks = {"method": "window", "attention": {"window_size": 64, "sink_tokens": 4}}
+    assert shipped.baselines == {"window+sinks": window_sinks}
 
 
 @pytest.mark.parametrize("name", sorted(shipped_configs()))
@@ -65,7 +88,7 @@ def test_config_file_round_trips(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("method", ["lolcats", "liger", "window"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_printed_full_config_loads_back_unchanged(method, tmp_path):
     config = build_config({"method": method})
     config.save(tmp_path / "full.yaml")

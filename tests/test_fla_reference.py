@@ -24,6 +24,7 @@ pytest.importorskip("fla", reason="flash-linear-attention references need `pip i
 pytest.importorskip("einops", reason="fla's naive references import einops")
 
 from linearize.ops import (  # noqa: E402
+    DecodeState,
     linear_attention_chunked,
     linear_attention_parallel,
     linear_attention_recurrent,
@@ -110,23 +111,20 @@ def random_state(kv_heads: int, seed: int = 1) -> torch.Tensor:
 
 
 def ours(form, fq, fk, v, log_gate, *, normalize=False, initial_state=None, eps=1e-6):
-    """One of our three forms -> (o [B, H, T, D], final state [B, Hk, F, D + 1] or None)."""
+    """One of our three forms -> (o [B, H, T, D], final state [B, Hk, F, D + 1])."""
+    state = None
+    if initial_state is not None:
+        state = DecodeState(seen=torch.zeros(fk.shape[0], dtype=torch.long), recurrent=initial_state)
     if form == "parallel":
-        assert initial_state is None
-        return linear_attention_parallel(fq, fk, v, log_gate, normalize=normalize, eps=eps), None
-    if form == "chunked":
-        return linear_attention_chunked(
-            fq,
-            fk,
-            v,
-            log_gate,
-            normalize=normalize,
-            eps=eps,
-            chunk_size=CHUNK,
-            initial_state=initial_state,
-            output_final_state=True,
+        assert state is None
+        o, final = linear_attention_parallel(fq, fk, v, log_gate, normalize=normalize, eps=eps, output_final_state=True)
+    elif form == "chunked":
+        o, final = linear_attention_chunked(
+            fq, fk, v, log_gate, normalize=normalize, eps=eps, chunk_size=CHUNK, state=state, output_final_state=True
         )
-    return linear_attention_recurrent(fq, fk, v, log_gate, normalize=normalize, eps=eps, initial_state=initial_state)
+    else:
+        o, final = linear_attention_recurrent(fq, fk, v, log_gate, normalize=normalize, eps=eps, state=state)
+    return o, final.recurrent
 
 
 def fla_gla(fq, fk, v, log_gate, groups, initial_state=None):
@@ -154,8 +152,7 @@ def test_per_feature_gates_match_fla_naive_recurrent_gla(heads, kv_heads, form, 
     o, state = ours(form, fq * FEAT**-0.5, fk, v, log_gate)
     o_ref, state_ref = fla_gla(fq, fk, v, log_gate, groups)
     close(o, o_ref)
-    if state is not None:
-        close(expand(state, groups)[..., :D], state_ref)
+    close(expand(state, groups)[..., :D], state_ref)
 
 
 @pytest.mark.parametrize("heads,kv_heads", HEADS)
@@ -183,9 +180,8 @@ def test_scalar_gates_match_fla_naive_simple_gla(heads, kv_heads, form):
     o_par, _ = simple_gla_naive.naive_parallel_simple_gla(*args)
     for o_ref in (o_rec, o_chunk, o_par):
         close(o, from_fla(o_ref))
-    if state is not None:
-        for state_ref in (state_rec, state_chunk):
-            close(expand(state, groups)[..., :D], state_ref)
+    for state_ref in (state_rec, state_chunk):
+        close(expand(state, groups)[..., :D], state_ref)
 
 
 @pytest.mark.parametrize("heads,kv_heads", HEADS)
@@ -226,8 +222,7 @@ def test_ungated_matches_fla_naive_linear_attention(heads, kv_heads, form, norma
         normalize=normalize,
     )
     close(o, from_fla(o_ref))
-    if state is not None:
-        s_ref, z_ref = final if normalize else (final, None)
-        close(expand(state, groups)[..., :D], s_ref)
-        if normalize:
-            close(expand(state, groups)[..., D], z_ref[:, 0])
+    s_ref, z_ref = final if normalize else (final, None)
+    close(expand(state, groups)[..., :D], s_ref)
+    if normalize:
+        close(expand(state, groups)[..., D], z_ref[:, 0])

@@ -6,15 +6,14 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_tiny_model, tokens
 from transformers import DynamicCache
 
 from linearize import LinearizeError, linearize
-from linearize.attention import linearized_attentions
-from linearize.config import build_config
-from linearize.convert import mixer_parameters
+from linearize.layers.attention import MixerInput, linearized_attentions
+from linearize.methods import build_config, method_settings
 from linearize.methods.liger import LigerMixer
-from linearize.ops import linear_attention_parallel, sliding_window_attention_parallel
-from linearize.teacher import make_tiny_model
+from linearize.ops import linear_attention_parallel, window_attention_parallel
 
 # make_tiny_model: 4 query heads, 2 key/value heads of size 16, hidden size 64
 B, H, HK, D, HIDDEN = 2, 4, 2, 16, 64
@@ -26,14 +25,9 @@ def close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5) -> No
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * max(expected.abs().max().item(), 1.0))
 
 
-def tokens(batch: int = B, length: int = T, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 200, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 def make_mixer(**attention) -> LigerMixer:
     """A LigerMixer for the tiny models' head layout, configured through the public config path."""
-    config = build_config({"method": "liger", "attention": {"chunk_size": 16, **attention}})
-    return LigerMixer(config.attention, H, HK, D)
+    return LigerMixer(method_settings("liger", {"chunk_size": 16, **attention}), D)
 
 
 def heads(t: int = T, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -45,13 +39,19 @@ def heads(t: int = T, seed: int = 0) -> tuple[torch.Tensor, ...]:
     return q, k, v, q_nope, k_nope
 
 
+def run(mixer: LigerMixer, q, k, v, q_nope, k_nope, state=None, output_state=False):
+    hidden = torch.zeros(q.shape[0], q.shape[2], HIDDEN)
+    return mixer(MixerInput(q, k, v, q_nope, k_nope, hidden), state, output_state)
+
+
 def piecewise(mixer: LigerMixer, q, k, v, q_nope, k_nope, pieces: list[int]) -> torch.Tensor:
-    """Run the mixer as prefill (first piece) then decode steps (the rest) on one cache layer."""
-    cache = mixer.new_cache_layer()
-    outs, start = [], 0
+    """Run the mixer as prefill (first piece) then continuations (the rest) from its decode state."""
+    outs, start, state = [], 0, None
     for n in pieces:
         part = slice(start, start + n)
-        outs.append(mixer(q[:, :, part], k[:, :, part], v[:, :, part], q_nope[:, :, part], k_nope[:, :, part], cache))
+        out, state = run(mixer, q[:, :, part], k[:, :, part], v[:, :, part], q_nope[:, :, part],
+                         k_nope[:, :, part], state, output_state=True)
+        outs.append(out)
         start += n
     assert start == q.shape[2]
     return torch.cat(outs, dim=2)
@@ -60,13 +60,7 @@ def piecewise(mixer: LigerMixer, q, k, v, q_nope, k_nope, pieces: list[int]) -> 
 def recurrence_reference(mixer: LigerMixer, q_nope, k_nope, v) -> torch.Tensor:
     """The gated recurrence alone, by the quadratic reference op, from the mixer's own inputs."""
     fq, fk, log_gate = mixer.recurrence_inputs(q_nope, k_nope)
-    return linear_attention_parallel(fq, fk, v, log_gate, normalize=mixer.normalize)
-
-
-def cache_bytes(layer) -> int:
-    """Decode memory of one cache layer: recurrent state plus window keys and values."""
-    tensors = [layer.recurrent_states[0], getattr(layer, "keys", None), getattr(layer, "values", None)]
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return linear_attention_parallel(fq, fk, v, log_gate, normalize=mixer.settings.normalize)[0]
 
 
 # ---------------------------------------------------------------- no new parameters
@@ -74,14 +68,13 @@ def cache_bytes(layer) -> int:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_liger_adds_no_parameters_and_nothing_is_trainable_before_lora(family):
-    model = make_tiny_model(family)
-    before = {name: param for name, param in model.named_parameters()}
-    linearize(model, "liger")
+    teacher = make_tiny_model(family)
+    before = {name: param for name, param in teacher.named_parameters()}
+    model = linearize(teacher, "liger")
     after = {name: param for name, param in model.named_parameters()}
     assert after.keys() == before.keys()
     assert all(after[name] is before[name] for name in before), "the teacher's tensors are reused, not copied"
-    assert sum(p.numel() for p in after.values()) == sum(p.numel() for p in before.values())
-    assert mixer_parameters(model) == {}
+    assert model.mixer_state_dict() == {}
     assert not any(p.requires_grad for p in model.parameters())
 
 
@@ -90,8 +83,7 @@ def test_liger_adds_no_parameters_and_nothing_is_trainable_before_lora(family):
 
 @pytest.mark.parametrize("gate", GATES)
 def test_gates_and_features_are_built_from_the_key_projection(gate):
-    model = make_tiny_model("llama")
-    linearize(model, "liger", attention={"gate": gate})
+    model = linearize(make_tiny_model("llama"), "liger", {"gate": gate})
     layer = linearized_attentions(model)[0]
     hidden = torch.randn(B, T, HIDDEN, generator=torch.Generator().manual_seed(0))
     position_ids = torch.arange(T)[None].expand(B, -1)
@@ -106,7 +98,7 @@ def test_gates_and_features_are_built_from_the_key_projection(gate):
         assert log_gate is None
         close(fk, k_heads.softmax(-1))
         return
-    assert layer.mixer.gate_normalizer == 16.0  # Liger's "gate logit normalizer"
+    assert layer.mixer.settings.gate_normalizer == 16.0  # Liger's "gate logit normalizer"
     assert log_gate.shape == (B, HK, T, D), "one decay per key feature, per key/value head (GLA)"
     close(log_gate, F.logsigmoid(k_heads) / 16)
     assert (log_gate < 0).all() and torch.isfinite(log_gate).all()
@@ -136,11 +128,10 @@ def test_per_kv_head_states_equal_the_computation_expanded_to_query_heads(gate, 
     q, k, v, q_nope, k_nope = heads()
     groups = H // HK
     k_x, v_x, k_nope_x = (x.repeat_interleave(groups, dim=1) for x in (k, v, k_nope))
-    close(mixer(q, k, v, q_nope, k_nope, None), mixer(q, k_x, v_x, q_nope, k_nope_x, None))
-
-    grouped, expanded = mixer.new_cache_layer(), mixer.new_cache_layer()
-    close(mixer(q, k, v, q_nope, k_nope, grouped), mixer(q, k_x, v_x, q_nope, k_nope_x, expanded))
-    state, state_x = grouped.recurrent_states[0], expanded.recurrent_states[0]
+    grouped, grouped_state = run(mixer, q, k, v, q_nope, k_nope, output_state=True)
+    expanded, expanded_state = run(mixer, q, k_x, v_x, q_nope, k_nope_x, output_state=True)
+    close(grouped, expanded)
+    state, state_x = grouped_state.recurrent, expanded_state.recurrent
     assert state.shape == (B, HK, D, D + 1) and state_x.shape == (B, H, D, D + 1)
     close(state.repeat_interleave(groups, dim=1), state_x)
 
@@ -152,8 +143,8 @@ def test_per_kv_head_states_equal_the_computation_expanded_to_query_heads(gate, 
 def test_mix_one_zero_is_exactly_sliding_window_attention_in_prefill_and_decode(window):
     mixer = make_mixer(window_size=window, mix=[1.0, 0.0])
     q, k, v, q_nope, k_nope = heads()
-    expected = sliding_window_attention_parallel(q, k, v, window, scale=D**-0.5)
-    close(mixer(q, k, v, q_nope, k_nope, None), expected)
+    expected, _ = window_attention_parallel(q, k, v, window, scale=D**-0.5)
+    close(run(mixer, q, k, v, q_nope, k_nope)[0], expected)
     close(piecewise(mixer, q, k, v, q_nope, k_nope, [19] + [1] * 21), expected)
 
 
@@ -163,7 +154,7 @@ def test_window_zero_is_the_gated_recurrence_alone_whatever_the_mix(gate, normal
     mixer = make_mixer(gate=gate, normalize=normalize, window_size=0, mix=[0.5, 0.5])
     q, k, v, q_nope, k_nope = heads()
     expected = recurrence_reference(mixer, q_nope, k_nope, v)
-    close(mixer(q, k, v, q_nope, k_nope, None), expected)
+    close(run(mixer, q, k, v, q_nope, k_nope)[0], expected)
     close(piecewise(mixer, q, k, v, q_nope, k_nope, [19] + [1] * 21), expected)
 
 
@@ -171,9 +162,9 @@ def test_window_zero_is_the_gated_recurrence_alone_whatever_the_mix(gate, normal
 def test_liger_attention_is_the_mix_of_window_on_rope_heads_and_recurrence_on_raw_heads(mix):
     mixer = make_mixer(window_size=8, mix=mix)
     q, k, v, q_nope, k_nope = heads()
-    window = sliding_window_attention_parallel(q, k, v, 8, scale=D**-0.5)
+    window, _ = window_attention_parallel(q, k, v, 8, scale=D**-0.5)
     expected = mix[0] * window + mix[1] * recurrence_reference(mixer, q_nope, k_nope, v)
-    close(mixer(q, k, v, q_nope, k_nope, None), expected)
+    close(run(mixer, q, k, v, q_nope, k_nope)[0], expected)
     # decode continues the same sum, also when a step brings several tokens
     close(piecewise(mixer, q, k, v, q_nope, k_nope, [19, 3, 1, 1, 16]), expected)
 
@@ -182,8 +173,8 @@ def test_liger_attention_is_the_mix_of_window_on_rope_heads_and_recurrence_on_ra
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("window", [0, 8])
 def test_prefill_then_decode_matches_one_parallel_forward(gate, normalize, window):
-    model = make_tiny_model("llama")
-    linearize(model, "liger", attention={"gate": gate, "normalize": normalize, "window_size": window, "chunk_size": 16})
+    model = linearize(make_tiny_model("llama"), "liger",
+                      {"gate": gate, "normalize": normalize, "window_size": window, "chunk_size": 16})
     x = tokens()
     with torch.no_grad():
         full = model(x).logits
@@ -208,16 +199,15 @@ def prefill_cache(model, length: int, decode_steps: int = 3) -> DynamicCache:
 
 @pytest.mark.parametrize("window", [0, 8])
 def test_decode_state_is_per_kv_head_and_does_not_grow_with_length(window):
-    model = make_tiny_model("llama")
-    linearize(model, "liger", attention={"window_size": window})
+    model = linearize(make_tiny_model("llama"), "liger", {"window_size": window})
     sizes = []
     for length in (16, 64):
         cache = prefill_cache(model, length)
         for layer in cache.layers:
-            assert layer.recurrent_states[0].shape == (1, HK, D, D + 1)
+            assert layer.state.recurrent.shape == (1, HK, D, D + 1)
             if window:
-                assert layer.keys.shape == layer.values.shape == (1, HK, window - 1, D)
-        sizes.append([cache_bytes(layer) for layer in cache.layers])
+                assert layer.state.window_keys.shape == layer.state.window_values.shape == (1, HK, window - 1, D)
+        sizes.append([layer.nbytes() for layer in cache.layers])
     assert sizes[0] == sizes[1]
 
 
@@ -225,36 +215,32 @@ def test_liger_decode_memory_is_half_of_lolcats_hedgehog_at_the_same_window():
     """Per layer, fp32, batch 1, window w:
     Liger:   state [Hk, D, D + 1]   + (w - 1) x (key D + value D)
     LoLCATS: state [Hk, 2D, D + 1]  + (w - 1) x (key D + Hedgehog features 2D + value D)
-    Hedgehog's features are twice the head dim (softmax of +xW and -xW), so every term doubles."""
+    Hedgehog's features are twice the head dim (softmax of +xW and -xW), so every term doubles.
+    Both also keep per row: the token count (int64) and, per window slot, validity (bool) and position (int64)."""
     window = 8
     sizes = {}
     for method in ("liger", "lolcats"):
-        model = make_tiny_model("llama")
-        linearize(model, method, attention={"window_size": window})
-        sizes[method] = {cache_bytes(layer) for layer in prefill_cache(model, 32).layers}
+        model = linearize(make_tiny_model("llama"), method, {"window_size": window})
+        sizes[method] = {layer.nbytes() for layer in prefill_cache(model, 32).layers}
+    bookkeeping = 8 + (window - 1) * (1 + 8)
     liger = 4 * HK * (D * (D + 1) + (window - 1) * 2 * D)
     lolcats = 4 * HK * (2 * D * (D + 1) + (window - 1) * (D + 2 * D + D))
-    assert sizes == {"liger": {liger}, "lolcats": {lolcats}}
+    assert sizes == {"liger": {liger + bookkeeping}, "lolcats": {lolcats + bookkeeping}}
     assert 2 * liger == lolcats
 
 
 # ---------------------------------------------------------------- config errors
 
 
-@pytest.mark.parametrize(
-    "user,option,why",
-    [
-        ({"attention": {"feature_map": "hedgehog"}}, "attention.feature_map", "parameter-free softmax"),
-        ({"attention": {"feature_dim": 32}}, "attention.feature_dim", "no parameters"),
-        ({"attention": {"window_factor_init": 0.2}}, "attention.window_factor_init", "fixed weights ('mix')"),
-        ({"attention": {"key_maps": "per_query_head"}}, "attention.key_maps", "per key/value head"),
-        ({"transfer": {"enabled": True}}, "transfer.enabled", "no attention-transfer stage"),
-    ],
-)
-def test_options_of_other_methods_are_rejected_naming_the_option_and_why(user, option, why):
-    with pytest.raises(LinearizeError, match=re.escape(option)) as error:
-        build_config({"method": "liger", **user})
-    assert "'liger'" in str(error.value) and why in str(error.value)
+@pytest.mark.parametrize("key", ["feature_map", "feature_dim", "window_factor_init", "key_maps"])
+def test_options_of_other_methods_are_unknown_keys_naming_the_key(key):
+    with pytest.raises(LinearizeError, match=re.escape(f"unknown config key 'attention.{key}'")):
+        build_config({"method": "liger", "attention": {key: 1}})
+
+
+def test_enabling_a_stage_liger_does_not_run_is_refused():
+    with pytest.raises(LinearizeError, match="transfer.enabled does not apply to method 'liger'"):
+        build_config({"method": "liger", "transfer": {"enabled": True}})
 
 
 @pytest.mark.parametrize(
@@ -270,9 +256,9 @@ def test_bad_liger_settings_are_rejected(attention, message):
         build_config({"method": "liger", "attention": attention})
 
 
-def test_liger_defaults_need_no_transfer_and_use_the_softmax_feature_map():
-    config = build_config({"method": "liger", "transfer": {"enabled": False}})
-    assert config.attention.feature_map == "softmax" and config.attention.gate == "gla"
+def test_liger_defaults_need_no_transfer():
+    config = build_config({"method": "liger"})
+    assert config.attention.gate == "gla" and config.finetune.lora_alpha == 8.0
     assert config.attention.window_size == 64 and config.attention.mix == [0.5, 0.5]
     assert config.attention.normalize and not config.transfer.enabled
 
@@ -289,20 +275,20 @@ def test_unnormalised_recurrence_is_the_normalised_one_times_the_normaliser(gate
     raw = make_mixer(gate=gate, window_size=0, normalize=False)
     fq, fk, log_gate = normed.recurrence_inputs(q_nope, k_nope)
     normaliser = linear_attention_parallel(fq, fk, torch.ones_like(v[..., :1]), log_gate, normalize=False)
-    close(raw(q, k, v, q_nope, k_nope, None), normed(q, k, v, q_nope, k_nope, None) * (normaliser + 1e-6))
+    normaliser = normaliser[0]
+    close(run(raw, q, k, v, q_nope, k_nope)[0], run(normed, q, k, v, q_nope, k_nope)[0] * (normaliser + 1e-6))
 
 
 def gla_branch_magnitude(normalize: bool, dominant_channel: float) -> float:
     """Median |output| of layer 0's GLA branch (no window) on a tiny qwen2, whose q/k biases put
     `dominant_channel` on feature 0 of every head (0 = the random init)."""
-    model = make_tiny_model("qwen2")
-    linearize(model, "liger", attention={"window_size": 0, "normalize": normalize})
+    model = linearize(make_tiny_model("qwen2"), "liger", {"window_size": 0, "normalize": normalize})
     layer = linearized_attentions(model)[0]
     with torch.no_grad():
         for proj in (layer.q_proj, layer.k_proj):
             proj.bias.view(-1, D)[:, 0] = dominant_channel
     captured = {}
-    layer.mixer.register_forward_hook(lambda module, args, out: captured.setdefault("out", out))
+    layer.mixer.register_forward_hook(lambda module, args, out: captured.update(out=out[0]))
     with torch.no_grad():
         model(tokens(length=64))
     return captured["out"].abs().median().item()

@@ -2,25 +2,30 @@
 
 import pytest
 import torch
+from helpers import FAMILIES, make_tiny_model, tokens
 from transformers import DynamicCache
 
 from linearize import LinearizeError, linearize
-from linearize.attention import LinearizedAttention, attention_mode
-from linearize.teacher import make_tiny_model
+from linearize.layers.attention import LinearizedAttention, attention_mode
+from linearize.layers.cache import LinearizedCacheLayer
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
-METHODS = ["lolcats", "liger", "window"]
+# every method, with small windows so the linear / recurrent parts matter over 40 tokens
+METHODS = {
+    "hybrid": {"window_size": 8, "sink_tokens": 2, "decay": 0.95},
+    "lolcats": {"window_size": 8},
+    "liger": {"window_size": 8, "sink_tokens": 2},
+    "window": {"window_size": 8, "sink_tokens": 2},
+}
 
 
-def tokens(batch=2, length=40, seed=0):
-    return torch.randint(0, 200, (batch, length), generator=torch.Generator().manual_seed(seed))
+def convert(family: str, method: str, **attention):
+    return linearize(make_tiny_model(family), method, {**METHODS[method], **attention})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_prefill_then_decode_matches_one_parallel_forward(family, method):
-    model = make_tiny_model(family)
-    linearize(model, method, attention={"window_size": 8})
+    model = convert(family, method)
     x = tokens()
     with torch.no_grad():
         full = model(x).logits
@@ -30,95 +35,95 @@ def test_prefill_then_decode_matches_one_parallel_forward(family, method):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_softmax_mode_reproduces_the_teacher_exactly(family):
-    model = make_tiny_model(family)
+@pytest.mark.parametrize("method", ["lolcats", "liger"])
+def test_methods_without_a_window_decode_like_their_parallel_forward(method):
+    model = convert("llama", method, window_size=0, sink_tokens=0) if method == "liger" else convert(
+        "llama", method, window_size=0)
     x = tokens()
     with torch.no_grad():
-        teacher = model(x).logits
-        linearize(model, "lolcats", attention={"window_size": 8})
+        full = model(x).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(x[:, :5], past_key_values=cache, use_cache=True).logits]
+        steps += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(5, 40)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_softmax_mode_reproduces_the_teacher_exactly(family):
+    teacher = make_tiny_model(family)
+    x = tokens()
+    with torch.no_grad():
+        expected = teacher(x).logits
+        model = linearize(teacher, "hybrid", METHODS["hybrid"])
         with attention_mode(model, "softmax"):
             again = model(x).logits
         student = model(x).logits
-    torch.testing.assert_close(again, teacher, rtol=0, atol=0)
-    assert not torch.allclose(student, teacher, atol=1e-3), "a 8-token window over 40 tokens must change the output"
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
+    assert not torch.allclose(student, expected, atol=1e-3), "an 8-token window over 40 tokens must change the output"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lolcats_with_a_window_covering_the_sequence_equals_the_teacher(family):
-    model = make_tiny_model(family)
+@pytest.mark.parametrize("method", ["hybrid", "lolcats", "window"])
+def test_a_window_covering_the_sequence_equals_the_teacher(family, method):
+    teacher = make_tiny_model(family)
     x = tokens(length=32)
     with torch.no_grad():
-        teacher = model(x).logits
-        linearize(model, "lolcats", attention={"window_size": 64})
-        student = model(x).logits
-    torch.testing.assert_close(student, teacher, rtol=1e-4, atol=1e-4)
+        expected = teacher(x).logits
+        model = linearize(teacher, method, {"window_size": 64})
+        torch.testing.assert_close(model(x).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_conversion_reuses_teacher_projections_and_keeps_them_frozen():
-    model = make_tiny_model("llama")
-    q_proj = model.model.layers[0].self_attn.q_proj
-    linearize(model, "lolcats")
+    teacher = make_tiny_model("llama")
+    q_proj = teacher.model.layers[0].self_attn.q_proj
+    model = linearize(teacher, "hybrid")
     attention = model.model.layers[0].self_attn
-    assert isinstance(attention, LinearizedAttention)
-    assert attention.q_proj is q_proj
+    assert isinstance(attention, LinearizedAttention) and attention.q_proj is q_proj
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".mixer." in n for n in trainable)
+    assert set(model.mixer_state_dict()) == trainable
 
 
 def test_softmax_layers_stay_softmax_attention():
-    model = make_tiny_model("llama")
-    linearize(model, "lolcats", attention={"softmax_layers": [1]})
+    model = linearize(make_tiny_model("llama"), "hybrid", {"softmax_layers": [1]})
     kinds = [type(layer.self_attn).__name__ for layer in model.model.layers]
     assert kinds == ["LinearizedAttention", "LlamaAttention"]
     with pytest.raises(LinearizeError, match="out of range"):
-        linearize(make_tiny_model("llama"), "lolcats", attention={"softmax_layers": [5]})
+        linearize(make_tiny_model("llama"), "hybrid", {"softmax_layers": [5]})
 
 
-@pytest.mark.parametrize("method,state_heads", [("lolcats", 2), ("liger", 2)])
-def test_gqa_stays_gqa_decode_state_is_per_kv_head(method, state_heads):
-    model = make_tiny_model("llama")  # 4 query heads, 2 key/value heads
-    linearize(model, method, attention={"window_size": 4})
+@pytest.mark.parametrize("method", ["hybrid", "lolcats", "liger"])
+def test_gqa_stays_gqa_decode_state_is_per_kv_head(method):
+    model = convert("llama", method, window_size=4)  # 4 query heads, 2 key/value heads
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(tokens(length=12), past_key_values=cache, use_cache=True)
     layer = cache.layers[0]
-    assert layer.recurrent_states[0].shape[1] == state_heads
-    assert layer.keys.shape[1] == state_heads and layer.keys.shape[2] == 3  # window - 1 cached keys
+    assert isinstance(layer, LinearizedCacheLayer)
+    assert layer.state.recurrent.shape[1] == 2
+    assert layer.state.window_keys.shape[1:3] == (2, 3)  # window - 1 cached keys per KV head
 
 
 def test_per_query_head_key_maps_keep_states_per_query_head():
-    model = make_tiny_model("llama")
-    linearize(model, "lolcats", attention={"window_size": 4, "key_maps": "per_query_head"})
+    model = convert("llama", "lolcats", window_size=4, key_maps="per_query_head")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(tokens(length=12), past_key_values=cache, use_cache=True)
-    assert cache.layers[0].recurrent_states[0].shape[1] == 4
+    assert cache.layers[0].state.recurrent.shape[1] == 4
 
 
-def test_decode_state_does_not_grow_with_length():
-    model = make_tiny_model("llama")
-    linearize(model, "lolcats", attention={"window_size": 4})
+@pytest.mark.parametrize("method", list(METHODS))
+def test_decode_state_does_not_grow_with_length(method):
+    model = convert("llama", method, window_size=4)
     sizes = []
     for length in (16, 64):
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
             model(tokens(length=length), past_key_values=cache, use_cache=True)
-        sizes.append(sum(t.numel() for layer in cache.layers for t in (layer.keys, layer.recurrent_states[0])))
-    assert sizes[0] == sizes[1]
-
-
-def test_generate_runs_with_the_constant_memory_cache():
-    model = make_tiny_model("qwen3")
-    linearize(model, "lolcats", attention={"window_size": 4})
-    x = tokens(batch=1, length=10)
-    out = model.generate(x, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        greedy = x
-        for _ in range(12):
-            next_token = model(greedy).logits[:, -1].argmax(-1, keepdim=True)
-            greedy = torch.cat([greedy, next_token], dim=1)
-    assert torch.equal(out, greedy)
+            for _ in range(3):
+                model(tokens(length=1, seed=length), past_key_values=cache, use_cache=True)
+        sizes.append(sum(layer.nbytes() for layer in cache.layers))
+    assert sizes[0] == sizes[1] > 0
 
 
 def test_unsupported_model_type_is_a_clear_error():
@@ -126,43 +131,10 @@ def test_unsupported_model_type_is_a_clear_error():
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(LinearizeError, match="model type 'gpt2' is not supported: supported are llama"):
-        linearize(model, "lolcats")
+        linearize(model, "hybrid")
 
 
-def test_right_padding_is_harmless_and_left_padding_is_refused():
-    model = make_tiny_model("llama")
-    linearize(model, "lolcats", attention={"window_size": 4})
-    x = tokens(batch=2, length=12)
-    mask = torch.ones_like(x)
-    mask[1, 8:] = 0  # right padding
-    with torch.no_grad():
-        padded = model(x, attention_mask=mask).logits
-        single = model(x[1:, :8]).logits
-    torch.testing.assert_close(padded[1, :8], single[0], rtol=1e-5, atol=1e-5)
-    mask = torch.ones_like(x)
-    mask[1, :4] = 0  # left padding
-    with pytest.raises(LinearizeError, match="left-padded batches are not supported"):
-        model(x, attention_mask=mask)
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("prefill", [2, 19])
-def test_sink_tokens_decode_matches_parallel(method, prefill):
-    model = make_tiny_model("qwen2")
-    linearize(model, method, attention={"window_size": 4, "sink_tokens": 3})
-    x = tokens(length=30)
-    with torch.no_grad():
-        full = model(x).logits
-        cache = DynamicCache(config=model.config)
-        steps = [model(x[:, :prefill], past_key_values=cache, use_cache=True).logits]
-        steps += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(prefill, 30)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
-
-
-def test_window_with_sinks_covering_the_sequence_equals_the_teacher():
-    model = make_tiny_model("llama")
-    x = tokens(length=20)
-    with torch.no_grad():
-        teacher = model(x).logits
-        linearize(model, "window", attention={"window_size": 4, "sink_tokens": 20})
-        torch.testing.assert_close(model(x).logits, teacher, rtol=1e-4, atol=1e-4)
+def test_converting_twice_is_refused():
+    model = linearize(make_tiny_model("llama"), "hybrid")
+    with pytest.raises(LinearizeError, match="already linearized"):
+        linearize(model, "hybrid")

@@ -1,19 +1,19 @@
-"""The math core: every form of every op agrees with its quadratic reference, plus honest properties."""
+"""The math core: every form of every op agrees with its quadratic reference and with the definition written
+out literally; padding, sinks, gates and GQA included."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from linearize.ops import (
-    hybrid_attention_chunked,
-    hybrid_attention_parallel,
-    hybrid_attention_recurrent,
+    DecodeState,
+    empty_window_state,
     linear_attention_chunked,
     linear_attention_parallel,
     linear_attention_recurrent,
-    sliding_window_attention_chunked,
-    sliding_window_attention_parallel,
-    sliding_window_attention_recurrent,
+    window_attention_chunked,
+    window_attention_parallel,
+    window_attention_recurrent,
 )
 
 B, T, D, FEAT = 2, 37, 16, 8
@@ -47,11 +47,6 @@ def log_gates(kind: str | None, kv_heads: int, t: int, low: float | None = None)
 def expand(x: torch.Tensor | None, groups: int) -> torch.Tensor | None:
     """Key/value-head tensors repeated to one copy per query head, as plain MHA would see them."""
     return None if x is None else x.repeat_interleave(groups, dim=1)
-
-
-def last(x: torch.Tensor, n: int) -> torch.Tensor:
-    """The last n tokens of [B, Hk, T, X] (the window-cache convention)."""
-    return x[:, :, max(x.shape[2] - n, 0) :]
 
 
 def linear_inputs(heads: int, kv_heads: int, gate: str | None, t: int = T, low: float | None = None):
@@ -93,38 +88,6 @@ def naive_linear(fq, fk, v, log_gate, normalize: bool, eps: float = 1e-6) -> tor
     return out
 
 
-def naive_hybrid(q, k, v, fq, fk, factor, window: int, eps: float = 1e-6) -> torch.Tensor:
-    """The LoLCATS hybrid, literally: softmax terms (shifted by their own max) for the keys
-    t - window < s <= t, linear terms for the keys s <= t - window."""
-    batch, heads, t, head_dim = q.shape
-    groups = heads // k.shape[1]
-    out = torch.zeros(batch, heads, t, head_dim)
-    for head in range(heads):
-        kv = head // groups
-        for i in range(t):
-            start = max(i - window + 1, 0)
-            scores = (q[:, head, i, None] * k[:, kv, start : i + 1]).sum(-1) * head_dim**-0.5
-            soft = factor[head] * (scores - scores.max(-1, keepdim=True).values).exp()
-            lin = (fq[:, head, i, None] * fk[:, kv, :start]).sum(-1)
-            w = torch.cat([lin, soft], dim=1)  # keys 0 .. i in order
-            out[:, head, i] = (w[..., None] * v[:, kv, : i + 1]).sum(1) / (w.sum(1, keepdim=True) + eps)
-    return out
-
-
-def naive_sliding_window(q, k, v, window: int) -> torch.Tensor:
-    """Softmax over the keys t - window < s <= t, literally."""
-    batch, heads, t, head_dim = q.shape
-    groups = heads // k.shape[1]
-    out = torch.zeros(batch, heads, t, head_dim)
-    for head in range(heads):
-        kv = head // groups
-        for i in range(t):
-            start = max(i - window + 1, 0)
-            p = ((q[:, head, i, None] * k[:, kv, start : i + 1]).sum(-1) * head_dim**-0.5).softmax(-1)
-            out[:, head, i] = (p[..., None] * v[:, kv, start : i + 1]).sum(1)
-    return out
-
-
 # ---------------------------------------------------------------- linear attention
 
 
@@ -134,7 +97,7 @@ def test_linear_parallel_matches_definition(gate, normalize):
     torch.manual_seed(13)
     fq, fk, v, log_gate = linear_inputs(6, 2, gate, t=12)
     expected = naive_linear(fq, fk, v, log_gate, normalize)
-    close(linear_attention_parallel(fq, fk, v, log_gate, normalize=normalize), expected)
+    close(linear_attention_parallel(fq, fk, v, log_gate, normalize=normalize)[0], expected)
 
 
 @pytest.mark.parametrize("heads", HEADS)
@@ -143,23 +106,25 @@ def test_linear_parallel_matches_definition(gate, normalize):
 def test_linear_forms_agree(gate, normalize, heads):
     torch.manual_seed(0)
     fq, fk, v, log_gate = linear_inputs(*heads, gate)
-    expected = linear_attention_parallel(fq, fk, v, log_gate, normalize=normalize)
+    expected, s_par = linear_attention_parallel(fq, fk, v, log_gate, normalize=normalize, output_final_state=True)
     o_chunk, s_chunk = linear_attention_chunked(
         fq, fk, v, log_gate, normalize=normalize, chunk_size=16, output_final_state=True
     )
     o_rec, s_rec = linear_attention_recurrent(fq, fk, v, log_gate, normalize=normalize)
     assert expected.shape == (B, heads[0], T, D)
-    assert s_chunk.shape == (B, heads[1], FEAT, D + 1) and s_chunk.dtype == torch.float32
+    assert s_chunk.recurrent.shape == (B, heads[1], FEAT, D + 1) and s_chunk.recurrent.dtype == torch.float32
     close(o_chunk, expected)
     close(o_rec, expected)
-    close(s_chunk, s_rec)
+    close(s_chunk.recurrent, s_rec.recurrent)
+    close(s_par.recurrent, s_rec.recurrent)
+    assert s_rec.seen.tolist() == [T] * B
 
 
 @pytest.mark.parametrize("gate", GATES)
 def test_linear_continues_from_state(gate):
     torch.manual_seed(1)
     fq, fk, v, log_gate = linear_inputs(6, 2, gate)
-    expected = linear_attention_chunked(fq, fk, v, log_gate, chunk_size=16)
+    expected, _ = linear_attention_chunked(fq, fk, v, log_gate, chunk_size=16)
     first, rest = slice(0, 20), slice(20, T)
     gate_first, gate_rest = (
         (None, None) if log_gate is None else (log_gate[:, :, first], log_gate[:, :, rest])
@@ -167,12 +132,10 @@ def test_linear_continues_from_state(gate):
     o1, state = linear_attention_chunked(
         fq[:, :, first], fk[:, :, first], v[:, :, first], gate_first, chunk_size=16, output_final_state=True
     )
-    o2 = linear_attention_chunked(
-        fq[:, :, rest], fk[:, :, rest], v[:, :, rest], gate_rest, chunk_size=16, initial_state=state
+    o2, _ = linear_attention_chunked(
+        fq[:, :, rest], fk[:, :, rest], v[:, :, rest], gate_rest, chunk_size=16, state=state
     )
-    o2_rec, _ = linear_attention_recurrent(
-        fq[:, :, rest], fk[:, :, rest], v[:, :, rest], gate_rest, initial_state=state
-    )
+    o2_rec, _ = linear_attention_recurrent(fq[:, :, rest], fk[:, :, rest], v[:, :, rest], gate_rest, state=state)
     close(torch.cat([o1, o2], dim=2), expected)
     close(o2_rec, expected[:, :, rest])
 
@@ -186,17 +149,17 @@ def test_linear_long_sequence_gates_are_stable(gate, low):
     fq, fk, v, log_gate = linear_inputs(2, 1, gate, t=4096, low=low)
     o_chunk, s_chunk = linear_attention_chunked(fq, fk, v, log_gate, output_final_state=True)
     o_rec, s_rec = linear_attention_recurrent(fq, fk, v, log_gate)
-    assert torch.isfinite(o_chunk).all() and torch.isfinite(s_chunk).all()
+    assert torch.isfinite(o_chunk).all() and torch.isfinite(s_chunk.recurrent).all()
     assert relative_error(o_chunk, o_rec) < 1e-5
-    assert relative_error(s_chunk, s_rec) < 1e-5
+    assert relative_error(s_chunk.recurrent, s_rec.recurrent) < 1e-5
 
 
 @pytest.mark.parametrize("gate", GATES)
 def test_linear_gqa_equals_expanded_heads(gate):
     torch.manual_seed(3)
     fq, fk, v, log_gate = linear_inputs(6, 2, gate)
-    expected = linear_attention_parallel(fq, expand(fk, 3), expand(v, 3), expand(log_gate, 3))
-    close(linear_attention_chunked(fq, fk, v, log_gate, chunk_size=16), expected)
+    expected, _ = linear_attention_parallel(fq, expand(fk, 3), expand(v, 3), expand(log_gate, 3))
+    close(linear_attention_chunked(fq, fk, v, log_gate, chunk_size=16)[0], expected)
     close(linear_attention_recurrent(fq, fk, v, log_gate)[0], expected)
 
 
@@ -209,8 +172,8 @@ def test_normalized_linear_attention_is_convex_combination_of_values(gate):
     seen = expand(v, 3)
     low, high = seen.cummin(dim=2).values - 1e-5, seen.cummax(dim=2).values + 1e-5
     outputs = [
-        linear_attention_parallel(fq, fk, v, log_gate, eps=0.0),
-        linear_attention_chunked(fq, fk, v, log_gate, eps=0.0, chunk_size=16),
+        linear_attention_parallel(fq, fk, v, log_gate, eps=0.0)[0],
+        linear_attention_chunked(fq, fk, v, log_gate, eps=0.0, chunk_size=16)[0],
         linear_attention_recurrent(fq, fk, v, log_gate, eps=0.0)[0],
     ]
     for o in outputs:
@@ -220,157 +183,246 @@ def test_normalized_linear_attention_is_convex_combination_of_values(gate):
 def test_dtype_in_dtype_out_state_stays_fp32():
     torch.manual_seed(5)
     fq, fk, v, log_gate = linear_inputs(6, 2, "feature")
-    expected = linear_attention_chunked(fq, fk, v, log_gate)
+    expected, _ = linear_attention_chunked(fq, fk, v, log_gate)
     o, state = linear_attention_chunked(
         fq.bfloat16(), fk.bfloat16(), v.bfloat16(), log_gate.bfloat16(), output_final_state=True
     )
-    assert o.dtype == torch.bfloat16 and state.dtype == torch.float32
+    assert o.dtype == torch.bfloat16 and state.recurrent.dtype == torch.float32
     close(o.float(), expected, tol=5e-2)
 
 
-# ---------------------------------------------------------------- sliding-window softmax
 
 
-@pytest.mark.parametrize("window", [1, 4, 12])
-def test_window_parallel_matches_definition(window):
-    torch.manual_seed(14)
-    q, k, v, fq, fk = window_inputs(6, 2, t=12)
-    factor = torch.rand(6)
-    close(sliding_window_attention_parallel(q, k, v, window), naive_sliding_window(q, k, v, window))
-    close(
-        hybrid_attention_parallel(q, k, v, fq, fk, factor, window),
-        naive_hybrid(q, k, v, fq, fk, factor, window),
-    )
+def left_padding(pads: list[int], t: int = T) -> torch.Tensor:
+    """[B, T] key mask with the given number of padding tokens at the start of each row."""
+    mask = torch.ones(len(pads), t, dtype=torch.bool)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = False
+    return mask
 
 
-@pytest.mark.parametrize("heads", HEADS)
-@pytest.mark.parametrize("window", [1, 5, 8])
-def test_sliding_window_forms_agree(window, heads):
+@pytest.mark.parametrize("gate", GATES)
+def test_linear_left_padded_rows_equal_the_rows_alone(gate):
     torch.manual_seed(6)
-    q, k, v, _, _ = window_inputs(*heads)
-    expected = sliding_window_attention_parallel(q, k, v, window)
-    close(sliding_window_attention_chunked(q, k, v, window), expected)
-    o_rec, (k_win, v_win) = sliding_window_attention_recurrent(q, k, v, window, None)
-    close(o_rec, expected)
-    close(k_win, last(k, window - 1))
-    close(v_win, last(v, window - 1))
-
-    # prefill with the chunked form, then decode one token at a time from its cache
-    q1, k1, v1 = (x[:, :, :20] for x in (q, k, v))
-    outs = [sliding_window_attention_chunked(q1, k1, v1, window)]
-    cache = (last(k1, window - 1), last(v1, window - 1))
-    for t in range(20, T):
-        step = [x[:, :, t : t + 1] for x in (q, k, v)]
-        o, cache = sliding_window_attention_recurrent(*step, window, cache)
-        outs.append(o)
-    close(torch.cat(outs, dim=2), expected)
+    fq, fk, v, log_gate = linear_inputs(6, 2, gate)
+    mask = left_padding([0, 9])
+    o_chunk, s_chunk = linear_attention_chunked(fq, fk, v, log_gate, key_mask=mask, chunk_size=16,
+                                                output_final_state=True)
+    o_rec, s_rec = linear_attention_recurrent(fq, fk, v, log_gate, key_mask=mask)
+    alone = [t[1:, :, 9:] if t is not None else None for t in (fq, fk, v, log_gate)]
+    o_alone, s_alone = linear_attention_chunked(*alone, chunk_size=16, output_final_state=True)
+    for o, s in ((o_chunk, s_chunk), (o_rec, s_rec)):
+        close(o[1:, :, 9:], o_alone)
+        close(s.recurrent[1:], s_alone.recurrent)
+    assert s_chunk.seen.tolist() == [T, T - 9]
 
 
-@pytest.mark.parametrize("heads", HEADS)
-@pytest.mark.parametrize("window", [T, T + 5])
-def test_sliding_window_covering_sequence_is_causal_softmax(window, heads):
+# ---------------------------------------------------------------- sliding window, sinks, hybrid
+
+WINDOWS = [1, 5, 8]
+VARIANTS = ["window", "hybrid", "gated"]  # softmax only; + linear terms for older keys; + per-token decays
+
+
+def naive_window(q, k, v, window, sink_tokens=0, fq=None, fk=None, log_gate=None, key_mask=None, eps=1e-6):
+    """The definition, literally, one row, head and query at a time. Softmax keys: real s <= t with
+    t - s < window, or s among the row's first sink_tokens real tokens. Linear keys (with features):
+    the other real s <= t - window, weighted fq_t.fk_s prod_{s < j <= t} a_j. One shared normaliser."""
+    batch, heads, t, head_dim = q.shape
+    groups = heads // k.shape[1]
+    mask = torch.ones(batch, t, dtype=torch.bool) if key_mask is None else key_mask
+    out = torch.zeros(batch, heads, t, head_dim)
+    for b in range(batch):
+        real = (mask[b].long().cumsum(0) - 1).tolist()
+        for head in range(heads):
+            kv = head // groups
+            for i in range(t):
+                if not mask[b, i]:
+                    continue
+                soft = [s for s in range(i + 1) if mask[b, s] and (i - s < window or real[s] < sink_tokens)]
+                scores = torch.stack([(q[b, head, i] * k[b, kv, s]).sum() * head_dim**-0.5 for s in soft])
+                weights = list((scores - scores.max()).exp())
+                keys = list(soft)
+                if fq is not None:
+                    for s in range(i + 1):
+                        if mask[b, s] and i - s >= window and real[s] >= sink_tokens:
+                            decay = 1.0 if log_gate is None else log_gate[b, kv, s + 1 : i + 1].sum().exp()
+                            weights.append((fq[b, head, i] * fk[b, kv, s]).sum() * decay)
+                            keys.append(s)
+                w = torch.stack(weights)
+                out[b, head, i] = (w[:, None] * v[b, kv, keys]).sum(0) / (w.sum() + eps)
+    return out
+
+
+def window_args(variant: str, heads: int, kv_heads: int, t: int = T, batch: int = B) -> dict:
+    q, k, v = torch.randn(batch, heads, t, D), torch.randn(batch, kv_heads, t, D), torch.randn(batch, kv_heads, t, D)
+    args = {"q": q, "k": k, "v": v}
+    if variant != "window":
+        args["fq"], args["fk"] = features(batch, heads, t, FEAT), features(batch, kv_heads, t, FEAT)
+    if variant == "gated":
+        args["log_gate"] = F.logsigmoid(torch.randn(batch, kv_heads, t) + 2.0)
+    return args
+
+
+def sliced(args: dict, part: slice, mask: torch.Tensor | None) -> dict:
+    out = {name: value[:, :, part] for name, value in args.items()}
+    if mask is not None:
+        out["key_mask"] = mask[:, part]
+    return out
+
+
+def masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Outputs at padded query positions are meaningless: zero them before comparing."""
+    return x if mask is None else x * mask[:, None, :, None]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("sink_tokens", [0, 2])
+@pytest.mark.parametrize("window", [1, 3])
+def test_window_parallel_matches_definition(window, sink_tokens, variant, padded):
     torch.manual_seed(7)
-    q, k, v, _, _ = window_inputs(*heads)
-    expected = causal_softmax(q, k, v)
-    close(sliding_window_attention_parallel(q, k, v, window), expected)
-    close(sliding_window_attention_chunked(q, k, v, window), expected)
-    close(sliding_window_attention_recurrent(q, k, v, window)[0], expected)
+    args = window_args(variant, 4, 2, t=11)
+    mask = left_padding([0, 4], t=11) if padded else None
+    expected = naive_window(**args, window=window, sink_tokens=sink_tokens, key_mask=mask)
+    o, _ = window_attention_parallel(**args, window=window, sink_tokens=sink_tokens, key_mask=mask)
+    close(masked(o, mask), expected)
 
 
-# ---------------------------------------------------------------- LoLCATS hybrid
+def assert_same_state(a: DecodeState, b: DecodeState) -> None:
+    assert torch.equal(a.seen, b.seen)
+    assert torch.equal(a.window_valid, b.window_valid) and torch.equal(a.window_position, b.window_position)
+    valid = a.window_valid[:, None, :, None]
+    for name in ("window_keys", "window_values", "window_features"):
+        if getattr(a, name) is not None:
+            close(getattr(a, name) * valid, getattr(b, name) * valid)
+    if a.sink_valid is not None:
+        assert torch.equal(a.sink_valid, b.sink_valid)
+        close(a.sink_keys * a.sink_valid[:, None, :, None], b.sink_keys * b.sink_valid[:, None, :, None])
+    if a.recurrent is not None:
+        close(a.recurrent, b.recurrent)
 
 
 @pytest.mark.parametrize("heads", HEADS)
-@pytest.mark.parametrize("t1", [3, 20])
-@pytest.mark.parametrize("window", [1, 5, 8])
-def test_hybrid_forms_agree(window, t1, heads):
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("sink_tokens", [0, 3])
+@pytest.mark.parametrize("window", WINDOWS)
+def test_window_forms_agree_and_continue(window, sink_tokens, variant, padded, heads):
+    """Parallel = chunked; recurrent from the empty state = parallel; a chunked prefill continued by
+    the recurrent form = parallel; all three end in the same decode state."""
     torch.manual_seed(8)
-    q, k, v, fq, fk = window_inputs(*heads)
-    factor = torch.rand(heads[0]) * 0.9 + 0.05
-    expected = hybrid_attention_parallel(q, k, v, fq, fk, factor, window)
-    o_chunk, s_chunk = hybrid_attention_chunked(q, k, v, fq, fk, factor, window, output_final_state=True)
-    close(o_chunk, expected)
-    o_rec, s_rec, cache = hybrid_attention_recurrent(q, k, v, fq, fk, factor, window, None, None)
-    close(o_rec, expected)
-    close(s_chunk, s_rec)
-    for cached, full in zip(cache, (k, v, fk), strict=True):
-        close(cached, last(full, window - 1))
-
-    # prefill with the chunked form, then decode one token at a time from its state and cache
-    q1, k1, v1, fq1, fk1 = (x[:, :, :t1] for x in (q, k, v, fq, fk))
-    o1, state = hybrid_attention_chunked(q1, k1, v1, fq1, fk1, factor, window, output_final_state=True)
-    cache = (last(k1, window - 1), last(v1, window - 1), last(fk1, window - 1))
-    outs = [o1]
-    for t in range(t1, T):
-        step = [x[:, :, t : t + 1] for x in (q, k, v, fq, fk)]
-        o, state, cache = hybrid_attention_recurrent(*step, factor, window, state, cache)
-        outs.append(o)
-    close(torch.cat(outs, dim=2), expected)
-    close(state, s_chunk)
+    args = window_args(variant, *heads)
+    mask = left_padding([0, 13]) if padded else None
+    common = {"window": window, "sink_tokens": sink_tokens, "key_mask": mask}
+    expected, s_par = window_attention_parallel(**args, **common, output_final_state=True)
+    o_chunk, s_chunk = window_attention_chunked(**args, **common, output_final_state=True)
+    empty = empty_window_state(B, heads[1], D, window, sink_tokens, None if variant == "window" else FEAT,
+                               gated=variant == "gated")
+    o_rec, s_rec = window_attention_recurrent(**args, **common, state=empty)
+    close(masked(o_chunk, mask), masked(expected, mask))
+    close(masked(o_rec, mask), masked(expected, mask))
+    assert_same_state(s_chunk, s_rec)
+    assert_same_state(s_par, s_rec)
+    for split in (2, 20):
+        first, rest = slice(0, split), slice(split, T)
+        _, state = window_attention_chunked(**sliced(args, first, mask), window=window, sink_tokens=sink_tokens,
+                                            output_final_state=True)
+        o_rest, s_end = window_attention_recurrent(**sliced(args, rest, mask), window=window,
+                                                   sink_tokens=sink_tokens, state=state)
+        close(masked(o_rest, None if mask is None else mask[:, rest]), masked(expected, mask)[:, :, rest])
+        assert_same_state(s_end, s_rec)
 
 
-def test_hybrid_gqa_equals_expanded_heads():
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("sink_tokens", [0, 3])
+def test_window_left_padded_row_equals_the_row_alone(sink_tokens, variant):
     torch.manual_seed(9)
-    q, k, v, fq, fk = window_inputs(6, 2)
-    factor = torch.rand(6)
-    expected = hybrid_attention_parallel(q, expand(k, 3), expand(v, 3), fq, expand(fk, 3), factor, 5)
-    close(hybrid_attention_chunked(q, k, v, fq, fk, factor, 5), expected)
-    close(
-        sliding_window_attention_chunked(q, k, v, 5),
-        sliding_window_attention_parallel(q, expand(k, 3), expand(v, 3), 5),
-    )
+    args = window_args(variant, 6, 2)
+    mask = left_padding([0, 11])
+    common = {"window": 5, "sink_tokens": sink_tokens}
+    alone = {name: value[1:, :, 11:] for name, value in args.items()}
+    expected, s_alone = window_attention_chunked(**alone, **common, output_final_state=True)
+    o, s = window_attention_chunked(**args, **common, key_mask=mask, output_final_state=True)
+    close(o[1:, :, 11:], expected)
+    assert s.seen.tolist() == [T, T - 11]
+    if s.recurrent is not None:
+        close(s.recurrent[1:], s_alone.recurrent)
 
 
-@pytest.mark.parametrize("window", [1, 5])
-def test_decode_ignores_cache_entries_older_than_window(window):
-    """A cache longer than window - 1 (here the whole prefix) decodes the same: its older tokens are
-    outside the softmax window and, for the hybrid, already counted in the state."""
-    torch.manual_seed(15)
-    q, k, v, fq, fk = window_inputs(6, 2)
-    factor = torch.rand(6)
-    q1, k1, v1, fq1, fk1 = (x[:, :, :20] for x in (q, k, v, fq, fk))
-    q2, k2, v2, fq2, fk2 = (x[:, :, 20:] for x in (q, k, v, fq, fk))
-    o, _ = sliding_window_attention_recurrent(q2, k2, v2, window, (k1, v1))
-    close(o, sliding_window_attention_parallel(q, k, v, window)[:, :, 20:])
-    _, state = hybrid_attention_chunked(q1, k1, v1, fq1, fk1, factor, window, output_final_state=True)
-    o, _, _ = hybrid_attention_recurrent(q2, k2, v2, fq2, fk2, factor, window, state, (k1, v1, fk1))
-    close(o, hybrid_attention_parallel(q, k, v, fq, fk, factor, window)[:, :, 20:])
-
-
-@pytest.mark.parametrize("factor", [1e-3, 0.1, 0.9])
-def test_hybrid_window_covering_sequence_is_causal_softmax(factor):
-    """No key is ever older than the window, so only softmax terms remain and g cancels
-    (exactly with eps=0; with eps > 0 up to a relative eps / g)."""
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_window_covering_the_sequence_is_causal_softmax(variant, heads):
     torch.manual_seed(10)
-    q, k, v, fq, fk = window_inputs(6, 2)
-    factor = torch.full((6,), factor)
-    expected = causal_softmax(q, k, v)
-    close(hybrid_attention_parallel(q, k, v, fq, fk, factor, T, eps=0.0), expected)
-    close(hybrid_attention_chunked(q, k, v, fq, fk, factor, T, eps=0.0), expected)
-    close(hybrid_attention_recurrent(q, k, v, fq, fk, factor, T, None, None, eps=0.0)[0], expected)
+    args = window_args(variant, *heads)
+    expected = causal_softmax(args["q"], args["k"], args["v"])
+    for window in (T, T + 5):
+        close(window_attention_chunked(**args, window=window)[0], expected)
+        close(window_attention_parallel(**args, window=window)[0], expected)
 
 
-@pytest.mark.parametrize("factor", [0.0, 1e-7])
-def test_hybrid_without_window_weight_is_linear_attention_on_older_keys(factor):
-    """As g -> 0 only the linear terms remain: query t attends linearly to the keys s <= t - window,
-    i.e. plain linear attention with the queries shifted by `window`. With g = 0 exactly, the first
-    `window` queries have no terms at all and give 0."""
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sinks_covering_the_sequence_are_causal_softmax(variant):
     torch.manual_seed(11)
-    window = 8
-    q, k, v, fq, fk = window_inputs(6, 2)
-    o = hybrid_attention_chunked(q, k, v, fq, fk, torch.full((6,), factor), window)
-    older = slice(0, T - window)
-    close(o[:, :, window:], linear_attention_parallel(fq[:, :, window:], fk[:, :, older], v[:, :, older]))
-    if factor == 0.0:
-        assert (o[:, :, :window] == 0).all()
+    args = window_args(variant, 6, 2)
+    expected = causal_softmax(args["q"], args["k"], args["v"])
+    close(window_attention_chunked(**args, window=4, sink_tokens=T)[0], expected)
 
 
-def test_hybrid_is_convex_combination_of_values():
-    """Softmax and linear weights are all non-negative: with eps=0 each output channel lies between
-    the min and the max of that channel over the values s <= t."""
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_window_gqa_equals_expanded_heads(variant):
     torch.manual_seed(12)
-    q, k, v, fq, fk = window_inputs(6, 2)
-    seen = expand(v, 3)
+    args = window_args(variant, 6, 2)
+    expanded = {name: (expand(value, 3) if name != "q" and name != "fq" else value) for name, value in args.items()}
+    expected, _ = window_attention_parallel(**expanded, window=5, sink_tokens=2)
+    close(window_attention_chunked(**args, window=5, sink_tokens=2)[0], expected)
+
+
+def test_hybrid_is_a_convex_combination_of_the_values():
+    torch.manual_seed(13)
+    args = window_args("gated", 6, 2)
+    seen = expand(args["v"], 3)
     low, high = seen.cummin(dim=2).values - 1e-5, seen.cummax(dim=2).values + 1e-5
-    o = hybrid_attention_chunked(q, k, v, fq, fk, torch.rand(6), 5, eps=0.0)
+    o, _ = window_attention_chunked(**args, window=5, sink_tokens=2, eps=0.0)
     assert ((o >= low) & (o <= high)).all()
+
+
+@pytest.mark.parametrize("variant", ["window", "gated"])
+def test_window_chunked_gradients_match_parallel(variant):
+    torch.manual_seed(14)
+    args = {name: value.requires_grad_() for name, value in window_args(variant, 6, 2).items()}
+    mask = left_padding([0, 7])
+    grads = []
+    for op in (window_attention_parallel, window_attention_chunked):
+        o, _ = op(**args, window=5, sink_tokens=3, key_mask=mask)
+        grads.append(torch.autograd.grad(masked(o, mask).square().sum(), list(args.values())))
+    for a, b in zip(*grads):
+        close(a, b, tol=1e-4)
+
+
+def test_hybrid_long_sequence_with_strong_gates_is_stable():
+    """exp(-5) decays per token over 4096 tokens: the chunked form must never exponentiate a positive sum."""
+    torch.manual_seed(15)
+    args = window_args("gated", 2, 1, t=4096, batch=1)
+    args["log_gate"] = -5.0 * torch.rand(1, 1, 4096)
+    o_chunk, s_chunk = window_attention_chunked(**args, window=64, sink_tokens=4, output_final_state=True)
+    o_par, s_par = window_attention_parallel(**args, window=64, sink_tokens=4, output_final_state=True)
+    assert torch.isfinite(o_chunk).all() and torch.isfinite(s_chunk.recurrent).all()
+    assert relative_error(o_chunk, o_par) < 1e-5
+
+
+def test_decode_state_has_the_same_size_at_any_length():
+    torch.manual_seed(16)
+    sizes = []
+    for t in (16, 64):
+        args = window_args("gated", 6, 2, t=t)
+        _, state = window_attention_chunked(**args, window=5, sink_tokens=3, output_final_state=True)
+        sizes.append(state.nbytes())
+    assert sizes[0] == sizes[1]
+
+
+def test_window_op_refuses_bad_arguments():
+    args = window_args("hybrid", 6, 2)
+    with pytest.raises(ValueError, match="window"):
+        window_attention_chunked(**args, window=0)
+    with pytest.raises(ValueError, match="fq and fk"):
+        window_attention_chunked(args["q"], args["k"], args["v"], 4, fq=args["fq"])

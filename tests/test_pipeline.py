@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import make_byte_tokenizer, make_tiny_model
 
 from linearize import LinearizeError, load
-from linearize.config import build_config
+from linearize.methods import build_config
+from linearize.models import ADAPTER_FILE
 from linearize.pipeline import run
-from linearize.teacher import make_tiny_model
 from linearize.train.loop import run_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
-    from conftest import make_byte_tokenizer
-
     path = tmp_path_factory.mktemp("teacher")
     make_tiny_model("llama", initializer_range=0.2).save_pretrained(path)
     make_byte_tokenizer().save_pretrained(path)
@@ -38,7 +37,8 @@ def tiny_settings(teacher_dir: Path, output_dir: Path, **extra) -> dict:
         "model": str(teacher_dir),
         "output_dir": str(output_dir),
         "checkpoint_every": 2,
-        "attention": {"window_size": 8, "chunk_size": 8},
+        "attention": {"window_size": 8, "sink_tokens": 2},
+        "baselines": {},
         "data": {"source": "default", "seq_len": 64, "eval_seq_len": 64, "eval_blocks": 2},
         "transfer": {"tokens": 64 * 4, "epochs": 2, "warmup_steps": 1, "lr": 0.05},
         "finetune": {"tokens": 64 * 3, "lr": 1e-3, "warmup_steps": 1},
@@ -57,7 +57,8 @@ def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def finished_run(teacher_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    settings = tiny_settings(teacher_dir, out, baselines=["window"])
+    settings = tiny_settings(teacher_dir, out)
+    settings["baselines"] = {"window+sinks": {"method": "window", "attention": {"window_size": 8, "sink_tokens": 2}}}
     report = run(build_config(settings), log=lambda msg: None)
     return out, report
 
@@ -69,7 +70,7 @@ def test_report_holds_every_row_and_stage(finished_run):
         for domain in ("code", "prose"):
             entry = report["eval"][row][domain]
             assert entry["tokens"] == 2 * 63 and 0 <= entry["agreement"] <= 1 and entry["perplexity"] > 1
-    assert report["baselines"]["window"]["eval"]["finetune"]["code"]["perplexity"] > 1
+    assert report["baselines"]["window+sinks"]["eval"]["finetune"]["code"]["perplexity"] > 1
     transfer, finetune = report["stages"]["transfer"], report["stages"]["finetune"]
     assert transfer["distinct_tokens"] == 256 and transfer["tokens"] == 512 and transfer["steps"] == 8
     # LoRA r=8 on q, o (64 -> 64) and k, v (64 -> 32) in 2 layers
@@ -77,7 +78,7 @@ def test_report_holds_every_row_and_stage(finished_run):
     saved = json.loads((out / "report.json").read_text())
     assert saved["eval"] == json.loads(json.dumps(report["eval"]))
     text = (out / "report.md").read_text()
-    for row in ("teacher", "untrained swap", "after stage 1", "after stage 2", "window baseline"):
+    for row in ("teacher", "untrained swap", "after stage 1", "after stage 2", "window+sinks (baseline)"):
         assert row in text
 
 
@@ -104,13 +105,28 @@ def test_saved_student_reloads_to_identical_logits_in_a_fresh_process(finished_r
     assert torch.equal(here, load_file(str(target))["logits"])
 
 
-def test_teacher_weights_are_untouched_by_a_run(finished_run, teacher_dir):
-    from safetensors.torch import load_file
+def test_both_stages_train_only_new_parameters_and_leave_the_teachers_in_memory_bit_identical(tmp_path):
+    """The student shares the teacher's tensors by reference: after stage 1 and stage 2 every one of them
+    is bit-identical to a copy taken before, while the mixers and the LoRA adapter did change."""
+    from linearize import linearize
+    from linearize.config import FinetuneConfig, TransferConfig
+    from linearize.train import attention_transfer, finetune
 
-    before = load_file(str(teacher_dir / "model.safetensors"))
-    fresh = make_tiny_model("llama", initializer_range=0.2).state_dict()
-    for name, tensor in before.items():
-        assert torch.equal(tensor, fresh[name])
+    teacher = make_tiny_model("llama", initializer_range=0.2)
+    tensors = dict(teacher.named_parameters())  # the very tensors the student shares
+    before = {name: tensor.detach().clone() for name, tensor in tensors.items()}
+    model = linearize(teacher, "hybrid", {"window_size": 8, "sink_tokens": 2})
+    mixers_before = {name: p.detach().clone() for name, p in model.mixer_state_dict().items()}
+    blocks = torch.randint(0, 250, (4, 64), generator=torch.Generator().manual_seed(0))
+    attention_transfer(model, blocks, TransferConfig(tokens=256, epochs=1, lr=0.05), tmp_path / "s1", 10)
+    model.requires_grad_(False)
+    peft_model, _ = finetune(model, blocks, FinetuneConfig(tokens=128, lr=1e-2), tmp_path / "s2", 10)
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, before[name]), name
+    changed = [not torch.equal(p, mixers_before[n]) for n, p in model.mixer_state_dict().items()]
+    assert all(changed)
+    lora = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert lora and all(p.abs().sum() > 0 for p in lora)  # lora_B starts at zero
 
 
 def test_export_writes_a_standalone_model_with_the_same_logits(finished_run, tmp_path):
@@ -145,7 +161,7 @@ def test_generate_cli_generates(finished_run):
 
 def test_a_killed_run_resumes_to_the_same_result(teacher_dir, tmp_path):
     settings = tiny_settings(teacher_dir, tmp_path / "once", transfer={"tokens": 64 * 8, "epochs": 3},
-                             checkpoint_every=1, baselines=[])
+                             checkpoint_every=1)
     run(build_config(settings), log=lambda msg: None)
 
     killed = tmp_path / "killed"
@@ -170,12 +186,12 @@ def test_a_killed_run_resumes_to_the_same_result(teacher_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     from safetensors.torch import load_file
 
-    for name in ("mixers.safetensors", "lora.safetensors"):
-        resumed = load_file(str(killed / "model" / name))
-        uninterrupted = load_file(str(tmp_path / "once" / "model" / name))
-        assert resumed.keys() == uninterrupted.keys()
-        for key in resumed:
-            torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
+    resumed = load_file(str(killed / "model" / ADAPTER_FILE))
+    uninterrupted = load_file(str(tmp_path / "once" / "model" / ADAPTER_FILE))
+    assert resumed.keys() == uninterrupted.keys() and any(".mixer." in key for key in resumed)
+    assert any("lora" in key for key in resumed)
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
 
 
 def test_rerun_with_another_config_in_the_same_dir_is_refused(finished_run, teacher_dir):
@@ -201,12 +217,12 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 
 def test_missing_or_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path):
     out, _ = finished_run
-    with pytest.raises(LinearizeError, match="not a linearize model"):
+    with pytest.raises(LinearizeError, match="not a linearized model directory"):
         load(tmp_path)
     broken = tmp_path / "broken"
     broken.mkdir()
     for item in (out / "model").iterdir():
         (broken / item.name).write_bytes(item.read_bytes())
-    (broken / "mixers.safetensors").write_bytes(b"not a safetensors file")
+    (broken / ADAPTER_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(LinearizeError, match="corrupt"):
         load(broken)

@@ -8,9 +8,9 @@ import math
 import pytest
 
 from linearize import load
-from linearize.config import build_config
 from linearize.data import build_blocks
 from linearize.evaluate import score
+from linearize.methods import build_config
 from linearize.pipeline import run
 
 
@@ -19,7 +19,7 @@ def smoke_run(tmp_path_factory, smollm2):  # smollm2: builds the teacher cache o
     out = tmp_path_factory.mktemp("smollm2-run")
     settings = {
         "output_dir": str(out),
-        "baselines": [],
+        "baselines": {},
         "data": {"seq_len": 128, "eval_seq_len": 128, "eval_blocks": 1},
         "transfer": {"tokens": 128 * 6, "epochs": 2, "warmup_steps": 1},
         "finetune": {"tokens": 128 * 6, "lr": 1e-3, "warmup_steps": 1, "distill_weight": 1.0},
@@ -36,8 +36,10 @@ def test_both_stages_lower_their_losses(smoke_run):
         untrained = report["eval"]["untrained"][domain]["perplexity"]
         after_transfer = report["eval"]["transfer"][domain]["perplexity"]
         after_finetune = report["eval"]["finetune"][domain]["perplexity"]
-        assert after_transfer < 0.5 * untrained
-        assert after_finetune < after_transfer
+        # the default hybrid starts close to window + sinks; a few 128-token blocks of stage 1 must not break
+        # it (its loss falls, above), and stage 2 must improve on the start
+        assert after_transfer < 1.05 * untrained
+        assert after_finetune < untrained
 
 
 def test_saved_student_reloads_to_the_trained_model(smoke_run, smollm2):

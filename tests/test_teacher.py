@@ -6,58 +6,11 @@ import json
 
 import pytest
 import torch
+from helpers import make_tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from linearize.errors import LinearizeError
-from linearize.teacher import (
-    CACHE_MARKER,
-    SUPPORTED_MODEL_TYPES,
-    TeacherInfo,
-    _cache_entry_is_valid,
-    load_teacher,
-    make_tiny_model,
-)
-
-
-@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
-def test_tiny_model_of_each_family_gives_logits(model_type):
-    model = make_tiny_model(model_type)
-    input_ids = torch.randint(0, 257, (2, 11), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = model(input_ids).logits
-    assert logits.shape == (2, 11, model.config.vocab_size)
-    assert torch.isfinite(logits).all()
-    assert model.config.model_type == model_type
-    assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
-    assert not model.training and not any(p.requires_grad for p in model.parameters())
-
-
-def test_tiny_model_families_keep_their_quirks():
-    qwen2_attention = make_tiny_model("qwen2").model.layers[0].self_attn
-    assert qwen2_attention.q_proj.bias is not None and qwen2_attention.k_proj.bias is not None
-    qwen3_attention = make_tiny_model("qwen3").model.layers[0].self_attn
-    assert hasattr(qwen3_attention, "q_norm") and hasattr(qwen3_attention, "k_norm")
-
-
-def test_tiny_model_is_deterministic_and_leaves_global_rng_alone():
-    torch.manual_seed(123)
-    expected_next = torch.rand(3)
-    torch.manual_seed(123)
-    first, second = make_tiny_model("llama", seed=5), make_tiny_model("llama", seed=5)
-    assert torch.equal(torch.rand(3), expected_next)
-    for a, b in zip(first.parameters(), second.parameters(), strict=True):
-        assert torch.equal(a, b)
-    other = make_tiny_model("llama", seed=6)
-    assert not torch.equal(other.model.embed_tokens.weight, first.model.embed_tokens.weight)
-
-
-def test_tiny_model_overrides_apply():
-    assert make_tiny_model("mistral", num_hidden_layers=3).config.num_hidden_layers == 3
-
-
-def test_tiny_model_of_unsupported_family_is_refused():
-    with pytest.raises(LinearizeError, match="supported are llama, mistral, qwen2, qwen3"):
-        make_tiny_model("gpt2")
+from linearize.teacher import CACHE_MARKER, TeacherInfo, _cache_entry_is_valid, load_teacher
 
 
 def test_local_directory_round_trip(tmp_path, byte_tokenizer):

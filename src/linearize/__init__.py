@@ -1,17 +1,23 @@
-"""linearize: turn a pretrained softmax-attention LLM into a linear-cost-inference model."""
+"""linearize: turn a pretrained softmax-attention LLM into a linear-cost-inference model.
 
-from linearize.api import export, linearize, load, save_student
-from linearize.config import RunConfig, load_config
+Importing the package registers our model types with transformers' Auto classes, so
+`AutoModelForCausalLM.from_pretrained(dir)` opens any directory this package writes.
+"""
+
+from linearize import models  # noqa: F401  (registers the Auto classes)
+from linearize.api import export, linearize, load, load_config, run
 from linearize.errors import LinearizeError
+from linearize.models import LinearizedConfig, LinearizedForCausalLM
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-
-def run(config: RunConfig, fresh: bool = False) -> dict:
-    """Run the whole recipe (convert, train, evaluate, save, report); see `linearize.pipeline.run`."""
-    from linearize.pipeline import run as run_pipeline
-
-    return run_pipeline(config, fresh=fresh)
-
-
-__all__ = ["LinearizeError", "RunConfig", "export", "linearize", "load", "load_config", "run", "save_student"]
+__all__ = [
+    "LinearizeError",
+    "LinearizedConfig",
+    "LinearizedForCausalLM",
+    "export",
+    "linearize",
+    "load",
+    "load_config",
+    "run",
+]

@@ -1,9 +1,8 @@
 """One checkpoint format: safetensors for tensors, JSON/YAML for everything else, written atomically.
 
-A saved student (`save_student`) holds only what training made: the mixers' parameters
-(`mixers.safetensors`), the LoRA adapter if any (`lora.safetensors` + `lora.json`) and the run config
-(`linearize.yaml`) naming the teacher. Loading rebuilds teacher + conversion and loads those strictly.
-Training state for resuming (`save_train_state`) adds the optimizer, scheduler and step.
+Models are saved as Hugging Face directories (`linearize.models.saving`); training state for resuming
+(`save_train_state`) holds the trained parameters, the optimizer, the scheduler and the step. Nothing
+is ever unpickled.
 """
 
 from __future__ import annotations
@@ -20,10 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from linearize.errors import LinearizeError
 
-CONFIG_FILE = "linearize.yaml"
-MIXERS_FILE = "mixers.safetensors"
-LORA_FILE = "lora.safetensors"
-LORA_CONFIG_FILE = "lora.json"
+CONFIG_FILE = "linearize.yaml"  # a run's resolved config, in its output directory
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -34,7 +34,7 @@ def resolve_config_path(value: str | None) -> Path | None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from linearize.config import load_config
+    from linearize.api import load_config
     from linearize.pipeline import run
 
     config = load_config(resolve_config_path(args.config), args.overrides)
@@ -45,13 +45,13 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_config(args: argparse.Namespace) -> None:
     import yaml
 
-    from linearize.config import load_config
+    from linearize.api import load_config
 
     print(yaml.safe_dump(load_config(resolve_config_path(args.config), args.overrides).to_dict(), sort_keys=False))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from linearize.api import load, resolve_dtype
+    from linearize.api import load
     from linearize.data import file_blocks
     from linearize.evaluate import score, summarize
     from linearize.teacher import load_teacher
@@ -61,10 +61,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     student = score(model, blocks, desc="student")
     result = {"student": summarize(student)}
     if args.teacher:
-        config = model.linearize_config
-        teacher_model, _ = load_teacher(config.model, dtype=resolve_dtype(config.dtype))
-        teacher_model.to(next(model.parameters()).device)
-        teacher = score(teacher_model, blocks, desc="teacher")
+        if not model.config.teacher:
+            raise LinearizeError(f"'{args.model_dir}' names no teacher (config.json 'teacher'): drop --teacher")
+        teacher_model, _ = load_teacher(model.config.teacher, dtype=next(model.parameters()).dtype)
+        teacher = score(teacher_model.to(next(model.parameters()).device), blocks, desc="teacher")
         result["teacher"] = summarize(teacher)
         result["student"] = summarize(student, teacher)
     print(json.dumps(result))
@@ -97,11 +97,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from linearize.api import export, load
+    from linearize.api import export
 
-    model, tokenizer = load(args.model_dir, device="cpu")
-    export(model, tokenizer, model.linearize_config, args.out_dir)
-    print(f"exported to {args.out_dir}", file=sys.stderr)
+    export(args.model_dir, args.out_dir)
+    print(f"exported full weights to {args.out_dir}", file=sys.stderr)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,9 +1,9 @@
-"""Run configuration: typed dataclasses, YAML files and `key.sub=value` command-line overrides.
+"""Run configuration schema: typed dataclasses, YAML files and `key.sub=value` command-line overrides.
 
 One config describes one run. Unknown keys are errors that name the key (with a suggestion), so a typo
-never silently falls back to a default. Each method (see `linearize.methods`) supplies its own defaults,
-which sit between the base defaults below and the user's file, and checks the user's keys for options
-that make no sense for it.
+never silently falls back to a default. The `attention:` section belongs to the chosen method: its
+schema is the method's own `Settings` dataclass, applied by `linearize.methods.build_config` (this
+module knows no method).
 """
 
 from __future__ import annotations
@@ -22,23 +22,8 @@ from linearize.errors import LinearizeError
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-@dataclass
-class AttentionConfig:
-    """How each converted attention layer computes its output."""
-
-    feature_map: str = "hedgehog"  # hedgehog | t2r | elu | softmax | identity (see feature_maps.py)
-    feature_dim: int | None = None  # hedgehog/t2r projection size; None = head_dim
-    window_size: int = 64  # softmax keys per query (including itself); 0 = no window
-    sink_tokens: int = 0  # the sequence's first keys, kept as softmax keys for every query (attention sinks)
-    window_factor_init: float = 0.1  # LoLCATS g = sigmoid(logit), initialised to this value
-    key_maps: str = "per_kv_head"  # per_kv_head (GQA kept) | per_query_head (reference LoLCATS)
-    softmax_layers: list[int] = field(default_factory=list)  # layers kept as full softmax attention
-    chunk_size: int = 64  # chunk length of the chunked (training/prefill) form
-    # Liger only
-    gate: str = "gla"  # gla | hgrn2 | none: gates from the pooled key projection
-    gate_normalizer: float = 16.0  # log a_t = logsigmoid(f_t) / gate_normalizer
-    mix: list[float] = field(default_factory=lambda: [0.5, 0.5])  # Liger Attention: [window, recurrence]
-    normalize: bool = True  # divide the recurrence by phi(q).z (the reference Liger code does not)
+# StreamingLLM's constant-memory model: a 64-token window plus the first 4 tokens, no linear state
+WINDOW_SINKS_BASELINE = {"method": "window", "attention": {"window_size": 64, "sink_tokens": 4}}
 
 
 @dataclass
@@ -87,14 +72,16 @@ class FinetuneConfig:
 @dataclass
 class RunConfig:
     model: str = "smollm2-135m-instruct"  # hub id | local dir | .gguf file | the embedded default
-    method: str = "lolcats"  # lolcats | liger
+    method: str = "hybrid"  # a name from linearize.methods.METHODS
     output_dir: str = "runs/default"
     seed: int = 0
     dtype: str = "float32"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     checkpoint_every: int = 25  # optimizer steps between resumable checkpoints
-    baselines: list[str] = field(default_factory=lambda: ["window"])  # methods trained at the same stage-2 budget
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    # constant-memory baselines, evaluated untrained and after the same stage-2 budget:
+    # name -> {method: NAME, attention: {...}}
+    baselines: dict[str, Any] = field(default_factory=lambda: {"window+sinks": dict(WINDOW_SINKS_BASELINE)})
+    attention: Any = field(default_factory=dict)  # the method's Settings (a mapping in YAML)
     data: DataConfig = field(default_factory=DataConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -106,7 +93,7 @@ class RunConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a nested dict; unknown keys raise a LinearizeError naming them."""
     if not isinstance(data, dict):
         raise LinearizeError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
@@ -121,7 +108,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             )
         default = known[key].default_factory() if known[key].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):
-            kwargs[key] = _from_dict(type(default), value or {}, f"{prefix}{key}.")
+            kwargs[key] = from_dict(type(default), value or {}, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, known[key].type, f"{prefix}{key}")
     return cls(**kwargs)
@@ -129,7 +116,8 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 def _coerce(value: Any, annotation: str, name: str) -> Any:
     """Check a scalar against its field's type; accept YAML's "1e-3" (a string in YAML 1.1) as a float."""
-    expected = {"float": float, "int": int, "bool": bool, "str": str}.get(annotation.replace(" | None", ""))
+    expected = {"float": float, "int": int, "bool": bool, "str": str, "dict[str, Any]": dict, "list[int]": list,
+                "list[str]": list, "list[float]": list}.get(annotation.replace(" | None", ""))
     if expected is None or (value is None and "None" in annotation):
         return value
     if expected is float and isinstance(value, (int, str)) and not isinstance(value, bool):
@@ -184,19 +172,3 @@ def load_user_config(path: str | Path | None, overrides: list[str] | None = None
         if not isinstance(user, dict):
             raise LinearizeError(f"config file '{path}' must hold a mapping of keys to values")
     return deep_merge(user, parse_overrides(overrides or []))
-
-
-def build_config(user: dict[str, Any]) -> RunConfig:
-    """Base defaults <- method defaults <- user settings, validated by the method."""
-    from linearize.methods import get_method
-
-    method = get_method(user.get("method", RunConfig.method))
-    method.check_user_config(user)
-    merged = deep_merge(method.defaults, user)
-    config = _from_dict(RunConfig, merged)
-    method.check_config(config)
-    return config
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    return build_config(load_user_config(path, overrides))

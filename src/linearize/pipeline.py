@@ -17,14 +17,17 @@ from typing import Any
 import torch
 import yaml
 
-from linearize.api import resolve_device, resolve_dtype, save_student
+from linearize.api import resolve_device, resolve_dtype, settings_dict
 from linearize.checkpoint import CONFIG_FILE, atomic_save_tensors, atomic_write_text, load_tensors
-from linearize.config import RunConfig, deep_merge
-from linearize.convert import convert, decoder_layers, mixer_parameters
+from linearize.config import RunConfig
 from linearize.data import build_blocks
 from linearize.errors import LinearizeError
 from linearize.evaluate import Scores, score, summarize
-from linearize.report import write_report
+from linearize.methods import get_method, method_settings
+from linearize.models import LinearizedForCausalLM
+from linearize.models.modeling import decoder_layers
+from linearize.models.saving import save_adapter
+from linearize.report import model_card, write_report
 from linearize.teacher import load_teacher
 from linearize.train import attention_transfer, finetune
 
@@ -53,7 +56,7 @@ def prepare_output_dir(config: RunConfig, fresh: bool) -> Path:
     saved = out / CONFIG_FILE
     if fresh and out.exists():
         shutil.rmtree(out)
-    if saved.is_file() and yaml.safe_load(saved.read_text()) != config.to_dict():
+    if saved.is_file() and yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(config.to_dict())):
         raise LinearizeError(
             f"'{out}' holds a run with a different config: pass --fresh to start over there, "
             "or choose another output_dir"
@@ -98,7 +101,7 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
     def evaluate(key: str, student: torch.nn.Module) -> dict:
         return progress.once(f"eval.{key}", lambda: evaluate_domains(student, data.eval, teacher, key))
 
-    convert(model, config.method, config.attention)
+    model = LinearizedForCausalLM.from_teacher(model, config.method, config.attention)
     layers = len(decoder_layers(model))
     report: dict[str, Any] = {
         "method": config.method,
@@ -116,7 +119,7 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
     }
     report["eval"]["untrained"] = evaluate("untrained", model)
 
-    mixer_params = {n: p for n, p in mixer_parameters(model).items() if p.requires_grad}
+    mixer_params = {n: p for n, p in model.mixer_state_dict().items() if p.requires_grad}
     if config.transfer.enabled and mixer_params:
         stage_dir = out / "stage1"
         trainable = sum(p.numel() for p in mixer_params.values())
@@ -139,15 +142,16 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
         )
         model.eval()
         report["eval"]["finetune"] = evaluate("finetune", model)
-    save_student(model, config, out / "model")
+    save_adapter(model, out / "model", tokenizer=tokenizer)
+    for name, baseline in config.baselines.items():
+        def train_baseline(name=name, baseline=baseline):
+            return run_baseline(config, name, baseline, out, device, dtype, data, teacher)
 
-    for baseline in config.baselines:
-        report.setdefault("baselines", {})[baseline] = progress.once(
-            f"baseline.{baseline}", lambda name=baseline: run_baseline(config, name, out, device, dtype, data, teacher)
-        )
+        report.setdefault("baselines", {})[name] = progress.once(f"baseline.{name}", train_baseline)
     elapsed = (progress.get("seconds") or 0) + time.perf_counter() - started
     report["seconds_total"] = progress.put("seconds", elapsed)
     write_report(report, out)
+    atomic_write_text(out / "model" / "README.md", model_card(report))
     log(f"report: {out / 'report.md'}")
     return report
 
@@ -191,26 +195,26 @@ def stage_summary(result, trainable: int, distinct: int) -> dict[str, Any]:
     }
 
 
-def run_baseline(config: RunConfig, method: str, out: Path, device, dtype, data, teacher) -> dict[str, Any]:
-    """The same budget of stage 2 on a baseline method (e.g. the sliding window alone)."""
-    from linearize.api import config_from_saved
-
-    settings = deep_merge(config.to_dict(), {"method": method, "baselines": [], "transfer": {"enabled": False}})
-    baseline_config = config_from_saved(settings)
-    model, _ = load_teacher(config.model, dtype=dtype)
-    model.to(device)
-    convert(model, method, baseline_config.attention)
-    summary: dict[str, Any] = {"eval": {}}
-    summary["eval"]["untrained"] = evaluate_domains(model, data.eval, teacher, f"{method} untrained")
-    if baseline_config.finetune.enabled:
-        work = out / "baselines" / method
-        model, result = finetune(
-            model, data.train, baseline_config.finetune, work, config.checkpoint_every, config.seed
-        )
+def run_baseline(
+    config: RunConfig, name: str, baseline: dict, out: Path, device, dtype, data, teacher
+) -> dict[str, Any]:
+    """A constant-memory baseline, untrained and after the same budget of stage 2 as the student."""
+    settings = method_settings(baseline["method"], baseline.get("attention") or {})
+    teacher_model, _ = load_teacher(config.model, dtype=dtype)
+    model = LinearizedForCausalLM.from_teacher(teacher_model.to(device), baseline["method"], settings)
+    summary: dict[str, Any] = {"method": baseline["method"], "attention": settings_dict(settings), "eval": {}}
+    summary["eval"]["untrained"] = evaluate_domains(model, data.eval, teacher, f"{name} untrained")
+    if config.finetune.enabled and "finetune" in get_method(baseline["method"]).stages:
+        work = out / "baselines" / slug(name)
+        model, result = finetune(model, data.train, config.finetune, work, config.checkpoint_every, config.seed)
         summary["finetune"] = stage_summary(result, count_parameters(model)["trainable"], config.finetune.tokens)
         model.eval()
-        summary["eval"]["finetune"] = evaluate_domains(model, data.eval, teacher, method)
+        summary["eval"]["finetune"] = evaluate_domains(model, data.eval, teacher, name)
     return summary
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
 def machine_description(device: torch.device) -> str:

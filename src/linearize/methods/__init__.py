@@ -1,15 +1,23 @@
-"""Linearization methods. A method says which mixer replaces softmax attention, which stages train, and its
-defaults; adding one is a module here and one line in `METHODS`."""
+"""Linearization methods, one module each, and the registry that names them.
+
+Adding a method is its module here and one line in `METHODS`. `build_config` applies the chosen
+method's defaults and schema to a user's config and validates every setting before anything loads.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+from linearize.config import RunConfig, deep_merge, from_dict
 from linearize.errors import LinearizeError
-from linearize.methods.base import Method
+from linearize.methods.base import Method, Shapes
+from linearize.methods.hybrid import Hybrid
 from linearize.methods.liger import Liger
 from linearize.methods.lolcats import Lolcats
 from linearize.methods.window import Window
 
-METHODS: dict[str, Method] = {method.name: method for method in (Lolcats(), Liger(), Window())}
+METHODS: dict[str, Method] = {m.name: m for m in (Hybrid(), Lolcats(), Liger(), Window())}
 
 
 def get_method(name: str) -> Method:
@@ -18,4 +26,59 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "Method", "get_method"]
+def method_settings(method: str, attention: dict[str, Any] | Any, prefix: str = "attention.") -> Any:
+    """The method's Settings from a mapping (unknown keys are errors naming them), validated."""
+    impl = get_method(method)
+    if dataclasses.is_dataclass(attention):
+        attention = dataclasses.asdict(attention)
+    settings = from_dict(impl.Settings, attention or {}, prefix)
+    settings.validate()
+    return settings
+
+
+def build_config(user: dict[str, Any]) -> RunConfig:
+    """Base defaults <- the method's stage defaults <- user settings; every section checked."""
+    method_name = user.get("method", RunConfig.method)
+    impl = get_method(method_name)
+    merged = deep_merge(impl.stage_defaults, user)
+    config = from_dict(RunConfig, merged)
+    config.attention = method_settings(method_name, config.attention)
+    for stage in ("transfer", "finetune"):
+        if stage not in impl.stages:
+            if (user.get(stage) or {}).get("enabled"):
+                raise LinearizeError(
+                    f"{stage}.enabled does not apply to method '{method_name}': it runs {', '.join(impl.stages)}"
+                )
+            getattr(config, stage).enabled = False
+    for name, baseline in config.baselines.items():
+        if not isinstance(baseline, dict) or "method" not in baseline:
+            raise LinearizeError(f"baselines.{name} must be a mapping with a 'method' (and optional 'attention')")
+        unknown = set(baseline) - {"method", "attention"}
+        if unknown:
+            raise LinearizeError(f"baselines.{name} has unknown keys {sorted(unknown)}: use 'method' and 'attention'")
+        method_settings(baseline["method"], baseline.get("attention") or {}, f"baselines.{name}.attention.")
+    _check_run(config)
+    return config
+
+
+def _check_run(config: RunConfig) -> None:
+    if config.dtype not in ("float32", "bfloat16", "float16"):
+        raise LinearizeError(f"dtype must be float32, bfloat16 or float16, got '{config.dtype}'")
+    if config.checkpoint_every < 1:
+        raise LinearizeError("checkpoint_every must be >= 1")
+    for stage in (config.transfer, config.finetune):
+        if stage.enabled and (stage.tokens < 1 or stage.lr <= 0 or stage.batch_size < 1):
+            raise LinearizeError("transfer/finetune tokens, lr and batch_size must be positive")
+        if not 0 < stage.min_lr_ratio <= 1:
+            raise LinearizeError("transfer/finetune min_lr_ratio must lie in (0, 1]")
+    if config.data.seq_len < 1 or config.data.eval_seq_len < 1 or config.data.eval_blocks < 0:
+        raise LinearizeError("data.seq_len and data.eval_seq_len must be >= 1, data.eval_blocks >= 0")
+
+
+def load_config(path=None, overrides: list[str] | None = None) -> RunConfig:
+    from linearize.config import load_user_config
+
+    return build_config(load_user_config(path, overrides))
+
+
+__all__ = ["METHODS", "Method", "Shapes", "build_config", "get_method", "load_config", "method_settings"]

@@ -1,38 +1,84 @@
-"""What every method provides."""
+"""What a method provides: its own config section, its mixer, its stages.
+
+A method is one module in this package plus one line in `linearize.methods.METHODS`. It owns
+- `Settings`: a dataclass, the schema of the run config's `attention:` section when this method is chosen
+  (a key it does not declare is an error naming the key); `Settings.validate()` checks values, before
+  any model is loaded;
+- `build_mixer(settings, shapes)`: the token mixer that replaces one softmax attention layer, reusing
+  the teacher's projections (the default `convert` swaps every layer not in `settings.softmax_layers`);
+- `stages`: the training stages it runs, in order ("transfer" = attention transfer of the mixers' own
+  parameters, "finetune" = LoRA); a stage the method does not run may not be enabled in the config.
+What a method saves is what its conversion added (the mixers' parameters) plus the LoRA adapter.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
-from linearize.attention import Mixer
-from linearize.config import AttentionConfig, RunConfig, deep_merge
 from linearize.errors import LinearizeError
+from linearize.layers.attention import Mixer
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The attention shapes of one teacher layer."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class SwapSettings:
+    """Settings every attention-swapping method shares."""
+
+    softmax_layers: list[int] = field(default_factory=list)  # layer indices kept as full softmax attention
+
+    def validate(self) -> None:
+        if any(not isinstance(i, int) or i < 0 for i in self.softmax_layers):
+            raise LinearizeError("attention.softmax_layers must list layer indices (integers >= 0)")
+
+
+@dataclass
+class WindowSettings(SwapSettings):
+    """A softmax window with attention sinks: the part every hybrid shares."""
+
+    window_size: int = 64  # softmax keys per query (itself included)
+    sink_tokens: int = 0  # the first N real tokens of a row stay softmax keys for every query
+
+    def validate(self) -> None:
+        super().validate()
+        if self.window_size < 1:
+            raise LinearizeError(f"attention.window_size must be >= 1, got {self.window_size}")
+        if self.sink_tokens < 0:
+            raise LinearizeError(f"attention.sink_tokens must be >= 0, got {self.sink_tokens}")
+
+
+def check_choice(key: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise LinearizeError(f"attention.{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def check_fraction(key: str, value: float, low_open: bool = True, high_closed: bool = True) -> None:
+    """value in (0, 1] (or (0, 1) with high_closed False)."""
+    ok = (value > 0 if low_open else value >= 0) and (value <= 1 if high_closed else value < 1)
+    if not ok:
+        interval = f"{'(' if low_open else '['}0, 1{']' if high_closed else ')'}"
+        raise LinearizeError(f"attention.{key} must lie in {interval}, got {value}")
 
 
 class Method:
     name: str = ""
-    # settings that differ from the base defaults in config.py, as a nested dict
-    defaults: dict[str, Any] = {}
-    # attention keys the user may not set for this method, with the reason
-    foreign_attention_keys: dict[str, str] = {}
+    summary: str = ""
+    Settings: type = SwapSettings
+    stages: tuple[str, ...] = ("finetune",)
+    # settings of the finetune / transfer sections that differ from the generic defaults, for this method
+    stage_defaults: dict[str, dict[str, Any]] = {}
 
-    def build_mixer(self, config: AttentionConfig, num_heads: int, num_kv_heads: int, head_dim: int) -> Mixer:
+    def build_mixer(self, settings: Any, shapes: Shapes) -> Mixer:
         raise NotImplementedError
 
-    def check_user_config(self, user: dict[str, Any]) -> None:
-        """Reject options the user set, to a value other than this method's own, that only make sense for
-        another method. (A full config as `linearize config` prints it carries every key at its default.)"""
-        own = deep_merge(RunConfig().to_dict(), self.defaults)["attention"]
-        for key, why in self.foreign_attention_keys.items():
-            attention = user.get("attention") or {}
-            if key in attention and attention[key] != own[key]:
-                raise LinearizeError(f"attention.{key} does not apply to method '{self.name}': {why}")
-
-    def check_config(self, config: RunConfig) -> None:
-        attention = config.attention
-        if attention.window_size < 0:
-            raise LinearizeError("attention.window_size must be >= 0 (0 means no softmax window)")
-        if attention.sink_tokens < 0 or (attention.sink_tokens and attention.window_size == 0):
-            raise LinearizeError("attention.sink_tokens must be >= 0 and needs a softmax window (window_size > 0)")
-        if attention.key_maps not in ("per_kv_head", "per_query_head"):
-            raise LinearizeError("attention.key_maps must be 'per_kv_head' or 'per_query_head'")
+    def softmax_keys(self, settings: Any) -> int:
+        """Softmax keys a query sees at most (window + sinks): what recovery compares at equal cost."""
+        return getattr(settings, "window_size", 0) + getattr(settings, "sink_tokens", 0)

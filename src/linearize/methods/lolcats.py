@@ -4,109 +4,85 @@ then LoRA."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from linearize.attention import Mixer, remember_sinks, sink_arguments
-from linearize.config import AttentionConfig, RunConfig
 from linearize.errors import LinearizeError
-from linearize.feature_maps import build_feature_map
-from linearize.methods.base import Method
-from linearize.ops import (
-    hybrid_attention_chunked,
-    hybrid_attention_recurrent,
-    linear_attention_chunked,
-    linear_attention_recurrent,
-)
+from linearize.layers.attention import Mixer
+from linearize.layers.feature_maps import FEATURE_MAPS, build_feature_map
+from linearize.methods.base import Method, WindowSettings, check_choice, check_fraction
+
+
+@dataclass
+class Settings(WindowSettings):
+    feature_map: str = "hedgehog"  # hedgehog | t2r | elu | softmax (see layers/feature_maps.py)
+    feature_dim: int | None = None  # hedgehog/t2r projection size per sign; None = head_dim
+    window_factor_init: float = 0.1  # g = sigmoid(logit) weighs the window terms against the linear ones
+    key_maps: str = "per_kv_head"  # per_kv_head keeps GQA's memory saving; per_query_head = the reference
+    chunk_size: int = 64  # chunk length of the chunked form when window_size is 0
+
+    def validate(self) -> None:
+        if self.window_size == 0:  # no window: Hedgehog's plain linear attention
+            if self.sink_tokens:
+                raise LinearizeError("attention.sink_tokens needs a softmax window (attention.window_size > 0)")
+            self.window_size = 1
+            super().validate()
+            self.window_size = 0
+        else:
+            super().validate()
+        check_choice("feature_map", self.feature_map, [m for m in FEATURE_MAPS if m != "identity"])
+        check_fraction("window_factor_init", self.window_factor_init, high_closed=False)
+        check_choice("key_maps", self.key_maps, ("per_kv_head", "per_query_head"))
+        if self.feature_dim is not None and self.feature_dim < 1:
+            raise LinearizeError("attention.feature_dim must be >= 1 (or null for head_dim)")
+        if self.chunk_size < 1:
+            raise LinearizeError("attention.chunk_size must be >= 1")
 
 
 class LolcatsMixer(Mixer):
-    """y_t = (g * sum_window exp(q.k/sqrt(d) - c) v + sum_older phi(q).phi(k) v) / (same without v).
+    """y_t = (g sum_window exp(q.k/sqrt(d) - c) v + sum_older phi(q).phi(k) v) / (the same without v).
 
-    window_size 0 gives plain linear attention (Hedgehog without a window).
-    Key feature maps live per key/value head (GQA kept) unless `key_maps: per_query_head`, the reference's
-    choice, where keys are expanded to every query head first.
+    window_size 0 gives plain linear attention (Hedgehog without a window). Key feature maps live per
+    key/value head (GQA kept) unless `key_maps: per_query_head`, the reference's choice, where keys are
+    expanded to every query head first. Dividing phi(q) by g is the same as weighting the window by g.
     """
 
-    def __init__(self, config: AttentionConfig, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, settings: Settings, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
-        self.window_size = config.window_size
-        self.sink_tokens = config.sink_tokens
-        self.chunk_size = config.chunk_size
+        self.window_size = settings.window_size
+        self.sink_tokens = settings.sink_tokens
+        self.chunk_size = settings.chunk_size
         self.scale = head_dim**-0.5
         self.groups = num_heads // num_kv_heads
-        self.expand_keys = config.key_maps == "per_query_head"
+        self.expand_keys = settings.key_maps == "per_query_head"
         key_heads = num_heads if self.expand_keys else num_kv_heads
-        self.feature_map_q = build_feature_map(config.feature_map, num_heads, head_dim, config.feature_dim)
-        self.feature_map_k = build_feature_map(config.feature_map, key_heads, head_dim, config.feature_dim)
-        init = config.window_factor_init
+        self.feature_map_q = build_feature_map(settings.feature_map, num_heads, head_dim, settings.feature_dim)
+        self.feature_map_k = build_feature_map(settings.feature_map, key_heads, head_dim, settings.feature_dim)
+        init = settings.window_factor_init
         self.window_factor_logit = nn.Parameter(torch.full((num_heads,), math.log(init / (1 - init))))
 
-    def forward(self, q, k, v, q_nope, k_nope, cache):
+    def forward(self, x, state, output_state):
+        k, v = x.k, x.v
         if self.expand_keys:
-            k = k.repeat_interleave(self.groups, dim=1)
-            v = v.repeat_interleave(self.groups, dim=1)
-        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+            k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
+        fq, fk = self.feature_map_q(x.q), self.feature_map_k(k)
         if self.window_size == 0:
-            return self._linear(fq, fk, v, cache)
+            return self.linear_op(fq, fk, v, None, state, output_state, key_mask=x.key_mask, chunk_size=self.chunk_size)
         g = torch.sigmoid(self.window_factor_logit)
-        sinks = self.sink_tokens
-        if cache is None:
-            return hybrid_attention_chunked(q, k, v, fq, fk, g, self.window_size, scale=self.scale, sink_tokens=sinks)
-        head_dim = k.shape[-1]
-        if cache.get_seq_length() == 0:
-            out, state = hybrid_attention_chunked(
-                q, k, v, fq, fk, g, self.window_size, scale=self.scale, sink_tokens=sinks, output_final_state=True
-            )
-        else:
-            keys = cache.keys
-            window_cache = (keys[..., :head_dim], cache.values, keys[..., head_dim:])
-            state = cache.recurrent_states[0]
-            out, state, _ = hybrid_attention_recurrent(
-                q, k, v, fq, fk, g, self.window_size, state, window_cache, scale=self.scale,
-                **sink_arguments(cache, sinks),
-            )
-        remember_sinks(cache, k, v, sinks)
-        # the window keeps raw keys beside their features: a key leaving the window enters the state
-        cache.update(torch.cat([k, fk.to(k.dtype)], dim=-1), v)
-        cache.update_recurrent_state(state)
-        return out
-
-    def _linear(self, fq, fk, v, cache):
-        if cache is None:
-            return linear_attention_chunked(fq, fk, v, chunk_size=self.chunk_size)
-        if cache.get_seq_length() == 0:
-            out, state = linear_attention_chunked(fq, fk, v, chunk_size=self.chunk_size, output_final_state=True)
-        else:
-            out, state = linear_attention_recurrent(fq, fk, v, initial_state=cache.recurrent_states[0])
-        cache.cumulative_length += fq.shape[-2]
-        cache.update_recurrent_state(state)
-        return out
+        return self.window_op(
+            x.q, k, v, self.window_size, state, output_state, sink_tokens=self.sink_tokens,
+            fq=fq / g[:, None, None].to(fq.dtype), fk=fk, key_mask=x.key_mask, scale=self.scale,
+        )
 
 
 class Lolcats(Method):
     name = "lolcats"
-    defaults = {
-        "attention": {"feature_map": "hedgehog", "window_size": 64},
-        "transfer": {"enabled": True},
-        # lr 1e-3, not the reference's 1e-4: that suits 20M tokens; at tens of thousands it barely moves
-        "finetune": {"lora_alpha": 16.0},
-    }
-    foreign_attention_keys = {
-        "gate": "LoLCATS has no gates (that is Liger's gated recurrence)",
-        "gate_normalizer": "LoLCATS has no gates",
-        "mix": "LoLCATS normalises window and linear terms jointly; 'mix' is Liger Attention's weighting",
-        "normalize": "LoLCATS attention is always normalised",
-    }
+    summary = "Hedgehog feature maps + 64-token softmax window (LoLCATS): attention transfer, then LoRA"
+    Settings = Settings
+    stages = ("transfer", "finetune")
+    stage_defaults = {"finetune": {"lora_alpha": 16.0}}
 
-    def build_mixer(self, config, num_heads, num_kv_heads, head_dim):
-        return LolcatsMixer(config, num_heads, num_kv_heads, head_dim)
-
-    def check_config(self, config: RunConfig) -> None:
-        super().check_config(config)
-        if config.attention.feature_map == "identity":
-            raise LinearizeError(
-                "feature_map 'identity' can give negative attention weights; LoLCATS normalises by them, "
-                "so use hedgehog, t2r, elu or softmax"
-            )
+    def build_mixer(self, settings, shapes):
+        return LolcatsMixer(settings, shapes.num_heads, shapes.num_kv_heads, shapes.head_dim)

@@ -1,35 +1,39 @@
 """Pure tensor math for linear, sliding-window and hybrid attention; knows nothing about models.
 
 Every op is causal and GQA-aware: queries have H heads, keys / values / key features / gates Hk
-heads (H % Hk == 0, query head h reads kv head h // (H // Hk)); states are kept per KV head.
+heads (H % Hk == 0, query head h reads kv head h // (H // Hk)); states are kept per KV head. Every form
+returns `(output, state)`: the state is a `DecodeState` (or None when not asked for), and the recurrent
+forms continue from one. `key_mask` [B, T] takes padding out of every form.
 """
 
+from . import backend
 from .linear import (
-    empty_state,
+    append_ones,
     group_heads,
     linear_attention_chunked,
     linear_attention_parallel,
     linear_attention_recurrent,
 )
+from .state import DecodeState, empty_state, real_positions
 from .window import (
-    hybrid_attention_chunked,
-    hybrid_attention_parallel,
-    hybrid_attention_recurrent,
-    sliding_window_attention_chunked,
-    sliding_window_attention_parallel,
-    sliding_window_attention_recurrent,
+    empty_window_state,
+    window_attention_chunked,
+    window_attention_parallel,
+    window_attention_recurrent,
 )
 
 __all__ = [
+    "DecodeState",
+    "append_ones",
+    "backend",
     "empty_state",
+    "empty_window_state",
     "group_heads",
-    "hybrid_attention_chunked",
-    "hybrid_attention_parallel",
-    "hybrid_attention_recurrent",
     "linear_attention_chunked",
     "linear_attention_parallel",
     "linear_attention_recurrent",
-    "sliding_window_attention_chunked",
-    "sliding_window_attention_parallel",
-    "sliding_window_attention_recurrent",
+    "real_positions",
+    "window_attention_chunked",
+    "window_attention_parallel",
+    "window_attention_recurrent",
 ]

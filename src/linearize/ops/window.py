@@ -1,424 +1,373 @@
-"""Causal sliding-window softmax attention and the LoLCATS window + linear hybrid.
+"""Sliding-window softmax attention with attention sinks, optionally plus linear terms for older keys.
 
-One window definition everywhere: query t sees with softmax terms the keys s with
-t - window < s <= t (exactly `window` keys, itself included, once t >= window - 1).
+One definition everywhere (every form, training, prefill and decode). Query t of a row sees
 
-The hybrid (LoLCATS) mixes those softmax terms with linear terms for every older key:
+- as softmax terms: the keys s with t - window < s <= t (the window, by index), and the row's sinks:
+  its first `sink_tokens` real tokens (StreamingLLM), wherever they lie;
+- as linear terms (when key features are given): every older real key, s <= t - window, that is not a
+  sink, weighted by fq_t . fk_s and, with gates, by the decay exp(A_t - A_s) (A = cumsum of log-gates):
 
-    y_t = (g sum_{win} exp(q_t.k_s scale - c_t) v_s + sum_{s <= t - window} fq_t.fk_s v_s)
-          / (g sum_{win} exp(q_t.k_s scale - c_t) + sum_{s <= t - window} fq_t.fk_s + eps)
+    y_t = (sum_soft exp(q_t.k_s scale - c_t) [v_s, 1] + sum_older decay fq_t.fk_s [v_s, 1])   -> [num, den]
+    o_t = num / (den + eps)
 
-with c_t the max of the window scores only and g in (0, 1) one factor per query head.
+with c_t the max of the softmax scores only. Without features this is plain sliding-window attention
+with sinks; with them, the LoLCATS hybrid (whose window factor g is the same as dividing fq by g).
+Padding: `key_mask` [B, T] (True = real token) takes padded keys out of every term; gates are ignored
+at padding; a row's sinks are its first real tokens. Outputs at padded query positions are finite but
+meaningless.
 
-Attention sinks (StreamingLLM): with sink_tokens = S > 0 the first S keys of the sequence stay
-softmax keys for every later query. The softmax key set of query t becomes
-W_t | S_t with W_t = {s : t - window < s <= t} and S_t = {s : s < S, s <= t} (a key in both counts
-once): sliding-window attention is a softmax over W_t | S_t; in the hybrid the softmax terms (and
-c_t, their max) run over W_t | S_t and the linear terms over the keys s <= t - window with s >= S,
-so a sink never enters the linear state. S = 0 is the plain window, computed exactly as without it.
-
-Shapes: q: [B, H, T, D], k, v: [B, Hk, T, D], fq: [B, H, T, F], fk: [B, Hk, T, F], H % Hk == 0
-(query head h reads kv head h // (H // Hk)).
-
-Decode caches hold the most recent previous tokens: window_cache = (k_win, v_win[, fk_win]), each
-[B, Hk, W, D | F]. Only the last window - 1 are read (a longer cache, e.g. the last `window` tokens,
-is fine) and the returned caches hold exactly the last min(tokens so far, window - 1). The hybrid's
-linear state is [B, Hk, F, D + 1] float32 (last column = normaliser) and covers the keys
-s <= T - window, i.e. the keys that are linear for the next query, at position T (sinks excluded).
-
-Decoding with sinks: the recurrent forms take sinks = (k_sink, v_sink) [B, Hk, S', D], the first
-S' = min(sink_tokens, position) keys / values of the sequence, and position, the absolute position of
-their first new token (the number of tokens before the call). They return the same values as without
-sinks; the caller keeps the sinks itself: after a call at `position`, append the new tokens'
-k[:, :, :max(sink_tokens - position, 0)] and the same of v (nothing once position >= sink_tokens).
-
-Math runs in float32; outputs come back in v's dtype.
+Shapes: q [B, H, T, D], k, v [B, Hk, T, D], fq [B, H, T, F], fk [B, Hk, T, F], log_gate [B, Hk, T]
+(one decay per key/value head and token, <= 0), H % Hk == 0: query head h reads kv head h // (H // Hk).
+Every form returns (o [B, H, T, D] in v's dtype, DecodeState or None); math runs in float32.
 """
 
+from __future__ import annotations
+
 import torch
+import torch.nn.functional as F
 
-from .linear import _append_ones, _chunks, _readout, _unchunk, empty_state, group_heads
-
-
-def _window_mask(t: int, window: int, device: torch.device) -> torch.Tensor:
-    """[T, T] bool, True where t - window < s <= t."""
-    pos = torch.arange(t, device=device)
-    age = pos[:, None] - pos[None, :]
-    return (age >= 0) & (age < window)
+from .linear import append_ones, chunks, group_heads, readout, unchunk
+from .state import DecodeState, full_mask, real_positions
 
 
-def _softmax_mask(t: int, window: int, sink_tokens: int, device: torch.device) -> torch.Tensor:
-    """[T, T] bool, True for the softmax keys: t - window < s <= t, or s < sink_tokens and s <= t."""
-    mask = _window_mask(t, window, device)
+def _inputs(q, k, v, fq, fk, log_gate, key_mask):
+    """Float32 copies; padding zeroed out of features and gates."""
+    batch, _, t, _ = k.shape
+    mask = full_mask(batch, t, k.device) if key_mask is None else key_mask.bool()
+    if fk is not None:
+        fk = fk.float().masked_fill(~mask[:, None, :, None], 0.0)
+        fq = fq.float()
+    if log_gate is not None:
+        log_gate = log_gate.float().masked_fill(~mask[:, None, :], 0.0)
+    return q.float(), k.float(), v.float(), fq, fk, log_gate, mask
+
+
+def final_state(
+    k, v, fk, log_gate, mask, positions, window: int, sink_tokens: int, seen: torch.Tensor | None = None
+) -> DecodeState:
+    """The DecodeState after processing a whole sequence from scratch (float32 inputs as from `_inputs`):
+    the last window - 1 tokens stay in the window, sinks that left it go to the sink slots, and the
+    other real tokens that left it are summed into the linear state (when features are given)."""
+    batch, kv_heads, t, head_dim = k.shape
+    keep = window - 1
+    start, pad = max(t - keep, 0), max(keep - t, 0)
+
+    def last(x, fill=0.0):  # [B, Hk, T, X] -> [B, Hk, keep, X]
+        return F.pad(x[:, :, start:], (0, 0, pad, 0), value=fill)
+
+    state = DecodeState(
+        seen=mask.sum(-1) if seen is None else seen + mask.sum(-1),
+        window_keys=last(k),
+        window_values=last(v),
+        window_valid=F.pad(mask[:, start:], (pad, 0), value=False),
+        window_position=F.pad(positions[:, start:], (pad, 0), value=-1),
+    )
+    if fk is not None:
+        state.window_features = last(fk)
+    if log_gate is not None:
+        state.window_log_gates = F.pad(log_gate[:, :, start:], (pad, 0), value=0.0)
+    left = mask.clone()
+    left[:, start:] = False  # real tokens that left the window
+    is_sink = left & (positions < sink_tokens)
     if sink_tokens > 0:
-        pos = torch.arange(t, device=device)
-        mask = mask | ((pos[None, :] < sink_tokens) & (pos[None, :] <= pos[:, None]))
-    return mask
+        slot = torch.where(is_sink, positions, sink_tokens)  # slot `sink_tokens` collects the rest
+        index = slot[:, None, :, None].expand(batch, kv_heads, t, head_dim)
+        state.sink_keys = k.new_zeros(batch, kv_heads, sink_tokens + 1, head_dim).scatter(2, index, k)[:, :, :-1]
+        state.sink_values = v.new_zeros(batch, kv_heads, sink_tokens + 1, head_dim).scatter(2, index, v)[:, :, :-1]
+        valid = torch.zeros(batch, sink_tokens + 1, dtype=torch.long, device=k.device)
+        state.sink_valid = valid.scatter(1, slot, is_sink.long())[:, :-1].bool()
+    if fk is not None:
+        weight = (left & ~is_sink).float()[:, None, :].expand(batch, kv_heads, t)
+        if log_gate is not None:
+            total = log_gate.cumsum(-1)
+            weight = weight * (total[..., -1:] - total).exp()
+        state.recurrent = (fk * weight[..., None]).transpose(-1, -2) @ append_ones(v)
+    return state
 
 
-def _sink_count(sink_tokens: int, t: int) -> int:
-    """How many of the T keys are sinks: min(sink_tokens, T)."""
-    if sink_tokens < 0:
-        raise ValueError(f"sink_tokens ({sink_tokens}) must be >= 0")
-    return min(sink_tokens, t)
+def window_attention_parallel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    *,
+    sink_tokens: int = 0,
+    fq: torch.Tensor | None = None,
+    fk: torch.Tensor | None = None,
+    log_gate: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    eps: float = 1e-6,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, DecodeState | None]:
+    """Quadratic reference: every [T, T] weight materialised."""
+    _check(window, sink_tokens, fq, fk)
+    out_dtype = v.dtype
+    q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
+    kv_heads, t, head_dim = k.shape[1:]
+    scale = head_dim**-0.5 if scale is None else scale
+    positions = real_positions(mask)
+    index = torch.arange(t, device=k.device)
+    age = index[:, None] - index[None, :]  # [T, T]: query t, key s
+    is_sink = mask & (positions < sink_tokens)  # [B, T]
+    visible = (age >= 0)[None] & mask[:, None, :]  # [B, T, T]
+    soft = visible & ((age < window)[None] | is_sink[:, None, :])
+    soft = soft | torch.eye(t, dtype=torch.bool, device=k.device)  # a padded query sees itself: no NaN
+    scores = torch.einsum("bkgtd,bksd->bkgts", group_heads(q, kv_heads), k) * scale
+    scores = scores.masked_fill(~soft[:, None, None], float("-inf"))
+    weights = (scores - scores.amax(-1, keepdim=True)).exp()
+    if fk is not None:
+        older = visible & (age >= window)[None] & ~is_sink[:, None, :]
+        lin = torch.einsum("bkgtf,bksf->bkgts", group_heads(fq, kv_heads), fk)
+        if log_gate is not None:
+            total = log_gate.cumsum(-1)  # [B, Hk, T]
+            log_decay = (total[..., :, None] - total[..., None, :]).masked_fill(~older[:, None], float("-inf"))
+            lin = lin * log_decay.exp()[:, :, None]
+        weights = weights + lin.masked_fill(~older[:, None, None], 0.0)
+    o = readout(torch.einsum("bkgts,bksd->bkgtd", weights, append_ones(v)), eps)
+    o = o.flatten(1, 2).to(out_dtype)
+    state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens) if output_final_state else None
+    return o, state
 
 
-def _sink_block_mask(n_chunks: int, chunk: int, n_sink: int, device: torch.device) -> torch.Tensor:
-    """[N, C, S] bool for query chunk i (local t, absolute i C + t, chunk == window) against the sink
-    keys s < S: True where the sink is not already in the query's window, s <= i C + t - window
-    (which implies s <= the query's position)."""
-    query = torch.arange(n_chunks * chunk, device=device).reshape(n_chunks, chunk, 1)
-    return torch.arange(n_sink, device=device) <= query - chunk
-
-
-def _not_sinks(x: torch.Tensor, n_sink: int) -> torch.Tensor:
-    """[B, Hk, T, X] with the first n_sink tokens zeroed (as float32): sinks never enter linear terms."""
-    pos = torch.arange(x.shape[2], device=x.device)
-    return x.float().masked_fill((pos < n_sink)[:, None], 0.0)
-
-
-def _check_sinks(
-    sink_tokens: int,
-    sinks: tuple[torch.Tensor, ...] | None,
-    position: int,
-    cached: int,
-) -> None:
-    """The recurrent forms' sink arguments must describe the sequence before the call."""
-    if sink_tokens < 0 or position < 0:
-        raise ValueError(f"sink_tokens ({sink_tokens}) and position ({position}) must be >= 0")
-    if sink_tokens == 0:
-        if sinks is not None and sinks[0].shape[2] > 0:
-            raise ValueError("sinks given with sink_tokens=0")
-        return
-    n_sinks = 0 if sinks is None else sinks[0].shape[2]
-    if n_sinks != min(sink_tokens, position):
-        raise ValueError(
-            f"sinks hold {n_sinks} keys, expected the first min(sink_tokens={sink_tokens}, "
-            f"position={position}) keys of the sequence"
-        )
-    if cached > position:
-        raise ValueError(f"the window cache holds {cached} tokens but position is {position}")
-
-
-def _block_masks(n_chunks: int, chunk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks [N, C, 2C] for query chunk i (local position t) against key chunks i - 1 and i (local j).
-
-    With chunk == window, key j sits at (i - 1) C + j and query t at i C + t, so the key is in the
-    window iff t < j <= t + C and older than the window iff j <= t. In the first chunk the keys
-    j < C lie before the sequence start (zero padding): in neither.
-    """
+def _block_masks(n_chunks: int, chunk: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[C, 2C] masks for query chunk i (local t) against key chunks i - 1 and i (local j); chunk == window:
+    key (i - 1) C + j is in the window iff t < j <= t + C, older iff j <= t; j == t + C is the query itself."""
     t = torch.arange(chunk, device=device)[:, None]
     j = torch.arange(2 * chunk, device=device)[None, :]
-    exists = torch.ones(n_chunks, 1, 2 * chunk, dtype=torch.bool, device=device)
-    exists[0, :, :chunk] = False
-    in_window = (j > t) & (j <= t + chunk) & exists
-    older = (j <= t) & exists
-    return in_window, older
+    return (j > t) & (j <= t + chunk), j <= t, j == t + chunk
 
 
-def _with_previous_chunk(x: torch.Tensor) -> torch.Tensor:
-    """[B, Hk, N, C, X] -> [B, Hk, N, 2C, X]: each chunk preceded by the one before (zeros for the first)."""
-    previous = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1]], dim=2)
-    return torch.cat([previous, x], dim=3)
+def _with_previous_chunk(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Chunks along `dim` (the chunk axis; the next one is the position in the chunk) preceded by the
+    previous chunk: [..., N, C, ...] -> [..., N, 2C, ...] (zeros before the first)."""
+    previous = torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.narrow(dim, 0, x.shape[dim] - 1)], dim=dim)
+    return torch.cat([previous, x], dim=dim + 1)
 
 
-def _keep_last(x: torch.Tensor, n: int) -> torch.Tensor:
-    """The last n tokens of [B, Hk, W, X] (all of them if W < n; none if n == 0)."""
-    return x[:, :, max(x.shape[2] - n, 0) :]
-
-
-def _linear_state(fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """sum over tokens of fk^T [v, 1]: [B, Hk, T, F], [B, Hk, T, D] -> float32 [B, Hk, F, D + 1]."""
-    return fk.float().transpose(-1, -2) @ _append_ones(v.float())
-
-
-def _factor(window_factor: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
-    """Per-query-head window factors [H] -> float32 [Hk, G]."""
-    return window_factor.float().reshape(kv_heads, heads // kv_heads)
-
-
-def _softmax_keys(
-    k_sink: torch.Tensor, v_sink: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, current: int, window: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The softmax keys/values of the query at absolute position `current` (decode forms): the window,
-    plus the sinks that are outside it (positions <= current - window); the window holds the others."""
-    n_extra = min(k_sink.shape[2], max(current - window + 1, 0))
-    if n_extra == 0:
-        return k_win, v_win
-    return torch.cat([k_sink[:, :, :n_extra], k_win], dim=2), torch.cat([v_sink[:, :, :n_extra], v_win], dim=2)
-
-
-def sliding_window_attention_parallel(
+def window_attention_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     window: int,
-    scale: float | None = None,
+    *,
     sink_tokens: int = 0,
-) -> torch.Tensor:
-    """Quadratic reference: full [T, T] causal softmax, masked to the window (and the sinks).
-
-    q: [B, H, T, D], k, v: [B, Hk, T, D] -> o: [B, H, T, D]
-    """
-    kv_heads, t, head_dim = k.shape[1:]
-    scale = head_dim**-0.5 if scale is None else scale
-    scores = torch.einsum("bkgtd,bksd->bkgts", group_heads(q.float(), kv_heads), k.float()) * scale
-    mask = _softmax_mask(t, window, _sink_count(sink_tokens, t), k.device)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    o = torch.einsum("bkgts,bksd->bkgtd", scores.softmax(-1), v.float())
-    return o.flatten(1, 2).to(v.dtype)
-
-
-def sliding_window_attention_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int,
-    scale: float | None = None,
-    sink_tokens: int = 0,
-) -> torch.Tensor:
-    """Chunks of size `window`: a query chunk only reaches its own chunk and the previous one,
-    so each sees a [C, 2C] block; linear in T. Sinks add a [C, S] block against the first
-    S = min(sink_tokens, T) keys, masked to the sinks outside each query's window.
-
-    q: [B, H, T, D], k, v: [B, Hk, T, D] -> o: [B, H, T, D]
-    """
-    kv_heads, t, head_dim = k.shape[1:]
-    scale = head_dim**-0.5 if scale is None else scale
-    n_sink = _sink_count(sink_tokens, t)
-    k_sink, v_sink = k[:, :, :n_sink].float(), v[:, :, :n_sink].float()
-    q = _chunks(group_heads(q.float(), kv_heads), window)  # [B, Hk, G, N, C, D]
-    k = _with_previous_chunk(_chunks(k.float(), window))  # [B, Hk, N, 2C, D]
-    vv = _with_previous_chunk(_chunks(v.float(), window))
-    in_window, _ = _block_masks(q.shape[3], window, k.device)
-    # every query row keeps at least itself (j = t + C); padded keys lie after every real query
-    scores = torch.einsum("bkgntd,bknsd->bkgnts", q, k) * scale
-    scores = scores.masked_fill(~in_window, float("-inf"))
-    if n_sink == 0:
-        o = torch.einsum("bkgnts,bknsd->bkgntd", scores.softmax(-1), vv)  # [B, Hk, G, N, C, D]
-        return _unchunk(o, t).flatten(1, 2).to(v.dtype)
-    sink_scores = torch.einsum("bkgntd,bksd->bkgnts", q, k_sink) * scale  # [B, Hk, G, N, C, S]
-    sink_scores = sink_scores.masked_fill(~_sink_block_mask(q.shape[3], window, n_sink, k.device), float("-inf"))
-    # one softmax over both blocks: shared row max, shared denominator
-    c = torch.maximum(scores.amax(-1, keepdim=True), sink_scores.amax(-1, keepdim=True))
-    p, p_sink = (scores - c).exp(), (sink_scores - c).exp()
-    o = torch.einsum("bkgnts,bknsd->bkgntd", p, vv) + torch.einsum("bkgnts,bksd->bkgntd", p_sink, v_sink)
-    o = o / (p.sum(-1, keepdim=True) + p_sink.sum(-1, keepdim=True))
-    return _unchunk(o, t).flatten(1, 2).to(v.dtype)
-
-
-def sliding_window_attention_recurrent(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int,
-    window_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-    scale: float | None = None,
-    sink_tokens: int = 0,
-    sinks: tuple[torch.Tensor, torch.Tensor] | None = None,
-    position: int = 0,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Decode form: token by token against the cache of previous tokens.
-
-    q: [B, H, T, D], k, v: [B, Hk, T, D]
-    window_cache: (k_win, v_win) [B, Hk, W, D], the most recent previous tokens (the last window - 1
-    are used), or None
-    sink_tokens: the first sink_tokens keys of the sequence stay softmax keys for every later query
-    sinks: (k_sink, v_sink) [B, Hk, min(sink_tokens, position), D], the sequence's first keys / values
-    (None = none yet); new tokens at positions < sink_tokens become sinks for the later new tokens
-    position: absolute position of the first new token (= number of tokens before this call)
-    returns o: [B, H, T, D] and the new cache (the last window - 1 tokens, in k's and v's dtypes);
-    the sinks are not returned: the caller appends the new tokens at positions < sink_tokens itself
-    """
-    kv_heads, t, head_dim = k.shape[1:]
-    scale = head_dim**-0.5 if scale is None else scale
-    q = group_heads(q.float(), kv_heads)
-    k_win, v_win = (k[:, :, :0], v[:, :, :0]) if window_cache is None else window_cache
-    _check_sinks(sink_tokens, sinks, position, _keep_last(k_win, window - 1).shape[2])
-    k_sink, v_sink = (k[:, :, :0], v[:, :, :0]) if sinks is None else (x.to(k.dtype) for x in sinks)
-    outs = []
-    for i in range(t):
-        k_win = torch.cat([_keep_last(k_win, window - 1), k[:, :, i : i + 1]], dim=2)
-        v_win = torch.cat([_keep_last(v_win, window - 1), v[:, :, i : i + 1]], dim=2)
-        keys, values = _softmax_keys(k_sink, v_sink, k_win, v_win, position + i, window)
-        if position + i < sink_tokens:  # this token is a sink for the following ones
-            k_sink = torch.cat([k_sink, k[:, :, i : i + 1]], dim=2)
-            v_sink = torch.cat([v_sink, v[:, :, i : i + 1]], dim=2)
-        scores = torch.einsum("bkgd,bksd->bkgs", q[:, :, :, i], keys.float()) * scale
-        outs.append(scores.softmax(-1) @ values.float())  # [B, Hk, G, D]
-    o = torch.stack(outs, dim=3).flatten(1, 2).to(v.dtype)
-    return o, (_keep_last(k_win, window - 1), _keep_last(v_win, window - 1))
-
-
-def hybrid_attention_parallel(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    fq: torch.Tensor,
-    fk: torch.Tensor,
-    window_factor: torch.Tensor,
-    window: int,
+    fq: torch.Tensor | None = None,
+    fk: torch.Tensor | None = None,
+    log_gate: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     eps: float = 1e-6,
-    sink_tokens: int = 0,
-) -> torch.Tensor:
-    """Quadratic reference for the LoLCATS hybrid: [T, T] softmax-window and linear weights.
-    Sinks (s < sink_tokens) are softmax keys for every query t >= s and never linear.
-
-    q: [B, H, T, D], k, v: [B, Hk, T, D], fq: [B, H, T, F], fk: [B, Hk, T, F] (non-negative),
-    window_factor: [H] in (0, 1) -> o: [B, H, T, D]
-    """
-    heads, (kv_heads, t, head_dim) = q.shape[1], k.shape[1:]
-    scale = head_dim**-0.5 if scale is None else scale
-    g = _factor(window_factor, heads, kv_heads)[..., None, None]  # [Hk, G, 1, 1]
-    in_window = _softmax_mask(t, window, _sink_count(sink_tokens, t), k.device)
-    older = torch.ones(t, t, dtype=torch.bool, device=k.device).tril(-window)  # s <= t - window
-    if sink_tokens > 0:
-        older = older & (torch.arange(t, device=k.device) >= sink_tokens)
-
-    scores = torch.einsum("bkgtd,bksd->bkgts", group_heads(q.float(), kv_heads), k.float()) * scale
-    scores = scores.masked_fill(~in_window, float("-inf"))
-    soft = (scores - scores.amax(-1, keepdim=True)).exp() * g  # c_t: max over the softmax keys only
-    lin = torch.einsum("bkgtf,bksf->bkgts", group_heads(fq.float(), kv_heads), fk.float())
-    lin = lin.masked_fill(~older, 0.0)
-    o = _readout(torch.einsum("bkgts,bksd->bkgtd", soft + lin, _append_ones(v.float())), True, eps)
-    return o.flatten(1, 2).to(v.dtype)
-
-
-def hybrid_attention_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    fq: torch.Tensor,
-    fk: torch.Tensor,
-    window_factor: torch.Tensor,
-    window: int,
-    scale: float | None = None,
-    eps: float = 1e-6,
-    sink_tokens: int = 0,
     output_final_state: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Chunked LoLCATS hybrid, chunk size = window, linear in T.
-
-    For query chunk i the window keys lie in chunks i - 1 and i: one [C, 2C] block carries the
-    softmax terms and the linear terms of chunk i - 1's keys that already left the window; chunks
-    <= i - 2 are entirely linear and enter through their summed state. Sinks add a [C, S] softmax
-    block against the first S = min(sink_tokens, T) keys (those outside each query's window; they
-    share the row max with the window), and their features are zeroed for the linear terms.
-
-    q: [B, H, T, D], k, v: [B, Hk, T, D], fq: [B, H, T, F], fk: [B, Hk, T, F] (non-negative),
-    window_factor: [H] in (0, 1)
-    returns o: [B, H, T, D], and if output_final_state the linear state [B, Hk, F, D + 1] of the keys
-    s <= T - window (those linear for the next query; sinks excluded), to continue with
-    hybrid_attention_recurrent
-    """
+) -> tuple[torch.Tensor, DecodeState | None]:
+    """Linear in T: chunks of size `window`. Query chunk i reaches its window in chunks i - 1 and i (one
+    [C, 2C] block, which also carries the linear terms of chunk i - 1's keys that already left the
+    window); chunks <= i - 2 are older and enter through their summed (decayed) state; sinks add a
+    [C, S] block against each row's first real tokens, counted where they lie outside the window."""
+    _check(window, sink_tokens, fq, fk)
+    out_dtype = v.dtype
+    q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
     batch, kv_heads, t, head_dim = k.shape
-    heads, feat = q.shape[1], fk.shape[-1]
     scale = head_dim**-0.5 if scale is None else scale
-    g = _factor(window_factor, heads, kv_heads)[..., None, None, None]  # [Hk, G, 1, 1, 1]
-    n_sink = _sink_count(sink_tokens, t)
-    k_sink, ve_sink = k[:, :, :n_sink].float(), _append_ones(v[:, :, :n_sink].float())
-    if n_sink > 0:
-        fk = _not_sinks(fk, n_sink)
-    q = _chunks(group_heads(q.float(), kv_heads), window)  # [B, Hk, G, N, C, D]
-    fq = _chunks(group_heads(fq.float(), kv_heads), window)  # [B, Hk, G, N, C, F]
-    fk_c = _chunks(fk.float(), window)  # [B, Hk, N, C, F]
-    ve_c = _chunks(_append_ones(v.float()), window)  # [B, Hk, N, C, D + 1]
-    n_chunks = q.shape[3]
-    in_window, older = _block_masks(n_chunks, window, k.device)
+    chunk = window
+    positions = real_positions(mask)
+    is_sink = mask & (positions < sink_tokens)
 
-    # the [C, 2C] block: softmax terms shifted by their own row max, linear terms unshifted
-    kk = _with_previous_chunk(_chunks(k.float(), window))  # [B, Hk, N, 2C, D]
-    scores = torch.einsum("bkgntd,bknsd->bkgnts", q, kk) * scale
-    scores = scores.masked_fill(~in_window, float("-inf"))
-    lin = torch.einsum("bkgntf,bknsf->bkgnts", fq, _with_previous_chunk(fk_c)).masked_fill(~older, 0.0)
-    if n_sink == 0:
-        soft = (scores - scores.amax(-1, keepdim=True)).exp() * g
-        # [B, Hk, G, N, C, D + 1]
-        o = torch.einsum("bkgnts,bknsd->bkgntd", soft + lin, _with_previous_chunk(ve_c))
+    qc = chunks(group_heads(q, kv_heads), chunk)  # [B, Hk, G, N, C, D]
+    n_chunks = qc.shape[3]
+    keys = _with_previous_chunk(chunks(k, chunk), 2)  # [B, Hk, N, 2C, D]
+    values = _with_previous_chunk(chunks(append_ones(v), chunk), 2)  # [B, Hk, N, 2C, D + 1]
+    valid = _with_previous_chunk(chunks(mask[..., None].float(), chunk), 1)[..., 0].bool()  # [B, N, 2C]
+    in_window, older, itself = _block_masks(n_chunks, chunk, k.device)
+
+    soft = (in_window & valid[:, :, None, :]) | itself  # [B, N, C, 2C]
+    scores = torch.einsum("bkgntd,bknsd->bkgnts", qc, keys) * scale
+    scores = scores.masked_fill(~soft[:, None, None], float("-inf"))
+    row_max = scores.amax(-1, keepdim=True)
+    sink_part = None
+    if sink_tokens > 0:
+        # slot j = the row's real token j; visible to query t when it lies outside t's window
+        slot = torch.where(is_sink, positions, sink_tokens)
+        where = torch.full((batch, sink_tokens + 1), -1, dtype=torch.long, device=k.device)
+        where = where.scatter(1, slot, torch.arange(t, device=k.device).expand(batch, t))[:, :sink_tokens]
+        present = where >= 0
+        gather = where.clamp(min=0)[:, None, :, None].expand(batch, kv_heads, sink_tokens, head_dim)
+        k_sink = k.gather(2, gather)
+        v_sink = append_ones(v.gather(2, gather))
+        query_index = torch.arange(n_chunks * chunk, device=k.device).view(n_chunks, chunk, 1)
+        sink_visible = present[:, None, None, :] & (where[:, None, None, :] <= query_index - window)  # [B, N, C, S]
+        sink_scores = torch.einsum("bkgntd,bksd->bkgnts", qc, k_sink) * scale
+        sink_scores = sink_scores.masked_fill(~sink_visible[:, None, None], float("-inf"))
+        row_max = torch.maximum(row_max, sink_scores.amax(-1, keepdim=True))
+        sink_part = torch.einsum("bkgnts,bksd->bkgntd", (sink_scores - row_max).exp(), v_sink)
+    weights = (scores - row_max).exp()
+
+    if fk is not None:
+        fqc = chunks(group_heads(fq, kv_heads), chunk)  # [B, Hk, G, N, C, F]
+        fk_lin = fk.masked_fill(is_sink[:, None, :, None], 0.0)
+        fkc = chunks(fk_lin, chunk)  # [B, Hk, N, C, F]
+        lin = torch.einsum("bkgntf,bknsf->bkgnts", fqc, _with_previous_chunk(fkc, 2))
+        if log_gate is None:
+            lin = lin.masked_fill(~older, 0.0)
+            local = fkc.transpose(-1, -2) @ chunks(append_ones(v), chunk)  # [B, Hk, N, F, D + 1]
+            through = local.cumsum(2)  # the state after chunk n
+            query_decay = None
+        else:
+            total = chunks(log_gate.cumsum(-1)[..., None], chunk)[..., 0]  # [B, Hk, N, C]
+            total_kk = _with_previous_chunk(total, 2)  # [B, Hk, N, 2C]
+            log_decay = (total[..., :, None] - total_kk[..., None, :]).masked_fill(~older, float("-inf"))
+            lin = lin * log_decay.exp()[:, :, None]
+            end = total[..., -1]  # [B, Hk, N]: A at each chunk's end
+            local = (fkc * (end[..., None] - total).exp()[..., None]).transpose(-1, -2)
+            local = local @ chunks(append_ones(v), chunk)  # chunk n's keys, decayed to its end
+            between = (end[..., :, None] - end[..., None, :]).masked_fill(
+                ~torch.ones(n_chunks, n_chunks, dtype=torch.bool, device=k.device).tril(), float("-inf")
+            )
+            through = torch.einsum("bknm,bkmfd->bknfd", between.exp(), local)  # the state after chunk n
+            # a query in chunk i reads the state after chunk i - 2, decayed from that chunk's end
+            end_before = F.pad(end, (2, 0))[..., :n_chunks]
+            query_decay = (total - end_before[..., None]).exp()  # [B, Hk, N, C]
+        weights = weights + lin
+        state_before = F.pad(through, (0, 0, 0, 0, 2, 0))[:, :, :n_chunks]  # after chunk i - 2
+        from_state = fqc if query_decay is None else fqc * query_decay[:, :, None, ..., None]
+        o = torch.einsum("bkgntf,bknfd->bkgntd", from_state, state_before)
+        o = o + torch.einsum("bkgnts,bknsd->bkgntd", weights, values)
     else:
-        sink_scores = torch.einsum("bkgntd,bksd->bkgnts", q, k_sink) * scale  # [B, Hk, G, N, C, S]
-        sink_mask = _sink_block_mask(n_chunks, window, n_sink, k.device)
-        sink_scores = sink_scores.masked_fill(~sink_mask, float("-inf"))
-        c = torch.maximum(scores.amax(-1, keepdim=True), sink_scores.amax(-1, keepdim=True))
-        soft, soft_sink = (scores - c).exp() * g, (sink_scores - c).exp() * g
-        o = torch.einsum("bkgnts,bknsd->bkgntd", soft + lin, _with_previous_chunk(ve_c))
-        o = o + torch.einsum("bkgnts,bksd->bkgntd", soft_sink, ve_sink)
-
-    # chunks <= i - 2: cumulative per-chunk states, shifted by two chunks
-    states = (fk_c.transpose(-1, -2) @ ve_c).cumsum(dim=2)  # [B, Hk, N, F, D + 1], through chunk i
-    no_state = states.new_zeros(batch, kv_heads, 2, feat, head_dim + 1)
-    states = torch.cat([no_state, states], dim=2)[:, :, :n_chunks]
-    o = o + torch.einsum("bkgntf,bknfd->bkgntd", fq, states)
-
-    o = _unchunk(_readout(o, True, eps), t).flatten(1, 2).to(v.dtype)
-    if not output_final_state:
-        return o
-    n_linear = max(t - window + 1, 0)  # keys 0 .. T - window
-    return o, _linear_state(fk[:, :, :n_linear], v[:, :, :n_linear])
+        o = torch.einsum("bkgnts,bknsd->bkgntd", weights, values)
+    if sink_part is not None:
+        o = o + sink_part
+    o = unchunk(readout(o, eps), t).flatten(1, 2).to(out_dtype)
+    state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens) if output_final_state else None
+    return o, state
 
 
-def hybrid_attention_recurrent(
+def window_attention_recurrent(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    fq: torch.Tensor,
-    fk: torch.Tensor,
-    window_factor: torch.Tensor,
     window: int,
-    state: torch.Tensor | None = None,
-    window_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    state: DecodeState,
+    *,
+    sink_tokens: int = 0,
+    fq: torch.Tensor | None = None,
+    fk: torch.Tensor | None = None,
+    log_gate: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     eps: float = 1e-6,
-    sink_tokens: int = 0,
-    sinks: tuple[torch.Tensor, torch.Tensor] | None = None,
-    position: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Decode form of the hybrid, token by token.
-
-    q: [B, H, T, D], k, v: [B, Hk, T, D], fq: [B, H, T, F], fk: [B, Hk, T, F], window_factor: [H]
-    state: [B, Hk, F, D + 1] linear state of the keys s <= (first new position) - window, or None (zeros)
-    window_cache: (k_win, v_win, fk_win) [B, Hk, W, D | D | F], the most recent previous tokens, or
-    None (empty). Only the last window - 1 are used: older ones are already in the state.
-    sink_tokens, sinks, position: as in sliding_window_attention_recurrent (sinks = (k_sink, v_sink),
-    the first min(sink_tokens, position) keys / values). A key leaving the window at a position
-    < sink_tokens stays out of the state (and out of the returned one).
-    returns o: [B, H, T, D], the new state and the new cache (the last window - 1 tokens)
-    """
-    heads, (batch, kv_heads, t, head_dim) = q.shape[1], k.shape
+) -> tuple[torch.Tensor, DecodeState]:
+    """Token by token from `state` (decoding; T is usually 1). Each new token joins the window; the oldest
+    window token leaves it: into its sink slot if it is one of the row's first `sink_tokens` real tokens,
+    else into the linear state (with features), else it is dropped."""
+    _check(window, sink_tokens, fq, fk)
+    out_dtype = v.dtype
+    q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
+    batch, kv_heads, t, head_dim = k.shape
     scale = head_dim**-0.5 if scale is None else scale
-    g = _factor(window_factor, heads, kv_heads)[..., None]  # [Hk, G, 1]
-    q, fq = group_heads(q.float(), kv_heads), group_heads(fq.float(), kv_heads)
-    if state is None:
-        state = empty_state(batch, kv_heads, fk.shape[-1], head_dim, k.device)
-    state = state.float()
-    if window_cache is None:
-        window_cache = (k[:, :, :0], v[:, :, :0], fk[:, :, :0])
-    k_win, v_win, fk_win = (_keep_last(x, window - 1) for x in window_cache)
-    _check_sinks(sink_tokens, sinks, position, k_win.shape[2])
-    k_sink, v_sink = (k[:, :, :0], v[:, :, :0]) if sinks is None else (x.to(k.dtype) for x in sinks)
-    outs = []
+    q = group_heads(q, kv_heads)
+    fq = None if fq is None else group_heads(fq, kv_heads)
+    s = state
+    w_keys, w_values, w_valid, w_position = s.window_keys, s.window_values, s.window_valid, s.window_position
+    w_features, w_gates, recurrent = s.window_features, s.window_log_gates, s.recurrent
+    sink_keys, sink_values, sink_valid = s.sink_keys, s.sink_values, s.sink_valid
+    seen = s.seen
+    outputs = []
     for i in range(t):
-        k_win = torch.cat([k_win, k[:, :, i : i + 1]], dim=2)
-        v_win = torch.cat([v_win, v[:, :, i : i + 1]], dim=2)
-        fk_win = torch.cat([fk_win, fk[:, :, i : i + 1]], dim=2)
-        keys, values = _softmax_keys(k_sink, v_sink, k_win, v_win, position + i, window)
-        if position + i < sink_tokens:  # this token is a sink for the following ones
-            k_sink = torch.cat([k_sink, k[:, :, i : i + 1]], dim=2)
-            v_sink = torch.cat([v_sink, v[:, :, i : i + 1]], dim=2)
-        # softmax terms over the last `window` keys (and the sinks), linear terms from the state
-        scores = torch.einsum("bkgd,bksd->bkgs", q[:, :, :, i], keys.float()) * scale
-        soft = (scores - scores.amax(-1, keepdim=True)).exp() * g
-        outs.append(soft @ _append_ones(values.float()) + fq[:, :, :, i] @ state)  # [B, Hk, G, D + 1]
-        # the oldest key leaves the window for the next query: fold it into the linear state, unless
-        # it is a sink. k_win holds the positions (position + i) - len + 1 .. position + i, so the
-        # evicted ones (the first n_out) start at position + i - len + 1, i.e. position + i - (window - 1)
-        n_out = max(k_win.shape[2] - (window - 1), 0)
-        n_skip = 0
+        valid_i = mask[:, i]
+        position_i = torch.where(valid_i, seen, -1)
+        keys = torch.cat([w_keys, k[:, :, i : i + 1]], dim=2)
+        values = torch.cat([w_values, v[:, :, i : i + 1]], dim=2)
+        visible = torch.cat([w_valid, torch.ones_like(valid_i)[:, None]], dim=1)  # a query sees itself
         if sink_tokens > 0:
-            first = position + i - k_win.shape[2] + 1
-            n_skip = min(max(sink_tokens - first, 0), n_out)
-        state = state + _linear_state(fk_win[:, :, n_skip:n_out], v_win[:, :, n_skip:n_out])
-        k_win, v_win, fk_win = k_win[:, :, n_out:], v_win[:, :, n_out:], fk_win[:, :, n_out:]
-    o = _readout(torch.stack(outs, dim=3), True, eps)
-    return o.flatten(1, 2).to(v.dtype), state, (k_win, v_win, fk_win)
+            keys = torch.cat([sink_keys, keys], dim=2)
+            values = torch.cat([sink_values, values], dim=2)
+            visible = torch.cat([sink_valid, visible], dim=1)
+        scores = torch.einsum("bkgd,bksd->bkgs", q[:, :, :, i], keys) * scale
+        scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+        num = (scores - scores.amax(-1, keepdim=True)).exp() @ append_ones(values)  # [B, Hk, G, D + 1]
+        if recurrent is not None:
+            if log_gate is not None:
+                recurrent = recurrent * log_gate[:, :, i].exp()[..., None, None]
+            num = num + fq[:, :, :, i] @ recurrent
+        outputs.append(num)
+
+        # the new token joins the window, the oldest leaves it
+        keys, values = keys[:, :, -window:], values[:, :, -window:]
+        w_valid_all = torch.cat([w_valid, valid_i[:, None]], dim=1)
+        w_position_all = torch.cat([w_position, position_i[:, None]], dim=1)
+        leaving_valid, leaving_position = w_valid_all[:, 0], w_position_all[:, 0]
+        leaving_k, leaving_v = keys[:, :, 0], values[:, :, 0]
+        w_keys, w_values = keys[:, :, 1:], values[:, :, 1:]
+        w_valid, w_position = w_valid_all[:, 1:], w_position_all[:, 1:]
+        leaving_sink = leaving_valid & (leaving_position < sink_tokens)
+        if sink_tokens > 0:
+            into = (torch.arange(sink_tokens, device=k.device) == leaving_position[:, None]) & leaving_sink[:, None]
+            sink_keys = torch.where(into[:, None, :, None], leaving_k[:, :, None], sink_keys)
+            sink_values = torch.where(into[:, None, :, None], leaving_v[:, :, None], sink_values)
+            sink_valid = sink_valid | into
+        if fk is not None:
+            features = torch.cat([w_features, fk[:, :, i : i + 1]], dim=2)
+            leaving_fk, w_features = features[:, :, 0], features[:, :, 1:]
+            weight = (leaving_valid & ~leaving_sink).float()[:, None].expand(batch, kv_heads)
+            if log_gate is not None:
+                gates = torch.cat([w_gates, log_gate[:, :, i : i + 1]], dim=2)
+                w_gates = gates[:, :, 1:]
+                weight = weight * w_gates.sum(-1).exp()  # decay from the leaving token to the new one
+            recurrent = recurrent + (weight[..., None] * leaving_fk)[..., None] * append_ones(leaving_v)[..., None, :]
+        seen = seen + valid_i.long()
+    o = readout(torch.stack(outputs, dim=3), eps).flatten(1, 2).to(out_dtype)
+    new_state = DecodeState(
+        seen=seen,
+        window_keys=w_keys,
+        window_values=w_values,
+        window_features=w_features,
+        window_log_gates=w_gates,
+        window_valid=w_valid,
+        window_position=w_position,
+        sink_keys=sink_keys,
+        sink_values=sink_values,
+        sink_valid=sink_valid,
+        recurrent=recurrent,
+    )
+    return o, new_state
+
+
+def empty_window_state(
+    batch: int,
+    kv_heads: int,
+    head_dim: int,
+    window: int,
+    sink_tokens: int = 0,
+    feature_dim: int | None = None,
+    gated: bool = False,
+    device=None,
+) -> DecodeState:
+    """The state before the first token: every window and sink slot invalid, a zero linear state."""
+    keep = window - 1
+    zeros = torch.zeros(batch, kv_heads, keep, head_dim, device=device)
+    state = DecodeState(
+        seen=torch.zeros(batch, dtype=torch.long, device=device),
+        window_keys=zeros,
+        window_values=zeros.clone(),
+        window_valid=torch.zeros(batch, keep, dtype=torch.bool, device=device),
+        window_position=torch.full((batch, keep), -1, dtype=torch.long, device=device),
+    )
+    if sink_tokens > 0:
+        state.sink_keys = torch.zeros(batch, kv_heads, sink_tokens, head_dim, device=device)
+        state.sink_values = state.sink_keys.clone()
+        state.sink_valid = torch.zeros(batch, sink_tokens, dtype=torch.bool, device=device)
+    if feature_dim is not None:
+        state.window_features = torch.zeros(batch, kv_heads, keep, feature_dim, device=device)
+        state.recurrent = torch.zeros(batch, kv_heads, feature_dim, head_dim + 1, device=device)
+        if gated:
+            state.window_log_gates = torch.zeros(batch, kv_heads, keep, device=device)
+    return state
+
+
+def _check(window: int, sink_tokens: int, fq, fk) -> None:
+    if window < 1:
+        raise ValueError(f"window ({window}) must be >= 1")
+    if sink_tokens < 0:
+        raise ValueError(f"sink_tokens ({sink_tokens}) must be >= 0")
+    if (fq is None) != (fk is None):
+        raise ValueError("give both fq and fk, or neither")

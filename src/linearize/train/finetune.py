@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from linearize.attention import attention_mode
 from linearize.config import FinetuneConfig
+from linearize.layers.attention import attention_mode
 from linearize.train.loop import TrainResult, run_steps
 
 

@@ -1,10 +1,11 @@
 """Stage 1, attention transfer (LoLCATS): train each converted layer's mixer to reproduce the teacher's
 softmax attention output for the same inputs.
 
-Every layer sees the teacher's own q, k, v and is scored against the teacher's output (before o_proj),
-and the teacher's output is what flows downstream, so layers train independently and one teacher
-forward (no LM head) serves all of them. The recorded activations are written to disk as safetensors
-shards during the first epoch; later epochs read them back instead of re-running the teacher.
+Every layer sees the teacher's own layer input and is scored against the teacher's output (per head,
+before o_proj); the teacher's output is what flows downstream, so layers train independently and one
+teacher forward (no LM head) serves all of them. The recorded activations (layer input and teacher
+output per layer, bf16) are written to disk as safetensors shards during the first epoch; later epochs
+read them back instead of re-running the teacher, and recompute q, k, v with the frozen projections.
 """
 
 from __future__ import annotations
@@ -15,18 +16,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from linearize.attention import attention_mode, linearized_attentions
 from linearize.checkpoint import atomic_save_tensors, load_tensors
 from linearize.config import TransferConfig
-from linearize.convert import mixer_parameters
+from linearize.layers.attention import attention_mode, linearized_attentions
 from linearize.train.loop import TrainResult, run_steps
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-NAMES = ("q", "k", "v", "y")
 
 
 class ActivationCache:
-    """Teacher activations per training block: `block_00012.safetensors` holds `{layer}.{q,k,v,y}`."""
+    """Teacher activations per training block: `block_00012.safetensors` holds `{layer}.x` (the layer's
+    attention input [1, T, C]) and `{layer}.y` (the teacher's attention output [1, H, T, D])."""
 
     def __init__(self, model: torch.nn.Module, directory: Path, dtype: str):
         self.model = model
@@ -38,38 +38,39 @@ class ActivationCache:
     def path(self, block: int) -> Path:
         return self.directory / f"block_{block:05d}.safetensors"
 
-    def get(self, blocks: torch.Tensor, ids: list[int]) -> list[dict[str, torch.Tensor]]:
-        """Per layer, {q, k, v, y} for the given blocks ([B, heads, T, D] each), from disk or the teacher."""
+    def get(self, blocks: torch.Tensor, ids: list[int]) -> dict[str, torch.Tensor]:
+        """{"{layer}.x", "{layer}.y"} for the given blocks (batched on dim 0), from disk or the teacher."""
         todo = [i for i in ids if not self.path(i).is_file()]
         if todo:
             self._record(blocks, todo)
         shards = [load_tensors(self.path(i)) for i in ids]
-        return [
-            {name: torch.cat([shard[f"{layer.layer_idx}.{name}"] for shard in shards]) for name in NAMES}
-            for layer in self.layers
-        ]
+        return {name: torch.cat([shard[name] for shard in shards]) for name in shards[0]}
 
     @torch.no_grad()
     def _record(self, blocks: torch.Tensor, ids: list[int]) -> None:
         device = next(self.model.parameters()).device
         inputs = blocks[ids].to(device)
         with attention_mode(self.model, "record"):
-            self.model.get_decoder()(input_ids=inputs, use_cache=False)
+            self.model.model(input_ids=inputs, use_cache=False)
             recorded = {layer.layer_idx: layer.recorded for layer in self.layers}
         for row, block in enumerate(ids):
             tensors = {
                 f"{index}.{name}": tensor[row : row + 1].to(self.dtype)
                 for index, values in recorded.items()
-                for name, tensor in zip(NAMES, values)
+                for name, tensor in zip(("x", "y"), values)
             }
             atomic_save_tensors(tensors, self.path(block))
 
 
-def transfer_loss(layer, activations: dict[str, torch.Tensor], device) -> torch.Tensor:
+def position_embeddings(model: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's rotary (cos, sin) for positions 0 .. T - 1 (training blocks start fresh)."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
+    return model.model.rotary_emb(hidden, positions)
+
+
+def transfer_loss(layer, x: torch.Tensor, y: torch.Tensor, rotary) -> torch.Tensor:
     """MSE between the mixer's output and the teacher's softmax output, per head before o_proj."""
-    q, k, v, y = (activations[name].to(device=device, dtype=torch.float32) for name in NAMES)
-    out = layer.mixer(q, k, v, None, None, None)
-    return F.mse_loss(out.float(), y)
+    return F.mse_loss(layer.mix(x, rotary).float(), y)
 
 
 def attention_transfer(
@@ -81,13 +82,14 @@ def attention_transfer(
     seed: int = 0,
 ) -> TrainResult:
     """Train the mixers of every converted layer on `config.tokens` tokens of `blocks` ([N, T])."""
-    params = {name: p for name, p in mixer_parameters(model).items() if p.requires_grad}
+    params = {name: p for name, p in model.mixer_state_dict().items() if p.requires_grad}
     seq_len = blocks.shape[1]
     num_blocks = max(config.batch_size, min(len(blocks), config.tokens // seq_len))
     steps_per_epoch = num_blocks // config.batch_size
     cache = ActivationCache(model, work_dir / "activations", config.cache_dtype)
     layers = cache.layers
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     per_layer: dict[int, list[float]] = {}  # last epoch's losses, per layer
 
     def order(epoch: int) -> list[int]:
@@ -100,10 +102,15 @@ def attention_transfer(
         epoch, index = divmod(step, steps_per_epoch)
         ids = order(epoch)[index * config.batch_size : (index + 1) * config.batch_size]
         activations = cache.get(blocks, ids)
+        rotary = None
         total = 0.0
-        for layer, acts in zip(layers, activations):
+        for layer in layers:
+            x = activations[f"{layer.layer_idx}.x"].to(device=device, dtype=dtype)
+            y = activations[f"{layer.layer_idx}.y"].to(device=device, dtype=torch.float32)
+            if rotary is None:
+                rotary = position_embeddings(model, x)
             # one backward per layer: layers are independent, and this keeps one layer's graph in memory
-            loss = transfer_loss(layer, acts, device)
+            loss = transfer_loss(layer, x, y, rotary)
             (loss * config.loss_weight / len(layers)).backward()
             if epoch == config.epochs - 1:
                 per_layer.setdefault(layer.layer_idx, []).append(loss.item())

@@ -14,19 +14,13 @@ from linearize.errors import LinearizeError
 
 
 class FeatureMap(nn.Module):
-    """Base class: `out_dim` is the feature size F; `learnable` says whether stage 1 trains it."""
-
-    learnable = False
+    """Base class: one map per head; `feature_dim` sizes the learnable projections."""
 
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.feature_dim = feature_dim or head_dim
-
-    @property
-    def out_dim(self) -> int:
-        return self.head_dim
 
 
 def _identity_projection(num_heads: int, head_dim: int, feature_dim: int) -> torch.Tensor:
@@ -37,15 +31,9 @@ def _identity_projection(num_heads: int, head_dim: int, feature_dim: int) -> tor
 class Hedgehog(FeatureMap):
     """phi(x) = [softmax(x W), softmax(-x W)] over the feature dim (Zhang et al., ICLR 2024; LoLCATS)."""
 
-    learnable = True
-
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int | None = None):
         super().__init__(num_heads, head_dim, feature_dim)
         self.weight = nn.Parameter(_identity_projection(num_heads, head_dim, self.feature_dim))
-
-    @property
-    def out_dim(self) -> int:
-        return 2 * self.feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         proj = torch.einsum("bhtd,hdf->bhtf", x, self.weight.to(x.dtype))
@@ -55,16 +43,10 @@ class Hedgehog(FeatureMap):
 class T2R(FeatureMap):
     """phi(x) = relu(x W + b) (Kasai et al., 2021)."""
 
-    learnable = True
-
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int | None = None):
         super().__init__(num_heads, head_dim, feature_dim)
         self.weight = nn.Parameter(_identity_projection(num_heads, head_dim, self.feature_dim))
         self.bias = nn.Parameter(torch.zeros(num_heads, 1, self.feature_dim))
-
-    @property
-    def out_dim(self) -> int:
-        return self.feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(torch.einsum("bhtd,hdf->bhtf", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype))

@@ -1,0 +1,189 @@
+"""The attention module that replaces a teacher's softmax attention, and the mixer interface.
+
+`LinearizedAttention` reuses the teacher's own q/k/v/o projections (and Qwen3's q/k norms) by
+reference, applies the teacher's rotary embedding, and hands the heads to a `Mixer`: the
+method-specific token mixer (LoLCATS hybrid, Liger Attention, ...). It can also run as the teacher
+("softmax" mode) with the very same projections, so one model in memory serves as student, teacher and
+activation recorder.
+
+Prefill, decode and cache bookkeeping are written once, here: a mixer is handed the layer's
+`DecodeState` (None for a fresh sequence) and returns its output and the new state; `Mixer.window_op`
+and `Mixer.linear_op` pick the chunked form for a fresh sequence and the recurrent form to continue
+one, each through the backend registry (`linearize.ops.backend`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from linearize.layers.cache import adopt_cache_layer
+from linearize.ops import DecodeState, backend
+
+
+@dataclass
+class MixerInput:
+    """What a mixer sees of one layer call. q: [B, H, T, D] and k: [B, Hk, T, D] after RoPE; q_nope, k_nope:
+    the same before RoPE; v: [B, Hk, T, D]; hidden: the layer input [B, T, C]; key_mask: [B, T] bool
+    (True = real token) or None (no padding)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_nope: torch.Tensor
+    k_nope: torch.Tensor
+    hidden: torch.Tensor
+    key_mask: torch.Tensor | None = None
+
+
+class Mixer(nn.Module):
+    """A causal token mixer over per-head tensors.
+
+    forward(x: MixerInput, state: DecodeState | None, output_state: bool) -> (o [B, H, T, D], state)
+    `state` is None for a fresh sequence; `output_state` asks for the state after the last token
+    (for decoding). Subclasses build their op arguments and call `window_op` / `linear_op`.
+    """
+
+    def window_op(self, q, k, v, window: int, state: DecodeState | None, output_state: bool, **kwargs):
+        """Sliding-window softmax (+ sinks, + linear terms for older keys): chunked for a fresh sequence,
+        recurrent from a state."""
+        if state is None:
+            op = backend.get("window_attention_chunked", q.device)
+            return op(q, k, v, window, output_final_state=output_state, **kwargs)
+        return backend.get("window_attention_recurrent", q.device)(q, k, v, window, state, **kwargs)
+
+    def linear_op(
+        self, fq, fk, v, log_gate, state: DecodeState | None, output_state: bool, chunk_size: int = 64, **kwargs
+    ):
+        """(Gated) linear attention over every key: chunked for a fresh sequence, recurrent from a state."""
+        if state is None:
+            op = backend.get("linear_attention_chunked", fq.device)
+            return op(fq, fk, v, log_gate, output_final_state=output_state, chunk_size=chunk_size, **kwargs)
+        return backend.get("linear_attention_recurrent", fq.device)(fq, fk, v, log_gate, state=state, **kwargs)
+
+
+def softmax_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Causal softmax attention, the teacher's. q: [B, H, T, D]; k, v: [B, Hk, S, D] -> [B, H, T, D]."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask[..., : k.shape[-2]], scale=scale, enable_gqa=True
+        )
+    return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[-2] > 1, scale=scale, enable_gqa=True)
+
+
+def key_mask_from(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """[B, T] bool validity of this call's T tokens, from the 4D mask transformers hands attention layers
+    (bool: True = attend; float: 0 = attend). The last query row sees every real key of the call.
+    None when there is no mask or no padding."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    last_row = attention_mask[:, 0, -1, -length:]
+    valid = last_row if last_row.dtype == torch.bool else last_row == 0
+    return None if bool(valid.all()) else valid
+
+
+class LinearizedAttention(nn.Module):
+    """Drop-in replacement for a Llama-family attention module (same forward signature).
+
+    mode "linear": the mixer (student). mode "softmax": the teacher's softmax attention.
+    mode "record": the teacher's output, and `self.recorded` = (layer input [B, T, C], teacher output per
+    head before o_proj [B, H, T, D]) for attention transfer, which recomputes the heads with `mix`.
+    """
+
+    def __init__(self, teacher_attention: nn.Module, mixer: Mixer, layer_idx: int):
+        super().__init__()
+        config = teacher_attention.config
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = teacher_attention.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = teacher_attention.scaling
+        # shared with the teacher, never copied
+        self.q_proj = teacher_attention.q_proj
+        self.k_proj = teacher_attention.k_proj
+        self.v_proj = teacher_attention.v_proj
+        self.o_proj = teacher_attention.o_proj
+        self.q_norm = getattr(teacher_attention, "q_norm", None)
+        self.k_norm = getattr(teacher_attention, "k_norm", None)
+        self.mixer = mixer
+        self.mode = "linear"
+        self.recorded: tuple[torch.Tensor, ...] | None = None
+
+    def project(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
+        """hidden [B, T, C] -> q, k (after RoPE), v, q_nope, k_nope as [B, heads, T, D]."""
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape)
+        k = self.k_proj(hidden_states).view(shape)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q_rope, k_rope = apply_rotary_pos_emb(q, k, cos, sin)
+        return q_rope, k_rope, v, q, k
+
+    def mix(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """The mixer's per-head output [B, H, T, D] for a fresh sequence, without decoding state (what
+        attention transfer compares with the teacher's output)."""
+        q, k, v, q_nope, k_nope = self.project(hidden_states, position_embeddings)
+        return self.mixer(MixerInput(q, k, v, q_nope, k_nope, hidden_states), None, output_state=False)[0]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        batch, length, _ = hidden_states.shape
+        q, k, v, q_nope, k_nope = self.project(hidden_states, position_embeddings)
+        if self.mode == "linear":
+            cache = None if past_key_values is None else adopt_cache_layer(past_key_values, self.layer_idx)
+            inputs = MixerInput(q, k, v, q_nope, k_nope, hidden_states, key_mask_from(attention_mask, length))
+            state = None if cache is None else cache.state
+            out, state = self.mixer(inputs, state, output_state=cache is not None)
+            if cache is not None:
+                cache.advance(state, length)
+        else:
+            if past_key_values is not None:
+                k, v = past_key_values.update(k, v, self.layer_idx)
+            out = softmax_attention(q, k, v, self.scaling, attention_mask)
+            if self.mode == "record":
+                self.recorded = (hidden_states, out)
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        return self.o_proj(out), None
+
+
+def linearized_attentions(model: nn.Module) -> list[LinearizedAttention]:
+    return [m for m in model.modules() if isinstance(m, LinearizedAttention)]
+
+
+@contextmanager
+def attention_mode(model: nn.Module, mode: str) -> Iterator[list[LinearizedAttention]]:
+    """Temporarily run every converted layer in `mode` ("linear", "softmax" or "record")."""
+    layers = linearized_attentions(model)
+    previous = [layer.mode for layer in layers]
+    for layer in layers:
+        layer.mode = mode
+    try:
+        yield layers
+    finally:
+        for layer, old in zip(layers, previous):
+            layer.mode = old
+            layer.recorded = None

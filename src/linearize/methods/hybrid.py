@@ -1,0 +1,105 @@
+"""The default method: exact softmax over a sliding window and sink tokens, plus a learned linear state
+for every older key, grown from zero by attention transfer, then LoRA.
+
+It takes what worked from LoLCATS (Hedgehog feature maps trained to reproduce each layer's softmax
+output, one normaliser shared by window and linear terms) and from StreamingLLM (the first tokens stay
+softmax keys: most of a small model's attention mass sits on them), and changes how the two meet:
+
+- it starts as window + sinks: the linear terms enter with a small learned scale, so the untrained
+  student is already the strongest training-free constant-memory model, and training can only add
+  what the state carries (LoLCATS starts with old keys' linear mass swamping the window);
+- the linear terms keep a magnitude: Hedgehog's features are softmax-normalised, which throws away how
+  large exp(q.k) is for a given query and key; a learned log-magnitude per query and per key
+  (linear in q and k) gives it back, so the weight of old keys relative to the window can follow the
+  query instead of one factor per head;
+- an optional per-head decay on the linear terms bounds their mass at long range.
+
+    y_t = (sum_{window, sinks} exp(q_t.k_s / sqrt(d) - c_t) [v_s, 1]
+           + sum_{older} a^{t-s} m_q(q_t) m_k(k_s) phi(q_t).phi(k_s) [v_s, 1])  -> num / den
+    m_q(q) = exp(q.u_q + b), m_k(k) = exp(k.u_k); u = 0 and b = log(linear_scale_init) at the start.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from linearize.errors import LinearizeError
+from linearize.layers.attention import Mixer
+from linearize.layers.feature_maps import FEATURE_MAPS, build_feature_map
+from linearize.methods.base import Method, WindowSettings, check_choice, check_fraction
+
+MAX_LOG_MAGNITUDE = 20.0  # keeps exp() of the learned magnitudes finite in float32 and bfloat16
+
+
+@dataclass
+class Settings(WindowSettings):
+    window_size: int = 64
+    sink_tokens: int = 4
+    feature_map: str = "hedgehog"  # hedgehog | t2r | elu | softmax
+    feature_dim: int | None = None  # hedgehog/t2r projection size per sign; None = head_dim
+    magnitude: bool = True  # learn per-query / per-key log-magnitudes of the linear terms
+    linear_scale_init: float = 0.05  # initial weight of the linear terms (0 < x <= 1): near window + sinks
+    decay: float | None = None  # initial per-head decay of the linear terms, in (0, 1]; null = no decay
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("feature_map", self.feature_map, [m for m in FEATURE_MAPS if m != "identity"])
+        check_fraction("linear_scale_init", self.linear_scale_init)
+        if self.decay is not None:
+            check_fraction("decay", self.decay)
+        if self.feature_dim is not None and self.feature_dim < 1:
+            raise LinearizeError("attention.feature_dim must be >= 1 (or null for head_dim)")
+
+
+class HybridMixer(Mixer):
+    def __init__(self, settings: Settings, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.window_size = settings.window_size
+        self.sink_tokens = settings.sink_tokens
+        self.scale = head_dim**-0.5
+        self.feature_map_q = build_feature_map(settings.feature_map, num_heads, head_dim, settings.feature_dim)
+        self.feature_map_k = build_feature_map(settings.feature_map, num_kv_heads, head_dim, settings.feature_dim)
+        self.log_scale = nn.Parameter(torch.full((num_heads,), math.log(settings.linear_scale_init)))
+        if settings.magnitude:
+            self.magnitude_q = nn.Parameter(torch.zeros(num_heads, head_dim))
+            self.magnitude_k = nn.Parameter(torch.zeros(num_kv_heads, head_dim))
+        else:
+            self.magnitude_q = self.magnitude_k = None
+        if settings.decay is None or settings.decay == 1.0:
+            self.decay_logit = None
+        else:
+            logit = math.log(settings.decay / (1 - settings.decay))
+            self.decay_logit = nn.Parameter(torch.full((num_kv_heads,), logit))
+
+    def forward(self, x, state, output_state):
+        fq, fk = self.feature_map_q(x.q), self.feature_map_k(x.k)
+        log_q = self.log_scale[:, None].to(fq.dtype)  # [H, 1]
+        if self.magnitude_q is not None:
+            log_q = torch.einsum("bhtd,hd->bht", x.q, self.magnitude_q.to(x.q.dtype)) + log_q
+            log_k = torch.einsum("bhtd,hd->bht", x.k, self.magnitude_k.to(x.k.dtype))
+            fk = fk * log_k.clamp(max=MAX_LOG_MAGNITUDE).exp()[..., None]
+        fq = fq * log_q.clamp(max=MAX_LOG_MAGNITUDE).exp()[..., None]
+        log_gate = None
+        if self.decay_logit is not None:
+            batch, kv_heads, length = x.k.shape[:3]
+            log_gate = F.logsigmoid(self.decay_logit)[None, :, None].expand(batch, kv_heads, length)
+        return self.window_op(
+            x.q, x.k, x.v, self.window_size, state, output_state, sink_tokens=self.sink_tokens,
+            fq=fq, fk=fk, log_gate=log_gate, key_mask=x.key_mask, scale=self.scale,
+        )
+
+
+class Hybrid(Method):
+    name = "hybrid"
+    summary = "window + sink softmax, plus a learned linear state grown from zero (ours): transfer, then LoRA"
+    Settings = Settings
+    stages = ("transfer", "finetune")
+    stage_defaults = {"finetune": {"lora_alpha": 16.0}}
+
+    def build_mixer(self, settings, shapes):
+        return HybridMixer(settings, shapes.num_heads, shapes.num_kv_heads, shapes.head_dim)

@@ -1,0 +1,205 @@
+"""`LinearizedForCausalLM`: a teacher's decoder with its attention layers swapped for linearized ones, as
+an ordinary Hugging Face causal LM (`from_pretrained`, `generate()`, peft, lm-eval's HFLM).
+
+The module tree and parameter names are the teacher's (`model.layers.N.self_attn.q_proj.weight`, ...)
+plus each converted layer's mixer (`model.layers.N.self_attn.mixer.*`), so a full-weights directory is the
+teacher's files plus the mixers. Two directory variants, both opened by
+`AutoModelForCausalLM.from_pretrained(dir)` once `linearize` is imported:
+
+- full weights (`config.weights == "full"`): self-contained `model.safetensors`, for sharing;
+- adapter-only (`config.weights == "adapter"`): `linearize_adapter.safetensors` holds only what training
+  made (mixer parameters and the LoRA adapter); loading reads the teacher (`config.teacher`) first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from linearize.errors import LinearizeError
+from linearize.layers.attention import LinearizedAttention
+from linearize.models.configuration import LinearizedConfig
+
+ADAPTER_FILE = "linearize_adapter.safetensors"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_supported(model_type: str | None, name: str = "") -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        where = f" (teacher '{name}')" if name else ""
+        raise LinearizeError(
+            f"model type '{model_type}' is not supported{where}: supported are {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "(decoder-only models whose attention has q/k/v/o projections with RoPE)"
+        )
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LinearizedPreTrainedModel(PreTrainedModel):
+    config_class = LinearizedConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _is_stateful = True  # no cache rollback: assisted decoding is refused by generate()
+
+
+class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LinearizedConfig):
+        super().__init__(config)
+        text_config = config.text_config
+        check_supported(text_config.model_type)
+        teacher = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)](text_config)
+        self.model = teacher.model
+        self.lm_head = teacher.lm_head
+        swap_attention(self, config.method, config.attention)
+        self.post_init()
+
+    @classmethod
+    def from_teacher(cls, teacher: PreTrainedModel, method: str, settings: Any) -> LinearizedForCausalLM:
+        """Wrap a loaded teacher (its modules reused by reference, never copied) and convert its attention.
+        Teacher weights are frozen; the mixers' own parameters are trainable."""
+        import dataclasses
+
+        from linearize.methods import method_settings
+
+        if isinstance(teacher, LinearizedForCausalLM):
+            raise LinearizeError("this model is already linearized: convert the teacher, not the student")
+        check_supported(getattr(teacher.config, "model_type", None))
+        settings = method_settings(method, settings)
+        config = LinearizedConfig(
+            text_config=teacher.config, method=method, attention=dataclasses.asdict(settings),
+            teacher=teacher_reference(teacher),
+        )
+        with torch.device("meta"):  # the structure only: its meta modules are replaced by the teacher's
+            model = cls(config)
+        model.model, model.lm_head = teacher.model, teacher.lm_head
+        teacher.requires_grad_(False)
+        swap_attention(model, method, settings, device=teacher.lm_head.weight.device)
+        model.generation_config = teacher.generation_config
+        model.eval()
+        return model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    # --- the two directory variants ----------------------------------------------------------------------
+
+    def mixer_state_dict(self) -> dict[str, torch.Tensor]:
+        """The converted layers' own parameters, by name: what conversion added to the teacher."""
+        return {name: p for name, p in self.named_parameters() if ".mixer." in name}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """Full weights or adapter-only, as `config.weights` says (see the module docstring)."""
+        if self.config.weights == "full":
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        from linearize.models.saving import save_adapter
+
+        save_adapter(self, Path(save_directory), lora_tensors=getattr(self, "lora_tensors", None))
+        if kwargs.get("push_to_hub"):
+            raise LinearizeError("push an adapter-only model with model.push_to_hub(repo_id)")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        from linearize.models.saving import find_adapter, load_adapter_only
+
+        adapter = find_adapter(pretrained_model_name_or_path, kwargs)
+        if adapter is not None:
+            return load_adapter_only(cls, pretrained_model_name_or_path, adapter, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+
+def teacher_reference(teacher: PreTrainedModel) -> str | None:
+    """How a saved student names its teacher: the embedded default or a hub id as given, a local path
+    made absolute (`load_teacher` reads all three)."""
+    info = getattr(teacher, "teacher_info", None)
+    if info is None:
+        return getattr(teacher.config, "_name_or_path", None) or None
+    path = Path(info.name).expanduser()
+    return str(path.resolve()) if path.exists() else info.name
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks (`model.model.layers`) of a Llama-family causal LM, peft-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if layers is None:
+        raise LinearizeError(f"{type(base).__name__} has no decoder layers at model.layers; is it a causal LM?")
+    return layers
+
+
+def swap_attention(model: nn.Module, method: str, settings: Any, device: torch.device | None = None) -> None:
+    """Replace every attention module except `settings.softmax_layers` by a `LinearizedAttention` with
+    the method's mixer; teacher projections are reused by reference."""
+    from linearize.methods import Shapes, get_method, method_settings
+
+    impl = get_method(method)
+    settings = method_settings(method, settings)
+    layers = decoder_layers(model)
+    bad = [i for i in settings.softmax_layers if not 0 <= i < len(layers)]
+    if bad:
+        raise LinearizeError(f"attention.softmax_layers {bad} out of range: the model has {len(layers)} layers")
+    text_config = model.config.text_config if isinstance(model.config, LinearizedConfig) else model.config
+    shapes = Shapes(text_config.num_attention_heads, text_config.num_key_value_heads, head_dim_of(text_config))
+    for index, layer in enumerate(layers):
+        if index in settings.softmax_layers:
+            continue
+        mixer = impl.build_mixer(settings, shapes)
+        if device is not None:
+            mixer.to(device=device)
+        layer.self_attn = LinearizedAttention(layer.self_attn, mixer, index)

@@ -1,0 +1,74 @@
+"""The decoding state every mixer carries from one call to the next: one convention for all ops.
+
+A sequence is continued from a `DecodeState`; every op form returns `(output, state)` where the state
+is a `DecodeState` (or None when the caller did not ask for one). Its parts:
+
+- the window: the most recent tokens, which are still softmax keys for the next query, with their
+  key features and log-gates (a hybrid moves a token from the window into the linear state when it
+  leaves the window, and needs its features and the decay it has accumulated since);
+- the sinks: the first `sink_tokens` tokens of each row that have already left the window; they stay
+  softmax keys for every later query (StreamingLLM);
+- the recurrent linear-attention state [B, Hk, F, D + 1] float32, last column the normaliser;
+- per row, the number of real (non-padding) tokens seen so far: sinks are the first real tokens of a
+  row, whatever its left padding.
+
+Every tensor is batch-first, so beam search and batch selection act on all parts alike
+(`DecodeState.map_batch`). Window and sink slots have fixed sizes with validity masks: left-padded rows
+and short prompts simply leave slots invalid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class DecodeState:
+    """window_*: [B, Hk, W', X] with W' = window - 1 (keys, values, key features, log-gates), window_valid
+    [B, W'] and window_position [B, W'] (real position of each slot, -1 where invalid); sink_keys /
+    sink_values [B, Hk, S, D] with sink_valid [B, S] (slot j holds the row's real token j once it left the
+    window); recurrent [B, Hk, F, D + 1] float32 or None; seen [B] real tokens so far."""
+
+    seen: torch.Tensor
+    window_keys: torch.Tensor | None = None
+    window_values: torch.Tensor | None = None
+    window_features: torch.Tensor | None = None
+    window_log_gates: torch.Tensor | None = None
+    window_valid: torch.Tensor | None = None
+    window_position: torch.Tensor | None = None
+    sink_keys: torch.Tensor | None = None
+    sink_values: torch.Tensor | None = None
+    sink_valid: torch.Tensor | None = None
+    recurrent: torch.Tensor | None = None
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> DecodeState:
+        """Apply `fn` (e.g. index_select on dim 0) to every tensor: beam reordering, batch selection."""
+        present = [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        return replace(self, **{name: fn(getattr(self, name)) for name in present})
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def empty_state(batch: int, kv_heads: int, feature_dim: int, head_dim: int, device=None) -> torch.Tensor:
+    """Zero linear-attention state: [B, Hk, F, D + 1] float32 (last column = normaliser)."""
+    return torch.zeros(batch, kv_heads, feature_dim, head_dim + 1, dtype=torch.float32, device=device)
+
+
+def real_positions(key_mask: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Position of each token among its row's real tokens, counting `seen` earlier ones: [B, T] long,
+    -1 at padding. key_mask: [B, T] bool."""
+    positions = key_mask.long().cumsum(-1) - 1
+    if seen is not None:
+        positions = positions + seen[:, None]
+    return positions.masked_fill(~key_mask, -1)
+
+
+def full_mask(batch: int, length: int, device) -> torch.Tensor:
+    return torch.ones(batch, length, dtype=torch.bool, device=device)
