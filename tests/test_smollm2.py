@@ -20,7 +20,7 @@ def smoke_run(tmp_path_factory, smollm2):  # smollm2: builds the teacher cache o
     settings = {
         "output_dir": str(out),
         "baselines": {},
-        "data": {"seq_len": 128, "eval_seq_len": 128, "eval_blocks": 1},
+        "data": {"seq_len": 128, "eval_seq_len": 128, "eval_blocks": 1, "long_context": 0, "copy_lengths": []},
         "transfer": {"tokens": 128 * 6, "epochs": 2, "warmup_steps": 1},
         "finetune": {"tokens": 128 * 6, "lr": 1e-3, "warmup_steps": 1, "distill_weight": 1.0},
     }
@@ -31,7 +31,8 @@ def smoke_run(tmp_path_factory, smollm2):  # smollm2: builds the teacher cache o
 def test_both_stages_lower_their_losses(smoke_run):
     _, _, report = smoke_run
     transfer = [loss for _, loss in report["stages"]["transfer"]["loss_curve"]]
-    assert sum(transfer[-2:]) < 0.7 * sum(transfer[:2])
+    assert len(transfer) == 12  # two epochs over the same 6 blocks: the second is lower than the first
+    assert sum(transfer[6:]) < 0.9 * sum(transfer[:6])
     for domain in ("code", "prose"):
         untrained = report["eval"]["untrained"][domain]["perplexity"]
         after_transfer = report["eval"]["transfer"][domain]["perplexity"]

@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 
+from linearize.checkpoint import DTYPES
 from linearize.config import RunConfig, deep_merge
 from linearize.errors import LinearizeError
 from linearize.models import LinearizedConfig, LinearizedForCausalLM
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(device: str) -> torch.device:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from linearize.errors import LinearizeError
 
 CONFIG_FILE = "linearize.yaml"  # a run's resolved config, in its output directory
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -32,7 +32,10 @@ class DataConfig:
     text_field: str = "text"  # field of .jsonl / HF records
     seq_len: int = 1024  # training block length
     eval_seq_len: int = 1024  # held-out evaluation block length
-    eval_blocks: int = 4  # held-out blocks per domain (code, prose)
+    eval_blocks: int = 4  # held-out blocks per domain (code, prose, and their unseen sources)
+    long_context: int = 4096  # long-range diagnostics: held-out documents of this many tokens; 0 = none
+    long_documents: int = 1  # such documents per domain
+    copy_lengths: list[int] = field(default_factory=lambda: [64, 256, 1024])  # copy test lengths; [] = none
 
 
 @dataclass
@@ -65,7 +68,8 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     distill_weight: float = 1.0  # weight of KL(teacher || student) next to the next-token loss
-    distill_temperature: float = 1.0
+    distill_top_k: int = 64  # teacher targets kept per position (computed once); 0 = full logits each step
+    train_mixers: bool = False  # also train the mixers' own parameters (feature maps, scales) in stage 2
     grad_clip: float = 1.0
 
 

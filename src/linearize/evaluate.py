@@ -1,4 +1,13 @@
-"""Held-out evaluation: perplexity and top-1 next-token agreement with the teacher."""
+"""Held-out evaluation: perplexity, top-1 agreement with the teacher, and the long-range diagnostics.
+
+- `score`: next-token NLL and argmax predictions on blocks, one block at a time.
+- `position_profile`: per-position NLL on long documents; `bucket_ratios` turns student and teacher
+  profiles into perplexity ratios per position bucket ([0, 64), [64, 256), ...) and at 1024 and 4096
+  tokens of context (the ratio over the first N positions: attention is causal, so the first 1024 positions
+  of a 4096-token document are exactly a 1024-token evaluation).
+- `copy_test`: random token sequences of length L, each repeated once; top-1 accuracy on the second copy
+  (the tokens after its first), which only a model that recalls L tokens back can get right.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+POSITION_BUCKETS = ((0, 64), (64, 256), (256, 1024), (1024, 4096))
+COPY_LENGTHS = (64, 256, 1024)
 
 
 @dataclass
@@ -21,17 +33,26 @@ class Scores:
         return math.exp(self.nll / self.tokens)
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
+def token_nll(model: torch.nn.Module, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL [T - 1] of each next token, top-1 predictions [T - 1]) for one block [T]."""
+    inputs = block.unsqueeze(0).to(_device(model))
+    logits = model(input_ids=inputs, use_cache=False).logits[0, :-1].float()
+    nll = F.cross_entropy(logits, inputs[0, 1:], reduction="none")
+    return nll.cpu(), logits.argmax(dim=-1).to(torch.int32).cpu()
+
+
 def score(model: torch.nn.Module, blocks: torch.Tensor, desc: str = "eval") -> Scores:
     """Next-token NLL and argmax predictions of `model` on `blocks` [N, T], one block at a time."""
-    device = next(model.parameters()).device
     nll, predictions = 0.0, []
     for block in tqdm(blocks, desc=desc, unit="block", leave=False, dynamic_ncols=True):
-        inputs = block.unsqueeze(0).to(device)
-        logits = model(input_ids=inputs, use_cache=False).logits[0, :-1].float()
-        targets = inputs[0, 1:]
-        nll += F.cross_entropy(logits, targets, reduction="sum").item()
-        predictions.append(logits.argmax(dim=-1).to(torch.int32).cpu())
+        block_nll, block_predictions = token_nll(model, block)
+        nll += block_nll.sum().item()
+        predictions.append(block_predictions)
     return Scores(nll=nll, tokens=blocks.shape[0] * (blocks.shape[1] - 1), predictions=torch.stack(predictions))
 
 
@@ -41,4 +62,52 @@ def summarize(scores: Scores, reference: Scores | None = None) -> dict:
     if reference is not None:
         out["agreement"] = (scores.predictions == reference.predictions).float().mean().item()
         out["ppl_ratio"] = scores.perplexity / reference.perplexity
+    return out
+
+
+def position_profile(model: torch.nn.Module, documents: torch.Tensor, desc: str = "positions") -> torch.Tensor:
+    """Mean NLL over documents [N, L] at each predicted position: [L - 1] (entry i predicts token i + 1)."""
+    rows = [token_nll(model, doc)[0] for doc in tqdm(documents, desc=desc, unit="doc", leave=False)]
+    return torch.stack(rows).mean(0)
+
+
+def bucket_ratios(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    """Perplexity ratio student / teacher per position bucket and over the first 1024 / 4096 positions,
+    from two `position_profile`s (buckets past the documents' length are left out)."""
+    length = student.shape[0]
+
+    def ratio(start: int, end: int) -> float:
+        return math.exp((student[start:end] - teacher[start:end]).mean().item())
+
+    out = {f"[{a}, {b})": ratio(a, b) for a, b in POSITION_BUCKETS if a < length}
+    for context in (1024, 4096):
+        if context <= length + 1:
+            out[f"ratio@{context}"] = ratio(0, context - 1)
+    return out
+
+
+def copy_sequences(
+    vocab_size: int, lengths=COPY_LENGTHS, per_length: int = 2, seed: int = 0
+) -> dict[int, torch.Tensor]:
+    """Random token sequences of each length, repeated once: {L: [n, 2L]} (ids drawn from the upper
+    vocabulary, away from special tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for length in lengths:
+        n = per_length if length <= 256 else 1
+        tokens = torch.randint(vocab_size // 8, vocab_size, (n, length), generator=generator)
+        out[length] = torch.cat([tokens, tokens], dim=1)
+    return out
+
+
+def copy_test(model: torch.nn.Module, sequences: dict[int, torch.Tensor], desc: str = "copy") -> dict[str, float]:
+    """Top-1 accuracy on the second copy of each sequence, per length: {"L=64": acc, ...}. The first token
+    of the second copy is left out (nothing announces that the repeat begins)."""
+    out = {}
+    for length, batch in tqdm(sequences.items(), desc=desc, leave=False):
+        hits = []
+        for sequence in batch:
+            _, predictions = token_nll(model, sequence)  # predictions[i] is the guess for token i + 1
+            hits.append((predictions[length:] == sequence[length + 1 :].to(torch.int32)).float())
+        out[f"L={length}"] = torch.cat(hits).mean().item()
     return out

@@ -22,7 +22,15 @@ from linearize.checkpoint import CONFIG_FILE, atomic_save_tensors, atomic_write_
 from linearize.config import RunConfig
 from linearize.data import build_blocks
 from linearize.errors import LinearizeError
-from linearize.evaluate import Scores, score, summarize
+from linearize.evaluate import (
+    Scores,
+    bucket_ratios,
+    copy_sequences,
+    copy_test,
+    position_profile,
+    score,
+    summarize,
+)
 from linearize.methods import get_method, method_settings
 from linearize.models import LinearizedForCausalLM
 from linearize.models.modeling import decoder_layers
@@ -30,6 +38,7 @@ from linearize.models.saving import save_adapter
 from linearize.report import model_card, write_report
 from linearize.teacher import load_teacher
 from linearize.train import attention_transfer, finetune
+from linearize.train.targets import TeacherTargets
 
 
 class Progress:
@@ -93,10 +102,13 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
         seed=config.seed,
         eval_seq_len=config.data.eval_seq_len,
         text_field=config.data.text_field,
+        long_tokens=config.data.long_context,
+        long_documents_per_domain=config.data.long_documents,
     )
     log(f"data: {data_summary(data)}")
 
     teacher = teacher_scores(model, data.eval, out / "teacher_predictions.safetensors", progress)
+    probes = LongRange(config, data, model, progress)
 
     def evaluate(key: str, student: torch.nn.Module) -> dict:
         return progress.once(f"eval.{key}", lambda: evaluate_domains(student, data.eval, teacher, key))
@@ -119,12 +131,13 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
     }
     report["eval"]["untrained"] = evaluate("untrained", model)
 
+    targets = teacher_targets(config, out)
     mixer_params = {n: p for n, p in model.mixer_state_dict().items() if p.requires_grad}
     if config.transfer.enabled and mixer_params:
         stage_dir = out / "stage1"
         trainable = sum(p.numel() for p in mixer_params.values())
         result = attention_transfer(
-            model, data.train, config.transfer, stage_dir, config.checkpoint_every, config.seed
+            model, data.train, config.transfer, stage_dir, config.checkpoint_every, config.seed, targets
         )
         report["stages"]["transfer"] = progress.once(
             "stage.transfer", lambda: stage_summary(result, trainable, distinct=config.transfer.tokens)
@@ -134,7 +147,7 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
         shutil.rmtree(stage_dir / "activations", ignore_errors=True)  # disk, not results: rebuilt on demand
     if config.finetune.enabled:
         model, result = finetune(
-            model, data.train, config.finetune, out / "stage2", config.checkpoint_every, config.seed
+            model, data.train, config.finetune, out / "stage2", config.checkpoint_every, config.seed, targets
         )
         trainable = count_parameters(model)["trainable"]
         report["stages"]["finetune"] = progress.once(
@@ -142,10 +155,15 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
         )
         model.eval()
         report["eval"]["finetune"] = evaluate("finetune", model)
+    if probes.enabled:
+        report["long_range"] = {
+            "teacher": probes.teacher_summary(),
+            config.method: progress.once("long_range.student", lambda: probes.measure(model, "student")),
+        }
     save_adapter(model, out / "model", tokenizer=tokenizer)
     for name, baseline in config.baselines.items():
         def train_baseline(name=name, baseline=baseline):
-            return run_baseline(config, name, baseline, out, device, dtype, data, teacher)
+            return run_baseline(config, name, baseline, out, device, dtype, data, teacher, probes)
 
         report.setdefault("baselines", {})[name] = progress.once(f"baseline.{name}", train_baseline)
     elapsed = (progress.get("seconds") or 0) + time.perf_counter() - started
@@ -154,6 +172,35 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
     atomic_write_text(out / "model" / "README.md", model_card(report))
     log(f"report: {out / 'report.md'}")
     return report
+
+
+class LongRange:
+    """The long-range diagnostics of a run: per-position ratios on long held-out documents and the copy
+    test, the teacher's side computed once (and kept in progress.json)."""
+
+    def __init__(self, config: RunConfig, data, teacher_model, progress: Progress):
+        self.documents = data.long
+        lengths = config.data.copy_lengths
+        self.sequences = copy_sequences(teacher_model.config.vocab_size, lengths, seed=config.seed) if lengths else {}
+        self.enabled = bool(self.sequences) or any(len(docs) for docs in self.documents.values())
+        saved = progress.get("long_range.teacher")
+        if saved is None and self.enabled:
+            saved = progress.put("long_range.teacher", {
+                "profiles": {d: position_profile(teacher_model, docs, f"positions teacher ({d})").tolist()
+                             for d, docs in self.documents.items()},
+                "copy": copy_test(teacher_model, self.sequences, "copy teacher"),
+            })
+        self.teacher = saved
+
+    def teacher_summary(self) -> dict[str, Any]:
+        return {"copy": self.teacher["copy"], "documents": {d: len(x) for d, x in self.documents.items()}}
+
+    def measure(self, model, label: str) -> dict[str, Any]:
+        buckets = {}
+        for domain, docs in self.documents.items():
+            profile = position_profile(model, docs, f"positions {label} ({domain})")
+            buckets[domain] = bucket_ratios(profile, torch.tensor(self.teacher["profiles"][domain]))
+        return {"buckets": buckets, "copy": copy_test(model, self.sequences, f"copy {label}")}
 
 
 def evaluate_domains(model, eval_blocks: dict, teacher: dict[str, Scores], label: str) -> dict[str, dict]:
@@ -196,7 +243,7 @@ def stage_summary(result, trainable: int, distinct: int) -> dict[str, Any]:
 
 
 def run_baseline(
-    config: RunConfig, name: str, baseline: dict, out: Path, device, dtype, data, teacher
+    config: RunConfig, name: str, baseline: dict, out: Path, device, dtype, data, teacher, probes: LongRange
 ) -> dict[str, Any]:
     """A constant-memory baseline, untrained and after the same budget of stage 2 as the student."""
     settings = method_settings(baseline["method"], baseline.get("attention") or {})
@@ -204,13 +251,26 @@ def run_baseline(
     model = LinearizedForCausalLM.from_teacher(teacher_model.to(device), baseline["method"], settings)
     summary: dict[str, Any] = {"method": baseline["method"], "attention": settings_dict(settings), "eval": {}}
     summary["eval"]["untrained"] = evaluate_domains(model, data.eval, teacher, f"{name} untrained")
+    if probes.enabled:
+        summary["long_range"] = {"untrained": probes.measure(model, f"{name} untrained")}
     if config.finetune.enabled and "finetune" in get_method(baseline["method"]).stages:
         work = out / "baselines" / slug(name)
-        model, result = finetune(model, data.train, config.finetune, work, config.checkpoint_every, config.seed)
+        model, result = finetune(
+            model, data.train, config.finetune, work, config.checkpoint_every, config.seed, teacher_targets(config, out)
+        )
         summary["finetune"] = stage_summary(result, count_parameters(model)["trainable"], config.finetune.tokens)
         model.eval()
         summary["eval"]["finetune"] = evaluate_domains(model, data.eval, teacher, name)
+        if probes.enabled:
+            summary["long_range"]["finetune"] = probes.measure(model, name)
     return summary
+
+
+def teacher_targets(config: RunConfig, out: Path) -> TeacherTargets | None:
+    """The run's store of teacher distributions for distillation, shared by the student and the baselines."""
+    if config.finetune.distill_weight > 0 and config.finetune.distill_top_k > 0:
+        return TeacherTargets(out / "teacher_targets", config.finetune.distill_top_k)
+    return None
 
 
 def slug(name: str) -> str:

@@ -50,6 +50,18 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         recovery_table(report),
     ]
+    table = long_range_table(report)
+    if table:
+        lines += [
+            "",
+            "## Long range",
+            "",
+            f"Perplexity ratio to the teacher by position in {report['config']['data']['long_context']}-token held-out "
+            "documents (ratio@N: over the first N positions), and top-1 accuracy on the second copy of a repeated "
+            "random token sequence of length L (a window alone cannot copy beyond its length).",
+            "",
+            table,
+        ]
     lines += [
         "",
         "## Training",
@@ -116,6 +128,39 @@ def recovery_table(report: dict[str, Any]) -> str:
     ]
     for name, values in recovery_rows(report):
         lines.append(f"| {name} | " + " | ".join(" | ".join(_cell(values[d])) for d in domains) + " |")
+    return "\n".join(lines)
+
+
+def long_range_rows(report: dict[str, Any]) -> list[tuple[str, dict]]:
+    """(row name, {"buckets": {domain: {...}}, "copy": {...}}) for every model with diagnostics."""
+    long_range = report.get("long_range") or {}
+    rows = [(report["method"], long_range[report["method"]])] if report["method"] in long_range else []
+    for name, baseline in report.get("baselines", {}).items():
+        for key, value in (baseline.get("long_range") or {}).items():
+            when = "untrained" if key == "untrained" else "after the same stage 2"
+            rows.append((f"{name} (baseline), {when}", value))
+    return rows
+
+
+def long_range_table(report: dict[str, Any]) -> str:
+    rows = long_range_rows(report)
+    if not rows:
+        return ""
+    domains = list(rows[0][1]["buckets"])
+    columns = [(d, key) for d in domains for key in rows[0][1]["buckets"][d]]
+    copies = list(rows[0][1]["copy"])
+    teacher_copy = report["long_range"]["teacher"]["copy"]
+    lines = [
+        "| model | " + " | ".join(f"{d} {key}" for d, key in columns) + " | "
+        + " | ".join(f"copy {c}" for c in copies) + " |",
+        "|---|" + "---:|" * (len(columns) + len(copies)),
+        "| teacher | " + " | ".join("1" for _ in columns) + " | "
+        + " | ".join(f"{teacher_copy[c]:.3f}" for c in copies) + " |",
+    ]
+    for name, values in rows:
+        cells = [f"{values['buckets'][d][key]:.3f}" for d, key in columns]
+        cells += [f"{values['copy'][c]:.3f}" for c in copies]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -150,9 +150,40 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
             return super().save_pretrained(save_directory, *args, **kwargs)
         from linearize.models.saving import save_adapter
 
-        save_adapter(self, Path(save_directory), lora_tensors=getattr(self, "lora_tensors", None))
         if kwargs.get("push_to_hub"):
             raise LinearizeError("push an adapter-only model with model.push_to_hub(repo_id)")
+        save_adapter(self, Path(save_directory), lora_tensors=getattr(self, "lora_tensors", None))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        tokenizer=None,
+        card: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload linearized model",
+        **kwargs,
+    ):
+        """Upload this model as a Hugging Face repo in its `config.weights` variant, with its tokenizer and
+        a model card (`card`, else a short one naming the method and how to load it)."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        from linearize.models.saving import default_card, save_adapter, save_full
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = Path(tmp) / "model"
+            card = card or default_card(self)
+            if self.config.weights == "adapter":
+                save_adapter(self, directory, lora_tensors=getattr(self, "lora_tensors", None), tokenizer=tokenizer,
+                             card=card)
+            else:
+                save_full(self, directory, tokenizer=tokenizer, card=card)
+            return api.upload_folder(repo_id=repo_id, folder_path=str(directory), commit_message=commit_message)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

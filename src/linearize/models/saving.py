@@ -76,6 +76,26 @@ def save_adapter(model, directory: Path, teacher: str | None = None, lora_tensor
     return directory
 
 
+def default_card(model: LinearizedForCausalLM) -> str:
+    return f"""---
+library_name: transformers
+tags: [linearize, linear-attention, {model.config.method}]
+---
+
+# A {model.config.method} linearization of {model.config.teacher or "a softmax-attention model"}
+
+Made with linearize: every attention layer swapped for a constant-memory mixer (method
+`{model.config.method}`). Load it with `import linearize` first, which registers the model type:
+
+```python
+import linearize
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("<this repo>")
+```
+"""
+
+
 def save_full(model, directory: Path, tokenizer=None, card: str | None = None) -> Path:
     """Self-contained directory: every weight (LoRA merged), loadable without the teacher."""
     base, peft_model = unwrap(model)

@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from linearize.config import FinetuneConfig
 from linearize.layers.attention import attention_mode
 from linearize.train.loop import TrainResult, run_steps
+from linearize.train.targets import TeacherTargets, top_k_kl
 
 
 def lora_config(config: FinetuneConfig) -> LoraConfig:
@@ -29,12 +30,11 @@ def lora_config(config: FinetuneConfig) -> LoraConfig:
     )
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) per token, scaled by T^2 (Hinton et al., 2015)."""
-    log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(log_student.flatten(0, -2), log_teacher.flatten(0, -2), log_target=True, reduction="batchmean")
-    return kl * temperature**2
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per token over the whole vocabulary."""
+    log_student = F.log_softmax(student_logits.float(), dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+    return F.kl_div(log_student.flatten(0, -2), log_teacher.flatten(0, -2), log_target=True, reduction="batchmean")
 
 
 def finetune(
@@ -44,10 +44,17 @@ def finetune(
     work_dir: Path,
     checkpoint_every: int,
     seed: int = 0,
+    targets: TeacherTargets | None = None,
 ) -> tuple[PeftModel, TrainResult]:
-    """Wrap `model` with LoRA adapters and train them on `config.tokens` tokens of `blocks` ([N, T])."""
+    """Wrap `model` with LoRA adapters and train them (and, with `config.train_mixers`, the mixers' own
+    parameters) on `config.tokens` tokens of `blocks` ([N, T]). With `targets`, the teacher's top-k
+    distributions are read from (or first written to) that store instead of re-running the teacher."""
     torch.manual_seed(seed)  # LoRA's random init, the same whether or not the run was resumed
     peft_model = get_peft_model(model, lora_config(config))
+    if config.train_mixers:
+        for name, param in peft_model.named_parameters():
+            if ".mixer." in name:
+                param.requires_grad_(True)
     params = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
     seq_len = blocks.shape[1]
     steps = max(1, min(len(blocks), config.tokens // seq_len) // config.batch_size)
@@ -55,15 +62,23 @@ def finetune(
     random.Random(seed).shuffle(ids)
     device = next(model.parameters()).device
 
+    def teacher_logits(block_ids: list[int]) -> torch.Tensor:
+        """The teacher is the same model with the adapter off and softmax attention on."""
+        with torch.no_grad(), peft_model.disable_adapter(), attention_mode(model, "softmax"):
+            return peft_model(input_ids=blocks[block_ids].to(device), use_cache=False).logits
+
     def step_fn(step: int) -> dict:
-        inputs = blocks[ids[step * config.batch_size : (step + 1) * config.batch_size]].to(device)
+        batch = ids[step * config.batch_size : (step + 1) * config.batch_size]
+        inputs = blocks[batch].to(device)
         out = peft_model(input_ids=inputs, labels=inputs, use_cache=False)
         metrics = {"ce": out.loss.item()}
         loss = out.loss
         if config.distill_weight > 0:
-            with torch.no_grad(), peft_model.disable_adapter(), attention_mode(model, "softmax"):
-                teacher_logits = peft_model(input_ids=inputs, use_cache=False).logits
-            kd = distillation_loss(out.logits, teacher_logits, config.distill_temperature)
+            if targets is None:
+                kd = distillation_loss(out.logits, teacher_logits(batch))
+            else:
+                indices, logprobs = targets.get(batch, teacher_logits)
+                kd = top_k_kl(out.logits, indices.to(device), logprobs.to(device))
             loss = loss + config.distill_weight * kd
             metrics["kd"] = kd.item()
         loss.backward()

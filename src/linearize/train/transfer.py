@@ -16,20 +16,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from linearize.checkpoint import atomic_save_tensors, load_tensors
+from linearize.checkpoint import DTYPES, atomic_save_tensors, load_tensors
 from linearize.config import TransferConfig
 from linearize.layers.attention import attention_mode, linearized_attentions
 from linearize.train.loop import TrainResult, run_steps
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from linearize.train.targets import TeacherTargets
 
 
 class ActivationCache:
     """Teacher activations per training block: `block_00012.safetensors` holds `{layer}.x` (the layer's
     attention input [1, T, C]) and `{layer}.y` (the teacher's attention output [1, H, T, D])."""
 
-    def __init__(self, model: torch.nn.Module, directory: Path, dtype: str):
+    def __init__(self, model: torch.nn.Module, directory: Path, dtype: str, targets: TeacherTargets | None = None):
         self.model = model
+        self.targets = targets
         self.directory = directory
         self.dtype = DTYPES[dtype]
         self.layers = linearized_attentions(model)
@@ -51,8 +51,11 @@ class ActivationCache:
         device = next(self.model.parameters()).device
         inputs = blocks[ids].to(device)
         with attention_mode(self.model, "record"):
-            self.model.model(input_ids=inputs, use_cache=False)
+            hidden = self.model.model(input_ids=inputs, use_cache=False).last_hidden_state
             recorded = {layer.layer_idx: layer.recorded for layer in self.layers}
+        if self.targets is not None:  # the teacher ran anyway: keep its next-token distributions for stage 2
+            for block, logits in zip(ids, self.model.lm_head(hidden)):
+                self.targets.put(block, logits)
         for row, block in enumerate(ids):
             tensors = {
                 f"{index}.{name}": tensor[row : row + 1].to(self.dtype)
@@ -80,13 +83,15 @@ def attention_transfer(
     work_dir: Path,
     checkpoint_every: int,
     seed: int = 0,
+    targets: TeacherTargets | None = None,
 ) -> TrainResult:
-    """Train the mixers of every converted layer on `config.tokens` tokens of `blocks` ([N, T])."""
+    """Train the mixers of every converted layer on `config.tokens` tokens of `blocks` ([N, T]). With
+    `targets`, the recording pass also stores the teacher's next-token distributions for stage 2."""
     params = {name: p for name, p in model.mixer_state_dict().items() if p.requires_grad}
     seq_len = blocks.shape[1]
     num_blocks = max(config.batch_size, min(len(blocks), config.tokens // seq_len))
     steps_per_epoch = num_blocks // config.batch_size
-    cache = ActivationCache(model, work_dir / "activations", config.cache_dtype)
+    cache = ActivationCache(model, work_dir / "activations", config.cache_dtype, targets)
     layers = cache.layers
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
