@@ -97,7 +97,8 @@ with torch.no_grad():
 
 def test_transformers_without_linearize_refuses_the_directory(saved):
     _, _, full, _ = saved
-    result = python(f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(full)!r})")
+    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(full)!r})"
+    result = python(code)
     assert result.returncode != 0
     assert "linearized" in result.stderr
 

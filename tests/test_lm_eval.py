@@ -13,7 +13,7 @@ import linearize
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the `eval` extra: pip install 'linearize[eval]'")
 
-WORDS = ["apple", "river", "stone", "cloud", "ember", "maple", "orbit", "tiger", "lemon", "piano", "quartz", "sable"]
+WORDS = ["apple", "river", "stone", "cloud", "ember", "maple", "orbit", "tiger"]
 
 
 def write_tasks(directory) -> list[str]:
@@ -24,7 +24,8 @@ def write_tasks(directory) -> list[str]:
         rows.append({"context": f"{context}: {word}", "choices": [word, WORDS[(i + 3) % len(WORDS)]], "label": 0,
                      "answer": word})
     (directory / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    data = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {directory / 'rows.jsonl'}\ntest_split: test\n"
+    rows_file = directory / "rows.jsonl"
+    data = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {rows_file}\ntest_split: test\n"
     (directory / "tiny_mc.yaml").write_text(
         "task: tiny_mc\n" + data + "output_type: multiple_choice\ndoc_to_text: '{{context}} ='\n"
         "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n"
@@ -48,10 +49,9 @@ def evaluate(model, tokenizer, tasks, include_path, batch_size: int) -> dict:
     )
 
 
-@pytest.mark.parametrize("method", ["hybrid", "liger"])
-def test_hflm_batched_requests_equal_one_at_a_time(method, tmp_path):
+def test_hflm_batched_requests_equal_one_at_a_time(tmp_path):
     tasks = write_tasks(tmp_path)
-    model = linearize.linearize(make_tiny_model("llama"), method, {"window_size": 4, "sink_tokens": 2})
+    model = linearize.linearize(make_tiny_model("llama"), "hybrid", {"window_size": 4, "sink_tokens": 2})
     tokenizer = make_byte_tokenizer()
     one = evaluate(model, tokenizer, tasks, tmp_path, batch_size=1)
     four = evaluate(model, tokenizer, tasks, tmp_path, batch_size=4)
@@ -63,3 +63,49 @@ def test_hflm_batched_requests_equal_one_at_a_time(method, tmp_path):
                 for resp_a, resp_b in zip(a["resps"], b["resps"], strict=True):  # [[(loglikelihood, greedy)]]
                     assert float(resp_a[0][0]) == pytest.approx(float(resp_b[0][0]), abs=1e-3)
     assert 0.0 <= four["results"]["tiny_mc"]["acc,none"] <= 1.0
+
+
+FACTS = [
+    ("The capital of France is", "Paris", "Madrid"),
+    ("Water freezes at zero degrees", "Celsius", "Kelvin"),
+    ("The largest planet in the solar system is", "Jupiter", "Mercury"),
+    ("The opposite of hot is", "cold", "blue"),
+    ("A week has seven", "days", "apples"),
+    ("The sun rises in the", "east", "west"),
+    ("Two plus two equals", "four", "nine"),
+    ("The chemical symbol for gold is", "Au", "Ox"),
+    ("Birds fly with their", "wings", "wheels"),
+    ("The first month of the year is", "January", "October"),
+]
+
+
+def test_eval_command_runs_lm_eval_tasks_on_the_real_teacher_and_student(tmp_path, smollm2):
+    """`linearize eval DIR --tasks T --teacher` on SmolLM2: one JSON line with both models' scores. The
+    teacher is well above chance; these prompts are shorter than the 64-token window, where the untrained
+    hybrid computes exactly the teacher's attention, so the student matches it."""
+    import subprocess
+    import sys
+
+    from linearize.models.saving import save_adapter
+
+    rows = [{"question": q, "choices": [f" {a}", f" {b}"], "label": 0} for q, a, b in FACTS]
+    (tmp_path / "facts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "facts.yaml").write_text(
+        f"task: facts\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'facts.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "target_delimiter: ''\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n"
+    )
+    teacher, tokenizer = smollm2
+    student = linearize.linearize(teacher, "hybrid")
+    save_adapter(student, tmp_path / "student", tokenizer=tokenizer)
+    result = subprocess.run(
+        [sys.executable, "-m", "linearize.cli", "eval", str(tmp_path / "student"), "--tasks", "facts",
+         "--include", str(tmp_path), "--teacher", "--batch-size", "4"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    teacher_acc, student_acc = printed["tasks"]["teacher"]["facts"]["acc"], printed["tasks"]["student"]["facts"]["acc"]
+    assert teacher_acc >= 0.8
+    assert abs(student_acc - teacher_acc) <= 0.1
+    assert "| facts | acc |" in result.stderr

@@ -138,3 +138,31 @@ def test_converting_twice_is_refused():
     model = linearize(make_tiny_model("llama"), "hybrid")
     with pytest.raises(LinearizeError, match="already linearized"):
         linearize(model, "hybrid")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_left_padded_batch_generates_row_for_row_what_each_prompt_generates_alone(method):
+    model = convert("qwen2", method, window_size=4)
+    prompts = [tokens(batch=1, length=n, seed=n)[0] for n in (13, 6, 9)]
+    width = max(len(p) for p in prompts)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for row, prompt in enumerate(prompts):
+        batch[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    together = model.generate(batch, attention_mask=mask, **kwargs)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], **kwargs)
+        assert torch.equal(together[row, width:], alone[0, len(prompt) :]), f"row {row}"
+
+
+def test_right_padding_is_harmless():
+    model = convert("llama", "hybrid", window_size=4)
+    x = tokens(batch=2, length=12)
+    mask = torch.ones_like(x)
+    mask[1, 8:] = 0
+    with torch.no_grad():
+        padded = model(x, attention_mask=mask).logits
+        single = model(x[1:, :8]).logits
+    torch.testing.assert_close(padded[1, :8], single[0], rtol=1e-5, atol=1e-5)

@@ -78,8 +78,9 @@ def test_report_holds_every_row_and_stage(finished_run):
         assert all(0 <= acc <= 1 for acc in entry["copy"].values()) and set(entry["copy"]) == {"L=16", "L=64"}
     transfer, finetune = report["stages"]["transfer"], report["stages"]["finetune"]
     assert transfer["distinct_tokens"] == 256 and transfer["tokens"] == 512 and transfer["steps"] == 8
-    # LoRA r=8 on q, o (64 -> 64) and k, v (64 -> 32) in 2 layers
-    assert finetune["trainable_parameters"] == 2 * (2 * 8 * (64 + 64) + 2 * 8 * (64 + 32))
+    # LoRA r=8 on q, o (64 -> 64) and k, v (64 -> 32) in 2 layers, plus the mixers (finetune.train_mixers)
+    lora = 2 * (2 * 8 * (64 + 64) + 2 * 8 * (64 + 32))
+    assert finetune["trainable_parameters"] == lora + transfer["trainable_parameters"]
     saved = json.loads((out / "report.json").read_text())
     assert saved["eval"] == json.loads(json.dumps(report["eval"]))
     text = (out / "report.md").read_text()
@@ -145,16 +146,17 @@ def test_export_writes_a_standalone_model_with_the_same_logits(finished_run, tmp
         torch.testing.assert_close(merged(x).logits, student(x).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_eval_cli_prints_student_and_teacher_json(finished_run, tmp_path):
+def test_eval_cli_on_a_run_directory_prints_student_and_teacher_json(finished_run, tmp_path):
     out, _ = finished_run
     text = tmp_path / "text.txt"
     text.write_text((ROOT / "src" / "linearize" / "pipeline.py").read_text())
-    result = cli("eval", str(out / "model"), "--data", str(text), "--teacher", "--seq-len", "128")
+    result = cli("eval", str(out), "--data", str(text), "--teacher", "--seq-len", "128")
     assert result.returncode == 0, result.stderr
-    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    printed = json.loads(result.stdout.strip().splitlines()[-1])["perplexity"]
     assert set(printed) == {"student", "teacher"}
     assert printed["student"]["tokens"] == printed["teacher"]["tokens"] > 0
     assert 0 <= printed["student"]["agreement"] <= 1
+    assert "| student |" in result.stderr
 
 
 def test_generate_cli_generates(finished_run):

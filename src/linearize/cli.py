@@ -1,7 +1,7 @@
 """The `linearize` command.
 
     linearize run [--config FILE|NAME] [--fresh] [key.sub=value ...]
-    linearize eval MODEL_DIR --data FILE [--teacher] [--seq-len 1024]
+    linearize eval MODEL_DIR [--data FILE] [--tasks T1,T2] [--long-range] [--teacher]
     linearize generate MODEL_DIR --prompt TEXT [--max-new-tokens 64]
     linearize export MODEL_DIR OUT_DIR
     linearize config [--config FILE|NAME] [key.sub=value ...]   (print the resolved config)
@@ -51,23 +51,90 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    """Whatever was asked for, student (and teacher) side by side: one JSON line, then tables."""
     from linearize.api import load
-    from linearize.data import file_blocks
-    from linearize.evaluate import score, summarize
     from linearize.teacher import load_teacher
 
+    if not (args.data or args.tasks or args.long_range):
+        raise LinearizeError("say what to evaluate: --data FILE, --tasks T1,T2 and/or --long-range")
     model, tokenizer = load(args.model_dir, device=args.device)
-    blocks = file_blocks(tokenizer, args.data, args.seq_len, max_blocks=args.max_blocks)
-    student = score(model, blocks, desc="student")
-    result = {"student": summarize(student)}
-    if args.teacher:
+    teacher = None
+    if args.teacher or args.long_range:
         if not model.config.teacher:
             raise LinearizeError(f"'{args.model_dir}' names no teacher (config.json 'teacher'): drop --teacher")
-        teacher_model, _ = load_teacher(model.config.teacher, dtype=next(model.parameters()).dtype)
-        teacher = score(teacher_model.to(next(model.parameters()).device), blocks, desc="teacher")
-        result["teacher"] = summarize(teacher)
-        result["student"] = summarize(student, teacher)
+        teacher, _ = load_teacher(model.config.teacher, dtype=next(model.parameters()).dtype)
+        teacher.to(next(model.parameters()).device)
+    result: dict = {}
+    if args.data:
+        result["perplexity"] = perplexity_on_file(model, teacher, tokenizer, args)
+    if args.long_range:
+        result["long_range"] = long_range(model, teacher, tokenizer, args)
+    if args.tasks:
+        from linearize.harness import run_tasks
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        kwargs = {"batch_size": args.batch_size, "limit": args.limit, "include_path": args.include}
+        result["tasks"] = {"student": run_tasks(model, tokenizer, tasks, **kwargs)}
+        if teacher is not None:
+            result["tasks"]["teacher"] = run_tasks(teacher, tokenizer, tasks, **kwargs)
     print(json.dumps(result))
+    print(eval_tables(result), file=sys.stderr)
+
+
+def perplexity_on_file(model, teacher, tokenizer, args) -> dict:
+    from linearize.data import file_blocks
+    from linearize.evaluate import score, summarize
+
+    blocks = file_blocks(tokenizer, args.data, args.seq_len, max_blocks=args.max_blocks)
+    student = score(model, blocks, desc="student")
+    if teacher is None:
+        return {"student": summarize(student)}
+    reference = score(teacher, blocks, desc="teacher")
+    return {"student": summarize(student, reference), "teacher": summarize(reference)}
+
+
+def long_range(model, teacher, tokenizer, args) -> dict:
+    """Position buckets on held-out long documents of the default corpus, and the copy test."""
+    from linearize.data import build_blocks
+    from linearize.evaluate import bucket_ratios, copy_sequences, copy_test, position_profile
+
+    data = build_blocks(tokenizer, "default", 1024, 0, 0, long_tokens=args.long_context,
+                        long_documents_per_domain=args.long_documents)
+    buckets = {
+        domain: bucket_ratios(position_profile(model, docs, f"student ({domain})"),
+                              position_profile(teacher, docs, f"teacher ({domain})"))
+        for domain, docs in data.long.items()
+    }
+    sequences = copy_sequences(model.config.vocab_size)
+    return {"buckets": buckets, "documents": data.long_documents,
+            "copy": {"student": copy_test(model, sequences), "teacher": copy_test(teacher, sequences)}}
+
+
+def eval_tables(result: dict) -> str:
+    """Markdown tables of an eval result, for people (the JSON line is for programs)."""
+    lines = []
+    if "perplexity" in result:
+        lines += ["| model | perplexity | ratio | agreement |", "|---|---:|---:|---:|"]
+        for name, entry in result["perplexity"].items():
+            lines.append(f"| {name} | {entry['perplexity']:.3f} | {entry.get('ppl_ratio', 1):.3f} | "
+                         f"{entry.get('agreement', 1):.3f} |")
+        lines.append("")
+    if "long_range" in result:
+        for domain, buckets in result["long_range"]["buckets"].items():
+            lines += [f"| {domain} | " + " | ".join(buckets) + " |", "|---|" + "---:|" * len(buckets),
+                      "| ratio to teacher | " + " | ".join(f"{v:.3f}" for v in buckets.values()) + " |", ""]
+        copy = result["long_range"]["copy"]
+        lines += ["| copy test | " + " | ".join(copy["student"]) + " |", "|---|" + "---:|" * len(copy["student"])]
+        lines += [f"| {name} | " + " | ".join(f"{v:.3f}" for v in accs.values()) + " |" for name, accs in copy.items()]
+        lines.append("")
+    if "tasks" in result:
+        names = list(result["tasks"])
+        lines += ["| task | metric | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+        for task, metrics in result["tasks"]["student"].items():
+            for metric, value in metrics.items():
+                others = [result["tasks"][n].get(task, {}).get(metric, float("nan")) for n in names[1:]]
+                lines.append(f"| {task} | {metric} | {value:.4f} | " + " | ".join(f"{o:.4f}" for o in others) + " |")
+    return "\n".join(lines)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -118,12 +185,20 @@ def parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*")
     config.set_defaults(func=cmd_config)
 
-    ev = sub.add_parser("eval", help="perplexity of a saved model on a text file (JSON on stdout)")
+    ev = sub.add_parser("eval", help="evaluate a saved model (a run directory or a model directory)")
     ev.add_argument("model_dir")
-    ev.add_argument("--data", required=True, help="a .txt or .jsonl file")
-    ev.add_argument("--teacher", action="store_true", help="also score the teacher and the agreement with it")
+    ev.add_argument("--data", help="perplexity on a .txt / .jsonl file or a directory of .txt files")
+    ev.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs linearize[eval])")
+    ev.add_argument("--long-range", action="store_true",
+                    help="ratio by position on long held-out documents, and the copy test (with the teacher)")
+    ev.add_argument("--teacher", action="store_true", help="also evaluate the teacher, side by side")
     ev.add_argument("--seq-len", type=int, default=1024)
     ev.add_argument("--max-blocks", type=int, default=None)
+    ev.add_argument("--long-context", type=int, default=4096)
+    ev.add_argument("--long-documents", type=int, default=1, help="long documents per domain")
+    ev.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    ev.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many examples per task")
+    ev.add_argument("--include", help="lm-eval: a directory of extra task YAML files")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=cmd_eval)
 

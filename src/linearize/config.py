@@ -59,7 +59,7 @@ class FinetuneConfig:
 
     enabled: bool = True
     tokens: int = 24576
-    lr: float = 1e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 2
     batch_size: int = 1
@@ -69,7 +69,7 @@ class FinetuneConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     distill_weight: float = 1.0  # weight of KL(teacher || student) next to the next-token loss
     distill_top_k: int = 64  # teacher targets kept per position (computed once); 0 = full logits each step
-    train_mixers: bool = False  # also train the mixers' own parameters (feature maps, scales) in stage 2
+    train_mixers: bool = True  # also train the mixers' own parameters (feature maps, scales) in stage 2
     grad_clip: float = 1.0
 
 
