@@ -79,7 +79,7 @@ FACTS = [
 ]
 
 
-def test_eval_command_runs_lm_eval_tasks_on_the_real_teacher_and_student(tmp_path, smollm2):
+def test_eval_command_runs_lm_eval_tasks_on_the_real_teacher_and_student(tmp_path, smollm2):  # noqa: ARG001
     """`linearize eval DIR --tasks T --teacher` on SmolLM2: one JSON line with both models' scores. The
     teacher is well above chance; these prompts are shorter than the 64-token window, where the untrained
     hybrid computes exactly the teacher's attention, so the student matches it."""
@@ -95,7 +95,10 @@ def test_eval_command_runs_lm_eval_tasks_on_the_real_teacher_and_student(tmp_pat
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
         "target_delimiter: ''\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n"
     )
-    teacher, tokenizer = smollm2
+    from linearize.teacher import DEFAULT_TEACHER, load_teacher
+
+    # a fresh teacher (from the cache the session fixture built): conversion reuses its modules in place
+    teacher, tokenizer = load_teacher(DEFAULT_TEACHER)
     student = linearize.linearize(teacher, "hybrid")
     save_adapter(student, tmp_path / "student", tokenizer=tokenizer)
     result = subprocess.run(

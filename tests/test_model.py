@@ -15,11 +15,12 @@ METHODS = {
     "lolcats": {"window_size": 8},
     "liger": {"window_size": 8, "sink_tokens": 2},
     "window": {"window_size": 8, "sink_tokens": 2},
+    "hybrid+rope": {"window_size": 8, "sink_tokens": 2, "decay": 0.95, "linear_rope": True},
 }
 
 
 def convert(family: str, method: str, **attention):
-    return linearize(make_tiny_model(family), method, {**METHODS[method], **attention})
+    return linearize(make_tiny_model(family), method.split("+")[0], {**METHODS[method], **attention})
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -12,7 +12,10 @@ softmax keys: most of a small model's attention mass sits on them), and changes 
   large exp(q.k) is for a given query and key; a learned log-magnitude per query and per key
   (linear in q and k) gives it back, so the weight of old keys relative to the window can follow the
   query instead of one factor per head;
-- an optional per-head decay on the linear terms bounds their mass at long range.
+- the feature maps read q and k before RoPE (as Liger's recurrence does): a rotated key's features
+  change with its position, so maps trained on 1024-token blocks misjudge keys at 4096; without RoPE
+  the linear terms carry content, the window carries position;
+- a learned per-head decay on the linear terms (0.999 at the start) bounds their mass at long range.
 
     y_t = (sum_{window, sinks} exp(q_t.k_s / sqrt(d) - c_t) [v_s, 1]
            + sum_{older} a^{t-s} m_q(q_t) m_k(k_s) phi(q_t).phi(k_s) [v_s, 1])  -> num / den
@@ -44,7 +47,8 @@ class Settings(WindowSettings):
     feature_dim: int | None = None  # hedgehog/t2r projection size per sign; None = head_dim
     magnitude: bool = True  # learn per-query / per-key log-magnitudes of the linear terms
     linear_scale_init: float = 0.05  # initial weight of the linear terms (0 < x <= 1): near window + sinks
-    decay: float | None = None  # initial per-head decay of the linear terms, in (0, 1]; null = no decay
+    decay: float | None = 0.999  # initial per-head decay of the linear terms, in (0, 1]; null = no decay
+    linear_rope: bool = False  # feature maps read q and k after RoPE (as LoLCATS) or before it (as Liger)
 
     def validate(self) -> None:
         super().validate()
@@ -61,6 +65,7 @@ class HybridMixer(Mixer):
         super().__init__()
         self.window_size = settings.window_size
         self.sink_tokens = settings.sink_tokens
+        self.linear_rope = settings.linear_rope
         self.scale = head_dim**-0.5
         self.feature_map_q = build_feature_map(settings.feature_map, num_heads, head_dim, settings.feature_dim)
         self.feature_map_k = build_feature_map(settings.feature_map, num_kv_heads, head_dim, settings.feature_dim)
@@ -77,11 +82,12 @@ class HybridMixer(Mixer):
             self.decay_logit = nn.Parameter(torch.full((num_kv_heads,), logit))
 
     def forward(self, x, state, output_state):
-        fq, fk = self.feature_map_q(x.q), self.feature_map_k(x.k)
+        q, k = (x.q, x.k) if self.linear_rope else (x.q_nope, x.k_nope)
+        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
         log_q = self.log_scale[:, None].to(fq.dtype)  # [H, 1]
         if self.magnitude_q is not None:
-            log_q = torch.einsum("bhtd,hd->bht", x.q, self.magnitude_q.to(x.q.dtype)) + log_q
-            log_k = torch.einsum("bhtd,hd->bht", x.k, self.magnitude_k.to(x.k.dtype))
+            log_q = torch.einsum("bhtd,hd->bht", q, self.magnitude_q.to(q.dtype)) + log_q
+            log_k = torch.einsum("bhtd,hd->bht", k, self.magnitude_k.to(k.dtype))
             fk = fk * log_k.clamp(max=MAX_LOG_MAGNITUDE).exp()[..., None]
         fq = fq * log_q.clamp(max=MAX_LOG_MAGNITUDE).exp()[..., None]
         log_gate = None
