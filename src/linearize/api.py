@@ -88,11 +88,18 @@ def load(path: str | Path, device: str = "auto", dtype: str | None = None) -> tu
     return model, AutoTokenizer.from_pretrained(directory)
 
 
-def export(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a self-contained full-weights directory (LoRA merged) from an adapter-only one."""
+def export(model_dir: str | Path, out_dir: str | Path, format: str = "linearize") -> Path:
+    """Write a self-contained full-weights directory (LoRA merged) from an adapter-only one; with
+    format "fla", flash-linear-attention's own GLA model directory (XATL GLA students)."""
     from linearize.models.saving import save_full
 
+    if format not in ("linearize", "fla"):
+        raise LinearizeError(f"export format must be 'linearize' or 'fla', got '{format}'")
     model, tokenizer = load(model_dir, device="cpu")
+    if format == "fla":
+        from linearize.models.fla_export import export_fla
+
+        return export_fla(model, Path(out_dir), tokenizer=tokenizer)
     card_path = find_model_dir(model_dir) / "README.md"
     card = card_path.read_text() if card_path.is_file() else None
     return save_full(model, Path(out_dir), tokenizer=tokenizer, card=card)

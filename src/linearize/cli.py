@@ -3,7 +3,7 @@
     linearize run [--config FILE|NAME] [--fresh] [key.sub=value ...]
     linearize eval MODEL_DIR [--data FILE] [--tasks T1,T2] [--long-range] [--teacher]
     linearize generate MODEL_DIR --prompt TEXT [--max-new-tokens 64]
-    linearize export MODEL_DIR OUT_DIR
+    linearize export MODEL_DIR OUT_DIR [--format fla]
     linearize config [--config FILE|NAME] [key.sub=value ...]   (print the resolved config)
 """
 
@@ -166,8 +166,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from linearize.api import export
 
-    export(args.model_dir, args.out_dir)
-    print(f"exported full weights to {args.out_dir}", file=sys.stderr)
+    export(args.model_dir, args.out_dir, format=args.format)
+    what = "flash-linear-attention's GLA model" if args.format == "fla" else "full weights"
+    print(f"exported {what} to {args.out_dir}", file=sys.stderr)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -215,6 +216,8 @@ def parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write a standalone merged model directory")
     exp.add_argument("model_dir")
     exp.add_argument("out_dir")
+    exp.add_argument("--format", choices=["linearize", "fla"], default="linearize",
+                     help="fla: flash-linear-attention's GLAForCausalLM (XATL GLA students, for its GPU kernels)")
     exp.set_defaults(func=cmd_export)
     return top
 

@@ -70,6 +70,11 @@ class FinetuneConfig:
     distill_weight: float = 1.0  # weight of KL(teacher || student) next to the next-token loss
     distill_top_k: int = 64  # teacher targets kept per position (computed once); 0 = full logits each step
     train_mixers: bool = True  # also train the mixers' own parameters (feature maps, scales) in stage 2
+    full: bool = False  # train every weight instead of LoRA adapters (XATL); the student is saved in full
+    unfreeze_threshold: float | None = None  # progressive unfreezing: only the mixers' own parameters train
+    # until the mean loss of the last `unfreeze_window` steps improves on the window before by less than this
+    # fraction, then everything else unfreezes too; null = everything trains from the start
+    unfreeze_window: int = 8
     grad_clip: float = 1.0
 
 

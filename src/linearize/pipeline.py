@@ -34,10 +34,12 @@ from linearize.evaluate import (
 from linearize.methods import get_method, method_settings
 from linearize.models import LinearizedForCausalLM
 from linearize.models.modeling import decoder_layers
-from linearize.models.saving import save_adapter
+from linearize.models.saving import save_adapter, save_full
+from linearize.models.transfer import format_transfer_table, teacher_shapes, transfer_counts, transfer_table
 from linearize.report import model_card, write_report
 from linearize.teacher import load_teacher
 from linearize.train import attention_transfer, finetune
+from linearize.train.finetune import training_blocks
 from linearize.train.targets import TeacherTargets
 
 
@@ -113,7 +115,22 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
     def evaluate(key: str, student: torch.nn.Module) -> dict:
         return progress.once(f"eval.{key}", lambda: evaluate_domains(student, data.eval, teacher, key))
 
+    targets = teacher_targets(config, out)
+    tune = config.finetune
+    random_init = getattr(config.attention, "init", "transfer") == "random"
+    if targets is not None and tune.enabled and (tune.full or random_init):
+        # training will change (or has replaced) the teacher's own weights: keep its targets first
+        blocks = data.train
+
+        def logits(ids):
+            return model(input_ids=blocks[ids].to(device), use_cache=False).logits
+
+        targets.fill(training_blocks(tune, blocks, config.seed), logits, "teacher targets")
+    shapes = teacher_shapes(model)
     model = LinearizedForCausalLM.from_teacher(model, config.method, config.attention)
+    table = transfer_table(shapes, model, copied=not random_init)
+    atomic_write_text(out / "transfer_table.md", format_transfer_table(table))
+    log(f"transfer: {transfer_counts(table)} (table: {out / 'transfer_table.md'})")
     layers = len(decoder_layers(model))
     report: dict[str, Any] = {
         "method": config.method,
@@ -125,13 +142,13 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
             "parameters": count_parameters(model)["total"],
         },
         "data": data_summary(data),
+        "transfer": transfer_counts(table),
         "eval": {"teacher": {d: summarize(s) for d, s in teacher.items()}},
         "stages": {},
         "config": config.to_dict(),
     }
     report["eval"]["untrained"] = evaluate("untrained", model)
 
-    targets = teacher_targets(config, out)
     mixer_params = {n: p for n, p in model.mixer_state_dict().items() if p.requires_grad}
     if config.transfer.enabled and mixer_params:
         stage_dir = out / "stage1"
@@ -160,7 +177,10 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
             "teacher": probes.teacher_summary(),
             config.method: progress.once("long_range.student", lambda: probes.measure(model, "student")),
         }
-    save_adapter(model, out / "model", tokenizer=tokenizer)
+    if tune.full or random_init:  # the teacher's weights changed: only a self-contained directory holds them
+        save_full(model, out / "model", tokenizer=tokenizer)
+    else:
+        save_adapter(model, out / "model", tokenizer=tokenizer)
     for name, baseline in config.baselines.items():
         def train_baseline(name=name, baseline=baseline):
             return run_baseline(config, name, baseline, out, device, dtype, data, teacher, probes)

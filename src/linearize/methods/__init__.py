@@ -16,8 +16,9 @@ from linearize.methods.hybrid import Hybrid
 from linearize.methods.liger import Liger
 from linearize.methods.lolcats import Lolcats
 from linearize.methods.window import Window
+from linearize.methods.xatl import Xatl
 
-METHODS: dict[str, Method] = {m.name: m for m in (Hybrid(), Lolcats(), Liger(), Window())}
+METHODS: dict[str, Method] = {m.name: m for m in (Hybrid(), Lolcats(), Liger(), Window(), Xatl())}
 
 
 def get_method(name: str) -> Method:
@@ -71,6 +72,16 @@ def _check_run(config: RunConfig) -> None:
             raise LinearizeError("transfer/finetune tokens, lr and batch_size must be positive")
         if not 0 < stage.min_lr_ratio <= 1:
             raise LinearizeError("transfer/finetune min_lr_ratio must lie in (0, 1]")
+    tune = config.finetune
+    if tune.unfreeze_threshold is not None and not 0 < tune.unfreeze_threshold < 1:
+        raise LinearizeError(f"finetune.unfreeze_threshold must lie in (0, 1), got {tune.unfreeze_threshold}")
+    if tune.unfreeze_window < 1:
+        raise LinearizeError("finetune.unfreeze_window must be >= 1")
+    if tune.enabled and tune.full and tune.distill_weight > 0 and tune.distill_top_k < 1:
+        raise LinearizeError(
+            "finetune.full trains the teacher's own weights, so the teacher's logits must be kept before training: "
+            "set finetune.distill_top_k > 0 (or finetune.distill_weight: 0)"
+        )
     if config.data.seq_len < 1 or config.data.eval_seq_len < 1 or config.data.eval_blocks < 0:
         raise LinearizeError("data.seq_len and data.eval_seq_len must be >= 1, data.eval_blocks >= 0")
 

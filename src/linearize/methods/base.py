@@ -27,6 +27,9 @@ class Shapes:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    hidden_size: int = 0
+    norm_eps: float = 1e-6
+    initializer_range: float = 0.02
 
 
 @dataclass
@@ -78,6 +81,10 @@ class Method:
 
     def build_mixer(self, settings: Any, shapes: Shapes) -> Mixer:
         raise NotImplementedError
+
+    def initialise(self, model: Any, settings: Any) -> None:
+        """Called once after a teacher is converted (not when a saved student loads): a method that
+        re-initialises weights does it here."""
 
     def softmax_keys(self, settings: Any) -> int:
         """Softmax keys a query sees at most (window + sinks): what recovery compares at equal cost."""

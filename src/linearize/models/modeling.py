@@ -67,12 +67,16 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
         self.post_init()
 
     @classmethod
-    def from_teacher(cls, teacher: PreTrainedModel, method: str, settings: Any) -> LinearizedForCausalLM:
-        """Wrap a loaded teacher (its modules reused by reference, never copied) and convert its attention.
-        Teacher weights are frozen; the mixers' own parameters are trainable."""
+    def from_teacher(
+        cls, teacher: PreTrainedModel, method: str, settings: Any, initialise: bool = True
+    ) -> LinearizedForCausalLM:
+        """Wrap a loaded teacher (its modules reused by reference, never copied: the teacher object becomes
+        the student) and convert its attention. Teacher weights are frozen; the mixers' own parameters are
+        trainable. `initialise`: let the method re-initialise weights (XATL's `init: random`); loading a
+        saved student passes False."""
         import dataclasses
 
-        from linearize.methods import method_settings
+        from linearize.methods import get_method, method_settings
 
         if isinstance(teacher, LinearizedForCausalLM):
             raise LinearizeError("this model is already linearized: convert the teacher, not the student")
@@ -87,6 +91,8 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
         model.model, model.lm_head = teacher.model, teacher.lm_head
         teacher.requires_grad_(False)
         swap_attention(model, method, settings, device=teacher.lm_head.weight.device)
+        if initialise:
+            get_method(method).initialise(model, settings)
         model.generation_config = teacher.generation_config
         model.eval()
         return model
@@ -214,10 +220,20 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def shapes_from_config(text_config):
+    from linearize.methods import Shapes
+
+    return Shapes(
+        text_config.num_attention_heads, text_config.num_key_value_heads, head_dim_of(text_config),
+        hidden_size=text_config.hidden_size, norm_eps=getattr(text_config, "rms_norm_eps", 1e-6),
+        initializer_range=getattr(text_config, "initializer_range", 0.02),
+    )
+
+
 def swap_attention(model: nn.Module, method: str, settings: Any, device: torch.device | None = None) -> None:
     """Replace every attention module except `settings.softmax_layers` by a `LinearizedAttention` with
     the method's mixer; teacher projections are reused by reference."""
-    from linearize.methods import Shapes, get_method, method_settings
+    from linearize.methods import get_method, method_settings
 
     impl = get_method(method)
     settings = method_settings(method, settings)
@@ -226,7 +242,7 @@ def swap_attention(model: nn.Module, method: str, settings: Any, device: torch.d
     if bad:
         raise LinearizeError(f"attention.softmax_layers {bad} out of range: the model has {len(layers)} layers")
     text_config = model.config.text_config if isinstance(model.config, LinearizedConfig) else model.config
-    shapes = Shapes(text_config.num_attention_heads, text_config.num_key_value_heads, head_dim_of(text_config))
+    shapes = shapes_from_config(text_config)
     for index, layer in enumerate(layers):
         if index in settings.softmax_layers:
             continue

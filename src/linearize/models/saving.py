@@ -141,7 +141,7 @@ def load_adapter_only(cls, name_or_path, adapter_path: str, **kwargs) -> Lineari
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     teacher, _ = load_teacher(config.teacher, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
-    model = cls.from_teacher(teacher, config.method, config.attention)
+    model = cls.from_teacher(teacher, config.method, config.attention, initialise=False)
     tensors = load_tensors(Path(adapter_path))
     mixers = {k: v for k, v in tensors.items() if not k.startswith(LORA_PREFIX)}
     load_params_strict(model.mixer_state_dict(), mixers, adapter_path)

@@ -1,4 +1,5 @@
-"""Stage 2: LoRA (peft) on next-token loss, optionally with distillation from the teacher's logits.
+"""Stage 2: LoRA (peft) or full fine-tuning on next-token loss, optionally with distillation from the
+teacher's logits, optionally with progressive unfreezing (XATL).
 
 The teacher is the same model with the adapter disabled and every converted layer in softmax mode, so
 no second copy of the weights is needed.
@@ -7,13 +8,15 @@ no second copy of the weights is needed.
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 from linearize.config import FinetuneConfig
+from linearize.errors import LinearizeError
 from linearize.layers.attention import attention_mode
 from linearize.train.loop import TrainResult, run_steps
 from linearize.train.targets import TeacherTargets, top_k_kl
@@ -37,6 +40,43 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return F.kl_div(log_student.flatten(0, -2), log_teacher.flatten(0, -2), log_target=True, reduction="batchmean")
 
 
+def training_blocks(config: FinetuneConfig, blocks: torch.Tensor, seed: int) -> list[int]:
+    """The block indices stage 2 trains on, in order (the same on every resume)."""
+    steps = max(1, min(len(blocks), config.tokens // blocks.shape[1]) // config.batch_size)
+    ids = list(range(steps * config.batch_size))
+    random.Random(seed).shuffle(ids)
+    return ids
+
+
+class Unfreezer:
+    """Progressive unfreezing (XATL): `held` parameters get no gradient until the mean loss over the last
+    `window` steps improves on the `window` steps before by less than `threshold` (a fraction), then they
+    train too. The decision is recorded in the history, so a resumed run picks up where it was."""
+
+    def __init__(self, held: list[torch.nn.Parameter], threshold: float, window: int):
+        self.held, self.threshold, self.window = held, threshold, window
+        self.unfrozen = False
+        for p in held:
+            p.requires_grad_(False)
+
+    def __call__(self, history: list[dict]) -> None:
+        if self.unfrozen:
+            return
+        losses = [h["loss"] for h in history]
+        resumed = bool(history) and history[-1].get("unfrozen", 0) == 1
+        if resumed or self.plateaued(losses):
+            self.unfrozen = True
+            for p in self.held:
+                p.requires_grad_(True)
+
+    def plateaued(self, losses: list[float]) -> bool:
+        w = self.window
+        if len(losses) < 2 * w:
+            return False
+        before, last = sum(losses[-2 * w : -w]) / w, sum(losses[-w:]) / w
+        return (before - last) / abs(before) < self.threshold
+
+
 def finetune(
     model: torch.nn.Module,
     blocks: torch.Tensor,
@@ -45,26 +85,41 @@ def finetune(
     checkpoint_every: int,
     seed: int = 0,
     targets: TeacherTargets | None = None,
-) -> tuple[PeftModel, TrainResult]:
-    """Wrap `model` with LoRA adapters and train them (and, with `config.train_mixers`, the mixers' own
-    parameters) on `config.tokens` tokens of `blocks` ([N, T]). With `targets`, the teacher's top-k
-    distributions are read from (or first written to) that store instead of re-running the teacher."""
+) -> tuple[torch.nn.Module, TrainResult]:
+    """Train on `config.tokens` tokens of `blocks` ([N, T]): LoRA adapters (and, with `config.train_mixers`,
+    the mixers' own parameters), or with `config.full` every weight. With `targets`, the teacher's top-k
+    distributions are read from (or first written to) that store instead of re-running the teacher; full
+    fine-tuning changes the teacher's own weights, so its targets must all be stored before it starts."""
     torch.manual_seed(seed)  # LoRA's random init, the same whether or not the run was resumed
-    peft_model = get_peft_model(model, lora_config(config))
-    if config.train_mixers:
-        for name, param in peft_model.named_parameters():
-            if ".mixer." in name:
-                param.requires_grad_(True)
-    params = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
-    seq_len = blocks.shape[1]
-    steps = max(1, min(len(blocks), config.tokens // seq_len) // config.batch_size)
-    ids = list(range(steps * config.batch_size))
-    random.Random(seed).shuffle(ids)
+    ids = training_blocks(config, blocks, seed)
     device = next(model.parameters()).device
+    if config.full:
+        if config.distill_weight > 0 and targets is None:
+            raise LinearizeError("full fine-tuning distils from stored teacher targets: set finetune.distill_top_k > 0")
+        if targets is not None and config.distill_weight > 0 and targets.missing(ids):
+            raise LinearizeError(
+                f"{len(targets.missing(ids))} training blocks have no stored teacher targets in {targets.directory}; "
+                "full fine-tuning needs them computed before training (linearize.pipeline does so)"
+            )
+        peft_model = model
+        model.requires_grad_(True)
+    else:
+        peft_model = get_peft_model(model, lora_config(config))
+        if config.train_mixers:
+            for name, param in peft_model.named_parameters():
+                if ".mixer." in name:
+                    param.requires_grad_(True)
+    params = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    unfreezer = None
+    if config.unfreeze_threshold is not None:
+        held = [p for name, p in params.items() if ".mixer." not in name]
+        unfreezer = Unfreezer(held, config.unfreeze_threshold, config.unfreeze_window)
+    steps = len(ids) // config.batch_size
 
     def teacher_logits(block_ids: list[int]) -> torch.Tensor:
         """The teacher is the same model with the adapter off and softmax attention on."""
-        with torch.no_grad(), peft_model.disable_adapter(), attention_mode(model, "softmax"):
+        adapter_off = nullcontext() if config.full else peft_model.disable_adapter()
+        with torch.no_grad(), adapter_off, attention_mode(model, "softmax"):
             return peft_model(input_ids=blocks[block_ids].to(device), use_cache=False).logits
 
     def step_fn(step: int) -> dict:
@@ -82,10 +137,12 @@ def finetune(
             loss = loss + config.distill_weight * kd
             metrics["kd"] = kd.item()
         loss.backward()
+        if unfreezer is not None:
+            metrics["unfrozen"] = int(unfreezer.unfrozen)
         return {"loss": loss.item(), "tokens": inputs.numel(), **metrics}
 
     result = run_steps(
-        name="stage 2: LoRA",
+        name="stage 2: full fine-tuning" if config.full else "stage 2: LoRA",
         params=params,
         step_fn=step_fn,
         total_steps=steps,
@@ -96,5 +153,6 @@ def finetune(
         checkpoint_every=checkpoint_every,
         grad_clip=config.grad_clip,
         hint=" (finetune.lr)",
+        before_step=unfreezer,
     )
     return peft_model, result

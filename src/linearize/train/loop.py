@@ -44,9 +44,12 @@ def run_steps(
     checkpoint_every: int,
     grad_clip: float | None = None,
     hint: str = "",
+    before_step: Callable[[list[dict]], None] | None = None,
 ) -> TrainResult:
     """Run `total_steps` optimizer steps; `step_fn(step)` does forward + backward and returns at least
-    {"loss": float, "tokens": int}. Resumes from `state_dir` if a snapshot is there."""
+    {"loss": float, "tokens": int}. Resumes from `state_dir` if a snapshot is there. `before_step(history)`
+    sees the history so far (restored on resume) before every step; a parameter without a gradient is left
+    alone by the optimizer (how progressive unfreezing holds weights)."""
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, min(warmup_steps, total_steps // 2), total_steps, min_lr_rate=min_lr_ratio
@@ -63,6 +66,8 @@ def run_steps(
     began = time.perf_counter() - seconds
     for step in range(start, total_steps):
         optimizer.zero_grad(set_to_none=True)
+        if before_step is not None:
+            before_step(history)
         metrics = step_fn(step)
         if not math.isfinite(metrics["loss"]):
             raise LinearizeError(

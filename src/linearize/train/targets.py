@@ -37,12 +37,23 @@ class TeacherTargets:
         values, indices = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
         atomic_save_tensors({"indices": indices.to(torch.int32), "logprobs": values}, self.path(block))
 
+    def missing(self, ids: list[int]) -> list[int]:
+        return [i for i in ids if not self.path(i).is_file()]
+
+    def fill(self, ids: list[int], teacher_logits: Callable[[list[int]], torch.Tensor], desc: str = "") -> None:
+        """Store the targets of every block in `ids` not stored yet, one block at a time."""
+        from tqdm.auto import tqdm
+
+        with torch.no_grad():
+            for i in tqdm(self.missing(ids), desc=desc or "teacher targets", unit="block", leave=False):
+                self.put(i, teacher_logits([i])[0])
+
     def get(
         self, ids: list[int], teacher_logits: Callable[[list[int]], torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices [B, T, k] long, log-probabilities [B, T, k]) for the given blocks; blocks not stored yet
         are computed with `teacher_logits(ids) -> [len(ids), T, V]` and stored."""
-        todo = [i for i in ids if not self.path(i).is_file()]
+        todo = self.missing(ids)
         if todo:
             with torch.no_grad():
                 for block, logits in zip(todo, teacher_logits(todo)):
