@@ -153,10 +153,13 @@ def test_eval_cli_on_a_run_directory_prints_student_and_teacher_json(finished_ru
     result = cli("eval", str(out), "--data", str(text), "--teacher", "--seq-len", "128")
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout.strip().splitlines()[-1])["perplexity"]
-    assert set(printed) == {"student", "teacher"}
+    assert set(printed) == {"student", "teacher", "layers"}
     assert printed["student"]["tokens"] == printed["teacher"]["tokens"] > 0
     assert 0 <= printed["student"]["agreement"] <= 1
-    assert "| student |" in result.stderr
+    assert printed["student"]["kl"] > 0  # an 8-token window over 128 tokens differs from the teacher
+    assert sorted(printed["layers"]) == ["0", "1"]
+    assert all(e["mse"] > 0 and -1 <= e["cosine"] <= 1 for e in printed["layers"].values())
+    assert "| student |" in result.stderr and "| layer | attention-output MSE |" in result.stderr
 
 
 def test_generate_cli_generates(finished_run):

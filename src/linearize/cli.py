@@ -2,8 +2,10 @@
 
     linearize run [--config FILE|NAME] [--fresh] [key.sub=value ...]
     linearize eval MODEL_DIR [--data FILE] [--tasks T1,T2] [--long-range] [--teacher]
-    linearize generate MODEL_DIR --prompt TEXT [--max-new-tokens 64]
+    linearize generate MODEL_DIR --prompt TEXT [--max-new-tokens 64]   (streams to stdout)
     linearize export MODEL_DIR OUT_DIR [--format fla]
+    linearize report OUTPUT_DIR                 (regenerate report.md / report.html)
+    linearize compare OUTPUT_DIR OUTPUT_DIR ... [--output DIR]
     linearize config [--config FILE|NAME] [key.sub=value ...]   (print the resolved config)
 """
 
@@ -82,15 +84,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def perplexity_on_file(model, teacher, tokenizer, args) -> dict:
+    """Perplexity; with the teacher also agreement, KL(teacher || student) per token and the per-layer
+    attention-output error (MSE, cosine) of the converted layers."""
     from linearize.data import file_blocks
-    from linearize.evaluate import score, summarize
+    from linearize.evaluate import kl_to_teacher, layer_errors, score, summarize
 
     blocks = file_blocks(tokenizer, args.data, args.seq_len, max_blocks=args.max_blocks)
     student = score(model, blocks, desc="student")
     if teacher is None:
         return {"student": summarize(student)}
     reference = score(teacher, blocks, desc="teacher")
-    return {"student": summarize(student, reference), "teacher": summarize(reference)}
+    summary = summarize(student, reference)
+    summary["kl"] = kl_to_teacher(model, teacher, blocks)
+    layers = layer_errors(model, blocks)
+    return {"student": summary, "teacher": summarize(reference), "layers": layers}
 
 
 def long_range(model, teacher, tokenizer, args) -> dict:
@@ -114,11 +121,18 @@ def eval_tables(result: dict) -> str:
     """Markdown tables of an eval result, for people (the JSON line is for programs)."""
     lines = []
     if "perplexity" in result:
-        lines += ["| model | perplexity | ratio | agreement |", "|---|---:|---:|---:|"]
+        lines += ["| model | perplexity | ratio | agreement | KL to teacher |", "|---|---:|---:|---:|---:|"]
         for name, entry in result["perplexity"].items():
+            if name == "layers":
+                continue
             lines.append(f"| {name} | {entry['perplexity']:.3f} | {entry.get('ppl_ratio', 1):.3f} | "
-                         f"{entry.get('agreement', 1):.3f} |")
+                         f"{entry.get('agreement', 1):.3f} | {entry.get('kl', 0):.4f} |")
         lines.append("")
+        layers = result["perplexity"].get("layers")
+        if layers:
+            lines += ["| layer | attention-output MSE | cosine |", "|---:|---:|---:|"]
+            lines += [f"| {i} | {e['mse']:.3g} | {e['cosine']:.4f} |" for i, e in layers.items()]
+            lines.append("")
     if "long_range" in result:
         for domain, buckets in result["long_range"]["buckets"].items():
             lines += [f"| {domain} | " + " | ".join(buckets) + " |", "|---|" + "---:|" * len(buckets),
@@ -138,29 +152,29 @@ def eval_tables(result: dict) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    import torch
-
     from linearize.api import load
+    from linearize.generation import generate_text
 
     model, tokenizer = load(args.model_dir, device=args.device)
-    if tokenizer.chat_template and not args.raw:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        text = args.prompt
-    inputs = tokenizer(text, return_tensors="pt").to(next(model.parameters()).device)
-    torch.manual_seed(args.seed)
-    output = model.generate(
-        **inputs,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=args.temperature if args.temperature > 0 else None,
-        top_p=None,
-        top_k=None,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-    print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed,
+                         raw=args.raw, stream=not args.no_stream)
+    if args.no_stream:
+        print(text)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from linearize.report import load_report, render
+
+    out = Path(args.output_dir)
+    render(load_report(out), out)
+    print(f"wrote {out / 'report.md'} and {out / 'report.html'}", file=sys.stderr)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from linearize.report import compare
+
+    destination = compare([Path(o) for o in args.output_dirs], Path(args.output))
+    print(f"wrote {destination / 'compare.md'} and {destination / 'compare.html'}", file=sys.stderr)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -211,7 +225,17 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--device", default="auto")
+    gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
     gen.set_defaults(func=cmd_generate)
+
+    rep = sub.add_parser("report", help="regenerate OUTPUT_DIR/report.md and report.html from report.json")
+    rep.add_argument("output_dir")
+    rep.set_defaults(func=cmd_report)
+
+    cmp = sub.add_parser("compare", help="several runs side by side: compare.md and compare.html")
+    cmp.add_argument("output_dirs", nargs="+")
+    cmp.add_argument("--output", default="runs/compare", help="where compare.md / compare.html go")
+    cmp.set_defaults(func=cmd_compare)
 
     exp = sub.add_parser("export", help="write a standalone merged model directory")
     exp.add_argument("model_dir")

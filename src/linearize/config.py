@@ -58,7 +58,7 @@ class FinetuneConfig:
     """Stage 2: LoRA on next-token loss, optionally distilling the teacher's logits."""
 
     enabled: bool = True
-    tokens: int = 24576
+    tokens: int = 32768
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 2

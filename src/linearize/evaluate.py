@@ -111,3 +111,43 @@ def copy_test(model: torch.nn.Module, sequences: dict[int, torch.Tensor], desc: 
             hits.append((predictions[length:] == sequence[length + 1 :].to(torch.int32)).float())
         out[f"L={length}"] = torch.cat(hits).mean().item()
     return out
+
+
+@torch.no_grad()
+def kl_to_teacher(student: torch.nn.Module, teacher: torch.nn.Module, blocks: torch.Tensor,
+                  desc: str = "KL") -> float:
+    """Mean KL(teacher || student) per predicted token over the whole vocabulary, nats."""
+    total, count = 0.0, 0
+    for block in tqdm(blocks, desc=desc, unit="block", leave=False, dynamic_ncols=True):
+        inputs = block.unsqueeze(0).to(_device(student))
+        log_s = F.log_softmax(student(input_ids=inputs, use_cache=False).logits[0, :-1].float(), dim=-1)
+        log_t = F.log_softmax(teacher(input_ids=inputs.to(_device(teacher)), use_cache=False).logits[0, :-1].float(),
+                              dim=-1).to(log_s.device)
+        total += F.kl_div(log_s, log_t, log_target=True, reduction="sum").item()
+        count += log_s.shape[0]
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def layer_errors(model: torch.nn.Module, blocks: torch.Tensor, desc: str = "layer errors") -> dict[int, dict]:
+    """Per converted layer: the mixer's output against the teacher's softmax attention for the same layer
+    input (the hidden states a softmax forward produces), per head before o_proj, on held-out blocks:
+    {"mse": mean squared error, "cosine": mean cosine similarity over (token, head) vectors}."""
+    from linearize.layers.attention import attention_mode
+    from linearize.train.transfer import position_embeddings
+
+    sums: dict[int, list[float]] = {}
+    for block in tqdm(blocks, desc=desc, unit="block", leave=False, dynamic_ncols=True):
+        with attention_mode(model, "record") as layers:
+            model(input_ids=block.unsqueeze(0).to(_device(model)), use_cache=False)
+            for layer in layers:
+                hidden, teacher_out = layer.recorded
+                student_out = layer.mix(hidden, position_embeddings(model, hidden)).float()
+                teacher_out = teacher_out.float()
+                mse = F.mse_loss(student_out, teacher_out).item()
+                cosine = F.cosine_similarity(student_out, teacher_out, dim=-1).mean().item()
+                acc = sums.setdefault(layer.layer_idx, [0.0, 0.0])
+                acc[0] += mse
+                acc[1] += cosine
+    n = max(len(blocks), 1)
+    return {index: {"mse": mse / n, "cosine": cos / n} for index, (mse, cos) in sorted(sums.items())}

@@ -27,10 +27,12 @@ from linearize.evaluate import (
     bucket_ratios,
     copy_sequences,
     copy_test,
+    layer_errors,
     position_profile,
     score,
     summarize,
 )
+from linearize.generation import SAMPLE_PROMPTS, sample_generations
 from linearize.methods import get_method, method_settings
 from linearize.models import LinearizedForCausalLM
 from linearize.models.modeling import decoder_layers
@@ -126,6 +128,8 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
             return model(input_ids=blocks[ids].to(device), use_cache=False).logits
 
         targets.fill(training_blocks(tune, blocks, config.seed), logits, "teacher targets")
+    prompts = SAMPLE_PROMPTS
+    teacher_samples = progress.once("samples.teacher", lambda: sample_generations(model, tokenizer, prompts))
     shapes = teacher_shapes(model)
     model = LinearizedForCausalLM.from_teacher(model, config.method, config.attention)
     table = transfer_table(shapes, model, copied=not random_init)
@@ -172,6 +176,13 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
         )
         model.eval()
         report["eval"]["finetune"] = evaluate("finetune", model)
+    layer_blocks = torch.stack([blocks[0] for blocks in data.eval.values() if len(blocks)]) if data.eval else None
+    if layer_blocks is not None:
+        errors = progress.once("layers.student", lambda: layer_errors(base_model(model), layer_blocks))
+        report["layer_errors"] = errors
+    student_samples = progress.once("samples.student", lambda: sample_generations(model, tokenizer, prompts))
+    report["samples"] = [{"prompt": p, "teacher": t, "student": s}
+                         for p, t, s in zip(prompts, teacher_samples, student_samples)]
     if probes.enabled:
         report["long_range"] = {
             "teacher": probes.teacher_summary(),
@@ -291,6 +302,11 @@ def teacher_targets(config: RunConfig, out: Path) -> TeacherTargets | None:
     if config.finetune.distill_weight > 0 and config.finetune.distill_top_k > 0:
         return TeacherTargets(out / "teacher_targets", config.finetune.distill_top_k)
     return None
+
+
+def base_model(model):
+    """The LinearizedForCausalLM inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def slug(name: str) -> str:

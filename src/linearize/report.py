@@ -1,4 +1,5 @@
-"""report.json (everything) and report.md (the tables a person reads), plus a loss plot."""
+"""report.json (everything), report.md and a self-contained report.html (the tables and plots a person
+reads: loss curves, per-layer error, ratio by position, sample generations), and runs compared."""
 
 from __future__ import annotations
 
@@ -113,11 +114,9 @@ def plot_losses(report: dict[str, Any], path: Path) -> bool:
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
+    """report.json (everything), report.md and report.html (the tables and plots a person reads)."""
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
-    text = markdown(report)
-    if plot_losses(report, out / "losses.png"):
-        text += "\n![losses](losses.png)\n"
-    atomic_write_text(out / "report.md", text)
+    render(report, out)
 
 
 def recovery_table(report: dict[str, Any]) -> str:
@@ -192,3 +191,177 @@ Measured on {report['machine']}.
 
 {recovery_table(report)}
 """
+
+
+# --- plots and the HTML report ------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_positions(report: dict[str, Any], path: Path) -> bool:
+    """Perplexity ratio to the teacher per position bucket, one panel per domain, every model with
+    long-range diagnostics as a line."""
+    rows = long_range_rows(report)
+    if not rows:
+        return False
+    plt = _pyplot()
+    domains = list(rows[0][1]["buckets"])
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 3.8), squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        buckets = [b for b in rows[0][1]["buckets"][domain] if b.startswith("[")]
+        for name, values in rows:
+            ax.plot(range(len(buckets)), [values["buckets"][domain][b] for b in buckets], marker="o", label=name)
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(buckets)), buckets)
+        ax.set_title(f"{domain}: ratio to the teacher by position")
+        ax.set_xlabel("tokens of context")
+        ax.set_ylabel("perplexity ratio")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_layers(report: dict[str, Any], path: Path) -> bool:
+    """Per converted layer: the final stage-1 loss and, when measured, the held-out attention-output error
+    (MSE and cosine similarity against the teacher's softmax attention on the same inputs)."""
+    per_layer = report["stages"].get("transfer", {}).get("per_layer_loss") or {}
+    errors = report.get("layer_errors") or {}
+    if not per_layer and not errors:
+        return False
+    plt = _pyplot()
+    panels = [p for p in ("loss", "mse", "cosine") if (p == "loss" and per_layer) or (p != "loss" and errors)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "loss":
+            layers, values = zip(*sorted((int(k), v) for k, v in per_layer.items()))
+            ax.set_title("stage 1 loss per layer (final epoch)")
+        else:
+            layers, values = zip(*sorted((int(k), v[panel]) for k, v in errors.items()))
+            ax.set_title(f"held-out attention output: {'MSE' if panel == 'mse' else 'cosine similarity'}")
+        ax.bar(layers, values)
+        ax.set_xlabel("layer")
+        if panel != "cosine":
+            ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def samples_section(report: dict[str, Any]) -> list[str]:
+    samples = report.get("samples") or []
+    if not samples:
+        return []
+    lines = ["", "## Sample generations", "", "Greedy, the same prompts for teacher and student.", ""]
+    for sample in samples:
+        lines += [f"**Prompt:** {sample['prompt']}", ""]
+        for who in ("teacher", "student"):
+            text = sample[who].replace("\n", " ").replace("|", "\\|")
+            lines += [f"- *{who}:* {text}"]
+        lines.append("")
+    return lines
+
+
+def html_page(title: str, markdown_text: str, images: dict[str, Path]) -> str:
+    """A self-contained HTML page from our Markdown: tables rendered, every image embedded as data."""
+    import base64
+
+    import markdown as md
+
+    body = md.markdown(markdown_text, extensions=["tables"])
+    for name, path in images.items():
+        data = base64.b64encode(path.read_bytes()).decode()
+        body = body.replace(f'src="{name}"', f'src="data:image/png;base64,{data}"')
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}"
+        "td{text-align:right}td:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}"
+        "pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}"
+    )
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style>"
+            f"</head><body>{body}</body></html>")
+
+
+def config_section(report: dict[str, Any]) -> list[str]:
+    import yaml
+
+    return ["", "## Config", "", "```yaml", yaml.safe_dump(report["config"], sort_keys=False).strip(), "```"]
+
+
+def render(report: dict[str, Any], out: Path) -> None:
+    """report.md and the self-contained report.html, with their plots, from a report dict."""
+    text = markdown(report)
+    images = {}
+    for name, plot in (("losses.png", plot_losses), ("layers.png", plot_layers), ("positions.png", plot_positions)):
+        if plot(report, out / name):
+            images[name] = out / name
+            text += f"\n![{name[:-4]}]({name})\n"
+    text += "\n".join(samples_section(report))
+    decode = out / "decode.md"
+    if decode.is_file():
+        text += "\n## Decoding speed\n\n" + decode.read_text()
+    text += "\n".join(config_section(report)) + "\n"
+    atomic_write_text(out / "report.md", text)
+    atomic_write_text(out / "report.html", html_page(f"linearize report: {report['method']}", text, images))
+
+
+def load_report(out: Path) -> dict[str, Any]:
+    from linearize.errors import LinearizeError
+
+    path = Path(out) / "report.json"
+    if not path.is_file():
+        raise LinearizeError(f"{out} has no report.json: pass the output directory of a finished `linearize run`")
+    return json.loads(path.read_text())
+
+
+def compare(outs: list[Path], destination: Path) -> Path:
+    """Several runs side by side: one recovery table (every run's rows, prefixed by the run), overlaid loss
+    curves per stage, as compare.md and a self-contained compare.html in `destination`."""
+    reports = {Path(o).name or str(o): load_report(Path(o)) for o in outs}
+    destination.mkdir(parents=True, exist_ok=True)
+    first = next(iter(reports.values()))
+    domains = list(first["eval"]["teacher"])
+    lines = ["# linearize: runs compared", "",
+             "ratio = perplexity / the run's teacher perplexity on its own held-out blocks.", "",
+             "| run | method | model | " + " | ".join(f"{d} ratio" for d in domains) + " | seconds |",
+             "|---|---|---|" + "---:|" * (len(domains) + 1)]
+    for run_name, report in reports.items():
+        for row, values in recovery_rows(report):
+            if row.startswith("teacher"):
+                continue
+            cells = [f"{values[d]['ppl_ratio']:.3f}" if "ppl_ratio" in values.get(d, {}) else "" for d in domains]
+            lines.append(f"| {run_name} | {report['method']} | {row} | " + " | ".join(cells)
+                         + f" | {report.get('seconds_total', 0):.0f} |")
+    plt = _pyplot()
+    stages = sorted({s for r in reports.values() for s in r["stages"]})
+    images = {}
+    if stages:
+        fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 3.8), squeeze=False)
+        for ax, stage in zip(axes[0], stages):
+            for run_name, report in reports.items():
+                if stage in report["stages"]:
+                    steps, losses = zip(*report["stages"][stage]["loss_curve"])
+                    ax.plot(steps, losses, label=run_name)
+            ax.set_title(stage)
+            ax.set_xlabel("step")
+            ax.set_ylabel("loss")
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(destination / "compare_losses.png", dpi=100)
+        plt.close(fig)
+        images["compare_losses.png"] = destination / "compare_losses.png"
+        lines += ["", "![losses](compare_losses.png)"]
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(destination / "compare.md", text)
+    atomic_write_text(destination / "compare.html", html_page("linearize: runs compared", text, images))
+    return destination

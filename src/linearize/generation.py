@@ -1,0 +1,45 @@
+"""Text generation helpers shared by `linearize generate` and the report's sample generations."""
+
+from __future__ import annotations
+
+import torch
+
+SAMPLE_PROMPTS = (
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "In the beginning God created the heaven and the earth. And the earth was",
+    "Explain in two sentences why the sky is blue.",
+)
+
+
+def prompt_text(tokenizer, prompt: str, raw: bool = False) -> str:
+    """The chat template around a user prompt, when the tokenizer has one (and `raw` is off)."""
+    if tokenizer.chat_template and not raw:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 48, temperature: float = 0.0,
+                  seed: int = 0, raw: bool = False, stream: bool = False) -> str:
+    """Greedy (temperature 0) or sampled continuation of `prompt`; `stream` prints tokens as they come."""
+    from transformers import TextStreamer
+
+    inputs = tokenizer(prompt_text(tokenizer, prompt, raw), return_tensors="pt").to(next(model.parameters()).device)
+    torch.manual_seed(seed)
+    output = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None,
+    )
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def sample_generations(model, tokenizer, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 40) -> list[str]:
+    with torch.no_grad():
+        return [generate_text(model, tokenizer, p, max_new_tokens=max_new_tokens) for p in prompts]
