@@ -88,6 +88,61 @@ def test_report_holds_every_row_and_stage(finished_run):
         assert row in text
 
 
+# appended to a copy of report.html: once the page has loaded, record what the browser shows
+PROBE = """<script>window.addEventListener("load", () => {
+  const sizes = [...document.images].map(i => i.naturalWidth + "x" + i.naturalHeight);
+  document.body.setAttribute("data-images", sizes.join(","));
+  document.body.setAttribute("data-tables", document.querySelectorAll("table").length);
+});</script>"""
+
+
+def test_report_html_embeds_its_plots_and_renders_in_a_browser(finished_run, tmp_path):
+    import re
+    import shutil
+
+    out, report = finished_run
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3 and 'src="losses.png"' not in html  # self-contained
+    assert len(report["layer_errors"]) == 2 and len(report["samples"]) == 3
+    assert all(isinstance(s["teacher"], str) and isinstance(s["student"], str) for s in report["samples"])
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("headless Chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("headless Chromium is not installed here (apt-get install chromium); CI installs it")
+    page = tmp_path / "page.html"
+    page.write_text(html.replace("</body>", PROBE + "</body>"))
+    dom = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom",
+         page.as_uri()], capture_output=True, text=True, timeout=180,
+    ).stdout
+    sizes = re.search(r'data-images="([^"]*)"', dom).group(1).split(",")
+    assert len(sizes) >= 3
+    assert all(int(w) > 100 and int(h) > 100 for w, h in (size.split("x") for size in sizes)), sizes
+    assert int(re.search(r'data-tables="(\d+)"', dom).group(1)) >= 3
+    assert "Held-out recovery" in dom and "Sample generations" in dom
+
+
+def test_report_and_compare_commands(finished_run, tmp_path):
+    import shutil
+
+    out, _ = finished_run
+    other = tmp_path / "other-run"
+    other.mkdir()
+    shutil.copy(out / "report.json", other / "report.json")
+    (other / "report.html").unlink(missing_ok=True)
+    result = cli("report", str(other))
+    assert result.returncode == 0, result.stderr
+    assert (other / "report.html").is_file() and (other / "report.md").is_file()
+    result = cli("compare", str(out), str(other), "--output", str(tmp_path / "compared"))
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "compared" / "compare.md").read_text()
+    assert table.count(f"| {out.name} | hybrid |") == table.count("| other-run | hybrid |") >= 3
+    assert "data:image/png;base64," in (tmp_path / "compared" / "compare.html").read_text()
+    missing = cli("report", str(tmp_path / "nowhere"))
+    assert missing.returncode != 0 and "no report.json" in missing.stderr
+
+
 def test_attention_transfer_lowers_its_loss(finished_run):
     curve = [loss for _, loss in finished_run[1]["stages"]["transfer"]["loss_curve"]]
     assert sum(curve[-2:]) < 0.8 * sum(curve[:2])
@@ -167,6 +222,24 @@ def test_generate_cli_generates(finished_run):
     result = cli("generate", str(out / "model"), "--prompt", "def main(", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() != ""
+
+
+def test_chat_streams_replies_with_the_chat_template_and_the_conversation_so_far(finished_run, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out, _ = finished_run
+    no_template = cli("chat", str(out / "model"), input="hi\n")
+    assert no_template.returncode != 0 and "no chat template" in no_template.stderr
+    model_dir = tmp_path / "model"
+    shutil.copytree(out / "model", model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    tokenizer.save_pretrained(model_dir)
+    result = cli("chat", str(model_dir), "--max-new-tokens", "6", input="hello\nagain\n\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("model> ") == 2 and result.stdout.count("you> ") == 3
 
 
 def test_a_killed_run_resumes_to_the_same_result(teacher_dir, tmp_path):

@@ -4,6 +4,7 @@
     linearize eval MODEL_DIR [--data FILE] [--tasks T1,T2] [--long-range] [--teacher]
     linearize generate MODEL_DIR --prompt TEXT [--max-new-tokens 64]   (streams to stdout)
     linearize export MODEL_DIR OUT_DIR [--format fla]
+    linearize chat MODEL_DIR                    (interactive, streaming, with the chat template)
     linearize report OUTPUT_DIR                 (regenerate report.md / report.html)
     linearize compare OUTPUT_DIR OUTPUT_DIR ... [--output DIR]
     linearize config [--config FILE|NAME] [key.sub=value ...]   (print the resolved config)
@@ -162,6 +163,38 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(text)
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    """Interactive chat in the terminal: the chat template, the whole conversation as context, replies
+    streamed as they are generated. An empty line or Ctrl-D ends it."""
+    from transformers import TextStreamer
+
+    from linearize.api import load
+
+    model, tokenizer = load(args.model_dir, device=args.device)
+    if not tokenizer.chat_template:
+        raise LinearizeError(f"the tokenizer of '{args.model_dir}' has no chat template: use `linearize generate`")
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    messages: list[dict] = []
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = tokenizer(text, return_tensors="pt").to(device)
+        print("model> ", end="", flush=True)
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                                temperature=args.temperature if args.temperature > 0 else None, top_p=None,
+                                top_k=None, pad_token_id=pad, streamer=streamer)
+        reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": reply})
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from linearize.report import load_report, render
 
@@ -227,6 +260,13 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
     gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive streaming chat with a saved model (its chat template)")
+    chat.add_argument("model_dir")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.add_argument("--device", default="auto")
+    chat.set_defaults(func=cmd_chat)
 
     rep = sub.add_parser("report", help="regenerate OUTPUT_DIR/report.md and report.html from report.json")
     rep.add_argument("output_dir")

@@ -1,0 +1,244 @@
+"""Inference, student against teacher, side by side on this machine in one run.
+
+    python bench/decode.py                                   # contexts 1k, 4k, 16k; the default run's student
+    python bench/decode.py --contexts 1024 4096 16384 32768 --student runs/default
+
+For each model and context (each in its own process, so peak memory is its own): prefill tok/s of a
+random-token prompt of that length through the model's own cache, then decode tok/s over `--steps`
+greedy single-token steps, cache size, and the process's peak resident memory. Then batched decoding at
+`--batch-context` tokens of context for batch sizes 1, 8, 32 (the prompt's cache repeated across the
+batch), and the largest batch each model fits in `--memory-gib` next to its weights. Then the op-level
+table (the hybrid's chunked window + linear op and plain chunked linear attention against SDPA causal,
+forward only, 9 heads / 3 KV heads / head dim 64 / 128 features, as SmolLM2 and Hedgehog), and decode as a
+fraction of the machine's bandwidth limit: fp32 weight bytes read per token over a measured copy bandwidth.
+Without a trained student directory the untrained hybrid is timed (speed does not depend on training).
+Writes OUTPUT (default runs/default/decode.md, which the run's report.html includes when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def load_model(which: str, student_dir: str | None):
+    """The teacher, or the student saved in `student_dir` (the untrained hybrid if there is none)."""
+    from linearize import linearize
+    from linearize.teacher import DEFAULT_TEACHER, load_teacher
+
+    if which == "teacher":
+        return load_teacher(DEFAULT_TEACHER)[0]
+    if student_dir and Path(student_dir).exists():
+        from linearize import load
+
+        return load(student_dir, device="cpu")[0]
+    return linearize(load_teacher(DEFAULT_TEACHER)[0], "hybrid")
+
+
+def cache_bytes(cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        if hasattr(layer, "nbytes") and callable(layer.nbytes):
+            total += layer.nbytes()
+        else:
+            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+    return total
+
+
+@torch.no_grad()
+def measure_one(which: str, context: int, steps: int, student_dir: str | None) -> dict:
+    """Prefill `context` random tokens, then `steps` greedy decode steps; in this process."""
+    from transformers import DynamicCache
+
+    model = load_model(which, student_dir)
+    ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(0))
+    cache = DynamicCache(config=model.config)
+    start = time.perf_counter()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - start
+    token = out.logits[:, -1:].argmax(-1)
+    model(input_ids=token, past_key_values=cache, use_cache=True)  # warm-up step
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+    decode = time.perf_counter() - start
+    return {
+        "prefill_tok_s": context / prefill,
+        "decode_tok_s": steps / decode,
+        "cache_mib": cache_bytes(cache) / 2**20,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+@torch.no_grad()
+def measure_batches(which: str, context: int, batches: list[int], steps: int, student_dir: str | None) -> dict:
+    """Decode throughput (sequences x steps / s) at each batch size, the prompt's cache repeated."""
+    from transformers import DynamicCache
+
+    model = load_model(which, student_dir)
+    ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(0))
+    base = DynamicCache(config=model.config)
+    model(input_ids=ids, past_key_values=base, use_cache=True, logits_to_keep=1)
+    per_sequence = cache_bytes(base)
+    result = {"cache_mib_per_sequence": per_sequence / 2**20,
+              "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20}
+    import copy
+
+    for batch in batches:
+        cache = copy.deepcopy(base)
+        cache.batch_repeat_interleave(batch)
+        token = torch.full((batch, 1), 1000)
+        model(input_ids=token, past_key_values=cache, use_cache=True)
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(input_ids=token, past_key_values=cache, use_cache=True)
+        result[f"batch {batch}"] = batch * steps / (time.perf_counter() - start)
+    return result
+
+
+def op_table(lengths: list[int]) -> list[dict]:
+    import torch.nn.functional as F
+
+    from linearize.ops import linear_attention_chunked, window_attention_chunked
+
+    def timed(fn, *inputs, repeat=3, **kwargs):
+        fn(*inputs, **kwargs)
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn(*inputs, **kwargs)
+        return (time.perf_counter() - start) / repeat
+
+    rows = []
+    heads, kv_heads, dim, features = 9, 3, 64, 128
+    for t in lengths:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, heads, t, dim, generator=g)
+        k, v = torch.randn(1, kv_heads, t, dim, generator=g), torch.randn(1, kv_heads, t, dim, generator=g)
+        fq = torch.rand(1, heads, t, features, generator=g)
+        fk = torch.rand(1, kv_heads, t, features, generator=g)
+        gate = torch.full((1, kv_heads, t), -0.001)
+        with torch.no_grad():
+            sdpa = timed(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True)
+            hybrid = timed(window_attention_chunked, q, k, v, 64, sink_tokens=4, fq=fq, fk=fk, log_gate=gate)
+            linear = timed(linear_attention_chunked, fq, fk, v, None)
+        rows.append({"tokens": t, "sdpa_ms": sdpa * 1e3, "hybrid_ms": hybrid * 1e3, "linear_ms": linear * 1e3})
+    return rows
+
+
+def copy_bandwidth_gb_s() -> float:
+    a = torch.empty(64 * 2**20, dtype=torch.float32)  # 256 MiB
+    b = torch.empty_like(a)
+    b.copy_(a)
+    start = time.perf_counter()
+    for _ in range(5):
+        b.copy_(a)
+    seconds = (time.perf_counter() - start) / 5
+    return 2 * a.numel() * 4 / seconds / 1e9  # read + write
+
+
+def child(args) -> None:
+    if args.child == "one":
+        result = measure_one(args.which, args.context, args.steps, args.student)
+    else:
+        result = measure_batches(args.which, args.context, args.batches, args.steps, args.student)
+    print(json.dumps(result))
+
+
+def run_child(*extra: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, *extra], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student", default="runs/default")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--batch-context", type=int, default=4096)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--memory-gib", type=float, default=16.0, help="memory budget for the largest-batch column")
+    parser.add_argument("--op-lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--child", choices=["one", "batches"], help=argparse.SUPPRESS)
+    parser.add_argument("--which", choices=["student", "teacher"], help=argparse.SUPPRESS)
+    parser.add_argument("--context", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    lines = [f"Machine: {torch.get_num_threads()} threads, torch {torch.__version__}, fp32, batch 1 unless said; "
+             f"student: {args.student if Path(args.student).exists() else 'untrained hybrid'}.", ""]
+    results = {}
+    for context in args.contexts:
+        for which in ("student", "teacher"):
+            common = ["--which", which, "--context", str(context), "--steps", str(args.steps),
+                      "--student", args.student]
+            results[which, context] = run_child("--child", "one", *common)
+            print(which, context, results[which, context], flush=True)
+    bandwidth = copy_bandwidth_gb_s()
+    student = load_model("student", args.student)
+    weight_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
+    limit = bandwidth * 1e9 / weight_bytes
+    lines += [
+        "| context | student decode tok/s | teacher decode tok/s | decode speed-up | student prefill tok/s | "
+        "teacher prefill tok/s | prefill speed-up | cache MiB student / teacher | peak RSS MiB student / teacher | "
+        "student decode / bandwidth limit |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for context in args.contexts:
+        s, t = results["student", context], results["teacher", context]
+        lines.append(
+            f"| {context:,} | {s['decode_tok_s']:.1f} | {t['decode_tok_s']:.1f} | "
+            f"{s['decode_tok_s'] / t['decode_tok_s']:.2f}x | {s['prefill_tok_s']:.0f} | {t['prefill_tok_s']:.0f} | "
+            f"{s['prefill_tok_s'] / t['prefill_tok_s']:.2f}x | {s['cache_mib']:.1f} / {t['cache_mib']:.1f} | "
+            f"{s['peak_rss_mib']:.0f} / {t['peak_rss_mib']:.0f} | {s['decode_tok_s'] / limit:.0%} |"
+        )
+    first, last = args.contexts[0], args.contexts[-1]
+    flat = results["student", last]["decode_tok_s"] / results["student", first]["decode_tok_s"]
+    lines += ["", f"Student decode at {last:,} is {flat:.0%} of its speed at {first:,}. Bandwidth limit: "
+              f"{weight_bytes / 2**20:.0f} MiB of fp32 weights per token at a measured {bandwidth:.1f} GB/s copy "
+              f"bandwidth = {limit:.1f} tok/s.", ""]
+
+    batch_rows = {}
+    for which in ("student", "teacher"):
+        batch_rows[which] = run_child("--child", "batches", "--which", which, "--context", str(args.batch_context),
+                                      "--steps", str(max(4, args.steps // 4)), "--student", args.student,
+                                      "--batches", *map(str, args.batches))
+        print(which, "batches", batch_rows[which], flush=True)
+    lines += [f"Batched decoding at {args.batch_context:,} tokens of context (sequences x tokens / s); largest "
+              f"batch whose caches fit in {args.memory_gib:g} GiB beside the weights:", "",
+              "| model | " + " | ".join(f"batch {b}" for b in args.batches)
+              + " | cache MiB / sequence | largest batch |",
+              "|---|" + "---:|" * (len(args.batches) + 2)]
+    for which, row in batch_rows.items():
+        room = args.memory_gib * 1024 - row["weights_mib"]
+        largest = int(room // row["cache_mib_per_sequence"])
+        lines.append(f"| {which} | " + " | ".join(f"{row[f'batch {b}']:.1f}" for b in args.batches)
+                     + f" | {row['cache_mib_per_sequence']:.1f} | {largest:,} |")
+    lines += ["", "Ops alone (forward, one sequence; ms, speed-up over SDPA causal):", "",
+              "| tokens | SDPA causal | hybrid window+sinks+linear | x SDPA | chunked linear attention | x SDPA |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for row in op_table(args.op_lengths):
+        lines.append(f"| {row['tokens']:,} | {row['sdpa_ms']:.1f} | {row['hybrid_ms']:.1f} | "
+                     f"{row['sdpa_ms'] / row['hybrid_ms']:.2f}x | {row['linear_ms']:.1f} | "
+                     f"{row['sdpa_ms'] / row['linear_ms']:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    output = Path(args.output) if args.output else (Path(args.student) / "decode.md" if Path(args.student).is_dir()
+                                                     else Path("decode.md"))
+    output.write_text(text)
+    print(f"written to {output}")
+
+
+if __name__ == "__main__":
+    main()
