@@ -29,6 +29,8 @@ VARIANTS = {
     "liger-gla (Liger Attention)": {"method": "liger", "attention": {"gate": "gla"}},
     "liger-gla, unnormalised recurrence (the reference)": {"method": "liger", "attention": {"normalize": False}},
     "liger-hgrn2 (Liger Attention)": {"method": "liger", "attention": {"gate": "hgrn2"}},
+    "xatl (GLA, full fine-tuning)": {"method": "xatl"},
+    "xatl (GLA + window 64 + 4 sinks)": {"method": "xatl", "attention": {"window_size": 64, "sink_tokens": 4}},
     "window only": {"method": "window", "attention": {"sink_tokens": 0}},
     "window + 4 sinks": {"method": "window", "attention": {"sink_tokens": 4}},
 }

@@ -8,6 +8,7 @@
     linearize report OUTPUT_DIR                 (regenerate report.md / report.html)
     linearize compare OUTPUT_DIR OUTPUT_DIR ... [--output DIR]
     linearize config [--config FILE|NAME] [key.sub=value ...]   (print the resolved config)
+    linearize methods                           (the methods, their stages and attention keys)
 """
 
 from __future__ import annotations
@@ -163,6 +164,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(text)
 
 
+def cmd_methods(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from linearize.methods import METHODS
+
+    for name, method in METHODS.items():
+        print(f"{name}: {method.summary}")
+        keys = ", ".join(f"{f.name}" for f in dataclasses.fields(method.Settings))
+        print(f"    stages: {', '.join(method.stages)}; attention keys: {keys}")
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     """Interactive chat in the terminal: the chat template, the whole conversation as context, replies
     streamed as they are generated. An empty line or Ctrl-D ends it."""
@@ -227,6 +239,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true", help="discard a previous run in output_dir instead of resuming")
     run.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. transfer.tokens=8192")
     run.set_defaults(func=cmd_run)
+
+    methods = sub.add_parser("methods", help="list the methods, their stages and their attention keys")
+    methods.set_defaults(func=cmd_methods)
 
     config = sub.add_parser("config", help="print the resolved config")
     config.add_argument("--config")
