@@ -2,11 +2,15 @@
 
     python bench/methods.py                                   # every variant (about an hour on 2 CPU cores)
     python bench/methods.py --only hybrid "window + 4 sinks"  # a subset
+    python bench/methods.py --budget seconds                  # the same wall time for every method
 
-Budget: methods with attention transfer (hybrid, lolcats) spend `--transfer-tokens` distinct tokens
-(`--transfer-epochs` passes) in stage 1 and `--lora-tokens` in stage 2; methods without a stage 1 get
-`--lora-tokens` plus the stage-1 distinct tokens as LoRA tokens, so every method sees the same number of
-distinct training tokens. The table reports the seconds each spent, so the wall-time budget shows too.
+Budget `tokens` (default): methods with attention transfer (hybrid, lolcats) spend `--transfer-tokens`
+distinct tokens (`--transfer-epochs` passes) in stage 1 and `--lora-tokens` in stage 2; methods without a
+stage 1 get `--lora-tokens` plus the stage-1 distinct tokens as stage-2 tokens, so every method sees the
+same number of distinct training tokens. Budget `seconds`: methods with a stage 1 keep that budget, the
+first of them sets the wall time (its training seconds), and every method without a stage 1 gets as many
+stage-2 tokens as it trains in that time, from its throughput measured on a few steps first. The table
+reports the seconds each actually spent.
 Every row is trained and evaluated by the same pipeline as `linearize run` (its report.json is kept in
 `--output-dir`); decode state per layer is measured on the model's own cache after 2,048 tokens (batch 1).
 """
@@ -53,6 +57,24 @@ def state_kib_per_layer(output_dir: Path) -> float:
     return max(layer.nbytes() for layer in cache.layers) / 1024
 
 
+def probe_tokens_per_second(settings: dict, seq_len: int = 1024, steps: int = 3) -> float:
+    """Stage-2 training throughput of a variant, measured on a few steps of random tokens."""
+    import tempfile
+
+    from linearize.models import LinearizedForCausalLM
+    from linearize.teacher import load_teacher
+    from linearize.train import finetune
+
+    config = build_config({**settings, "finetune": {"distill_weight": 0.0, "warmup_steps": 0,
+                                                    "tokens": (steps + 1) * seq_len}})
+    teacher, _ = load_teacher(config.model)
+    model = LinearizedForCausalLM.from_teacher(teacher, config.method, config.attention)
+    blocks = torch.randint(100, 40000, (steps + 1, seq_len), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as work:
+        _, result = finetune(model, blocks, config.finetune, Path(work), checkpoint_every=10**6)
+    return result.tokens / result.seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--transfer-tokens", type=int, default=32768)
@@ -61,7 +83,9 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=int, default=4)
     parser.add_argument("--output-dir", default="runs/bench-methods")
     parser.add_argument("--only", nargs="*", help="run only these variants (names as in the table)")
+    parser.add_argument("--budget", choices=["tokens", "seconds"], default="tokens")
     args = parser.parse_args()
+    seconds_budget = None
 
     rows = []
     for name, settings in VARIANTS.items():
@@ -69,15 +93,22 @@ def main() -> None:
             continue
         output_dir = Path(args.output_dir) / slug(name)
         stage1 = settings["method"] in ("hybrid", "lolcats")
+        tokens = args.lora_tokens + (0 if stage1 else args.transfer_tokens)
+        if args.budget == "seconds" and not stage1:
+            if seconds_budget is None:
+                raise SystemExit("--budget seconds: list a variant with a stage 1 (hybrid, lolcats) first")
+            tokens = max(1024, int(seconds_budget * probe_tokens_per_second(settings) / 1024) * 1024)
         config = build_config({
             **settings,
             "output_dir": str(output_dir),
             "baselines": {},
             "data": {"eval_blocks": args.eval_blocks, "long_context": 0, "copy_lengths": []},
             "transfer": {"enabled": stage1, "tokens": args.transfer_tokens, "epochs": args.transfer_epochs},
-            "finetune": {"tokens": args.lora_tokens + (0 if stage1 else args.transfer_tokens)},
+            "finetune": {**settings.get("finetune", {}), "tokens": tokens},
         })
         report = run(config)
+        if stage1 and seconds_budget is None:
+            seconds_budget = sum(s["seconds"] for s in report["stages"].values())
         final, untrained, stages = report["eval"]["finetune"], report["eval"]["untrained"], report["stages"]
         rows.append({
             "variant": name,

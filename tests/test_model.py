@@ -16,8 +16,8 @@ METHODS = {
     "liger": {"window_size": 8, "sink_tokens": 2},
     "window": {"window_size": 8, "sink_tokens": 2},
     "hybrid+rope": {"window_size": 8, "sink_tokens": 2, "decay": 0.95, "linear_rope": True},
-    "xatl": {"mixer": "gla", "chunk_size": 8},
-    "xatl+retnet": {"mixer": "retnet", "window_size": 8, "sink_tokens": 2},
+    "xatl": {"mixer": "gla", "chunk_size": 8, "output_norm_init": 1.0},
+    "xatl+retnet": {"mixer": "retnet", "window_size": 8, "sink_tokens": 2, "output_norm_init": 1.0},
 }
 
 

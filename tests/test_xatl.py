@@ -96,7 +96,7 @@ def test_the_gla_mixer_is_fla_gla_with_its_norm_and_output_gate():
 
 def test_retention_decays_per_query_head_on_rope_keys():
     naive = load_naive("simple_gla").naive_recurrent_simple_gla
-    model = linearize(make_tiny_model("mistral"), "xatl", {"mixer": "retnet"})
+    model = linearize(make_tiny_model("mistral"), "xatl", {"mixer": "retnet", "output_norm_init": 1.0})
     attention, hidden, rope = layer_inputs(model)
     mixer = attention.mixer
     expected = torch.tensor([1 - 2**-5, 1 - 2**-6, 1 - 2**-7, 1 - 2**-8], dtype=torch.float64)
@@ -112,6 +112,18 @@ def test_retention_decays_per_query_head_on_rope_keys():
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + mixer.eps)
         reference = o * F.silu(mixer.heads(mixer.g_proj(hidden), q.shape[1]))
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_silent_output_norm_and_a_window_covering_the_sequence_start_at_the_teacher(family):
+    """output_norm_init 0: the recurrence adds nothing at init, so with a softmax window over the whole
+    sequence the transferred model is exactly the teacher."""
+    teacher = make_tiny_model(family)
+    x = tokens(length=32)
+    with torch.no_grad():
+        expected = teacher(x).logits
+        student = linearize(teacher, "xatl", {"window_size": 64})(x).logits
+    torch.testing.assert_close(student, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_xatl_settings_fail_at_config_time():
