@@ -34,7 +34,8 @@ VARIANTS = {
     "liger-gla, unnormalised recurrence (the reference)": {"method": "liger", "attention": {"normalize": False}},
     "liger-hgrn2 (Liger Attention)": {"method": "liger", "attention": {"gate": "hgrn2"}},
     "xatl (GLA, full fine-tuning)": {"method": "xatl"},
-    "xatl (GLA + window 64 + 4 sinks)": {"method": "xatl", "attention": {"window_size": 64, "sink_tokens": 4}},
+    "xatl (GLA + window 64 + 4 sinks)": {
+        "method": "xatl", "attention": {"window_size": 64, "sink_tokens": 4, "output_norm_init": 0.0}},
     "window only": {"method": "window", "attention": {"sink_tokens": 0}},
     "window + 4 sinks": {"method": "window", "attention": {"sink_tokens": 4}},
 }

@@ -102,7 +102,13 @@ def plot_losses(report: dict[str, Any], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
     for ax, (name, stage) in zip(axes[0], stages.items()):
         steps, losses = zip(*stage["loss_curve"])
-        ax.plot(steps, losses)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="per step")
+        window = max(1, len(losses) // 12)
+        if window > 1:
+            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                      for i in range(len(losses))]
+            ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"mean of {window} steps")
+            ax.legend(fontsize=7)
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")

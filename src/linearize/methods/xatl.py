@@ -5,11 +5,10 @@ norm, MLP) with the teacher's shapes, whose token mixer is a gated linear recurr
 copying every component it shares with the pretrained Transformer (token embeddings, LM head, every
 norm, the MLPs, the q/k/v/o projections, Qwen's q/k biases and Qwen3's q/k norms) and then trained as a
 whole. What the teacher has no counterpart for starts from the architecture's own init (normal(0,
-initializer_range) weights, zero biases, unit norms), except the per-head output norm, which starts at
-zero (`output_norm_init`): XATL's reference starts it at one, so the untrained model adds a random
-mixer output to every layer's residual stream (measured: 10,800x the teacher's perplexity on code);
-starting it silent, the transferred model starts as the teacher's MLP stack (plus its softmax window
-when there is one) and training grows the recurrence in:
+initializer_range) weights, zero biases, unit norms). `output_norm_init: 0` starts the per-head output
+norm at zero instead: the recurrence is silent at first, so a model with a softmax window starts exactly
+as the teacher's window (+ sinks) and training grows the recurrence in. (Without a window it does not
+help: the teacher's MLP stack alone is as far from the teacher as a random mixer output.)
 
 - `mixer: gla`: Gated Linear Attention (Yang et al. 2023), as flash-linear-attention builds it: a
   data-dependent per-feature decay from a low-rank projection of the layer input,
@@ -46,9 +45,9 @@ class Settings(SwapSettings):
     gate_low_rank_dim: int = 16  # GLA: rank of the decay projection
     gate_normalizer: float = 16.0  # GLA: log a = logsigmoid(.) / gate_normalizer keeps decays near 1 at init
     init: str = "transfer"  # transfer (XATL: copy what the teacher shares) | random (the same model from scratch)
-    # the per-head output norm's weight at init: 0 = the new mixer starts silent (the transferred model starts
-    # as the teacher's MLP stack, plus its softmax window when there is one) and grows in training; 1 = fla's
-    output_norm_init: float = 0.0
+    # the per-head output norm's weight at init: 1 = fla's; 0 = the recurrence starts silent, so a model with a
+    # softmax window starts as the teacher's window (+ sinks) and grows the recurrence in training
+    output_norm_init: float = 1.0
     chunk_size: int = 16  # chunk length of the recurrence's chunked form (GLA's [C, C, D] decays grow with C)
 
     def validate(self) -> None:
