@@ -134,8 +134,8 @@ def op_table(lengths: list[int]) -> list[dict]:
 
 
 def copy_bandwidth_gb_s() -> float:
-    a = torch.empty(64 * 2**20, dtype=torch.float32)  # 256 MiB
-    b = torch.empty_like(a)
+    a = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB, written first: untouched pages read as zeros
+    b = torch.zeros_like(a)
     b.copy_(a)
     start = time.perf_counter()
     for _ in range(5):
