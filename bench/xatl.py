@@ -20,13 +20,9 @@ from pathlib import Path
 
 from linearize.methods import build_config
 from linearize.pipeline import run
+from linearize.report import moving_mean
 
 ARMS = ("transfer", "random")
-
-
-def smoothed(losses: list[float], window: int) -> list[float]:
-    return [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-            for i in range(len(losses))]
 
 
 def tokens_to_reach(curve: list[tuple[int, float]], level: float) -> int | None:
@@ -67,7 +63,7 @@ def main() -> None:
     for arm, report in reports.items():
         steps = report["stages"]["finetune"]["loss_curve"]
         per_step = report["stages"]["finetune"]["tokens"] / max(1, len(steps))
-        losses = smoothed([loss for _, loss in steps], args.smooth)
+        losses = moving_mean([loss for _, loss in steps], args.smooth)
         curves[arm] = [(int(round(step * per_step)), loss) for (step, _), loss in zip(steps, losses)]
 
     random_final = curves["random"][-1][1]

@@ -3,8 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from linearize.train.finetune import distillation_loss
-from linearize.train.targets import TeacherTargets, top_k_kl
+from linearize.train.targets import TeacherTargets, distillation_loss, top_k_kl
 
 
 def test_top_k_kl_over_the_whole_vocabulary_is_the_exact_kl(tmp_path):

@@ -89,17 +89,14 @@ def perplexity_on_file(model, teacher, tokenizer, args) -> dict:
     """Perplexity; with the teacher also agreement, KL(teacher || student) per token and the per-layer
     attention-output error (MSE, cosine) of the converted layers."""
     from linearize.data import file_blocks
-    from linearize.evaluate import kl_to_teacher, layer_errors, score, summarize
+    from linearize.evaluate import layer_errors, score, score_with_teacher, summarize
 
     blocks = file_blocks(tokenizer, args.data, args.seq_len, max_blocks=args.max_blocks)
-    student = score(model, blocks, desc="student")
     if teacher is None:
-        return {"student": summarize(student)}
-    reference = score(teacher, blocks, desc="teacher")
-    summary = summarize(student, reference)
-    summary["kl"] = kl_to_teacher(model, teacher, blocks)
-    layers = layer_errors(model, blocks)
-    return {"student": summary, "teacher": summarize(reference), "layers": layers}
+        return {"student": summarize(score(model, blocks, desc="student"))}
+    student, reference, kl = score_with_teacher(model, teacher, blocks, desc="student and teacher")
+    summary = {**summarize(student, reference), "kl": kl}
+    return {"student": summary, "teacher": summarize(reference), "layers": layer_errors(model, blocks)}
 
 
 def long_range(model, teacher, tokenizer, args) -> dict:
@@ -178,17 +175,13 @@ def cmd_methods(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     """Interactive chat in the terminal: the chat template, the whole conversation as context, replies
     streamed as they are generated. An empty line or Ctrl-D ends it."""
-    from transformers import TextStreamer
-
     from linearize.api import load
+    from linearize.generation import continue_text
 
     model, tokenizer = load(args.model_dir, device=args.device)
     if not tokenizer.chat_template:
         raise LinearizeError(f"the tokenizer of '{args.model_dir}' has no chat template: use `linearize generate`")
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     messages: list[dict] = []
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     while True:
         try:
             line = input("you> ").strip()
@@ -198,12 +191,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
             break
         messages.append({"role": "user", "content": line})
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = tokenizer(text, return_tensors="pt").to(device)
         print("model> ", end="", flush=True)
-        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                                temperature=args.temperature if args.temperature > 0 else None, top_p=None,
-                                top_k=None, pad_token_id=pad, streamer=streamer)
-        reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        reply = continue_text(model, tokenizer, text, args.max_new_tokens, args.temperature, stream=True)
         messages.append({"role": "assistant", "content": reply})
 
 

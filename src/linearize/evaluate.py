@@ -38,22 +38,50 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+def next_token_logits(model: torch.nn.Module, block: torch.Tensor) -> torch.Tensor:
+    """float32 logits [T - 1, V] predicting tokens 1 .. T - 1 of one block [T]."""
+    return model(input_ids=block.unsqueeze(0).to(_device(model)), use_cache=False).logits[0, :-1].float()
+
+
+def _nll_and_predictions(logits: torch.Tensor, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    nll = F.cross_entropy(logits, block[1:].to(logits.device), reduction="none")
+    return nll.cpu(), logits.argmax(dim=-1).to(torch.int32).cpu()
+
+
 def token_nll(model: torch.nn.Module, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(NLL [T - 1] of each next token, top-1 predictions [T - 1]) for one block [T]."""
-    inputs = block.unsqueeze(0).to(_device(model))
-    logits = model(input_ids=inputs, use_cache=False).logits[0, :-1].float()
-    nll = F.cross_entropy(logits, inputs[0, 1:], reduction="none")
-    return nll.cpu(), logits.argmax(dim=-1).to(torch.int32).cpu()
+    return _nll_and_predictions(next_token_logits(model, block), block)
 
 
 def score(model: torch.nn.Module, blocks: torch.Tensor, desc: str = "eval") -> Scores:
     """Next-token NLL and argmax predictions of `model` on `blocks` [N, T], one block at a time."""
-    nll, predictions = 0.0, []
-    for block in tqdm(blocks, desc=desc, unit="block", leave=False, dynamic_ncols=True):
-        block_nll, block_predictions = token_nll(model, block)
-        nll += block_nll.sum().item()
-        predictions.append(block_predictions)
-    return Scores(nll=nll, tokens=blocks.shape[0] * (blocks.shape[1] - 1), predictions=torch.stack(predictions))
+    return _scores([token_nll(model, block) for block in _progress(blocks, desc)], blocks)
+
+
+def score_with_teacher(
+    student: torch.nn.Module, teacher: torch.nn.Module, blocks: torch.Tensor, desc: str = "eval"
+) -> tuple[Scores, Scores, float]:
+    """One pass per block through both models: the student's and the teacher's scores, and the mean
+    KL(teacher || student) per predicted token over the whole vocabulary (nats)."""
+    from linearize.train.targets import distillation_loss
+
+    student_rows, teacher_rows, kl = [], [], 0.0
+    for block in _progress(blocks, desc):
+        student_logits = next_token_logits(student, block)
+        teacher_logits = next_token_logits(teacher, block).to(student_logits.device)
+        student_rows.append(_nll_and_predictions(student_logits, block))
+        teacher_rows.append(_nll_and_predictions(teacher_logits, block))
+        kl += distillation_loss(student_logits, teacher_logits).item()
+    return _scores(student_rows, blocks), _scores(teacher_rows, blocks), kl / max(len(blocks), 1)
+
+
+def _progress(blocks: torch.Tensor, desc: str):
+    return tqdm(blocks, desc=desc, unit="block", leave=False, dynamic_ncols=True)
+
+
+def _scores(rows: list[tuple[torch.Tensor, torch.Tensor]], blocks: torch.Tensor) -> Scores:
+    return Scores(nll=sum(nll.sum().item() for nll, _ in rows), tokens=blocks.shape[0] * (blocks.shape[1] - 1),
+                  predictions=torch.stack([predictions for _, predictions in rows]))
 
 
 def summarize(scores: Scores, reference: Scores | None = None) -> dict:
@@ -111,21 +139,6 @@ def copy_test(model: torch.nn.Module, sequences: dict[int, torch.Tensor], desc: 
             hits.append((predictions[length:] == sequence[length + 1 :].to(torch.int32)).float())
         out[f"L={length}"] = torch.cat(hits).mean().item()
     return out
-
-
-@torch.no_grad()
-def kl_to_teacher(student: torch.nn.Module, teacher: torch.nn.Module, blocks: torch.Tensor,
-                  desc: str = "KL") -> float:
-    """Mean KL(teacher || student) per predicted token over the whole vocabulary, nats."""
-    total, count = 0.0, 0
-    for block in tqdm(blocks, desc=desc, unit="block", leave=False, dynamic_ncols=True):
-        inputs = block.unsqueeze(0).to(_device(student))
-        log_s = F.log_softmax(student(input_ids=inputs, use_cache=False).logits[0, :-1].float(), dim=-1)
-        log_t = F.log_softmax(teacher(input_ids=inputs.to(_device(teacher)), use_cache=False).logits[0, :-1].float(),
-                              dim=-1).to(log_s.device)
-        total += F.kl_div(log_s, log_t, log_target=True, reduction="sum").item()
-        count += log_s.shape[0]
-    return total / max(count, 1)
 
 
 @torch.no_grad()

@@ -22,10 +22,18 @@ def prompt_text(tokenizer, prompt: str, raw: bool = False) -> str:
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 48, temperature: float = 0.0,
                   seed: int = 0, raw: bool = False, stream: bool = False) -> str:
-    """Greedy (temperature 0) or sampled continuation of `prompt`; `stream` prints tokens as they come."""
+    """Greedy (temperature 0) or sampled continuation of a user prompt (inside the chat template unless
+    `raw`); `stream` prints tokens as they come."""
+    return continue_text(model, tokenizer, prompt_text(tokenizer, prompt, raw), max_new_tokens, temperature,
+                         seed, stream)
+
+
+def continue_text(model, tokenizer, text: str, max_new_tokens: int = 48, temperature: float = 0.0,
+                  seed: int = 0, stream: bool = False) -> str:
+    """The generated continuation of `text`, exactly as given (no template added)."""
     from transformers import TextStreamer
 
-    inputs = tokenizer(prompt_text(tokenizer, prompt, raw), return_tensors="pt").to(next(model.parameters()).device)
+    inputs = tokenizer(text, return_tensors="pt").to(next(model.parameters()).device)
     torch.manual_seed(seed)
     output = model.generate(
         **inputs,

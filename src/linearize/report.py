@@ -88,6 +88,12 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def moving_mean(values, window: int) -> list[float]:
+    """Mean of each value and the (up to) window - 1 before it."""
+    return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+            for i in range(len(values))]
+
+
 def plot_losses(report: dict[str, Any], path: Path) -> bool:
     try:
         import matplotlib
@@ -105,9 +111,8 @@ def plot_losses(report: dict[str, Any], path: Path) -> bool:
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="per step")
         window = max(1, len(losses) // 12)
         if window > 1:
-            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-                      for i in range(len(losses))]
-            ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"mean of {window} steps")
+            ax.plot(steps, moving_mean(losses, window), color="tab:blue", linewidth=2,
+                    label=f"mean of {window} steps")
             ax.legend(fontsize=7)
         ax.set_title(name)
         ax.set_xlabel("step")

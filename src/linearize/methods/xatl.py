@@ -128,8 +128,7 @@ class XatlMixer(Mixer):
     def forward(self, x, state, output_state):
         s = self.settings
         o, recurrent_state = self.recurrence(x, state, output_state)  # reads the state's `recurrent` part only
-        o = o.float()
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps) * self.g_norm.float()
+        o = F.rms_norm(o.float(), (self.head_dim,), self.g_norm.float(), self.eps)
         o = (o * F.silu(self.heads(self.g_proj(x.hidden), self.num_heads).float())).to(x.v.dtype)
         if not s.window_size:
             return o, recurrent_state
@@ -162,10 +161,10 @@ class Xatl(Method):
             return
         std = shapes_of(model).initializer_range
         with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, XatlMixer):
-                    module.reset_parameters()
-                elif isinstance(module, (nn.Linear, nn.Embedding)):
+            for name, module in model.named_modules():
+                if ".mixer" in name:  # the mixers' own parameters are fresh from their init already
+                    continue
+                if isinstance(module, (nn.Linear, nn.Embedding)):
                     nn.init.normal_(module.weight, std=std)
                     if getattr(module, "bias", None) is not None:
                         nn.init.zeros_(module.bias)

@@ -12,14 +12,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from linearize.config import FinetuneConfig
 from linearize.errors import LinearizeError
 from linearize.layers.attention import attention_mode
 from linearize.train.loop import TrainResult, run_steps
-from linearize.train.targets import TeacherTargets, top_k_kl
+from linearize.train.targets import TeacherTargets, distillation_loss, top_k_kl
 
 
 def lora_config(config: FinetuneConfig) -> LoraConfig:
@@ -31,13 +30,6 @@ def lora_config(config: FinetuneConfig) -> LoraConfig:
         bias="none",
         task_type="CAUSAL_LM",
     )
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per token over the whole vocabulary."""
-    log_student = F.log_softmax(student_logits.float(), dim=-1)
-    log_teacher = F.log_softmax(teacher_logits.float(), dim=-1)
-    return F.kl_div(log_student.flatten(0, -2), log_teacher.flatten(0, -2), log_target=True, reduction="batchmean")
 
 
 def training_blocks(config: FinetuneConfig, blocks: torch.Tensor, seed: int) -> list[int]:
@@ -96,9 +88,10 @@ def finetune(
     if config.full:
         if config.distill_weight > 0 and targets is None:
             raise LinearizeError("full fine-tuning distils from stored teacher targets: set finetune.distill_top_k > 0")
-        if targets is not None and config.distill_weight > 0 and targets.missing(ids):
+        missing = targets.missing(ids) if targets is not None and config.distill_weight > 0 else []
+        if missing:
             raise LinearizeError(
-                f"{len(targets.missing(ids))} training blocks have no stored teacher targets in {targets.directory}; "
+                f"{len(missing)} training blocks have no stored teacher targets in {targets.directory}; "
                 "full fine-tuning needs them computed before training (linearize.pipeline does so)"
             )
         peft_model = model

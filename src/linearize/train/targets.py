@@ -44,8 +44,11 @@ class TeacherTargets:
         """Store the targets of every block in `ids` not stored yet, one block at a time."""
         from tqdm.auto import tqdm
 
+        missing = self.missing(ids)
+        if len(missing) > 1:
+            missing = tqdm(missing, desc=desc or "teacher targets", unit="block", leave=False)
         with torch.no_grad():
-            for i in tqdm(self.missing(ids), desc=desc or "teacher targets", unit="block", leave=False):
+            for i in missing:
                 self.put(i, teacher_logits([i])[0])
 
     def get(
@@ -54,12 +57,19 @@ class TeacherTargets:
         """(indices [B, T, k] long, log-probabilities [B, T, k]) for the given blocks; blocks not stored yet
         are computed with `teacher_logits(ids) -> [len(ids), T, V]` and stored."""
         todo = self.missing(ids)
-        if todo:
+        if todo:  # one teacher call for the batch's missing blocks (`fill` goes block by block, for memory)
             with torch.no_grad():
                 for block, logits in zip(todo, teacher_logits(todo)):
                     self.put(block, logits)
         stored = [load_tensors(self.path(i)) for i in ids]
         return torch.stack([s["indices"].long() for s in stored]), torch.stack([s["logprobs"] for s in stored])
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per token over the whole vocabulary, averaged over positions."""
+    log_student = F.log_softmax(student_logits.float(), dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+    return F.kl_div(log_student.flatten(0, -2), log_teacher.flatten(0, -2), log_target=True, reduction="batchmean")
 
 
 def top_k_kl(student_logits: torch.Tensor, indices: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
