@@ -333,6 +333,43 @@ def test_window_forms_agree_and_continue(window, sink_tokens, variant, padded, h
         assert_same_state(s_end, s_rec)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_window_chunked_in_query_groups_equals_one_group(variant, padded, monkeypatch):
+    """Long inputs are processed GROUP_TOKENS queries at a time; groups of 1 and 2 chunks give the same."""
+    import linearize.ops.window as window_ops
+
+    torch.manual_seed(12)
+    args = window_args(variant, 6, 2)
+    mask = left_padding([0, 9]) if padded else None
+    common = {"window": 4, "sink_tokens": 2, "key_mask": mask}
+    expected, _ = window_attention_parallel(**args, **common)
+    for group_tokens in (4, 8):
+        monkeypatch.setattr(window_ops, "GROUP_TOKENS", group_tokens)
+        close(masked(window_attention_chunked(**args, **common)[0], mask), masked(expected, mask))
+
+
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("sink_tokens", [0, 3])
+@pytest.mark.parametrize("window", WINDOWS)
+def test_window_single_token_steps_equal_parallel(window, sink_tokens, variant, heads):
+    """Decoding one token per call (the lean step) from a short prefill: outputs equal the parallel form's,
+    and the final state equals the general recurrent loop's, across sinks leaving the window."""
+    torch.manual_seed(11)
+    args = window_args(variant, *heads)
+    common = {"window": window, "sink_tokens": sink_tokens}
+    expected, _ = window_attention_parallel(**args, **common)
+    empty = empty_window_state(B, heads[1], D, window, sink_tokens, None if variant == "window" else FEAT,
+                               gated=variant == "gated")
+    _, s_loop = window_attention_recurrent(**args, **common, state=empty)
+    _, state = window_attention_chunked(**sliced(args, slice(0, 2), None), **common, output_final_state=True)
+    for i in range(2, T):
+        o, state = window_attention_recurrent(**sliced(args, slice(i, i + 1), None), **common, state=state)
+        close(o, expected[:, :, i : i + 1])
+    assert_same_state(state, s_loop)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("sink_tokens", [0, 3])
 def test_window_left_padded_row_equals_the_row_alone(sink_tokens, variant):

@@ -130,19 +130,33 @@ def window_attention_parallel(
     return o, state
 
 
-def _block_masks(n_chunks: int, chunk: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _block_masks(chunk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """[C, 2C] masks for query chunk i (local t) against key chunks i - 1 and i (local j); chunk == window:
-    key (i - 1) C + j is in the window iff t < j <= t + C, older iff j <= t; j == t + C is the query itself."""
+    key (i - 1) C + j is in the window iff t < j <= t + C (older iff j <= t); j == t + C is the query."""
     t = torch.arange(chunk, device=device)[:, None]
     j = torch.arange(2 * chunk, device=device)[None, :]
-    return (j > t) & (j <= t + chunk), j <= t, j == t + chunk
+    return (j > t) & (j <= t + chunk), j == t + chunk
 
 
 def _with_previous_chunk(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Chunks along `dim` (the chunk axis; the next one is the position in the chunk) preceded by the
     previous chunk: [..., N, C, ...] -> [..., N, 2C, ...] (zeros before the first)."""
-    previous = torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.narrow(dim, 0, x.shape[dim] - 1)], dim=dim)
-    return torch.cat([previous, x], dim=dim + 1)
+    return torch.cat([_previous_chunk(x, dim), x], dim=dim + 1)
+
+
+def _previous_chunk(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Chunk i - 1 in place of chunk i along the chunk axis `dim` (zeros for the first)."""
+    return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.narrow(dim, 0, x.shape[dim] - 1)], dim=dim)
+
+
+GROUP_TOKENS = 2048  # query chunks are processed this many tokens at a time: blocks stay cache-sized
+
+
+def _query_chunks(x: torch.Tensor, kv_heads: int, chunk: int) -> torch.Tensor:
+    """Queries [B, H, T, X] -> [B, Hk, N, G * C, X]: chunk n's queries of all G heads that read kv head k
+    in one contiguous matrix, so every product with chunk n's keys is a plain batched matmul."""
+    grouped = chunks(group_heads(x, kv_heads), chunk)  # [B, Hk, G, N, C, X]
+    return grouped.transpose(2, 3).flatten(3, 4).contiguous()
 
 
 def window_attention_chunked(
@@ -161,82 +175,96 @@ def window_attention_chunked(
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Linear in T: chunks of size `window`. Query chunk i reaches its window in chunks i - 1 and i (one
-    [C, 2C] block, which also carries the linear terms of chunk i - 1's keys that already left the
-    window); chunks <= i - 2 are older and enter through their summed (decayed) state; sinks add a
-    [C, S] block against each row's first real tokens, counted where they lie outside the window."""
+    [C, 2C] softmax block); the linear terms of chunk i - 1's keys that already left the window are one
+    [C, C] block, chunks <= i - 2 enter through their summed (decayed) state, carried by a short scan over
+    chunks; sinks add a [C, S] block against each row's first real tokens, counted where they lie
+    outside the window. No [N, N] or [C, C, F] tensor, and the blocks are built `GROUP_TOKENS` queries at
+    a time: memory and time grow linearly in T."""
     _check(window, sink_tokens, fq, fk)
     out_dtype = v.dtype
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
     batch, kv_heads, t, head_dim = k.shape
+    groups = q.shape[1] // kv_heads
     scale = head_dim**-0.5 if scale is None else scale
     chunk = window
     positions = real_positions(mask)
     is_sink = mask & (positions < sink_tokens)
 
-    qc = chunks(group_heads(q, kv_heads), chunk)  # [B, Hk, G, N, C, D]
-    n_chunks = qc.shape[3]
-    keys = _with_previous_chunk(chunks(k, chunk), 2)  # [B, Hk, N, 2C, D]
-    values = _with_previous_chunk(chunks(append_ones(v), chunk), 2)  # [B, Hk, N, 2C, D + 1]
+    qc = _query_chunks(q, kv_heads, chunk)  # [B, Hk, N, G C, D]
+    n_chunks = qc.shape[2]
+    vc = chunks(append_ones(v), chunk)  # [B, Hk, N, C, D + 1]
+    keys_t = _with_previous_chunk(chunks(k, chunk), 2).transpose(-1, -2)  # [B, Hk, N, D, 2C]
+    values = _with_previous_chunk(vc, 2)  # [B, Hk, N, 2C, D + 1]
     valid = _with_previous_chunk(chunks(mask[..., None].float(), chunk), 1)[..., 0].bool()  # [B, N, 2C]
-    in_window, older, itself = _block_masks(n_chunks, chunk, k.device)
+    in_window, itself = _block_masks(chunk, k.device)
+    hidden = ~((in_window & valid[:, :, None, :]) | itself)[:, None, :, None]  # [B, 1, N, 1, C, 2C]
 
-    soft = (in_window & valid[:, :, None, :]) | itself  # [B, N, C, 2C]
-    scores = torch.einsum("bkgntd,bknsd->bkgnts", qc, keys) * scale
-    scores = scores.masked_fill(~soft[:, None, None], float("-inf"))
-    row_max = scores.amax(-1, keepdim=True)
-    sink_part = None
     if sink_tokens > 0:
         # slot j = the row's real token j; visible to query t when it lies outside t's window
         slot = torch.where(is_sink, positions, sink_tokens)
         where = torch.full((batch, sink_tokens + 1), -1, dtype=torch.long, device=k.device)
         where = where.scatter(1, slot, torch.arange(t, device=k.device).expand(batch, t))[:, :sink_tokens]
-        present = where >= 0
         gather = where.clamp(min=0)[:, None, :, None].expand(batch, kv_heads, sink_tokens, head_dim)
-        k_sink = k.gather(2, gather)
-        v_sink = append_ones(v.gather(2, gather))
+        sink_keys_t = k.gather(2, gather).transpose(-1, -2)[:, :, None]  # [B, Hk, 1, D, S]
+        sink_values = append_ones(v.gather(2, gather))[:, :, None]  # [B, Hk, 1, S, D + 1]
         query_index = torch.arange(n_chunks * chunk, device=k.device).view(n_chunks, chunk, 1)
-        sink_visible = present[:, None, None, :] & (where[:, None, None, :] <= query_index - window)  # [B, N, C, S]
-        sink_scores = torch.einsum("bkgntd,bksd->bkgnts", qc, k_sink) * scale
-        sink_scores = sink_scores.masked_fill(~sink_visible[:, None, None], float("-inf"))
-        row_max = torch.maximum(row_max, sink_scores.amax(-1, keepdim=True))
-        sink_part = torch.einsum("bkgnts,bksd->bkgntd", (sink_scores - row_max).exp(), v_sink)
-    weights = (scores - row_max).exp()
+        sink_hidden = ~((where[:, None, None, :] >= 0) & (where[:, None, None, :] <= query_index - window))
+        sink_hidden = sink_hidden[:, None, :, None]  # [B, 1, N, 1, C, S]
 
     if fk is not None:
-        fqc = chunks(group_heads(fq, kv_heads), chunk)  # [B, Hk, G, N, C, F]
-        fk_lin = fk.masked_fill(is_sink[:, None, :, None], 0.0)
-        fkc = chunks(fk_lin, chunk)  # [B, Hk, N, C, F]
-        lin = torch.einsum("bkgntf,bknsf->bkgnts", fqc, _with_previous_chunk(fkc, 2))
+        # linear terms: query t of chunk i reads chunk i - 1's keys s <= t (local index) directly, and
+        # chunks <= i - 2 through the state after chunk i - 2 (a short scan over chunks, as the plain
+        # linear op), decayed by exp(A_t - A_s) with A the log-gate cumsum
+        fqc = _query_chunks(fq, kv_heads, chunk)  # [B, Hk, N, G C, F]
+        fkc = chunks(fk.masked_fill(is_sink[:, None, :, None], 0.0), chunk)  # [B, Hk, N, C, F]
+        previous_fk_t, previous_v = _previous_chunk(fkc, 2).transpose(-1, -2), _previous_chunk(vc, 2)
+        not_older = ~torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
+        from_state = fqc  # the queries' reads of the state, decayed from the end of chunk i - 2
         if log_gate is None:
-            lin = lin.masked_fill(~older, 0.0)
-            local = fkc.transpose(-1, -2) @ chunks(append_ones(v), chunk)  # [B, Hk, N, F, D + 1]
-            through = local.cumsum(2)  # the state after chunk n
-            query_decay = None
+            local = fkc.transpose(-1, -2) @ vc  # [B, Hk, N, F, D + 1]
+            chunk_decay = None
         else:
             total = chunks(log_gate.cumsum(-1)[..., None], chunk)[..., 0]  # [B, Hk, N, C]
-            total_kk = _with_previous_chunk(total, 2)  # [B, Hk, N, 2C]
-            log_decay = (total[..., :, None] - total_kk[..., None, :]).masked_fill(~older, float("-inf"))
-            lin = lin * log_decay.exp()[:, :, None]
+            log_decay = total[..., :, None] - _previous_chunk(total, 2)[..., None, :]  # [B, Hk, N, C, C]
+            older_decay = log_decay.masked_fill(not_older, float("-inf")).exp()[:, :, :, None]
             end = total[..., -1]  # [B, Hk, N]: A at each chunk's end
-            local = (fkc * (end[..., None] - total).exp()[..., None]).transpose(-1, -2)
-            local = local @ chunks(append_ones(v), chunk)  # chunk n's keys, decayed to its end
-            between = (end[..., :, None] - end[..., None, :]).masked_fill(
-                ~torch.ones(n_chunks, n_chunks, dtype=torch.bool, device=k.device).tril(), float("-inf")
-            )
-            through = torch.einsum("bknm,bkmfd->bknfd", between.exp(), local)  # the state after chunk n
-            # a query in chunk i reads the state after chunk i - 2, decayed from that chunk's end
-            end_before = F.pad(end, (2, 0))[..., :n_chunks]
-            query_decay = (total - end_before[..., None]).exp()  # [B, Hk, N, C]
-        weights = weights + lin
-        state_before = F.pad(through, (0, 0, 0, 0, 2, 0))[:, :, :n_chunks]  # after chunk i - 2
-        from_state = fqc if query_decay is None else fqc * query_decay[:, :, None, ..., None]
-        o = torch.einsum("bkgntf,bknfd->bkgntd", from_state, state_before)
-        o = o + torch.einsum("bkgnts,bknsd->bkgntd", weights, values)
-    else:
-        o = torch.einsum("bkgnts,bknsd->bkgntd", weights, values)
-    if sink_part is not None:
-        o = o + sink_part
-    o = unchunk(readout(o, eps), t).flatten(1, 2).to(out_dtype)
+            local = (fkc * (end[..., None] - total).exp()[..., None]).transpose(-1, -2) @ vc  # decayed to its end
+            chunk_decay = (end - F.pad(end, (1, 0))[..., :-1]).exp()[..., None, None]  # [B, Hk, N, 1, 1]
+            end_before = F.pad(end, (2, 0))[..., :n_chunks]  # A at the end of chunk i - 2
+            query_decay = (total - end_before[..., None]).exp()[:, :, :, None, :, None]  # [B, Hk, N, 1, C, 1]
+            from_state = (fqc.view(*fqc.shape[:3], groups, chunk, -1) * query_decay).flatten(3, 4)
+        current = torch.zeros_like(local[:, :, 0])
+        states_before = [current, current]  # a query in chunk i reads the state after chunk i - 2
+        for i in range(n_chunks - 2):
+            current = current if chunk_decay is None else chunk_decay[:, :, i] * current
+            current = current + local[:, :, i]
+            states_before.append(current)
+        state_before = torch.stack(states_before[:n_chunks], dim=2)  # [B, Hk, N, F, D + 1]
+
+    def block(n: slice) -> torch.Tensor:
+        """Outputs [B, Hk, n, G C, D + 1] (numerator and normaliser) of query chunks n."""
+        shape = (batch, kv_heads, -1, groups, chunk)
+        scores = (qc[:, :, n] @ keys_t[:, :, n]).mul_(scale).view(*shape, 2 * chunk).masked_fill_(
+            hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, 2C]
+        row_max = scores.amax(-1, keepdim=True)
+        if sink_tokens > 0:
+            sink_scores = (qc[:, :, n] @ sink_keys_t).mul_(scale).view(*shape, sink_tokens).masked_fill_(
+                sink_hidden[:, :, n], float("-inf"))
+            row_max = torch.maximum(row_max, sink_scores.amax(-1, keepdim=True))
+        weights = (scores - row_max).exp_().flatten(3, 4)
+        o = weights @ values[:, :, n]
+        if sink_tokens > 0:
+            o = o + (sink_scores - row_max).exp_().flatten(3, 4) @ sink_values
+        if fk is not None:
+            lin = (fqc[:, :, n] @ previous_fk_t[:, :, n]).view(*shape, chunk)  # [B, Hk, n, G, C, C]
+            lin = lin.masked_fill(not_older, 0.0) if log_gate is None else lin * older_decay[:, :, n]
+            o = o + lin.flatten(3, 4) @ previous_v[:, :, n] + from_state[:, :, n] @ state_before[:, :, n]
+        return o
+
+    per_block = max(1, GROUP_TOKENS // chunk)
+    o = torch.cat([block(slice(i, i + per_block)) for i in range(0, n_chunks, per_block)], dim=2)
+    o = readout(o, eps).view(batch, kv_heads, n_chunks, groups, chunk, head_dim).transpose(2, 3)
+    o = unchunk(o, t).flatten(1, 2).to(out_dtype)
     state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens) if output_final_state else None
     return o, state
 
@@ -260,6 +288,8 @@ def window_attention_recurrent(
     window token leaves it: into its sink slot if it is one of the row's first `sink_tokens` real tokens,
     else into the linear state (with features), else it is dropped."""
     _check(window, sink_tokens, fq, fk)
+    if q.shape[2] == 1 and key_mask is None and window > 1:
+        return _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps)
     out_dtype = v.dtype
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
     batch, kv_heads, t, head_dim = k.shape
@@ -330,6 +360,69 @@ def window_attention_recurrent(
         recurrent=recurrent,
     )
     return o, new_state
+
+
+def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps):
+    """`window_attention_recurrent` for one real token per row (the decoding step), in as few ops as the
+    math allows: per-step dispatch, not arithmetic, is what a decoding step costs on a CPU. The same
+    result as the general loop (tests hold them equal)."""
+    out_dtype = v.dtype
+    batch, kv_heads, _, head_dim = k.shape
+    scale = head_dim**-0.5 if scale is None else scale
+    s = state
+    q = q.float().view(batch, kv_heads, -1, head_dim)  # [B, Hk, G, D]
+    k, v = k.float(), v.float()  # [B, Hk, 1, D]
+    ones = torch.ones(batch, 1, dtype=torch.bool, device=k.device)
+    if sink_tokens > 0:
+        keys = torch.cat([s.sink_keys, s.window_keys, k], dim=2)
+        values = torch.cat([s.sink_values, s.window_values, v], dim=2)
+        visible = torch.cat([s.sink_valid, s.window_valid, ones], dim=1)
+    else:
+        keys = torch.cat([s.window_keys, k], dim=2)
+        values = torch.cat([s.window_values, v], dim=2)
+        visible = torch.cat([s.window_valid, ones], dim=1)
+    scores = (q @ keys.transpose(-1, -2)).mul_(scale).masked_fill_(~visible[:, None, None], float("-inf"))
+    weights = (scores - scores.amax(-1, keepdim=True)).exp_()
+    num, den = weights @ values, weights.sum(-1, keepdim=True)  # [B, Hk, G, D], [B, Hk, G, 1]
+    recurrent = s.recurrent
+    if recurrent is not None:
+        if log_gate is not None:
+            recurrent = recurrent * log_gate.float().exp()[..., None]  # [B, Hk, 1] -> [B, Hk, 1, 1]
+        linear = fq.float().view(batch, kv_heads, -1, fq.shape[-1]) @ recurrent  # [B, Hk, G, D + 1]
+        num, den = num + linear[..., :-1], den + linear[..., -1:]
+    o = (num / (den + eps)).view(batch, -1, 1, head_dim).to(out_dtype)
+
+    # the new token joins the window, the oldest (slot 0) leaves it
+    first = sink_tokens + 1  # index of window slot 1 in keys / values / visible
+    leaving_valid, leaving_position = s.window_valid[:, 0], s.window_position[:, 0]
+    new = DecodeState(
+        seen=s.seen + 1,
+        window_keys=keys[:, :, first:],
+        window_values=values[:, :, first:],
+        window_valid=visible[:, first:],
+        window_position=torch.cat([s.window_position[:, 1:], s.seen[:, None]], dim=1),
+        sink_keys=s.sink_keys,
+        sink_values=s.sink_values,
+        sink_valid=s.sink_valid,
+    )
+    leaving_sink = leaving_valid & (leaving_position < sink_tokens)
+    if sink_tokens > 0 and (k.device.type != "cpu" or bool(leaving_sink.any())):
+        into = (torch.arange(sink_tokens, device=k.device) == leaving_position[:, None]) & leaving_sink[:, None]
+        new.sink_keys = torch.where(into[:, None, :, None], s.window_keys[:, :, :1], s.sink_keys)
+        new.sink_values = torch.where(into[:, None, :, None], s.window_values[:, :, :1], s.sink_values)
+        new.sink_valid = s.sink_valid | into
+    if fk is not None:
+        features = torch.cat([s.window_features, fk.float()], dim=2)
+        new.window_features = features[:, :, 1:]
+        weight = (leaving_valid & ~leaving_sink).float()[:, None, None]  # [B, 1, 1]
+        if log_gate is not None:
+            gates = torch.cat([s.window_log_gates, log_gate.float()], dim=2)
+            new.window_log_gates = gates[:, :, 1:]
+            weight = weight * new.window_log_gates.sum(-1, keepdim=True).exp()  # decay since it left
+        leaving = features[:, :, :1].transpose(-1, -2) * weight[..., None]  # [B, Hk, F, 1]
+        update = torch.cat([leaving * s.window_values[:, :, :1], leaving], dim=-1)  # fk^T [v, 1]
+        new.recurrent = recurrent + update
+    return o, new
 
 
 def empty_window_state(
