@@ -1,7 +1,7 @@
 """Inference, student against teacher, side by side on this machine in one run.
 
-    python bench/decode.py                                   # contexts 1k, 4k, 16k; the default run's student
-    python bench/decode.py --contexts 1024 4096 16384 32768 --student runs/default
+    python bench/decode.py                                   # contexts 1k, 4k, 16k, 32k; the default run's student
+    python bench/decode.py --dtype bfloat16 --contexts 1024 16384 --student runs/default
 
 For each model and context (each in its own process, so peak memory is its own): prefill tok/s of a
 random-token prompt of that length through the model's own cache, then decode tok/s over `--steps`
@@ -10,9 +10,11 @@ greedy single-token steps, cache size, and the process's peak resident memory. T
 batch), and the largest batch each model fits in `--memory-gib` next to its weights. Then the op-level
 table (the hybrid's chunked window + linear op and plain chunked linear attention against SDPA causal,
 forward only, 9 heads / 3 KV heads / head dim 64 / 128 features, as SmolLM2 and Hedgehog), and decode as a
-fraction of the machine's bandwidth limit: fp32 weight bytes read per token over a measured copy bandwidth.
+fraction of the machine's bandwidth limit: weight bytes read per token over a measured copy bandwidth, beside
+the speed of a step that only streams the weights through one single-token matmul per linear layer.
 Without a trained student directory the untrained hybrid is timed (speed does not depend on training).
-Writes OUTPUT (default runs/default/decode.md, which the run's report.html includes when present).
+Writes OUTPUT (default runs/default/decode.md, or decode-bfloat16.md; the run's report.html includes
+decode.md when present).
 """
 
 from __future__ import annotations
@@ -28,18 +30,38 @@ from pathlib import Path
 import torch
 
 
-def load_model(which: str, student_dir: str | None):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_model(which: str, student_dir: str | None, dtype: str = "float32"):
     """The teacher, or the student saved in `student_dir` (the untrained hybrid if there is none)."""
     from linearize import linearize
     from linearize.teacher import DEFAULT_TEACHER, load_teacher
 
     if which == "teacher":
-        return load_teacher(DEFAULT_TEACHER)[0]
-    if student_dir and Path(student_dir).exists():
+        model = load_teacher(DEFAULT_TEACHER)[0]
+    elif student_dir and Path(student_dir).exists():
         from linearize import load
 
-        return load(student_dir, device="cpu")[0]
-    return linearize(load_teacher(DEFAULT_TEACHER)[0], "hybrid")
+        model = load(student_dir, device="cpu")[0]
+    else:
+        model = linearize(load_teacher(DEFAULT_TEACHER)[0], "hybrid")
+    return model.to(DTYPES[dtype]).eval()
+
+
+@torch.no_grad()
+def weight_stream_tok_s(model) -> float:
+    """Tokens/s if a decoding step did nothing but one single-token matmul per linear layer (every weight
+    read once, as a step must): the floor set by this machine's GEMV speed, for any model."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    x = {m.in_features: torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in linears}
+    for m in linears:
+        m(x[m.in_features])
+    start = time.perf_counter()
+    for _ in range(5):
+        for m in linears:
+            m(x[m.in_features])
+    return 5 / (time.perf_counter() - start)
 
 
 def cache_bytes(cache) -> int:
@@ -53,11 +75,11 @@ def cache_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def measure_one(which: str, context: int, steps: int, student_dir: str | None) -> dict:
+def measure_one(which: str, context: int, steps: int, student_dir: str | None, dtype: str) -> dict:
     """Prefill `context` random tokens, then `steps` greedy decode steps; in this process."""
     from transformers import DynamicCache
 
-    model = load_model(which, student_dir)
+    model = load_model(which, student_dir, dtype)
     ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(0))
     cache = DynamicCache(config=model.config)
     start = time.perf_counter()
@@ -79,11 +101,12 @@ def measure_one(which: str, context: int, steps: int, student_dir: str | None) -
 
 
 @torch.no_grad()
-def measure_batches(which: str, context: int, batches: list[int], steps: int, student_dir: str | None) -> dict:
+def measure_batches(which: str, context: int, batches: list[int], steps: int, student_dir: str | None,
+                    dtype: str) -> dict:
     """Decode throughput (sequences x steps / s) at each batch size, the prompt's cache repeated."""
     from transformers import DynamicCache
 
-    model = load_model(which, student_dir)
+    model = load_model(which, student_dir, dtype)
     ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(0))
     base = DynamicCache(config=model.config)
     model(input_ids=ids, past_key_values=base, use_cache=True, logits_to_keep=1)
@@ -104,7 +127,7 @@ def measure_batches(which: str, context: int, batches: list[int], steps: int, st
     return result
 
 
-def op_table(lengths: list[int]) -> list[dict]:
+def op_table(lengths: list[int], dtype: str = "float32") -> list[dict]:
     import torch.nn.functional as F
 
     from linearize.ops import linear_attention_chunked, window_attention_chunked
@@ -125,6 +148,7 @@ def op_table(lengths: list[int]) -> list[dict]:
         fq = torch.rand(1, heads, t, features, generator=g)
         fk = torch.rand(1, kv_heads, t, features, generator=g)
         gate = torch.full((1, kv_heads, t), -0.001)
+        q, k, v, fq, fk, gate = (x.to(DTYPES[dtype]) for x in (q, k, v, fq, fk, gate))
         with torch.no_grad():
             sdpa = timed(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True)
             hybrid = timed(window_attention_chunked, q, k, v, 64, sink_tokens=4, fq=fq, fk=fk, log_gate=gate)
@@ -146,9 +170,9 @@ def copy_bandwidth_gb_s() -> float:
 
 def child(args) -> None:
     if args.child == "one":
-        result = measure_one(args.which, args.context, args.steps, args.student)
+        result = measure_one(args.which, args.context, args.steps, args.student, args.dtype)
     else:
-        result = measure_batches(args.which, args.context, args.batches, args.steps, args.student)
+        result = measure_batches(args.which, args.context, args.batches, args.steps, args.student, args.dtype)
     print(json.dumps(result))
 
 
@@ -162,12 +186,13 @@ def run_child(*extra: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", default="runs/default")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights and activations")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--batch-context", type=int, default=4096)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--memory-gib", type=float, default=16.0, help="memory budget for the largest-batch column")
-    parser.add_argument("--op-lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--op-lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--output", default=None)
     parser.add_argument("--child", choices=["one", "batches"], help=argparse.SUPPRESS)
     parser.add_argument("--which", choices=["student", "teacher"], help=argparse.SUPPRESS)
@@ -176,19 +201,21 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    lines = [f"Machine: {torch.get_num_threads()} threads, torch {torch.__version__}, fp32, batch 1 unless said; "
+    lines = [f"Machine: {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}, batch 1 unless said; "
              f"student: {args.student if Path(args.student).exists() else 'untrained hybrid'}.", ""]
     results = {}
     for context in args.contexts:
         for which in ("student", "teacher"):
             common = ["--which", which, "--context", str(context), "--steps", str(args.steps),
-                      "--student", args.student]
+                      "--student", args.student, "--dtype", args.dtype]
             results[which, context] = run_child("--child", "one", *common)
             print(which, context, results[which, context], flush=True)
     bandwidth = copy_bandwidth_gb_s()
-    student = load_model("student", args.student)
+    student = load_model("student", args.student, args.dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
     limit = bandwidth * 1e9 / weight_bytes
+    stream = weight_stream_tok_s(student)
+    del student
     lines += [
         "| context | student decode tok/s | teacher decode tok/s | decode speed-up | student prefill tok/s | "
         "teacher prefill tok/s | prefill speed-up | cache MiB student / teacher | peak RSS MiB student / teacher | "
@@ -206,14 +233,16 @@ def main() -> None:
     first, last = args.contexts[0], args.contexts[-1]
     flat = results["student", last]["decode_tok_s"] / results["student", first]["decode_tok_s"]
     lines += ["", f"Student decode at {last:,} is {flat:.0%} of its speed at {first:,}. Bandwidth limit: "
-              f"{weight_bytes / 2**20:.0f} MiB of fp32 weights per token at a measured {bandwidth:.1f} GB/s copy "
-              f"bandwidth = {limit:.1f} tok/s.", ""]
+              f"{weight_bytes / 2**20:.0f} MiB of {args.dtype} weights per token at a measured {bandwidth:.1f} GB/s "
+              f"copy bandwidth = {limit:.1f} tok/s. One single-token matmul per linear layer and nothing else "
+              f"(this machine's GEMV floor for either model) runs at {stream:.1f} tok/s = {stream / limit:.0%} of "
+              "that limit.", ""]
 
     batch_rows = {}
     for which in ("student", "teacher"):
         batch_rows[which] = run_child("--child", "batches", "--which", which, "--context", str(args.batch_context),
                                       "--steps", str(max(4, args.steps // 4)), "--student", args.student,
-                                      "--batches", *map(str, args.batches))
+                                      "--dtype", args.dtype, "--batches", *map(str, args.batches))
         print(which, "batches", batch_rows[which], flush=True)
     lines += [f"Batched decoding at {args.batch_context:,} tokens of context (sequences x tokens / s); largest "
               f"batch whose caches fit in {args.memory_gib:g} GiB beside the weights:", "",
@@ -228,14 +257,15 @@ def main() -> None:
     lines += ["", "Ops alone (forward, one sequence; ms, speed-up over SDPA causal):", "",
               "| tokens | SDPA causal | hybrid window+sinks+linear | x SDPA | chunked linear attention | x SDPA |",
               "|---:|---:|---:|---:|---:|---:|"]
-    for row in op_table(args.op_lengths):
+    for row in op_table(args.op_lengths, args.dtype):
         lines.append(f"| {row['tokens']:,} | {row['sdpa_ms']:.1f} | {row['hybrid_ms']:.1f} | "
                      f"{row['sdpa_ms'] / row['hybrid_ms']:.2f}x | {row['linear_ms']:.1f} | "
                      f"{row['sdpa_ms'] / row['linear_ms']:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
-    output = Path(args.output) if args.output else (Path(args.student) / "decode.md" if Path(args.student).is_dir()
-                                                     else Path("decode.md"))
+    name = "decode.md" if args.dtype == "float32" else f"decode-{args.dtype}.md"
+    output = Path(args.output) if args.output else (Path(args.student) / name if Path(args.student).is_dir()
+                                                     else Path(name))
     output.write_text(text)
     print(f"written to {output}")
 
