@@ -226,3 +226,77 @@ def test_ungated_matches_fla_naive_linear_attention(heads, kv_heads, form, norma
     close(expand(state, groups)[..., :D], s_ref)
     if normalize:
         close(expand(state, groups)[..., D], z_ref[:, 0])
+
+
+# ---- the fla backend: our op computed by fla-style kernels -------------------------------------------
+
+from linearize.ops import backend, fla_backend  # noqa: E402
+
+
+def naive_kernels() -> fla_backend.Kernels:
+    """fla's naive recurrences in the place of its Triton kernels (same [B, T, H, X] calling convention):
+    the backend's plumbing (GQA, normaliser column, states, gate layouts) is then checked on any machine."""
+
+    def per_feature(q, k, v, g, scale, initial_state=None, output_final_state=False):
+        q = q * scale * q.shape[-1] ** 0.5  # the naive GLA always scales by K**-0.5
+        return gla_naive.naive_recurrent_gla(q, k, v, g, initial_state=initial_state,
+                                             output_final_state=output_final_state)
+
+    def per_head(q, k, v, g, scale, initial_state=None, output_final_state=False):
+        return simple_gla_naive.naive_recurrent_simple_gla(q, k, v, g, scale=scale, initial_state=initial_state,
+                                                           output_final_state=output_final_state)
+
+    return fla_backend.Kernels(per_head=per_head, per_feature=per_feature)
+
+
+def backend_case(heads, kv_heads, gate, normalize, continued, device="cpu", kernels=None):
+    fq, fk, v, log_gate = (x.to(device) for x in inputs(heads, kv_heads, "feature" if gate == "none" else gate, seed=5))
+    log_gate = None if gate == "none" else log_gate
+    state = None
+    if continued:
+        state = DecodeState(seen=torch.full((B,), 7, device=device), recurrent=random_state(kv_heads).to(device))
+    common = {"normalize": normalize, "chunk_size": CHUNK, "state": state, "output_final_state": True}
+    o, final = linear_attention_chunked(fq, fk, v, log_gate, **common)
+    o_fla, final_fla = fla_backend.fla_linear_attention_chunked(fq, fk, v, log_gate, kernels=kernels, **common)
+    close(o_fla, o, 1e-4)
+    close(final_fla.recurrent, final.recurrent, 1e-4)
+    assert torch.equal(final_fla.seen, final.seen)
+
+
+@pytest.mark.parametrize("heads,kv_heads", HEADS)
+@pytest.mark.parametrize("gate", ["none", "scalar", "feature"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("continued", [False, True])
+def test_fla_backend_plumbing_equals_our_op(heads, kv_heads, gate, normalize, continued):
+    backend_case(heads, kv_heads, gate, normalize, continued, kernels=naive_kernels())
+
+
+def test_fla_backend_hands_padded_batches_back():
+    fq, fk, v, log_gate = inputs(6, 2, "scalar", seed=6)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, :5] = False
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a padded batch must not reach the kernels")
+
+    o, _ = fla_backend.fla_linear_attention_chunked(fq, fk, v, log_gate, key_mask=mask, chunk_size=CHUNK,
+                                                    kernels=fla_backend.Kernels(refuse, refuse))
+    close(o, linear_attention_chunked(fq, fk, v, log_gate, key_mask=mask, chunk_size=CHUNK)[0])
+
+
+def test_fla_backend_registers_for_cuda_only_where_it_can_run(monkeypatch):
+    monkeypatch.setattr(backend, "_REGISTERED", {})
+    monkeypatch.setattr(fla_backend, "available", lambda: False)
+    assert not fla_backend.install() and backend.get("linear_attention_chunked", "cuda") is linear_attention_chunked
+    monkeypatch.setattr(fla_backend, "available", lambda: True)
+    assert fla_backend.install()
+    assert backend.get("linear_attention_chunked", "cuda") is fla_backend.fla_linear_attention_chunked
+    assert backend.get("linear_attention_chunked", "cpu") is linear_attention_chunked
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernels run on a CUDA GPU; none here")
+@pytest.mark.parametrize("heads,kv_heads", HEADS)
+@pytest.mark.parametrize("gate", ["none", "scalar", "feature"])
+@pytest.mark.parametrize("continued", [False, True])
+def test_fla_kernels_on_cuda_equal_our_op(heads, kv_heads, gate, continued):
+    backend_case(heads, kv_heads, gate, True, continued, device="cuda")

@@ -6,7 +6,7 @@ returns `(output, state)`: the state is a `DecodeState` (or None when not asked 
 forms continue from one. `key_mask` [B, T] takes padding out of every form.
 """
 
-from . import backend
+from . import backend, fla_backend
 from .linear import (
     append_ones,
     group_heads,
@@ -21,6 +21,8 @@ from .window import (
     window_attention_parallel,
     window_attention_recurrent,
 )
+
+fla_backend.install()  # flash-linear-attention's kernels for CUDA tensors, where fla is installed
 
 __all__ = [
     "DecodeState",
