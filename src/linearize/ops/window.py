@@ -406,7 +406,9 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         sink_valid=s.sink_valid,
     )
     leaving_sink = leaving_valid & (leaving_position < sink_tokens)
-    if sink_tokens > 0 and (k.device.type != "cpu" or bool(leaving_sink.any())):
+    # on a CPU, skip the sink update in the (usual) steps where no sink leaves the window; elsewhere, or
+    # traced by torch.compile, no data-dependent branch
+    if sink_tokens > 0 and (k.device.type != "cpu" or torch.compiler.is_compiling() or bool(leaving_sink.any())):
         into = (torch.arange(sink_tokens, device=k.device) == leaving_position[:, None]) & leaving_sink[:, None]
         new.sink_keys = torch.where(into[:, None, :, None], s.window_keys[:, :, :1], s.sink_keys)
         new.sink_values = torch.where(into[:, None, :, None], s.window_values[:, :, :1], s.sink_values)
