@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -75,7 +76,8 @@ def test_report_holds_every_row_and_stage(finished_run):
     for entry in (report["long_range"]["hybrid"], *report["baselines"]["window+sinks"]["long_range"].values()):
         assert set(entry["buckets"]) == {"code", "prose"}
         assert set(entry["buckets"]["code"]) == {"[0, 64)", "[64, 256)"}
-        assert all(0 <= acc <= 1 for acc in entry["copy"].values()) and set(entry["copy"]) == {"L=16", "L=64"}
+        assert set(entry["copy"]) == {"L=16", "L=64", "gain L=16", "gain L=64"}
+        assert all(0 <= entry["copy"][f"L={n}"] <= 1 and math.isfinite(entry["copy"][f"gain L={n}"]) for n in (16, 64))
     transfer, finetune = report["stages"]["transfer"], report["stages"]["finetune"]
     assert transfer["distinct_tokens"] == 256 and transfer["tokens"] == 512 and transfer["steps"] == 8
     # LoRA r=8 on q, o (64 -> 64) and k, v (64 -> 32) in 2 layers, plus the mixers (finetune.train_mixers)

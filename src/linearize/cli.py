@@ -136,7 +136,7 @@ def eval_tables(result: dict) -> str:
         for domain, buckets in result["long_range"]["buckets"].items():
             lines += [f"| {domain} | " + " | ".join(buckets) + " |", "|---|" + "---:|" * len(buckets),
                       "| ratio to teacher | " + " | ".join(f"{v:.3f}" for v in buckets.values()) + " |", ""]
-        copy = result["long_range"]["copy"]
+        copy = result["long_range"]["copy"]  # top-1 accuracy "L=..." and copy gain in nats "gain L=..."
         lines += ["| copy test | " + " | ".join(copy["student"]) + " |", "|---|" + "---:|" * len(copy["student"])]
         lines += [f"| {name} | " + " | ".join(f"{v:.3f}" for v in accs.values()) + " |" for name, accs in copy.items()]
         lines.append("")
