@@ -140,6 +140,23 @@ def test_linear_continues_from_state(gate):
     close(o2_rec, expected[:, :, rest])
 
 
+@pytest.mark.parametrize("chunk_size", [16, 24, 64])
+def test_linear_feature_gates_factorised_equals_exact(chunk_size, monkeypatch):
+    """Per-feature gates inside a chunk: the sub-chunk factorisation and the exact [C, C, F] form agree
+    (chunk sizes with and without 16-token sub-chunks, T not a multiple of the chunk)."""
+    import linearize.ops.linear as linear_ops
+
+    torch.manual_seed(13)
+    fq, fk, v, log_gate = linear_inputs(6, 2, "feature", t=150)
+    results = []
+    for threshold in (float("inf"), -1.0):  # always factorised; always exact
+        monkeypatch.setattr(linear_ops, "MAX_SUB_CHUNK_DECAY", threshold)
+        results.append(linear_attention_chunked(fq, fk, v, log_gate, chunk_size=chunk_size, output_final_state=True))
+    close(results[0][0], results[1][0])
+    close(results[0][1].recurrent, results[1][1].recurrent)
+    close(results[0][0], linear_attention_recurrent(fq, fk, v, log_gate)[0])
+
+
 @pytest.mark.parametrize("low", [-5.0, -1e-3], ids=["strong", "weak"])
 @pytest.mark.parametrize("gate", ["scalar", "feature"])
 def test_linear_long_sequence_gates_are_stable(gate, low):

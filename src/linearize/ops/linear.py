@@ -64,6 +64,33 @@ def _masked_decay(log_decay: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return log_decay.masked_fill(~keep, float("-inf")).exp()
 
 
+SUB_CHUNK = 16  # per-feature gates: reference points this many tokens apart inside a chunk
+MAX_SUB_CHUNK_DECAY = 60.0  # larger log-decays inside one sub-chunk take the exact [C, C, F] form
+
+
+def _feature_gated_scores(fqc: torch.Tensor, fkc: torch.Tensor, a: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """Intra-chunk scores with one decay per feature, w[t, s] = sum_f fq[t, f] fk[s, f] exp(a[t, f] - a[s, f])
+    for s <= t (a: log-gate cumsum inside the chunk), without the [C, C, F] decay tensor: keys of sub-chunk j
+    are referred to r_j, the cumsum just before sub-chunk j, so exp(a_t - a_s) = exp(a_t - r_j) exp(r_j - a_s);
+    the first factor is <= 1 for every key a query may see, the second at most the decay across one
+    sub-chunk (the exact form takes over where that could overflow). Shapes: fqc [B, Hk, G, N, C, F],
+    fkc and a [B, Hk, N, C, F] -> [B, Hk, G, N, C, C]."""
+    chunk = a.shape[-2]
+    sub = SUB_CHUNK if chunk % SUB_CHUNK == 0 else chunk
+    subs = chunk // sub
+    a_sub = a.unflatten(-2, (subs, sub))  # [B, Hk, N, J, c, F]
+    before = F.pad(a_sub[..., -1, :], (0, 0, 1, 0))[..., :subs, :]  # r_j: [B, Hk, N, J, F]
+    growth = (before[..., None, :] - a_sub).amax().item() if a.numel() else 0.0
+    if growth > MAX_SUB_CHUNK_DECAY:
+        decay = _masked_decay(a[..., :, None, :] - a[..., None, :, :], causal[..., None])  # [B, Hk, N, C, C, F]
+        return torch.einsum("bkgntf,bkntsf->bkgnts", fqc, decay * fkc[..., None, :, :])
+    keys = fkc.unflatten(-2, (subs, sub)) * (before[..., None, :] - a_sub).exp()  # [B, Hk, N, J, c, F]
+    # exp(a_t - r_j), clamped at 0 where t precedes sub-chunk j (those scores are masked below)
+    queries = fqc[..., None, :] * (a[..., :, None, :] - before[..., None, :, :]).clamp(max=0).exp()[:, :, None]
+    w = torch.einsum("bkgntjf,bknjsf->bkgntjs", queries, keys).flatten(-2)  # [B, Hk, G, N, C, C]
+    return w.masked_fill(~causal, 0.0)
+
+
 def _prepare(fq, fk, v, log_gate, key_mask):
     """float32 inputs with padding removed: zero key features, zero log-gates (no decay) at padding;
     scalar gates become width-1 feature gates."""
@@ -161,8 +188,7 @@ def linear_attention_chunked(
             decay = _masked_decay(a[..., :, None, 0] - a[..., None, :, 0], causal)  # [B, Hk, N, C, C]
             w = torch.einsum("bkgntf,bknsf->bkgnts", fqc, fkc) * decay[:, :, None]
         else:
-            decay = _masked_decay(a[..., :, None, :] - a[..., None, :, :], causal[..., None])  # [B, Hk, N, C, C, F]
-            w = torch.einsum("bkgntf,bkntsf->bkgnts", fqc, decay * fkc[..., None, :, :])
+            w = _feature_gated_scores(fqc, fkc, a, causal)
         fq_in = fqc * a.exp()[:, :, None]
         fk_out = fkc * (a_end - a).exp()
         chunk_decay = a_end.exp().transpose(-1, -2)  # [B, Hk, N, F | 1, 1]
