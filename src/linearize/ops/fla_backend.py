@@ -93,9 +93,7 @@ def fla_linear_attention_chunked(
     if not output_final_state:
         return o, None
     final = final[:, ::groups].float()  # the G states of a group are equal: one per group
-    seen = full_mask(batch, length, fq.device).sum(-1)
-    seen = seen if state is None else state.seen + seen
-    return o, DecodeState(seen=seen, recurrent=final)
+    return o, linear._state_out(final, full_mask(batch, length, fq.device), state)
 
 
 def available() -> bool:

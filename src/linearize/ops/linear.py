@@ -80,11 +80,11 @@ def _feature_gated_scores(fqc: torch.Tensor, fkc: torch.Tensor, a: torch.Tensor,
     subs = chunk // sub
     a_sub = a.unflatten(-2, (subs, sub))  # [B, Hk, N, J, c, F]
     before = F.pad(a_sub[..., -1, :], (0, 0, 1, 0))[..., :subs, :]  # r_j: [B, Hk, N, J, F]
-    growth = (before[..., None, :] - a_sub).amax().item() if a.numel() else 0.0
-    if growth > MAX_SUB_CHUNK_DECAY:
+    rise = before[..., None, :] - a_sub  # r_j - a_s >= 0: the log-decay from a sub-chunk's start to key s
+    if a.numel() and rise.amax().item() > MAX_SUB_CHUNK_DECAY:
         decay = _masked_decay(a[..., :, None, :] - a[..., None, :, :], causal[..., None])  # [B, Hk, N, C, C, F]
         return torch.einsum("bkgntf,bkntsf->bkgnts", fqc, decay * fkc[..., None, :, :])
-    keys = fkc.unflatten(-2, (subs, sub)) * (before[..., None, :] - a_sub).exp()  # [B, Hk, N, J, c, F]
+    keys = fkc.unflatten(-2, (subs, sub)) * rise.exp()  # [B, Hk, N, J, c, F]
     # exp(a_t - r_j), clamped at 0 where t precedes sub-chunk j (those scores are masked below)
     queries = fqc[..., None, :] * (a[..., :, None, :] - before[..., None, :, :]).clamp(max=0).exp()[:, :, None]
     w = torch.einsum("bkgntjf,bknjsf->bkgntjs", queries, keys).flatten(-2)  # [B, Hk, G, N, C, C]
