@@ -81,7 +81,9 @@ class HybridMixer(Mixer):
             logit = math.log(settings.decay / (1 - settings.decay))
             self.decay_logit = nn.Parameter(torch.full((num_kv_heads,), logit))
 
-    def forward(self, x, state, output_state):
+    def linear_features(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """The linear terms' query and key features, magnitudes included: fq [B, H, T, F], fk [B, Hk, T, F];
+        an older key s weighs a^{t-s} fq_t.fk_s against the window's exp(q_t.k_s / sqrt(d) - c_t)."""
         q, k = (x.q, x.k) if self.linear_rope else (x.q_nope, x.k_nope)
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
         log_q = self.log_scale[:, None].to(fq.dtype)  # [H, 1]
@@ -89,7 +91,10 @@ class HybridMixer(Mixer):
             log_q = torch.einsum("bhtd,hd->bht", q, self.magnitude_q.to(q.dtype)) + log_q
             log_k = torch.einsum("bhtd,hd->bht", k, self.magnitude_k.to(k.dtype))
             fk = fk * log_k.clamp(max=MAX_LOG_MAGNITUDE).exp()[..., None]
-        fq = fq * log_q.clamp(max=MAX_LOG_MAGNITUDE).exp()[..., None]
+        return fq * log_q.clamp(max=MAX_LOG_MAGNITUDE).exp()[..., None], fk
+
+    def forward(self, x, state, output_state):
+        fq, fk = self.linear_features(x)
         log_gate = None
         if self.decay_logit is not None:
             batch, kv_heads, length = x.k.shape[:3]
