@@ -75,8 +75,10 @@ def cache_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def measure_one(which: str, context: int, steps: int, student_dir: str | None, dtype: str) -> dict:
-    """Prefill `context` random tokens, then `steps` greedy decode steps; in this process."""
+def measure_one(which: str, context: int, steps: int, student_dir: str | None, dtype: str,
+                compile_step: bool = False) -> dict:
+    """Prefill `context` random tokens, then `steps` greedy decode steps; in this process. `compile_step`:
+    then the same again from the same cache with the student's decoding step compiled."""
     from transformers import DynamicCache
 
     model = load_model(which, student_dir, dtype)
@@ -92,12 +94,24 @@ def measure_one(which: str, context: int, steps: int, student_dir: str | None, d
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
     decode = time.perf_counter() - start
-    return {
+    result = {
         "prefill_tok_s": context / prefill,
         "decode_tok_s": steps / decode,
         "cache_mib": cache_bytes(cache) / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if compile_step:
+        model.compile_decoding()
+        start = time.perf_counter()
+        model(input_ids=token, past_key_values=cache, use_cache=True)  # compiles
+        result["compile_s"] = time.perf_counter() - start
+        model(input_ids=token, past_key_values=cache, use_cache=True)
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        result["decode_compiled_tok_s"] = steps / (time.perf_counter() - start)
+    return result
 
 
 @torch.no_grad()
@@ -170,7 +184,8 @@ def copy_bandwidth_gb_s() -> float:
 
 def child(args) -> None:
     if args.child == "one":
-        result = measure_one(args.which, args.context, args.steps, args.student, args.dtype)
+        result = measure_one(args.which, args.context, args.steps, args.student, args.dtype,
+                             compile_step=args.which == "student" and not args.no_compile)
     else:
         result = measure_batches(args.which, args.context, args.batches, args.steps, args.student, args.dtype)
     print(json.dumps(result))
@@ -193,6 +208,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--memory-gib", type=float, default=16.0, help="memory budget for the largest-batch column")
     parser.add_argument("--op-lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled-decoding-step column")
     parser.add_argument("--output", default=None)
     parser.add_argument("--child", choices=["one", "batches"], help=argparse.SUPPRESS)
     parser.add_argument("--which", choices=["student", "teacher"], help=argparse.SUPPRESS)
@@ -207,7 +223,7 @@ def main() -> None:
     for context in args.contexts:
         for which in ("student", "teacher"):
             common = ["--which", which, "--context", str(context), "--steps", str(args.steps),
-                      "--student", args.student, "--dtype", args.dtype]
+                      "--student", args.student, "--dtype", args.dtype] + ["--no-compile"] * args.no_compile
             results[which, context] = run_child("--child", "one", *common)
             print(which, context, results[which, context], flush=True)
     bandwidth = copy_bandwidth_gb_s()
@@ -222,14 +238,25 @@ def main() -> None:
         "student decode / bandwidth limit |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    compiled, compiled_rows = not args.no_compile, []
     for context in args.contexts:
         s, t = results["student", context], results["teacher", context]
+        if compiled:
+            compiled_rows.append(
+                f"| {context:,} | {s['decode_tok_s']:.1f} | {s['decode_compiled_tok_s']:.1f} | "
+                f"{t['decode_tok_s']:.1f} | {s['decode_compiled_tok_s'] / t['decode_tok_s']:.2f}x | "
+                f"{s['compile_s']:.1f} |")
         lines.append(
             f"| {context:,} | {s['decode_tok_s']:.1f} | {t['decode_tok_s']:.1f} | "
             f"{s['decode_tok_s'] / t['decode_tok_s']:.2f}x | {s['prefill_tok_s']:.0f} | {t['prefill_tok_s']:.0f} | "
             f"{s['prefill_tok_s'] / t['prefill_tok_s']:.2f}x | {s['cache_mib']:.1f} / {t['cache_mib']:.1f} | "
             f"{s['peak_rss_mib']:.0f} / {t['peak_rss_mib']:.0f} | {s['decode_tok_s'] / limit:.0%} |"
         )
+    if compiled:
+        lines += ["", "The student's decoding step compiled (`model.compile_decoding()`, torch.compile; the same run, "
+                  "the same cache, measured after its eager steps):", "",
+                  "| context | student eager tok/s | student compiled tok/s | teacher tok/s | compiled speed-up | "
+                  "compile s |", "|---:|---:|---:|---:|---:|---:|", *compiled_rows]
     first, last = args.contexts[0], args.contexts[-1]
     flat = results["student", last]["decode_tok_s"] / results["student", first]["decode_tok_s"]
     lines += ["", f"Student decode at {last:,} is {flat:.0%} of its speed at {first:,}. Bandwidth limit: "

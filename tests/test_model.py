@@ -169,3 +169,41 @@ def test_right_padding_is_harmless():
         padded = model(x, attention_mask=mask).logits
         single = model(x[1:, :8]).logits
     torch.testing.assert_close(padded[1, :8], single[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["hybrid", "xatl"])
+def test_a_compiled_decoding_step_gives_the_eager_logits(method):
+    model = convert("llama", method)
+    x = tokens()
+    with torch.no_grad():
+        full = model(x).logits
+        model.compile_decoding()
+        layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
+        calls = []
+        for layer in layers:
+            step = layer.decode_step
+            layer.decode_step = lambda *a, _step=step: calls.append(1) or _step(*a)
+        cache = DynamicCache(config=model.config)
+        steps = [model(x[:, :19], past_key_values=cache, use_cache=True).logits]
+        steps += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(19, 40)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 21 * len(layers)  # every single-token step, no prefill
+    model.compile_decoding(False)
+    assert all(layer.decode_step is None for layer in layers)
+
+
+def test_a_compiled_step_without_a_cpp_compiler_says_what_to_do(monkeypatch):
+    import torch._dynamo
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/g++"))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    torch._dynamo.reset()
+    model = convert("llama", "hybrid").compile_decoding()
+    x = tokens()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(x[:, :10], past_key_values=cache, use_cache=True)  # prefill stays eager
+        with pytest.raises(LinearizeError, match="needs a C\\+\\+ compiler"):
+            model(x[:, 10:11], past_key_values=cache, use_cache=True)
+    torch._dynamo.reset()

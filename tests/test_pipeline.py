@@ -224,6 +224,9 @@ def test_generate_cli_generates(finished_run):
     result = cli("generate", str(out / "model"), "--prompt", "def main(", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() != ""
+    compiled = cli("generate", str(out / "model"), "--prompt", "def main(", "--max-new-tokens", "8", "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == result.stdout  # greedy: the compiled step decodes the same tokens
 
 
 def test_chat_streams_replies_with_the_chat_template_and_the_conversation_so_far(finished_run, tmp_path):

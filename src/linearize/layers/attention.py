@@ -24,6 +24,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from linearize.errors import LinearizeError
 from linearize.layers.cache import adopt_cache_layer
 from linearize.ops import DecodeState, backend
 
@@ -118,6 +119,8 @@ class LinearizedAttention(nn.Module):
         self.mixer = mixer
         self.mode = "linear"
         self.recorded: tuple[torch.Tensor, ...] | None = None
+        # the mixer's single-token decoding step, compiled (`compile_decoding`); None: eager
+        self.decode_step = None
 
     def project(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
@@ -157,7 +160,10 @@ class LinearizedAttention(nn.Module):
             cache = None if past_key_values is None else adopt_cache_layer(past_key_values, self.layer_idx)
             inputs = MixerInput(q, k, v, q_nope, k_nope, hidden_states, key_mask_from(attention_mask, length))
             state = None if cache is None else cache.state
-            out, state = self.mixer(inputs, state, output_state=cache is not None)
+            if self.decode_step is not None and length == 1 and state is not None and inputs.key_mask is None:
+                out, state = self.decode_step(inputs, state, True)
+            else:
+                out, state = self.mixer(inputs, state, output_state=cache is not None)
             if cache is not None:
                 cache.advance(state, length)
         else:
@@ -168,6 +174,31 @@ class LinearizedAttention(nn.Module):
                 self.recorded = (hidden_states, out)
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(out), None
+
+
+def compile_decoding(model: nn.Module, enable: bool = True) -> None:
+    """Run each converted layer's single-token decoding step (a step from a cache, no padding) through
+    torch.compile, or back in eager mode (`enable=False`). A decoding step on a CPU is dominated by the
+    dispatch of a few dozen small ops per layer; compiled, they fuse. The first compiled step takes a few
+    seconds (one graph serves every layer); prefill, padded batches and training stay eager."""
+    for layer in linearized_attentions(model):
+        layer.decode_step = _compiled(layer.mixer) if enable else None
+
+
+def _compiled(mixer: Mixer):
+    step = torch.compile(mixer.forward, dynamic=False)
+
+    def run(inputs: MixerInput, state, output_state: bool):
+        try:
+            return step(inputs, state, output_state)
+        except torch._dynamo.exc.BackendCompilerFailed as err:
+            raise LinearizeError(
+                f"torch.compile could not build the decoding step ({str(err).splitlines()[0][:200]}); its CPU "
+                "backend needs a C++ compiler (e.g. apt install g++): install one, or decode without "
+                "compile_decoding / --compile"
+            ) from err
+
+    return run
 
 
 def linearized_attentions(model: nn.Module) -> list[LinearizedAttention]:

@@ -97,6 +97,15 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
         model.eval()
         return model
 
+    def compile_decoding(self, enable: bool = True) -> LinearizedForCausalLM:
+        """Compile every converted layer's single-token decoding step with torch.compile (`enable=False`
+        goes back to eager). Same outputs; on a CPU a step costs fewer, fused kernels (bench/decode.py
+        measures it). The first step after this compiles (seconds); prefill and training stay eager."""
+        from linearize.layers.attention import compile_decoding
+
+        compile_decoding(self, enable)
+        return self
+
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
 
