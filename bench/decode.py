@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -225,8 +224,9 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    lines = [f"Machine: {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}, batch 1 unless said; "
-             f"student: {args.student if Path(args.student).exists() else 'untrained hybrid'}.", ""]
+    student_name = args.student if Path(args.student).exists() else "untrained hybrid"
+    lines = [f"Machine: {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}, "
+             f"batch 1 unless said; student: {student_name}.", ""]
     results = {}
     for context in args.contexts:
         for which in ("student", "teacher"):

@@ -157,7 +157,8 @@ def main() -> None:
     parser.add_argument("--student", default="runs/default")
     parser.add_argument("--length", type=int, default=256, help="copy length L")
     parser.add_argument("--sequences", type=int, default=2)
-    parser.add_argument("--min-mass", type=float, default=0.3, help="teacher attention on the target to count as an induction head")
+    parser.add_argument("--min-mass", type=float, default=0.3,
+                        help="teacher attention on the target to count as an induction head")
     parser.add_argument("--codes", type=int, default=256, help="codebook size / random features")
     parser.add_argument("--natural-tokens", type=int, default=4096, help="corpus tokens the codebooks are fitted on")
     parser.add_argument("--seed", type=int, default=0)

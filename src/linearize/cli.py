@@ -150,6 +150,9 @@ def eval_tables(result: dict) -> str:
     return "\n".join(lines)
 
 
+COMPILE_HELP = "compile the decoding step (torch.compile: seconds at the first token, faster steps after)"
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from linearize.api import load
     from linearize.generation import generate_text
@@ -265,7 +268,7 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end instead of streaming")
-    gen.add_argument("--compile", action="store_true", help="compile the decoding step (torch.compile: seconds at the first token, faster steps after)")
+    gen.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive streaming chat with a saved model (its chat template)")
@@ -273,7 +276,7 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     chat.add_argument("--device", default="auto")
-    chat.add_argument("--compile", action="store_true", help="compile the decoding step (torch.compile: seconds at the first token, faster steps after)")
+    chat.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     chat.set_defaults(func=cmd_chat)
 
     rep = sub.add_parser("report", help="regenerate OUTPUT_DIR/report.md and report.html from report.json")
