@@ -78,25 +78,28 @@ def cache_bytes(cache) -> int:
 def measure_one(which: str, context: int, steps: int, student_dir: str | None, dtype: str,
                 compile_step: bool = False) -> dict:
     """Prefill `context` random tokens, then `steps` greedy decode steps; in this process. `compile_step`:
-    then the same again from the same cache with the student's decoding step compiled."""
+    then three eager and three compiled blocks of `steps`, alternating, from the same cache (medians)."""
     from transformers import DynamicCache
 
     model = load_model(which, student_dir, dtype)
     ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(0))
     cache = DynamicCache(config=model.config)
+
+    def greedy(token: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """One untimed step, then `steps` timed ones: (last token, tokens/s)."""
+        model(input_ids=token, past_key_values=cache, use_cache=True)
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        return token, steps / (time.perf_counter() - start)
+
     start = time.perf_counter()
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - start
-    token = out.logits[:, -1:].argmax(-1)
-    model(input_ids=token, past_key_values=cache, use_cache=True)  # warm-up step
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-    decode = time.perf_counter() - start
+    token, decode_tok_s = greedy(out.logits[:, -1:].argmax(-1))
     result = {
         "prefill_tok_s": context / prefill,
-        "decode_tok_s": steps / decode,
+        "decode_tok_s": decode_tok_s,
         "cache_mib": cache_bytes(cache) / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -110,12 +113,8 @@ def measure_one(which: str, context: int, steps: int, student_dir: str | None, d
         for _ in range(3):
             for compiled in (False, True):
                 model.compile_decoding(compiled)
-                model(input_ids=token, past_key_values=cache, use_cache=True)
-                start = time.perf_counter()
-                for _ in range(steps):
-                    out = model(input_ids=token, past_key_values=cache, use_cache=True)
-                    token = out.logits[:, -1:].argmax(-1)
-                speeds[compiled].append(steps / (time.perf_counter() - start))
+                token, tok_s = greedy(token)
+                speeds[compiled].append(tok_s)
         result["decode_eager_rounds_tok_s"] = statistics.median(speeds[False])
         result["decode_compiled_tok_s"] = statistics.median(speeds[True])
     return result

@@ -74,6 +74,13 @@ def positive_random_features(x: torch.Tensor, projection: torch.Tensor) -> torch
     return (logits - logits.amax()).exp()
 
 
+def second_copy(length: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query positions of the second copy (query t predicts token t + 1) and each one's target key: the
+    token after the earlier occurrence of the query's own token."""
+    queries = torch.arange(length + 1, total)
+    return queries, queries - length + 1
+
+
 def delta_rule_reads(keys: torch.Tensor, v: torch.Tensor, window: int, sinks: int, queries: torch.Tensor,
                      reads: torch.Tensor) -> torch.Tensor:
     """A delta-rule state over the keys that have left the window (sinks excluded), read at each query
@@ -100,8 +107,7 @@ def probe_head(mixer: HybridMixer, x: MixerInput, head: int, group: int, length:
     causal = age >= 0
     near = causal & ((age < window) | (pos[None, :] < sinks))
     far = causal & ~near
-    queries = torch.arange(length + 1, T)  # second copy: query t predicts token t + 1
-    target = queries - length + 1
+    queries, target = second_copy(length, T)
     rows = torch.arange(len(queries))
 
     v = x.v[0, group].float()
@@ -187,8 +193,8 @@ def main() -> None:
                                   x.k[0].float().repeat_interleave(heads // kv_heads, 0)) * mixer.scale
             T = scores.shape[-1]
             causal = torch.ones(T, T, dtype=torch.bool).tril()
-            queries = torch.arange(args.length + 1, T)
-            mass = scores.masked_fill(~causal, -math.inf).softmax(-1)[:, queries, queries - args.length + 1]
+            queries, target = second_copy(args.length, T)
+            mass = scores.masked_fill(~causal, -math.inf).softmax(-1)[:, queries, target]
             keys = torch.cat(natural_keys[index], dim=1)  # [Hk, tokens, d]
             for head in (mass.mean(-1) >= args.min_mass).nonzero().flatten().tolist():
                 group = head // (heads // kv_heads)
