@@ -15,6 +15,7 @@ from linearize.ops import (
     window_attention_parallel,
     window_attention_recurrent,
 )
+from linearize.ops.memory import bucket_of
 
 B, T, D, FEAT = 2, 37, 16, 8
 HEADS = [(6, 2), (4, 4)]  # (query heads, key/value heads): GQA and MHA
@@ -240,10 +241,13 @@ WINDOWS = [1, 5, 8]
 VARIANTS = ["window", "hybrid", "gated"]  # softmax only; + linear terms for older keys; + per-token decays
 
 
-def naive_window(q, k, v, window, sink_tokens=0, fq=None, fk=None, log_gate=None, key_mask=None, eps=1e-6):
+def naive_window(q, k, v, window, sink_tokens=0, fq=None, fk=None, log_gate=None, key_mask=None, eps=1e-6,
+                 token_ids=None, memory_buckets=0):
     """The definition, literally, one row, head and query at a time. Softmax keys: real s <= t with
-    t - s < window, or s among the row's first sink_tokens real tokens. Linear keys (with features):
-    the other real s <= t - window, weighted fq_t.fk_s prod_{s < j <= t} a_j. One shared normaliser."""
+    t - s < window, or s among the row's first sink_tokens real tokens, and (with a memory) the most
+    recent real non-sink s <= t - window whose previous real token's bucket is token t's bucket. Linear
+    keys (with features): the other real s <= t - window, weighted fq_t.fk_s prod_{s < j <= t} a_j. One
+    shared normaliser."""
     batch, heads, t, head_dim = q.shape
     groups = heads // k.shape[1]
     mask = torch.ones(batch, t, dtype=torch.bool) if key_mask is None else key_mask
@@ -256,6 +260,11 @@ def naive_window(q, k, v, window, sink_tokens=0, fq=None, fk=None, log_gate=None
                 if not mask[b, i]:
                     continue
                 soft = [s for s in range(i + 1) if mask[b, s] and (i - s < window or real[s] < sink_tokens)]
+                if memory_buckets:
+                    bucket = bucket_of(token_ids[b, i], memory_buckets)
+                    found = [s for s in range(1, i - window + 1) if mask[b, s] and mask[b, s - 1]
+                             and real[s] >= sink_tokens and bucket_of(token_ids[b, s - 1], memory_buckets) == bucket]
+                    soft += found[-1:]
                 scores = torch.stack([(q[b, head, i] * k[b, kv, s]).sum() * head_dim**-0.5 for s in soft])
                 weights = list((scores - scores.max()).exp())
                 keys = list(soft)
@@ -480,3 +489,95 @@ def test_window_op_refuses_bad_arguments():
         window_attention_chunked(**args, window=0)
     with pytest.raises(ValueError, match="fq and fk"):
         window_attention_chunked(args["q"], args["k"], args["v"], 4, fq=args["fq"])
+
+
+# --- recall memory: one more softmax key per query, found by token identity ---------------------------------
+
+
+def memory_state_equal(a: DecodeState, b: DecodeState) -> None:
+    assert_same_state(a, b)
+    assert torch.equal(a.memory_valid, b.memory_valid)
+    keep = a.memory_valid[:, None, :, None]
+    close(a.memory_keys * keep, b.memory_keys * keep)
+    close(a.memory_values * keep, b.memory_values * keep)
+    valid = a.window_valid
+    assert torch.equal(a.window_buckets.masked_fill(~valid, -1), b.window_buckets.masked_fill(~valid, -1))
+    assert torch.equal(a.last_token, b.last_token)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("sink_tokens", [0, 2])
+@pytest.mark.parametrize("window", [1, 4])
+def test_memory_parallel_and_chunked_match_definition(window, sink_tokens, variant, padded):
+    torch.manual_seed(21)
+    t = 23
+    args = window_args(variant, 4, 2, t=t)
+    mask = left_padding([0, 5], t=t) if padded else None
+    token_ids = torch.randint(0, 6, (B, t))  # a small vocabulary: matches (and bucket collisions) abound
+    common = {"window": window, "sink_tokens": sink_tokens, "key_mask": mask, "token_ids": token_ids,
+              "memory_buckets": 4}
+    expected = naive_window(**args, **common)
+    close(masked(window_attention_parallel(**args, **common)[0], mask), expected)
+    close(masked(window_attention_chunked(**args, **common)[0], mask), expected)
+    without = naive_window(**args, window=window, sink_tokens=sink_tokens, key_mask=mask)
+    assert (expected - without).abs().max() > 1e-3  # the memory changed something
+
+
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("window", [1, 5])
+def test_memory_forms_agree_and_continue(window, variant, padded, heads):
+    """With a memory: recurrent from the empty state = chunked prefill continued by the general loop =
+    single-token steps = parallel, and every path ends in the same state (table included)."""
+    torch.manual_seed(22)
+    args = window_args(variant, *heads)
+    mask = left_padding([0, 13]) if padded else None
+    token_ids = torch.randint(0, 7, (B, T))
+    common = {"window": window, "sink_tokens": 3, "memory_buckets": 5}
+    expected, s_par = window_attention_parallel(**args, **common, key_mask=mask, token_ids=token_ids,
+                                                output_final_state=True)
+    empty = empty_window_state(B, heads[1], D, window, 3, None if variant == "window" else FEAT,
+                               gated=variant == "gated", memory_buckets=5)
+    o_rec, s_rec = window_attention_recurrent(**args, **common, key_mask=mask, token_ids=token_ids, state=empty)
+    close(masked(o_rec, mask), masked(expected, mask))
+    memory_state_equal(s_par, s_rec)
+    for split in (2, 20):
+        first, rest = slice(0, split), slice(split, T)
+        _, state = window_attention_chunked(**sliced(args, first, mask), **common, token_ids=token_ids[:, first],
+                                            output_final_state=True)
+        o_rest, s_end = window_attention_recurrent(**sliced(args, rest, mask), **common,
+                                                   token_ids=token_ids[:, rest], state=state)
+        close(masked(o_rest, None if mask is None else mask[:, rest]), masked(expected, mask)[:, :, rest])
+        memory_state_equal(s_end, s_rec)
+    if mask is None and window > 1:  # the lean single-token step
+        _, state = window_attention_chunked(**sliced(args, slice(0, 2), None), **common,
+                                            token_ids=token_ids[:, :2], output_final_state=True)
+        for i in range(2, T):
+            o, state = window_attention_recurrent(**sliced(args, slice(i, i + 1), None), **common,
+                                                  token_ids=token_ids[:, i : i + 1], state=state)
+            close(o, expected[:, :, i : i + 1])
+        memory_state_equal(state, s_rec)
+
+
+def test_memory_copies_beyond_the_window():
+    """A key far outside the window is recalled by token: with keys that match the query strongly, the
+    output at the repeat is (almost) the value stored after the first occurrence."""
+    torch.manual_seed(23)
+    t, window = 40, 4
+    token_ids = torch.arange(100, 100 + t)[None]
+    token_ids[0, 30] = token_ids[0, 5]  # token 5 again at 30: its memory key is 6, the token after it
+    q, k, v = torch.randn(1, 1, t, D), torch.randn(1, 1, t, D), torch.randn(1, 1, t, D)
+    k[0, 0, 6] = q[0, 0, 30] * 4
+    common = {"window": window, "token_ids": token_ids, "memory_buckets": 64}
+    o, _ = window_attention_chunked(q, k, v, **common)
+    close(o[0, 0, 30], v[0, 0, 6], tol=1e-3)
+    o_without, _ = window_attention_chunked(q, k, v, window=window)
+    assert (o_without[0, 0, 30] - v[0, 0, 6]).abs().max() > 0.1
+
+
+def test_memory_needs_token_ids():
+    args = window_args("window", 2, 2)
+    with pytest.raises(ValueError, match="token ids"):
+        window_attention_chunked(**args, window=4, memory_buckets=8)

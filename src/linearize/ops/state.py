@@ -10,7 +10,11 @@ is a `DecodeState` (or None when the caller did not ask for one). Its parts:
   softmax keys for every later query (StreamingLLM);
 - the recurrent linear-attention state [B, Hk, F, D + 1] float32, last column the normaliser;
 - per row, the number of real (non-padding) tokens seen so far: sinks are the first real tokens of a
-  row, whatever its left padding.
+  row, whatever its left padding;
+- with a recall memory (`linearize.ops.memory`): its table of keys and values by token bucket, the bucket
+  each window token will be stored under when it leaves the window, and the last token id. Decoding
+  steps update the table in place: to continue one state twice, copy it first
+  (`state.map_batch(torch.clone)`).
 
 Every tensor is batch-first, so beam search and batch selection act on all parts alike
 (`DecodeState.map_batch`). Window and sink slots have fixed sizes with validity masks: left-padded rows
@@ -30,7 +34,9 @@ class DecodeState:
     """window_*: [B, Hk, W', X] with W' = window - 1 (keys, values, key features, log-gates), window_valid
     [B, W'] and window_position [B, W'] (real position of each slot, -1 where invalid); sink_keys /
     sink_values [B, Hk, S, D] with sink_valid [B, S] (slot j holds the row's real token j once it left the
-    window); recurrent [B, Hk, F, D + 1] float32 or None; seen [B] real tokens so far."""
+    window); recurrent [B, Hk, F, D + 1] float32 or None; seen [B] real tokens so far; memory_keys /
+    memory_values [B, Hk, M, D] with memory_valid [B, M], window_buckets [B, W'] (-1: never stored) and
+    last_token [B] (-1: none) for a recall memory of M buckets."""
 
     seen: torch.Tensor
     window_keys: torch.Tensor | None = None
@@ -43,6 +49,11 @@ class DecodeState:
     sink_values: torch.Tensor | None = None
     sink_valid: torch.Tensor | None = None
     recurrent: torch.Tensor | None = None
+    memory_keys: torch.Tensor | None = None
+    memory_values: torch.Tensor | None = None
+    memory_valid: torch.Tensor | None = None
+    window_buckets: torch.Tensor | None = None
+    last_token: torch.Tensor | None = None
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> DecodeState:
         """Apply `fn` (e.g. index_select on dim 0) to every tensor: beam reordering, batch selection."""

@@ -12,6 +12,8 @@ One definition everywhere (every form, training, prefill and decode). Query t of
 
 with c_t the max of the softmax scores only. Without features this is plain sliding-window attention
 with sinks; with them, the LoLCATS hybrid (whose window factor g is the same as dividing fq by g).
+With a recall memory (`token_ids` [B, T] and `memory_buckets` > 0; `linearize.ops.memory`) each query
+has one more softmax key, the memory's entry for its own token, counted in c_t like the others.
 Padding: `key_mask` [B, T] (True = real token) takes padded keys out of every term; gates are ignored
 at padding; a row's sinks are its first real tokens. Outputs at padded query positions are finite but
 meaningless.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import memory
 from .linear import append_ones, chunks, group_heads, readout, unchunk
 from .state import DecodeState, full_mask, real_positions
 
@@ -43,7 +46,8 @@ def _inputs(q, k, v, fq, fk, log_gate, key_mask):
 
 
 def final_state(
-    k, v, fk, log_gate, mask, positions, window: int, sink_tokens: int, seen: torch.Tensor | None = None
+    k, v, fk, log_gate, mask, positions, window: int, sink_tokens: int, seen: torch.Tensor | None = None,
+    memory_state: tuple | None = None,
 ) -> DecodeState:
     """The DecodeState after processing a whole sequence from scratch (float32 inputs as from `_inputs`):
     the last window - 1 tokens stay in the window, sinks that left it go to the sink slots, and the
@@ -82,7 +86,24 @@ def final_state(
             total = log_gate.cumsum(-1)
             weight = weight * (total[..., -1:] - total).exp()
         state.recurrent = (fk * weight[..., None]).transpose(-1, -2) @ append_ones(v)
+    if memory_state is not None:
+        token_ids, key_bucket, buckets = memory_state
+        state.memory_keys, state.memory_values, state.memory_valid = memory.final_table(
+            k, v, key_bucket, window, buckets)
+        state.window_buckets = F.pad(key_bucket[:, start:], (pad, 0), value=-1)
+        state.last_token = torch.where(mask[:, -1], token_ids[:, -1].long(), -1)
     return state
+
+
+def _memory_inputs(k, v, token_ids, mask, positions, window: int, sink_tokens: int, buckets: int):
+    """A fresh sequence's memory keys: per query its key and value [B, Hk, T, D] (zeros where it has none),
+    whether it has one [B, T], and what `final_state` needs to build the table."""
+    if token_ids is None:
+        raise ValueError("a recall memory (memory_buckets > 0) needs the token ids (token_ids)")
+    query_bucket, key_bucket = memory.key_buckets(token_ids, mask, positions, sink_tokens, buckets)
+    index = memory.lookup(query_bucket, key_bucket, window)
+    gather = index.clamp(min=0)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+    return k.gather(2, gather), v.gather(2, gather), index >= 0, (token_ids, key_bucket, buckets)
 
 
 def window_attention_parallel(
@@ -99,6 +120,8 @@ def window_attention_parallel(
     scale: float | None = None,
     eps: float = 1e-6,
     output_final_state: bool = False,
+    token_ids: torch.Tensor | None = None,
+    memory_buckets: int = 0,
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Quadratic reference: every [T, T] weight materialised."""
     _check(window, sink_tokens, fq, fk)
@@ -115,7 +138,15 @@ def window_attention_parallel(
     soft = soft | torch.eye(t, dtype=torch.bool, device=k.device)  # a padded query sees itself: no NaN
     scores = torch.einsum("bkgtd,bksd->bkgts", group_heads(q, kv_heads), k) * scale
     scores = scores.masked_fill(~soft[:, None, None], float("-inf"))
-    weights = (scores - scores.amax(-1, keepdim=True)).exp()
+    row_max = scores.amax(-1, keepdim=True)
+    memory_state = None
+    if memory_buckets > 0:
+        mem_k, mem_v, has, memory_state = _memory_inputs(k, v, token_ids, mask, positions, window, sink_tokens,
+                                                         memory_buckets)
+        mem_scores = (group_heads(q, kv_heads) * mem_k[:, :, None]).sum(-1, keepdim=True) * scale
+        mem_scores = mem_scores.masked_fill(~has[:, None, None, :, None], float("-inf"))  # [B, Hk, G, T, 1]
+        row_max = torch.maximum(row_max, mem_scores)
+    weights = (scores - row_max).exp()
     if fk is not None:
         older = visible & (age >= window)[None] & ~is_sink[:, None, :]
         lin = torch.einsum("bkgtf,bksf->bkgts", group_heads(fq, kv_heads), fk)
@@ -124,9 +155,13 @@ def window_attention_parallel(
             log_decay = (total[..., :, None] - total[..., None, :]).masked_fill(~older[:, None], float("-inf"))
             lin = lin * log_decay.exp()[:, :, None]
         weights = weights + lin.masked_fill(~older[:, None, None], 0.0)
-    o = readout(torch.einsum("bkgts,bksd->bkgtd", weights, append_ones(v)), eps)
-    o = o.flatten(1, 2).to(out_dtype)
-    state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens) if output_final_state else None
+    o = torch.einsum("bkgts,bksd->bkgtd", weights, append_ones(v))
+    if memory_buckets > 0:
+        o = o + (mem_scores - row_max).exp() * append_ones(mem_v)[:, :, None]
+    o = readout(o, eps).flatten(1, 2).to(out_dtype)
+    state = None
+    if output_final_state:
+        state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens, memory_state=memory_state)
     return o, state
 
 
@@ -173,6 +208,8 @@ def window_attention_chunked(
     scale: float | None = None,
     eps: float = 1e-6,
     output_final_state: bool = False,
+    token_ids: torch.Tensor | None = None,
+    memory_buckets: int = 0,
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Linear in T: chunks of size `window`. Query chunk i reaches its window in chunks i - 1 and i (one
     [C, 2C] softmax block); the linear terms of chunk i - 1's keys that already left the window are one
@@ -198,6 +235,13 @@ def window_attention_chunked(
     valid = _with_previous_chunk(chunks(mask[..., None].float(), chunk), 1)[..., 0].bool()  # [B, N, 2C]
     in_window, itself = _block_masks(chunk, k.device)
     hidden = ~((in_window & valid[:, :, None, :]) | itself)[:, None, :, None]  # [B, 1, N, 1, C, 2C]
+    memory_state = None
+    if memory_buckets > 0:
+        mem_k, mem_v, has, memory_state = _memory_inputs(k, v, token_ids, mask, positions, window, sink_tokens,
+                                                         memory_buckets)
+        mem_kc = chunks(mem_k, chunk)[:, :, :, None]  # [B, Hk, N, 1, C, D]
+        mem_vc = chunks(append_ones(mem_v), chunk)[:, :, :, None]  # [B, Hk, N, 1, C, D + 1]
+        mem_hidden = ~(chunks(has[..., None].float(), chunk) > 0)[:, None, :, None]  # [B, 1, N, 1, C, 1]
 
     if sink_tokens > 0:
         # slot j = the row's real token j; visible to query t when it lies outside t's window
@@ -251,10 +295,16 @@ def window_attention_chunked(
             sink_scores = (qc[:, :, n] @ sink_keys_t).mul_(scale).view(*shape, sink_tokens).masked_fill_(
                 sink_hidden[:, :, n], float("-inf"))
             row_max = torch.maximum(row_max, sink_scores.amax(-1, keepdim=True))
+        if memory_buckets > 0:
+            mem_scores = (qc[:, :, n].view(*shape, head_dim) * mem_kc[:, :, n]).sum(-1, keepdim=True).mul_(scale)
+            mem_scores = mem_scores.masked_fill_(mem_hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, 1]
+            row_max = torch.maximum(row_max, mem_scores)
         weights = (scores - row_max).exp_().flatten(3, 4)
         o = weights @ values[:, :, n]
         if sink_tokens > 0:
             o = o + (sink_scores - row_max).exp_().flatten(3, 4) @ sink_values
+        if memory_buckets > 0:
+            o = o + ((mem_scores - row_max).exp_() * mem_vc[:, :, n]).flatten(3, 4)
         if fk is not None:
             lin = (fqc[:, :, n] @ previous_fk_t[:, :, n]).view(*shape, chunk)  # [B, Hk, n, G, C, C]
             lin = lin.masked_fill(not_older, 0.0) if log_gate is None else lin * older_decay[:, :, n]
@@ -265,7 +315,9 @@ def window_attention_chunked(
     o = torch.cat([block(slice(i, i + per_block)) for i in range(0, n_chunks, per_block)], dim=2)
     o = readout(o, eps).view(batch, kv_heads, n_chunks, groups, chunk, head_dim).transpose(2, 3)
     o = unchunk(o, t).flatten(1, 2).to(out_dtype)
-    state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens) if output_final_state else None
+    state = None
+    if output_final_state:
+        state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens, memory_state=memory_state)
     return o, state
 
 
@@ -283,13 +335,19 @@ def window_attention_recurrent(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     eps: float = 1e-6,
+    token_ids: torch.Tensor | None = None,
+    memory_buckets: int = 0,
 ) -> tuple[torch.Tensor, DecodeState]:
     """Token by token from `state` (decoding; T is usually 1). Each new token joins the window; the oldest
     window token leaves it: into its sink slot if it is one of the row's first `sink_tokens` real tokens,
-    else into the linear state (with features), else it is dropped."""
+    else into the linear state (with features), else it is dropped; with a recall memory, it is also
+    written to the memory (in place; see `DecodeState`)."""
     _check(window, sink_tokens, fq, fk)
+    if memory_buckets > 0 and token_ids is None:
+        raise ValueError("a recall memory (memory_buckets > 0) needs the token ids (token_ids)")
     if q.shape[2] == 1 and key_mask is None and window > 1:
-        return _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps)
+        return _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids,
+                          memory_buckets)
     out_dtype = v.dtype
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
     batch, kv_heads, t, head_dim = k.shape
@@ -301,6 +359,11 @@ def window_attention_recurrent(
     w_features, w_gates, recurrent = s.window_features, s.window_log_gates, s.recurrent
     sink_keys, sink_values, sink_valid = s.sink_keys, s.sink_values, s.sink_valid
     seen = s.seen
+    if memory_buckets > 0:  # copies: this general path leaves the caller's state as it was
+        mem_keys, mem_values, mem_valid = s.memory_keys.clone(), s.memory_values.clone(), s.memory_valid.clone()
+        w_buckets, last_token = s.window_buckets, s.last_token
+        query_bucket, key_bucket = memory.key_buckets(
+            token_ids, mask, real_positions(mask, seen), sink_tokens, memory_buckets, last_token)
     outputs = []
     for i in range(t):
         valid_i = mask[:, i]
@@ -312,6 +375,10 @@ def window_attention_recurrent(
             keys = torch.cat([sink_keys, keys], dim=2)
             values = torch.cat([sink_values, values], dim=2)
             visible = torch.cat([sink_valid, visible], dim=1)
+        if memory_buckets > 0:
+            mem_k, mem_v, has = memory.read(mem_keys, mem_values, mem_valid, query_bucket[:, i])
+            keys, values = torch.cat([mem_k, keys], dim=2), torch.cat([mem_v, values], dim=2)
+            visible = torch.cat([has[:, None], visible], dim=1)
         scores = torch.einsum("bkgd,bksd->bkgs", q[:, :, :, i], keys) * scale
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
         num = (scores - scores.amax(-1, keepdim=True)).exp() @ append_ones(values)  # [B, Hk, G, D + 1]
@@ -323,6 +390,12 @@ def window_attention_recurrent(
 
         # the new token joins the window, the oldest leaves it
         keys, values = keys[:, :, -window:], values[:, :, -window:]
+        if memory_buckets > 0:
+            buckets_all = torch.cat([w_buckets, key_bucket[:, i : i + 1]], dim=1)
+            leaving_bucket = torch.where(torch.cat([w_valid, valid_i[:, None]], dim=1)[:, 0], buckets_all[:, 0], -1)
+            memory.write_(mem_keys, mem_values, mem_valid, leaving_bucket, keys[:, :, :1], values[:, :, :1])
+            w_buckets = buckets_all[:, 1:]
+            last_token = torch.where(valid_i, token_ids[:, i].long(), last_token)
         w_valid_all = torch.cat([w_valid, valid_i[:, None]], dim=1)
         w_position_all = torch.cat([w_position, position_i[:, None]], dim=1)
         leaving_valid, leaving_position = w_valid_all[:, 0], w_position_all[:, 0]
@@ -359,10 +432,13 @@ def window_attention_recurrent(
         sink_valid=sink_valid,
         recurrent=recurrent,
     )
+    if memory_buckets > 0:
+        new_state.memory_keys, new_state.memory_values, new_state.memory_valid = mem_keys, mem_values, mem_valid
+        new_state.window_buckets, new_state.last_token = w_buckets, last_token
     return o, new_state
 
 
-def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps):
+def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids, memory_buckets):
     """`window_attention_recurrent` for one real token per row (the decoding step), in as few ops as the
     math allows: per-step dispatch, not arithmetic, is what a decoding step costs on a CPU. The same
     result as the general loop (tests hold them equal)."""
@@ -381,6 +457,13 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         keys = torch.cat([s.window_keys, k], dim=2)
         values = torch.cat([s.window_values, v], dim=2)
         visible = torch.cat([s.window_valid, ones], dim=1)
+    first = sink_tokens + 1  # index of window slot 1 in keys / values / visible
+    if memory_buckets > 0:
+        mem_k, mem_v, has = memory.read(s.memory_keys, s.memory_values, s.memory_valid,
+                                        memory.bucket_of(token_ids[:, 0], memory_buckets))
+        keys, values = torch.cat([mem_k, keys], dim=2), torch.cat([mem_v, values], dim=2)
+        visible = torch.cat([has[:, None], visible], dim=1)
+        first += 1
     scores = (q @ keys.transpose(-1, -2)).mul_(scale).masked_fill_(~visible[:, None, None], float("-inf"))
     weights = (scores - scores.amax(-1, keepdim=True)).exp_()
     num, den = weights @ values, weights.sum(-1, keepdim=True)  # [B, Hk, G, D], [B, Hk, G, 1]
@@ -393,7 +476,6 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
     o = (num / (den + eps)).view(batch, -1, 1, head_dim).to(out_dtype)
 
     # the new token joins the window, the oldest (slot 0) leaves it
-    first = sink_tokens + 1  # index of window slot 1 in keys / values / visible
     leaving_valid, leaving_position = s.window_valid[:, 0], s.window_position[:, 0]
     new = DecodeState(
         seen=s.seen + 1,
@@ -424,6 +506,15 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         leaving = features[:, :, :1].transpose(-1, -2) * weight[..., None]  # [B, Hk, F, 1]
         update = torch.cat([leaving * s.window_values[:, :, :1], leaving], dim=-1)  # fk^T [v, 1]
         new.recurrent = recurrent + update
+    if memory_buckets > 0:  # the leaving token goes into the memory (in place), the new one's bucket is kept
+        leaving_bucket = torch.where(leaving_valid, s.window_buckets[:, 0], -1)
+        memory.write_(s.memory_keys, s.memory_values, s.memory_valid, leaving_bucket, s.window_keys[:, :, :1],
+                      s.window_values[:, :, :1])
+        storable = (s.last_token >= 0) & (s.seen >= sink_tokens)
+        new_bucket = torch.where(storable, memory.bucket_of(s.last_token, memory_buckets), -1)
+        new.memory_keys, new.memory_values, new.memory_valid = s.memory_keys, s.memory_values, s.memory_valid
+        new.window_buckets = torch.cat([s.window_buckets[:, 1:], new_bucket[:, None]], dim=1)
+        new.last_token = token_ids[:, 0].long()
     return o, new
 
 
@@ -436,8 +527,10 @@ def empty_window_state(
     feature_dim: int | None = None,
     gated: bool = False,
     device=None,
+    memory_buckets: int = 0,
 ) -> DecodeState:
-    """The state before the first token: every window and sink slot invalid, a zero linear state."""
+    """The state before the first token: every window and sink slot invalid, a zero linear state, an
+    empty memory."""
     keep = window - 1
     zeros = torch.zeros(batch, kv_heads, keep, head_dim, device=device)
     state = DecodeState(
@@ -456,6 +549,11 @@ def empty_window_state(
         state.recurrent = torch.zeros(batch, kv_heads, feature_dim, head_dim + 1, device=device)
         if gated:
             state.window_log_gates = torch.zeros(batch, kv_heads, keep, device=device)
+    if memory_buckets > 0:
+        state.memory_keys, state.memory_values, state.memory_valid = memory.empty_table(
+            batch, kv_heads, memory_buckets, head_dim, device)
+        state.window_buckets = torch.full((batch, keep), -1, dtype=torch.long, device=device)
+        state.last_token = torch.full((batch,), -1, dtype=torch.long, device=device)
     return state
 
 
