@@ -16,6 +16,7 @@ METHODS = {
     "liger": {"window_size": 8, "sink_tokens": 2},
     "window": {"window_size": 8, "sink_tokens": 2},
     "hybrid+rope": {"window_size": 8, "sink_tokens": 2, "decay": 0.95, "linear_rope": True},
+    "hybrid+memory": {"window_size": 8, "sink_tokens": 2, "decay": 0.95, "memory_buckets": 16},
     "xatl": {"mixer": "gla", "chunk_size": 8, "output_norm_init": 1.0},
     "xatl+retnet": {"mixer": "retnet", "window_size": 8, "sink_tokens": 2, "output_norm_init": 1.0},
 }
@@ -171,7 +172,7 @@ def test_right_padding_is_harmless():
     torch.testing.assert_close(padded[1, :8], single[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["hybrid", "xatl"])
+@pytest.mark.parametrize("method", ["hybrid", "xatl", "hybrid+memory"])
 def test_a_compiled_decoding_step_gives_the_eager_logits(method):
     model = convert("llama", method)
     x = tokens()
@@ -207,3 +208,18 @@ def test_a_compiled_step_without_a_cpp_compiler_says_what_to_do(monkeypatch):
         with pytest.raises(LinearizeError, match="needs a C\\+\\+ compiler"):
             model(x[:, 10:11], past_key_values=cache, use_cache=True)
     torch._dynamo.reset()
+
+
+def test_a_memory_layer_needs_token_ids_and_says_so():
+    model = convert("llama", "hybrid+memory")
+    x = tokens()
+    with torch.no_grad(), pytest.raises(LinearizeError, match="keyed by token ids: call the model with input_ids"):
+        model(inputs_embeds=model.get_input_embeddings()(x))
+
+
+def test_memory_layers_choose_which_layers_remember():
+    model = convert("llama", "hybrid+memory", memory_layers="upper-half")
+    layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
+    assert [layer.mixer.memory_buckets for layer in layers] == [
+        16 if layer.layer_idx >= len(layers) // 2 else 0 for layer in layers]
+    assert any(b == 0 for b in [layer.mixer.memory_buckets for layer in layers])

@@ -28,12 +28,15 @@ from linearize.errors import LinearizeError
 from linearize.layers.cache import adopt_cache_layer
 from linearize.ops import DecodeState, backend
 
+TOKEN_IDS = "linearize_token_ids"  # the keyword that carries input_ids from the model's forward to its layers
+
 
 @dataclass
 class MixerInput:
     """What a mixer sees of one layer call. q: [B, H, T, D] and k: [B, Hk, T, D] after RoPE; q_nope, k_nope:
     the same before RoPE; v: [B, Hk, T, D]; hidden: the layer input [B, T, C]; key_mask: [B, T] bool
-    (True = real token) or None (no padding)."""
+    (True = real token) or None (no padding); token_ids: [B, T] the input token ids, for mixers that
+    remember by token (None where the model was called without input_ids)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -42,6 +45,7 @@ class MixerInput:
     k_nope: torch.Tensor
     hidden: torch.Tensor
     key_mask: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
 
 
 class Mixer(nn.Module):
@@ -139,12 +143,16 @@ class LinearizedAttention(nn.Module):
         return q_rope, k_rope, v, q, k
 
     def mix(
-        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        token_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The mixer's per-head output [B, H, T, D] for a fresh sequence, without decoding state (what
         attention transfer compares with the teacher's output)."""
         q, k, v, q_nope, k_nope = self.project(hidden_states, position_embeddings)
-        return self.mixer(MixerInput(q, k, v, q_nope, k_nope, hidden_states), None, output_state=False)[0]
+        inputs = MixerInput(q, k, v, q_nope, k_nope, hidden_states, token_ids=token_ids)
+        return self.mixer(inputs, None, output_state=False)[0]
 
     def forward(
         self,
@@ -158,7 +166,8 @@ class LinearizedAttention(nn.Module):
         q, k, v, q_nope, k_nope = self.project(hidden_states, position_embeddings)
         if self.mode == "linear":
             cache = None if past_key_values is None else adopt_cache_layer(past_key_values, self.layer_idx)
-            inputs = MixerInput(q, k, v, q_nope, k_nope, hidden_states, key_mask_from(attention_mask, length))
+            inputs = MixerInput(q, k, v, q_nope, k_nope, hidden_states, key_mask_from(attention_mask, length),
+                                kwargs.get(TOKEN_IDS))
             state = None if cache is None else cache.state
             if self.decode_step is not None and length == 1 and state is not None and inputs.key_mask is None:
                 out, state = self.decode_step(inputs, state, True)

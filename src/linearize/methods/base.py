@@ -30,6 +30,8 @@ class Shapes:
     hidden_size: int = 0
     norm_eps: float = 1e-6
     initializer_range: float = 0.02
+    layer_index: int = 0  # which decoder layer this mixer replaces
+    num_layers: int = 1
 
 
 @dataclass

@@ -15,9 +15,14 @@ softmax keys: most of a small model's attention mass sits on them), and changes 
 - the feature maps read q and k before RoPE (as Liger's recurrence does): a rotated key's features
   change with its position, so maps trained on 1024-token blocks misjudge keys at 4096; without RoPE
   the linear terms carry content, the window carries position;
-- a learned per-head decay on the linear terms (0.999 at the start) bounds their mass at long range.
+- a learned per-head decay on the linear terms (0.999 at the start) bounds their mass at long range;
+- a recall memory (`linearize.ops.memory`) in the upper half of the layers: one more softmax key per query,
+  the most recent key (out of the window) that followed an earlier occurrence of the query's own token,
+  kept in a table of 2048 token buckets. It is what the teacher's copying (induction) heads attend to, and
+  what no feature map of the state's size singles out among hundreds of old keys (bench/recall.py); the
+  window shrinks to 63 so a query still sees 68 softmax keys at most, as a 64-token window with 4 sinks.
 
-    y_t = (sum_{window, sinks} exp(q_t.k_s / sqrt(d) - c_t) [v_s, 1]
+    y_t = (sum_{window, sinks, memory key} exp(q_t.k_s / sqrt(d) - c_t) [v_s, 1]
            + sum_{older} a^{t-s} m_q(q_t) m_k(k_s) phi(q_t).phi(k_s) [v_s, 1])  -> num / den
     m_q(q) = exp(q.u_q + b), m_k(k) = exp(k.u_k); u = 0 and b = log(linear_scale_init) at the start.
 """
@@ -41,7 +46,7 @@ MAX_LOG_MAGNITUDE = 20.0  # keeps exp() of the learned magnitudes finite in floa
 
 @dataclass
 class Settings(WindowSettings):
-    window_size: int = 64
+    window_size: int = 63  # + 4 sinks + 1 memory key = the 68 softmax keys of a 64-token window + 4 sinks
     sink_tokens: int = 4
     feature_map: str = "hedgehog"  # hedgehog | t2r | elu | softmax
     feature_dim: int | None = None  # hedgehog/t2r projection size per sign; None = head_dim
@@ -49,6 +54,8 @@ class Settings(WindowSettings):
     linear_scale_init: float = 0.05  # initial weight of the linear terms (0 < x <= 1): near window + sinks
     decay: float | None = 0.999  # initial per-head decay of the linear terms, in (0, 1]; null = no decay
     linear_rope: bool = False  # feature maps read q and k after RoPE (as LoLCATS) or before it (as Liger)
+    memory_buckets: int = 2048  # recall memory (linearize.ops.memory): token buckets per layer; 0 = none
+    memory_layers: list[int] | str | None = "upper-half"  # layers with a memory: a list, "upper-half", null = all
 
     def validate(self) -> None:
         super().validate()
@@ -58,11 +65,28 @@ class Settings(WindowSettings):
             check_fraction("decay", self.decay)
         if self.feature_dim is not None and self.feature_dim < 1:
             raise LinearizeError("attention.feature_dim must be >= 1 (or null for head_dim)")
+        if not isinstance(self.memory_buckets, int) or self.memory_buckets < 0:
+            raise LinearizeError(f"attention.memory_buckets must be an integer >= 0 (0 = no memory), got "
+                                 f"{self.memory_buckets!r}")
+        layers = self.memory_layers
+        if not (layers is None or layers == "upper-half" or (
+                isinstance(layers, list) and all(isinstance(i, int) and i >= 0 for i in layers))):
+            raise LinearizeError(f"attention.memory_layers must be a list of layer indices, \"upper-half\" or "
+                                 f"null (every converted layer), got {layers!r}")
+
+    def memory_at(self, layer_index: int, num_layers: int) -> int:
+        """The memory buckets of layer `layer_index` of `num_layers` (0: none)."""
+        if self.memory_layers == "upper-half":
+            chosen = layer_index >= num_layers // 2
+        else:
+            chosen = self.memory_layers is None or layer_index in self.memory_layers
+        return self.memory_buckets if chosen else 0
 
 
 class HybridMixer(Mixer):
-    def __init__(self, settings: Settings, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, settings: Settings, num_heads: int, num_kv_heads: int, head_dim: int, memory_buckets: int = 0):
         super().__init__()
+        self.memory_buckets = memory_buckets
         self.window_size = settings.window_size
         self.sink_tokens = settings.sink_tokens
         self.linear_rope = settings.linear_rope
@@ -101,8 +125,18 @@ class HybridMixer(Mixer):
             log_gate = F.logsigmoid(self.decay_logit)[None, :, None].expand(batch, kv_heads, length)
         return self.window_op(
             x.q, x.k, x.v, self.window_size, state, output_state, sink_tokens=self.sink_tokens,
-            fq=fq, fk=fk, log_gate=log_gate, key_mask=x.key_mask, scale=self.scale,
+            fq=fq, fk=fk, log_gate=log_gate, key_mask=x.key_mask, scale=self.scale, **self.memory_inputs(x),
         )
+
+    def memory_inputs(self, x) -> dict:
+        if not self.memory_buckets:
+            return {}
+        if x.token_ids is None:
+            raise LinearizeError(
+                "this layer's recall memory is keyed by token ids: call the model with input_ids (not only "
+                "inputs_embeds)"
+            )
+        return {"token_ids": x.token_ids, "memory_buckets": self.memory_buckets}
 
 
 class Hybrid(Method):
@@ -113,4 +147,8 @@ class Hybrid(Method):
     stage_defaults = {"finetune": {"lora_alpha": 16.0}}
 
     def build_mixer(self, settings, shapes):
-        return HybridMixer(settings, shapes.num_heads, shapes.num_kv_heads, shapes.head_dim)
+        return HybridMixer(settings, shapes.num_heads, shapes.num_kv_heads, shapes.head_dim,
+                           settings.memory_at(shapes.layer_index, shapes.num_layers))
+
+    def softmax_keys(self, settings) -> int:
+        return super().softmax_keys(settings) + (1 if settings.memory_buckets else 0)

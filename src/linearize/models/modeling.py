@@ -13,6 +13,7 @@ teacher's files plus the mixers. Two directory variants, both opened by
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from linearize.errors import LinearizeError
-from linearize.layers.attention import LinearizedAttention
+from linearize.layers.attention import TOKEN_IDS, LinearizedAttention
 from linearize.models.configuration import LinearizedConfig
 
 ADAPTER_FILE = "linearize_adapter.safetensors"
@@ -130,6 +131,8 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        if input_ids is not None:  # mixers that remember by token (a recall memory) read them
+            kwargs[TOKEN_IDS] = input_ids
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -139,6 +142,7 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
+        kwargs.pop(TOKEN_IDS, None)
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
@@ -255,7 +259,7 @@ def swap_attention(model: nn.Module, method: str, settings: Any, device: torch.d
     for index, layer in enumerate(layers):
         if index in settings.softmax_layers:
             continue
-        mixer = impl.build_mixer(settings, shapes)
+        mixer = impl.build_mixer(settings, dataclasses.replace(shapes, layer_index=index, num_layers=len(layers)))
         if device is not None:
             mixer.to(device=device)
         layer.self_attn = LinearizedAttention(layer.self_attn, mixer, index)

@@ -71,9 +71,9 @@ def position_embeddings(model: torch.nn.Module, hidden: torch.Tensor) -> tuple[t
     return model.model.rotary_emb(hidden, positions)
 
 
-def transfer_loss(layer, x: torch.Tensor, y: torch.Tensor, rotary) -> torch.Tensor:
+def transfer_loss(layer, x: torch.Tensor, y: torch.Tensor, rotary, token_ids: torch.Tensor | None = None):
     """MSE between the mixer's output and the teacher's softmax output, per head before o_proj."""
-    return F.mse_loss(layer.mix(x, rotary).float(), y)
+    return F.mse_loss(layer.mix(x, rotary, token_ids).float(), y)
 
 
 def attention_transfer(
@@ -115,7 +115,7 @@ def attention_transfer(
             if rotary is None:
                 rotary = position_embeddings(model, x)
             # one backward per layer: layers are independent, and this keeps one layer's graph in memory
-            loss = transfer_loss(layer, x, y, rotary)
+            loss = transfer_loss(layer, x, y, rotary, blocks[ids].to(device))
             (loss * config.loss_weight / len(layers)).backward()
             if epoch == config.epochs - 1:
                 per_layer.setdefault(layer.layer_idx, []).append(loss.item())
