@@ -260,13 +260,16 @@ def naive_window(q, k, v, window, sink_tokens=0, fq=None, fk=None, log_gate=None
                 if not mask[b, i]:
                     continue
                 soft = [s for s in range(i + 1) if mask[b, s] and (i - s < window or real[s] < sink_tokens)]
+                recalled = []
                 if memory_buckets:
                     bucket = bucket_of(token_ids[b, i], memory_buckets)
-                    found = [s for s in range(1, i - window + 1) if mask[b, s] and mask[b, s - 1]
-                             and real[s] >= sink_tokens and bucket_of(token_ids[b, s - 1], memory_buckets) == bucket]
-                    soft += found[-1:]
+                    recalled = [s for s in range(1, i - window + 1) if mask[b, s] and mask[b, s - 1]
+                                and real[s] >= sink_tokens and bucket_of(token_ids[b, s - 1], memory_buckets) == bucket]
+                    recalled = recalled[-1:]
+                soft += recalled
                 scores = torch.stack([(q[b, head, i] * k[b, kv, s]).sum() * head_dim**-0.5 for s in soft])
-                weights = list((scores - scores.max()).exp())
+                c = scores[: len(soft) - len(recalled)].max()  # c_t: the window's and sinks' max
+                weights = list((scores - c).exp())
                 keys = list(soft)
                 if fq is not None:
                     for s in range(i + 1):

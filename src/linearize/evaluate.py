@@ -161,7 +161,8 @@ def layer_errors(model: torch.nn.Module, blocks: torch.Tensor, desc: str = "laye
             model(input_ids=block.unsqueeze(0).to(_device(model)), use_cache=False)
             for layer in layers:
                 hidden, teacher_out = layer.recorded
-                student_out = layer.mix(hidden, position_embeddings(model, hidden), block[None].to(hidden.device)).float()
+                rotary = position_embeddings(model, hidden)
+                student_out = layer.mix(hidden, rotary, block[None].to(hidden.device)).float()
                 teacher_out = teacher_out.float()
                 mse = F.mse_loss(student_out, teacher_out).item()
                 cosine = F.cosine_similarity(student_out, teacher_out, dim=-1).mean().item()

@@ -13,7 +13,9 @@ One definition everywhere (every form, training, prefill and decode). Query t of
 with c_t the max of the softmax scores only. Without features this is plain sliding-window attention
 with sinks; with them, the LoLCATS hybrid (whose window factor g is the same as dividing fq by g).
 With a recall memory (`token_ids` [B, T] and `memory_buckets` > 0; `linearize.ops.memory`) each query
-has one more softmax key, the memory's entry for its own token, counted in c_t like the others.
+has one more softmax key, the memory's entry for its own token: exp(q_t.k_mem scale - c_t) [v_mem, 1]
+joins the sum, c_t still the window's and sinks' max (so a strong match outweighs the linear terms as
+the teacher's softmax would; computed stably).
 Padding: `key_mask` [B, T] (True = real token) takes padded keys out of every term; gates are ignored
 at padding; a row's sinks are its first real tokens. Outputs at padded query positions are finite but
 meaningless.
@@ -139,6 +141,7 @@ def window_attention_parallel(
     scores = torch.einsum("bkgtd,bksd->bkgts", group_heads(q, kv_heads), k) * scale
     scores = scores.masked_fill(~soft[:, None, None], float("-inf"))
     row_max = scores.amax(-1, keepdim=True)
+    window_max = row_max  # c_t
     memory_state = None
     if memory_buckets > 0:
         mem_k, mem_v, has, memory_state = _memory_inputs(k, v, token_ids, mask, positions, window, sink_tokens,
@@ -154,7 +157,7 @@ def window_attention_parallel(
             total = log_gate.cumsum(-1)  # [B, Hk, T]
             log_decay = (total[..., :, None] - total[..., None, :]).masked_fill(~older[:, None], float("-inf"))
             lin = lin * log_decay.exp()[:, :, None]
-        weights = weights + lin.masked_fill(~older[:, None, None], 0.0)
+        weights = weights + lin.masked_fill(~older[:, None, None], 0.0) * (window_max - row_max).exp()
     o = torch.einsum("bkgts,bksd->bkgtd", weights, append_ones(v))
     if memory_buckets > 0:
         o = o + (mem_scores - row_max).exp() * append_ones(mem_v)[:, :, None]
@@ -295,6 +298,7 @@ def window_attention_chunked(
             sink_scores = (qc[:, :, n] @ sink_keys_t).mul_(scale).view(*shape, sink_tokens).masked_fill_(
                 sink_hidden[:, :, n], float("-inf"))
             row_max = torch.maximum(row_max, sink_scores.amax(-1, keepdim=True))
+        window_max = row_max  # c_t
         if memory_buckets > 0:
             mem_scores = (qc[:, :, n].view(*shape, head_dim) * mem_kc[:, :, n]).sum(-1, keepdim=True).mul_(scale)
             mem_scores = mem_scores.masked_fill_(mem_hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, 1]
@@ -308,7 +312,8 @@ def window_attention_chunked(
         if fk is not None:
             lin = (fqc[:, :, n] @ previous_fk_t[:, :, n]).view(*shape, chunk)  # [B, Hk, n, G, C, C]
             lin = lin.masked_fill(not_older, 0.0) if log_gate is None else lin * older_decay[:, :, n]
-            o = o + lin.flatten(3, 4) @ previous_v[:, :, n] + from_state[:, :, n] @ state_before[:, :, n]
+            linear = lin.flatten(3, 4) @ previous_v[:, :, n] + from_state[:, :, n] @ state_before[:, :, n]
+            o = o + (linear if memory_buckets == 0 else linear * (window_max - row_max).exp().flatten(3, 4))
         return o
 
     per_block = max(1, GROUP_TOKENS // chunk)
@@ -381,11 +386,15 @@ def window_attention_recurrent(
             visible = torch.cat([has[:, None], visible], dim=1)
         scores = torch.einsum("bkgd,bksd->bkgs", q[:, :, :, i], keys) * scale
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-        num = (scores - scores.amax(-1, keepdim=True)).exp() @ append_ones(values)  # [B, Hk, G, D + 1]
+        row_max = scores.amax(-1, keepdim=True)
+        num = (scores - row_max).exp() @ append_ones(values)  # [B, Hk, G, D + 1]
         if recurrent is not None:
             if log_gate is not None:
                 recurrent = recurrent * log_gate[:, :, i].exp()[..., None, None]
-            num = num + fq[:, :, :, i] @ recurrent
+            linear = fq[:, :, :, i] @ recurrent
+            if memory_buckets > 0:  # the memory key (slot 0) is weighed against c_t, the window's max
+                linear = linear * (scores[..., 1:].amax(-1, keepdim=True) - row_max).exp()
+            num = num + linear
         outputs.append(num)
 
         # the new token joins the window, the oldest leaves it
@@ -465,13 +474,16 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         visible = torch.cat([has[:, None], visible], dim=1)
         first += 1
     scores = (q @ keys.transpose(-1, -2)).mul_(scale).masked_fill_(~visible[:, None, None], float("-inf"))
-    weights = (scores - scores.amax(-1, keepdim=True)).exp_()
+    row_max = scores.amax(-1, keepdim=True)
+    weights = (scores - row_max).exp()
     num, den = weights @ values, weights.sum(-1, keepdim=True)  # [B, Hk, G, D], [B, Hk, G, 1]
     recurrent = s.recurrent
     if recurrent is not None:
         if log_gate is not None:
             recurrent = recurrent * log_gate.float().exp()[..., None]  # [B, Hk, 1] -> [B, Hk, 1, 1]
         linear = fq.float().view(batch, kv_heads, -1, fq.shape[-1]) @ recurrent  # [B, Hk, G, D + 1]
+        if memory_buckets > 0:  # the memory key (slot 0) is weighed against c_t, the window's max
+            linear = linear * (scores[..., 1:].amax(-1, keepdim=True) - row_max).exp()
         num, den = num + linear[..., :-1], den + linear[..., -1:]
     o = (num / (den + eps)).view(batch, -1, 1, head_dim).to(out_dtype)
 
