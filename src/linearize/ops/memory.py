@@ -36,8 +36,9 @@ def key_buckets(
     last_token: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(query bucket [B, T]: each token's own bucket; key bucket [B, T]: the bucket of the token before
-    each key, -1 where the key is never stored: padding, sinks, a row's first token). `last_token` [B]:
-    the id of the token before this call's first one (-1: none), when continuing from a state."""
+    each key, -1 where the key is never stored: padding, sinks, a row's first token; a window slot that
+    is not a real token therefore always holds -1). `last_token` [B]: the id of the token before this
+    call's first one (-1: none), when continuing from a state."""
     batch = token_ids.shape[0]
     before = torch.full((batch, 1), -1, dtype=torch.long, device=token_ids.device)
     if last_token is not None:
@@ -48,12 +49,12 @@ def key_buckets(
     return bucket_of(token_ids, buckets), torch.where(storable, bucket_of(previous, buckets), -1)
 
 
-def lookup(query_bucket: torch.Tensor, key_bucket: torch.Tensor, window: int) -> torch.Tensor:
+def lookup(query_bucket: torch.Tensor, key_bucket: torch.Tensor, window: int, buckets: int) -> torch.Tensor:
     """For a fresh sequence: index [B, T] of query t's memory key (the most recent j <= t - window with
     key_bucket[j] == query_bucket[t]; -1: none). One sort and a binary search: O(T log T)."""
     batch, t = key_bucket.shape
     index = torch.arange(t, device=key_bucket.device)
-    slots = int(max(int(query_bucket.max()), int(key_bucket.max()))) + 2
+    slots = buckets + 1  # bucket b sorts in slot b + 1 of its row
     row = torch.arange(batch, device=key_bucket.device)[:, None] * slots
     keys = ((row + key_bucket + 1) * t + index).flatten()  # bucket -1 (never stored) gets slot 0
     keys, _ = keys.sort()

@@ -103,7 +103,7 @@ def _memory_inputs(k, v, token_ids, mask, positions, window: int, sink_tokens: i
     if token_ids is None:
         raise ValueError("a recall memory (memory_buckets > 0) needs the token ids (token_ids)")
     query_bucket, key_bucket = memory.key_buckets(token_ids, mask, positions, sink_tokens, buckets)
-    index = memory.lookup(query_bucket, key_bucket, window)
+    index = memory.lookup(query_bucket, key_bucket, window, buckets)
     gather = index.clamp(min=0)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
     return k.gather(2, gather), v.gather(2, gather), index >= 0, (token_ids, key_bucket, buckets)
 
@@ -399,10 +399,9 @@ def window_attention_recurrent(
 
         # the new token joins the window, the oldest leaves it
         keys, values = keys[:, :, -window:], values[:, :, -window:]
-        if memory_buckets > 0:
+        if memory_buckets > 0:  # the leaving token's bucket (-1: not to be stored, or not a real token)
             buckets_all = torch.cat([w_buckets, key_bucket[:, i : i + 1]], dim=1)
-            leaving_bucket = torch.where(torch.cat([w_valid, valid_i[:, None]], dim=1)[:, 0], buckets_all[:, 0], -1)
-            memory.write_(mem_keys, mem_values, mem_valid, leaving_bucket, keys[:, :, :1], values[:, :, :1])
+            memory.write_(mem_keys, mem_values, mem_valid, buckets_all[:, 0], keys[:, :, :1], values[:, :, :1])
             w_buckets = buckets_all[:, 1:]
             last_token = torch.where(valid_i, token_ids[:, i].long(), last_token)
         w_valid_all = torch.cat([w_valid, valid_i[:, None]], dim=1)
@@ -468,8 +467,9 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         visible = torch.cat([s.window_valid, ones], dim=1)
     first = sink_tokens + 1  # index of window slot 1 in keys / values / visible
     if memory_buckets > 0:
-        mem_k, mem_v, has = memory.read(s.memory_keys, s.memory_values, s.memory_valid,
-                                        memory.bucket_of(token_ids[:, 0], memory_buckets))
+        query_bucket, key_bucket = memory.key_buckets(token_ids, ones, s.seen[:, None], sink_tokens, memory_buckets,
+                                                      s.last_token)
+        mem_k, mem_v, has = memory.read(s.memory_keys, s.memory_values, s.memory_valid, query_bucket[:, 0])
         keys, values = torch.cat([mem_k, keys], dim=2), torch.cat([mem_v, values], dim=2)
         visible = torch.cat([has[:, None], visible], dim=1)
         first += 1
@@ -518,14 +518,12 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         leaving = features[:, :, :1].transpose(-1, -2) * weight[..., None]  # [B, Hk, F, 1]
         update = torch.cat([leaving * s.window_values[:, :, :1], leaving], dim=-1)  # fk^T [v, 1]
         new.recurrent = recurrent + update
-    if memory_buckets > 0:  # the leaving token goes into the memory (in place), the new one's bucket is kept
-        leaving_bucket = torch.where(leaving_valid, s.window_buckets[:, 0], -1)
-        memory.write_(s.memory_keys, s.memory_values, s.memory_valid, leaving_bucket, s.window_keys[:, :, :1],
+    if memory_buckets > 0:  # the leaving token goes into the memory (in place; -1: not stored), the new one's
+        # bucket is kept
+        memory.write_(s.memory_keys, s.memory_values, s.memory_valid, s.window_buckets[:, 0], s.window_keys[:, :, :1],
                       s.window_values[:, :, :1])
-        storable = (s.last_token >= 0) & (s.seen >= sink_tokens)
-        new_bucket = torch.where(storable, memory.bucket_of(s.last_token, memory_buckets), -1)
         new.memory_keys, new.memory_values, new.memory_valid = s.memory_keys, s.memory_values, s.memory_valid
-        new.window_buckets = torch.cat([s.window_buckets[:, 1:], new_bucket[:, None]], dim=1)
+        new.window_buckets = torch.cat([s.window_buckets[:, 1:], key_bucket], dim=1)
         new.last_token = token_ids[:, 0].long()
     return o, new
 
