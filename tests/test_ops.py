@@ -15,7 +15,7 @@ from linearize.ops import (
     window_attention_parallel,
     window_attention_recurrent,
 )
-from linearize.ops.memory import bucket_of
+from linearize.ops.memory import ngram_buckets
 
 B, T, D, FEAT = 2, 37, 16, 8
 HEADS = [(6, 2), (4, 4)]  # (query heads, key/value heads): GQA and MHA
@@ -242,10 +242,11 @@ VARIANTS = ["window", "hybrid", "gated"]  # softmax only; + linear terms for old
 
 
 def naive_window(q, k, v, window, sink_tokens=0, fq=None, fk=None, log_gate=None, key_mask=None, eps=1e-6,
-                 token_ids=None, memory_buckets=0):
+                 token_ids=None, memory_buckets=0, memory_ngram=1):
     """The definition, literally, one row, head and query at a time. Softmax keys: real s <= t with
     t - s < window, or s among the row's first sink_tokens real tokens, and (with a memory) the most
-    recent real non-sink s <= t - window whose previous real token's bucket is token t's bucket. Linear
+    recent real non-sink s <= t - window whose n previous tokens are real and hash to the bucket of the n
+    tokens ending at t (-1 for a position that is padding or before the row). Linear
     keys (with features): the other real s <= t - window, weighted fq_t.fk_s prod_{s < j <= t} a_j. One
     shared normaliser."""
     batch, heads, t, head_dim = q.shape
@@ -262,9 +263,15 @@ def naive_window(q, k, v, window, sink_tokens=0, fq=None, fk=None, log_gate=None
                 soft = [s for s in range(i + 1) if mask[b, s] and (i - s < window or real[s] < sink_tokens)]
                 recalled = []
                 if memory_buckets:
-                    bucket = bucket_of(token_ids[b, i], memory_buckets)
-                    recalled = [s for s in range(1, i - window + 1) if mask[b, s] and mask[b, s - 1]
-                                and real[s] >= sink_tokens and bucket_of(token_ids[b, s - 1], memory_buckets) == bucket]
+                    def gram(end, n=memory_ngram, b=b):  # the n token ids ending at `end`
+                        return torch.tensor([token_ids[b, j].item() if j >= 0 and mask[b, j] else -1
+                                             for j in range(end - n + 1, end + 1)])
+
+                    def bucket(g):
+                        return ngram_buckets(g, memory_buckets).item()
+
+                    recalled = [s for s in range(i - window + 1) if mask[b, s] and real[s] >= sink_tokens
+                                and (gram(s - 1) >= 0).all() and bucket(gram(s - 1)) == bucket(gram(i))]
                     recalled = recalled[-1:]
                 soft += recalled
                 scores = torch.stack([(q[b, head, i] * k[b, kv, s]).sum() * head_dim**-0.5 for s in soft])
@@ -505,21 +512,23 @@ def memory_state_equal(a: DecodeState, b: DecodeState) -> None:
     close(a.memory_values * keep, b.memory_values * keep)
     valid = a.window_valid
     assert torch.equal(a.window_buckets.masked_fill(~valid, -1), b.window_buckets.masked_fill(~valid, -1))
-    assert torch.equal(a.last_token, b.last_token)
+    assert torch.equal(a.recent_tokens, b.recent_tokens)
 
 
+@pytest.mark.parametrize("ngram", [1, 2, 3])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("sink_tokens", [0, 2])
 @pytest.mark.parametrize("window", [1, 4])
-def test_memory_parallel_and_chunked_match_definition(window, sink_tokens, variant, padded):
+def test_memory_parallel_and_chunked_match_definition(window, sink_tokens, variant, padded, ngram):
     torch.manual_seed(21)
     t = 23
     args = window_args(variant, 4, 2, t=t)
     mask = left_padding([0, 5], t=t) if padded else None
-    token_ids = torch.randint(0, 6, (B, t))  # a small vocabulary: matches (and bucket collisions) abound
+    vocab = 6 if ngram == 1 else 3  # a small vocabulary: matches (and bucket collisions) abound
+    token_ids = torch.randint(0, vocab, (B, t))
     common = {"window": window, "sink_tokens": sink_tokens, "key_mask": mask, "token_ids": token_ids,
-              "memory_buckets": 4}
+              "memory_buckets": 4 * ngram, "memory_ngram": ngram}
     expected = naive_window(**args, **common)
     close(masked(window_attention_parallel(**args, **common)[0], mask), expected)
     close(masked(window_attention_chunked(**args, **common)[0], mask), expected)
@@ -527,22 +536,23 @@ def test_memory_parallel_and_chunked_match_definition(window, sink_tokens, varia
     assert (expected - without).abs().max() > 1e-3  # the memory changed something
 
 
+@pytest.mark.parametrize("ngram", [1, 2])
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("window", [1, 5])
-def test_memory_forms_agree_and_continue(window, variant, padded, heads):
+def test_memory_forms_agree_and_continue(window, variant, padded, heads, ngram):
     """With a memory: recurrent from the empty state = chunked prefill continued by the general loop =
     single-token steps = parallel, and every path ends in the same state (table included)."""
     torch.manual_seed(22)
     args = window_args(variant, *heads)
     mask = left_padding([0, 13]) if padded else None
-    token_ids = torch.randint(0, 7, (B, T))
-    common = {"window": window, "sink_tokens": 3, "memory_buckets": 5}
+    token_ids = torch.randint(0, 7 if ngram == 1 else 3, (B, T))
+    common = {"window": window, "sink_tokens": 3, "memory_buckets": 5, "memory_ngram": ngram}
     expected, s_par = window_attention_parallel(**args, **common, key_mask=mask, token_ids=token_ids,
                                                 output_final_state=True)
     empty = empty_window_state(B, heads[1], D, window, 3, None if variant == "window" else FEAT,
-                               gated=variant == "gated", memory_buckets=5)
+                               gated=variant == "gated", memory_buckets=5, memory_ngram=ngram)
     o_rec, s_rec = window_attention_recurrent(**args, **common, key_mask=mask, token_ids=token_ids, state=empty)
     close(masked(o_rec, mask), masked(expected, mask))
     memory_state_equal(s_par, s_rec)

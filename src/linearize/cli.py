@@ -252,7 +252,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=1024)
     ev.add_argument("--max-blocks", type=int, default=None)
     ev.add_argument("--long-context", type=int, default=4096)
-    ev.add_argument("--long-documents", type=int, default=1, help="long documents per domain")
+    ev.add_argument("--long-documents", type=int, default=3, help="long documents per domain (ratios pooled)")
     ev.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
     ev.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many examples per task")
     ev.add_argument("--include", help="lm-eval: a directory of extra task YAML files")

@@ -34,7 +34,7 @@ class DataConfig:
     eval_seq_len: int = 1024  # held-out evaluation block length
     eval_blocks: int = 4  # held-out blocks per domain (code, prose, and their unseen sources)
     long_context: int = 4096  # long-range diagnostics: held-out documents of this many tokens; 0 = none
-    long_documents: int = 1  # such documents per domain
+    long_documents: int = 3  # such documents per domain (ratios pooled over them)
     copy_lengths: list[int] = field(default_factory=lambda: [64, 256, 1024])  # copy test lengths; [] = none
 
 

@@ -56,6 +56,7 @@ class Settings(WindowSettings):
     linear_rope: bool = False  # feature maps read q and k after RoPE (as LoLCATS) or before it (as Liger)
     memory_buckets: int = 2048  # recall memory (linearize.ops.memory): token buckets per layer; 0 = none
     memory_layers: list[int] | str | None = "upper-half"  # layers with a memory: a list, "upper-half", null = all
+    memory_ngram: int = 2  # the memory is keyed by the last n tokens (1: the token itself)
 
     def validate(self) -> None:
         super().validate()
@@ -68,6 +69,9 @@ class Settings(WindowSettings):
         if not isinstance(self.memory_buckets, int) or self.memory_buckets < 0:
             raise LinearizeError(f"attention.memory_buckets must be an integer >= 0 (0 = no memory), got "
                                  f"{self.memory_buckets!r}")
+        if not isinstance(self.memory_ngram, int) or self.memory_ngram < 1:
+            raise LinearizeError(f"attention.memory_ngram must be an integer >= 1 (the tokens a memory entry is "
+                                 f"keyed by), got {self.memory_ngram!r}")
         layers = self.memory_layers
         if not (layers is None or layers == "upper-half" or (
                 isinstance(layers, list) and all(isinstance(i, int) and i >= 0 for i in layers))):
@@ -87,6 +91,7 @@ class HybridMixer(Mixer):
     def __init__(self, settings: Settings, num_heads: int, num_kv_heads: int, head_dim: int, memory_buckets: int = 0):
         super().__init__()
         self.memory_buckets = memory_buckets
+        self.memory_ngram = settings.memory_ngram
         self.window_size = settings.window_size
         self.sink_tokens = settings.sink_tokens
         self.linear_rope = settings.linear_rope
@@ -136,7 +141,7 @@ class HybridMixer(Mixer):
                 "this layer's recall memory is keyed by token ids: call the model with input_ids (not only "
                 "inputs_embeds)"
             )
-        return {"token_ids": x.token_ids, "memory_buckets": self.memory_buckets}
+        return {"token_ids": x.token_ids, "memory_buckets": self.memory_buckets, "memory_ngram": self.memory_ngram}
 
 
 class Hybrid(Method):

@@ -3,17 +3,22 @@
 A window with sinks cannot copy a token it saw more than `window` tokens ago, and a linear state of a few
 hundred feature dimensions cannot single out one of hundreds of old keys (bench/recall.py measures why).
 What a copying (induction) head of the teacher looks for is known, though: the key just after an earlier
-occurrence of the query's own token. The memory keeps, for each of `buckets` hash buckets of token ids,
-the key and value of the most recent token (already out of the window) whose *previous* token hashed
-there; a query adds the entry of its own token's bucket to its softmax keys, weighted by the teacher's own
-q.k like any window key. Constant size (buckets x 2 x head_dim per key/value head), constant work per
-token, no new parameters; where the teacher does not want the entry, its q.k gives it little weight.
+occurrence of what the query is reading. The memory keeps, for each of `buckets` hash buckets of n-grams
+(the last `ngram` token ids), the key and value of the most recent token (already out of the window) that
+*followed* an n-gram hashing there; a query adds the entry of the n-gram ending at its own token to its
+softmax keys, weighted by the teacher's own q.k like any window key. Constant size (buckets x 2 x head_dim
+per key/value head), constant work per token, no new parameters; where the teacher does not want the
+entry, its q.k gives it little weight.
 
-    query t's extra key: the most recent key j <= t - window, j not a sink, with hash(token[j - 1]) ==
-    hash(token[t]) (none if there is no such key or the bucket was overwritten by a later one)
+    query t's extra key: the most recent key j <= t - window, j not a sink, with
+    hash(token[j - n .. j - 1]) == hash(token[t - n + 1 .. t]) (none if there is no such key or the bucket
+    was overwritten by a later one); n = `ngram`
 
-Buckets: (id * 2654435761) mod `buckets` (Knuth's multiplicative hash); two tokens that collide share an
-entry, the more recent one wins.
+Buckets: for n = 1, (id * 2654435761) mod `buckets` (Knuth's multiplicative hash); for longer n-grams the
+ids are folded into one 31-bit number first. Two n-grams that collide share an entry, the more recent one
+wins. A key is stored only when its n preceding tokens are all real (not padding, not before the row).
+Bigrams (n = 2) recall better than single tokens on code, where single tokens repeat too often
+(README, "What we tried").
 """
 
 from __future__ import annotations
@@ -21,10 +26,21 @@ from __future__ import annotations
 import torch
 
 HASH_MULTIPLIER = 2654435761
+FOLD = 1 << 31  # n-gram ids are folded modulo 2^31, so every product stays inside int64
 
 
 def bucket_of(ids: torch.Tensor, buckets: int) -> torch.Tensor:
     return (ids.long().clamp(min=0) * HASH_MULTIPLIER) % buckets
+
+
+def ngram_buckets(grams: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Bucket of each n-gram [..., n] of token ids (-1: no token there; it hashes like no other id)."""
+    if grams.shape[-1] == 1:
+        return bucket_of(grams[..., 0], buckets)
+    folded = torch.zeros_like(grams[..., 0])
+    for i in range(grams.shape[-1]):
+        folded = (folded * HASH_MULTIPLIER + grams[..., i] + 1) % FOLD
+    return (folded * HASH_MULTIPLIER) % buckets
 
 
 def key_buckets(
@@ -33,20 +49,22 @@ def key_buckets(
     positions: torch.Tensor,
     sink_tokens: int,
     buckets: int,
-    last_token: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(query bucket [B, T]: each token's own bucket; key bucket [B, T]: the bucket of the token before
-    each key, -1 where the key is never stored: padding, sinks, a row's first token; a window slot that
-    is not a real token therefore always holds -1). `last_token` [B]: the id of the token before this
-    call's first one (-1: none), when continuing from a state."""
+    recent: torch.Tensor | None = None,
+    ngram: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(query bucket [B, T]: the bucket of the n-gram ending at each token; key bucket [B, T]: the bucket of
+    the n-gram just before each key, -1 where the key is never stored: padding, sinks, a key without n real
+    tokens before it; a window slot that is not a real token therefore always holds -1; recent [B, n]: the
+    last n token ids, -1 where none, to continue from). `recent` [B, n]: the ids before this call's first
+    token (-1: none), when continuing from a state."""
     batch = token_ids.shape[0]
-    before = torch.full((batch, 1), -1, dtype=torch.long, device=token_ids.device)
-    if last_token is not None:
-        before = last_token.long()[:, None]
-    previous = torch.cat([before, token_ids[:, :-1].long()], dim=1)
-    previous_real = torch.cat([before >= 0, mask[:, :-1]], dim=1)
-    storable = mask & previous_real & (positions >= sink_tokens)
-    return bucket_of(token_ids, buckets), torch.where(storable, bucket_of(previous, buckets), -1)
+    if recent is None:
+        recent = torch.full((batch, ngram), -1, dtype=torch.long, device=token_ids.device)
+    context = torch.cat([recent.long(), torch.where(mask, token_ids.long(), -1)], dim=1)  # [B, n + T]
+    grams = context.unfold(1, ngram, 1)  # [B, T + 1, n]: entry i is the n-gram before token i
+    storable = mask & (grams[:, :-1] >= 0).all(-1) & (positions >= sink_tokens)
+    key_bucket = torch.where(storable, ngram_buckets(grams[:, :-1], buckets), -1)
+    return ngram_buckets(grams[:, 1:], buckets), key_bucket, context[:, -ngram:]
 
 
 def lookup(query_bucket: torch.Tensor, key_bucket: torch.Tensor, window: int, buckets: int) -> torch.Tensor:

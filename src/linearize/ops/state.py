@@ -12,7 +12,7 @@ is a `DecodeState` (or None when the caller did not ask for one). Its parts:
 - per row, the number of real (non-padding) tokens seen so far: sinks are the first real tokens of a
   row, whatever its left padding;
 - with a recall memory (`linearize.ops.memory`): its table of keys and values by token bucket, the bucket
-  each window token will be stored under when it leaves the window, and the last token id. Decoding
+  each window token will be stored under when it leaves the window, and the last n token ids. Decoding
   steps update the table in place: to continue one state twice, copy it first
   (`state.map_batch(torch.clone)`).
 
@@ -36,7 +36,7 @@ class DecodeState:
     sink_values [B, Hk, S, D] with sink_valid [B, S] (slot j holds the row's real token j once it left the
     window); recurrent [B, Hk, F, D + 1] float32 or None; seen [B] real tokens so far; memory_keys /
     memory_values [B, Hk, M, D] with memory_valid [B, M], window_buckets [B, W'] (-1: never stored) and
-    last_token [B] (-1: none) for a recall memory of M buckets."""
+    recent_tokens [B, n] (the last n token ids, -1: none) for a recall memory of M buckets keyed by n-grams."""
 
     seen: torch.Tensor
     window_keys: torch.Tensor | None = None
@@ -53,7 +53,7 @@ class DecodeState:
     memory_values: torch.Tensor | None = None
     memory_valid: torch.Tensor | None = None
     window_buckets: torch.Tensor | None = None
-    last_token: torch.Tensor | None = None
+    recent_tokens: torch.Tensor | None = None
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> DecodeState:
         """Apply `fn` (e.g. index_select on dim 0) to every tensor: beam reordering, batch selection."""

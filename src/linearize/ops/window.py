@@ -13,7 +13,8 @@ One definition everywhere (every form, training, prefill and decode). Query t of
 with c_t the max of the softmax scores only. Without features this is plain sliding-window attention
 with sinks; with them, the LoLCATS hybrid (whose window factor g is the same as dividing fq by g).
 With a recall memory (`token_ids` [B, T] and `memory_buckets` > 0; `linearize.ops.memory`) each query
-has one more softmax key, the memory's entry for its own token: exp(q_t.k_mem scale - c_t) [v_mem, 1]
+has one more softmax key, the memory's entry for the n-gram (`memory_ngram` tokens) ending at its own
+token: exp(q_t.k_mem scale - c_t) [v_mem, 1]
 joins the sum, c_t still the window's and sinks' max (so a strong match outweighs the linear terms as
 the teacher's softmax would; computed stably).
 Padding: `key_mask` [B, T] (True = real token) takes padded keys out of every term; gates are ignored
@@ -89,23 +90,24 @@ def final_state(
             weight = weight * (total[..., -1:] - total).exp()
         state.recurrent = (fk * weight[..., None]).transpose(-1, -2) @ append_ones(v)
     if memory_state is not None:
-        token_ids, key_bucket, buckets = memory_state
+        key_bucket, recent, buckets = memory_state
         state.memory_keys, state.memory_values, state.memory_valid = memory.final_table(
             k, v, key_bucket, window, buckets)
         state.window_buckets = F.pad(key_bucket[:, start:], (pad, 0), value=-1)
-        state.last_token = torch.where(mask[:, -1], token_ids[:, -1].long(), -1)
+        state.recent_tokens = recent
     return state
 
 
-def _memory_inputs(k, v, token_ids, mask, positions, window: int, sink_tokens: int, buckets: int):
+def _memory_inputs(k, v, token_ids, mask, positions, window: int, sink_tokens: int, buckets: int, ngram: int):
     """A fresh sequence's memory keys: per query its key and value [B, Hk, T, D] (zeros where it has none),
     whether it has one [B, T], and what `final_state` needs to build the table."""
     if token_ids is None:
         raise ValueError("a recall memory (memory_buckets > 0) needs the token ids (token_ids)")
-    query_bucket, key_bucket = memory.key_buckets(token_ids, mask, positions, sink_tokens, buckets)
+    query_bucket, key_bucket, recent = memory.key_buckets(token_ids, mask, positions, sink_tokens, buckets,
+                                                          ngram=ngram)
     index = memory.lookup(query_bucket, key_bucket, window, buckets)
     gather = index.clamp(min=0)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-    return k.gather(2, gather), v.gather(2, gather), index >= 0, (token_ids, key_bucket, buckets)
+    return k.gather(2, gather), v.gather(2, gather), index >= 0, (key_bucket, recent, buckets)
 
 
 def window_attention_parallel(
@@ -124,6 +126,7 @@ def window_attention_parallel(
     output_final_state: bool = False,
     token_ids: torch.Tensor | None = None,
     memory_buckets: int = 0,
+    memory_ngram: int = 1,
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Quadratic reference: every [T, T] weight materialised."""
     _check(window, sink_tokens, fq, fk)
@@ -145,7 +148,7 @@ def window_attention_parallel(
     memory_state = None
     if memory_buckets > 0:
         mem_k, mem_v, has, memory_state = _memory_inputs(k, v, token_ids, mask, positions, window, sink_tokens,
-                                                         memory_buckets)
+                                                         memory_buckets, memory_ngram)
         mem_scores = (group_heads(q, kv_heads) * mem_k[:, :, None]).sum(-1, keepdim=True) * scale
         mem_scores = mem_scores.masked_fill(~has[:, None, None, :, None], float("-inf"))  # [B, Hk, G, T, 1]
         row_max = torch.maximum(row_max, mem_scores)
@@ -213,6 +216,7 @@ def window_attention_chunked(
     output_final_state: bool = False,
     token_ids: torch.Tensor | None = None,
     memory_buckets: int = 0,
+    memory_ngram: int = 1,
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Linear in T: chunks of size `window`. Query chunk i reaches its window in chunks i - 1 and i (one
     [C, 2C] softmax block); the linear terms of chunk i - 1's keys that already left the window are one
@@ -241,7 +245,7 @@ def window_attention_chunked(
     memory_state = None
     if memory_buckets > 0:
         mem_k, mem_v, has, memory_state = _memory_inputs(k, v, token_ids, mask, positions, window, sink_tokens,
-                                                         memory_buckets)
+                                                         memory_buckets, memory_ngram)
         mem_kc = chunks(mem_k, chunk)[:, :, :, None]  # [B, Hk, N, 1, C, D]
         mem_vc = chunks(append_ones(mem_v), chunk)[:, :, :, None]  # [B, Hk, N, 1, C, D + 1]
         mem_hidden = ~(chunks(has[..., None].float(), chunk) > 0)[:, None, :, None]  # [B, 1, N, 1, C, 1]
@@ -342,6 +346,7 @@ def window_attention_recurrent(
     eps: float = 1e-6,
     token_ids: torch.Tensor | None = None,
     memory_buckets: int = 0,
+    memory_ngram: int = 1,
 ) -> tuple[torch.Tensor, DecodeState]:
     """Token by token from `state` (decoding; T is usually 1). Each new token joins the window; the oldest
     window token leaves it: into its sink slot if it is one of the row's first `sink_tokens` real tokens,
@@ -352,7 +357,7 @@ def window_attention_recurrent(
         raise ValueError("a recall memory (memory_buckets > 0) needs the token ids (token_ids)")
     if q.shape[2] == 1 and key_mask is None and window > 1:
         return _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids,
-                          memory_buckets)
+                          memory_buckets, memory_ngram)
     out_dtype = v.dtype
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
     batch, kv_heads, t, head_dim = k.shape
@@ -366,9 +371,9 @@ def window_attention_recurrent(
     seen = s.seen
     if memory_buckets > 0:  # copies: this general path leaves the caller's state as it was
         mem_keys, mem_values, mem_valid = s.memory_keys.clone(), s.memory_values.clone(), s.memory_valid.clone()
-        w_buckets, last_token = s.window_buckets, s.last_token
-        query_bucket, key_bucket = memory.key_buckets(
-            token_ids, mask, real_positions(mask, seen), sink_tokens, memory_buckets, last_token)
+        w_buckets = s.window_buckets
+        query_bucket, key_bucket, recent = memory.key_buckets(
+            token_ids, mask, real_positions(mask, seen), sink_tokens, memory_buckets, s.recent_tokens, memory_ngram)
     outputs = []
     for i in range(t):
         valid_i = mask[:, i]
@@ -403,7 +408,6 @@ def window_attention_recurrent(
             buckets_all = torch.cat([w_buckets, key_bucket[:, i : i + 1]], dim=1)
             memory.write_(mem_keys, mem_values, mem_valid, buckets_all[:, 0], keys[:, :, :1], values[:, :, :1])
             w_buckets = buckets_all[:, 1:]
-            last_token = torch.where(valid_i, token_ids[:, i].long(), last_token)
         w_valid_all = torch.cat([w_valid, valid_i[:, None]], dim=1)
         w_position_all = torch.cat([w_position, position_i[:, None]], dim=1)
         leaving_valid, leaving_position = w_valid_all[:, 0], w_position_all[:, 0]
@@ -442,11 +446,12 @@ def window_attention_recurrent(
     )
     if memory_buckets > 0:
         new_state.memory_keys, new_state.memory_values, new_state.memory_valid = mem_keys, mem_values, mem_valid
-        new_state.window_buckets, new_state.last_token = w_buckets, last_token
+        new_state.window_buckets, new_state.recent_tokens = w_buckets, recent
     return o, new_state
 
 
-def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids, memory_buckets):
+def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids, memory_buckets,
+               memory_ngram):
     """`window_attention_recurrent` for one real token per row (the decoding step), in as few ops as the
     math allows: per-step dispatch, not arithmetic, is what a decoding step costs on a CPU. The same
     result as the general loop (tests hold them equal)."""
@@ -467,8 +472,8 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         visible = torch.cat([s.window_valid, ones], dim=1)
     first = sink_tokens + 1  # index of window slot 1 in keys / values / visible
     if memory_buckets > 0:
-        query_bucket, key_bucket = memory.key_buckets(token_ids, ones, s.seen[:, None], sink_tokens, memory_buckets,
-                                                      s.last_token)
+        query_bucket, key_bucket, recent = memory.key_buckets(token_ids, ones, s.seen[:, None], sink_tokens,
+                                                              memory_buckets, s.recent_tokens, memory_ngram)
         mem_k, mem_v, has = memory.read(s.memory_keys, s.memory_values, s.memory_valid, query_bucket[:, 0])
         keys, values = torch.cat([mem_k, keys], dim=2), torch.cat([mem_v, values], dim=2)
         visible = torch.cat([has[:, None], visible], dim=1)
@@ -524,7 +529,7 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
                       s.window_values[:, :, :1])
         new.memory_keys, new.memory_values, new.memory_valid = s.memory_keys, s.memory_values, s.memory_valid
         new.window_buckets = torch.cat([s.window_buckets[:, 1:], key_bucket], dim=1)
-        new.last_token = token_ids[:, 0].long()
+        new.recent_tokens = recent
     return o, new
 
 
@@ -538,6 +543,7 @@ def empty_window_state(
     gated: bool = False,
     device=None,
     memory_buckets: int = 0,
+    memory_ngram: int = 1,
 ) -> DecodeState:
     """The state before the first token: every window and sink slot invalid, a zero linear state, an
     empty memory."""
@@ -563,7 +569,7 @@ def empty_window_state(
         state.memory_keys, state.memory_values, state.memory_valid = memory.empty_table(
             batch, kv_heads, memory_buckets, head_dim, device)
         state.window_buckets = torch.full((batch, keep), -1, dtype=torch.long, device=device)
-        state.last_token = torch.full((batch,), -1, dtype=torch.long, device=device)
+        state.recent_tokens = torch.full((batch, memory_ngram), -1, dtype=torch.long, device=device)
     return state
 
 
