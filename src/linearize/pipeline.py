@@ -143,6 +143,7 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
         "model": {
             "layers": layers,
             "converted_layers": layers - len(config.attention.softmax_layers),
+            "softmax_keys": get_method(config.method).softmax_keys(config.attention),
             "parameters": count_parameters(model)["total"],
         },
         "data": data_summary(data),
@@ -280,7 +281,8 @@ def run_baseline(
     settings = method_settings(baseline["method"], baseline.get("attention") or {})
     teacher_model, _ = load_teacher(config.model, dtype=dtype)
     model = LinearizedForCausalLM.from_teacher(teacher_model.to(device), baseline["method"], settings)
-    summary: dict[str, Any] = {"method": baseline["method"], "attention": settings_dict(settings), "eval": {}}
+    summary: dict[str, Any] = {"method": baseline["method"], "attention": settings_dict(settings), "eval": {},
+                               "softmax_keys": get_method(baseline["method"]).softmax_keys(settings)}
     summary["eval"]["untrained"] = evaluate_domains(model, data.eval, teacher, f"{name} untrained")
     if probes.enabled:
         summary["long_range"] = {"untrained": probes.measure(model, f"{name} untrained")}

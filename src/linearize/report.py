@@ -34,6 +34,17 @@ def recovery_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, dict]]]:
     return rows
 
 
+def softmax_keys_line(report: dict[str, Any]) -> str:
+    """The most softmax keys a query of a converted layer sees, the student's beside each baseline's: what
+    a comparison at equal cost holds equal."""
+    baselines = [f"{name} {b['softmax_keys']}" for name, b in report.get("baselines", {}).items() if "softmax_keys" in b]
+    keys = report["model"].get("softmax_keys")
+    if keys is None:
+        return ""
+    return f"Softmax keys per query in a converted layer, at most: {keys}" + (
+        f" (baselines: {', '.join(baselines)})." if baselines else ".")
+
+
 def markdown(report: dict[str, Any]) -> str:
     config = report["config"]
     attention = ", ".join(f"{k} {v}" for k, v in config["attention"].items() if k != "softmax_layers")
@@ -44,6 +55,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Converted {report['model']['converted_layers']} of {report['model']['layers']} layers ({attention}); "
         f"held-out blocks of {config['data']['eval_seq_len']} tokens "
         f"({', '.join(f'{d}: {n} tokens' for d, n in report['data']['eval_tokens'].items())}).",
+        softmax_keys_line(report),
         "",
         "## Held-out recovery",
         "",
