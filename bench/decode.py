@@ -8,7 +8,8 @@ random-token prompt of that length through the model's own cache, then decode to
 greedy single-token steps, cache size, and the process's peak resident memory. Then batched decoding at
 `--batch-context` tokens of context for batch sizes 1, 8, 32 (the prompt's cache repeated across the
 batch), and the largest batch each model fits in `--memory-gib` next to its weights. Then the op-level
-table (the hybrid's chunked window + linear op and plain chunked linear attention against SDPA causal,
+table (the hybrid's chunked window + linear op, the same with the default's recall memory, and plain
+chunked linear attention against SDPA causal,
 forward only, 9 heads / 3 KV heads / head dim 64 / 128 features, as SmolLM2 and Hedgehog), and decode as a
 fraction of the machine's bandwidth limit: weight bytes read per token over a measured copy bandwidth, beside
 the speed of a step that only streams the weights through one single-token matmul per linear layer.
@@ -172,8 +173,12 @@ def op_table(lengths: list[int], dtype: str = "float32") -> list[dict]:
         with torch.no_grad():
             sdpa = timed(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True)
             hybrid = timed(window_attention_chunked, q, k, v, 64, sink_tokens=4, fq=fq, fk=fk, log_gate=gate)
+            ids = torch.randint(0, 49152, (1, t), generator=g)  # the default: window 63 + a bigram memory
+            memory = timed(window_attention_chunked, q, k, v, 63, sink_tokens=4, fq=fq, fk=fk, log_gate=gate,
+                           token_ids=ids, memory_buckets=2048, memory_ngram=2)
             linear = timed(linear_attention_chunked, fq, fk, v, None)
-        rows.append({"tokens": t, "sdpa_ms": sdpa * 1e3, "hybrid_ms": hybrid * 1e3, "linear_ms": linear * 1e3})
+        rows.append({"tokens": t, "sdpa_ms": sdpa * 1e3, "hybrid_ms": hybrid * 1e3, "memory_ms": memory * 1e3,
+                     "linear_ms": linear * 1e3})
     return rows
 
 
@@ -290,11 +295,13 @@ def main() -> None:
         lines.append(f"| {which} | " + " | ".join(f"{row[f'batch {b}']:.1f}" for b in args.batches)
                      + f" | {row['cache_mib_per_sequence']:.1f} | {largest:,} |")
     lines += ["", "Ops alone (forward, one sequence; ms, speed-up over SDPA causal):", "",
-              "| tokens | SDPA causal | hybrid window+sinks+linear | x SDPA | chunked linear attention | x SDPA |",
-              "|---:|---:|---:|---:|---:|---:|"]
+              "| tokens | SDPA causal | hybrid window+sinks+linear | x SDPA | the same + recall memory | x SDPA "
+              "| chunked linear attention | x SDPA |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in op_table(args.op_lengths, args.dtype):
         lines.append(f"| {row['tokens']:,} | {row['sdpa_ms']:.1f} | {row['hybrid_ms']:.1f} | "
-                     f"{row['sdpa_ms'] / row['hybrid_ms']:.2f}x | {row['linear_ms']:.1f} | "
+                     f"{row['sdpa_ms'] / row['hybrid_ms']:.2f}x | {row['memory_ms']:.1f} | "
+                     f"{row['sdpa_ms'] / row['memory_ms']:.2f}x | {row['linear_ms']:.1f} | "
                      f"{row['sdpa_ms'] / row['linear_ms']:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)

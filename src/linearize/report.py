@@ -37,7 +37,8 @@ def recovery_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, dict]]]:
 def softmax_keys_line(report: dict[str, Any]) -> str:
     """The most softmax keys a query of a converted layer sees, the student's beside each baseline's: what
     a comparison at equal cost holds equal."""
-    baselines = [f"{name} {b['softmax_keys']}" for name, b in report.get("baselines", {}).items() if "softmax_keys" in b]
+    baselines = [f"{name} {b['softmax_keys']}" for name, b in report.get("baselines", {}).items()
+                 if "softmax_keys" in b]
     keys = report["model"].get("softmax_keys")
     if keys is None:
         return ""
