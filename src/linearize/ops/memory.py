@@ -52,11 +52,11 @@ def key_buckets(
     recent: torch.Tensor | None = None,
     ngram: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(query bucket [B, T]: the bucket of the n-gram ending at each token; key bucket [B, T]: the bucket of
-    the n-gram just before each key, -1 where the key is never stored: padding, sinks, a key without n real
-    tokens before it; a window slot that is not a real token therefore always holds -1; recent [B, n]: the
-    last n token ids, -1 where none, to continue from). `recent` [B, n]: the ids before this call's first
-    token (-1: none), when continuing from a state."""
+    """-> (query bucket [B, T]: the bucket of the n-gram ending at each token; key bucket [B, T]: the bucket
+    of the n-gram just before each key, -1 where the key is never stored: padding, sinks, a key without n
+    real tokens before it, so a window slot that is not a real token always holds -1; the last n ids [B, n],
+    for the next call). `recent` [B, n]: the n ids before this call's first token (-1: none, or padding),
+    when continuing from a state; n = `ngram`."""
     batch = token_ids.shape[0]
     if recent is None:
         recent = torch.full((batch, ngram), -1, dtype=torch.long, device=token_ids.device)
