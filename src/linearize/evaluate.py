@@ -157,12 +157,15 @@ def layer_errors(model: torch.nn.Module, blocks: torch.Tensor, desc: str = "laye
 
     sums: dict[int, list[float]] = {}
     for block in tqdm(blocks, desc=desc, unit="block", leave=False, dynamic_ncols=True):
+        token_ids = block.unsqueeze(0).to(_device(model))
         with attention_mode(model, "record") as layers:
-            model(input_ids=block.unsqueeze(0).to(_device(model)), use_cache=False)
+            model(input_ids=token_ids, use_cache=False)
+            rotary = None
             for layer in layers:
                 hidden, teacher_out = layer.recorded
-                rotary = position_embeddings(model, hidden)
-                student_out = layer.mix(hidden, rotary, block[None].to(hidden.device)).float()
+                if rotary is None:  # the same positions for every layer
+                    rotary = position_embeddings(model, hidden)
+                student_out = layer.mix(hidden, rotary, token_ids).float()
                 teacher_out = teacher_out.float()
                 mse = F.mse_loss(student_out, teacher_out).item()
                 cosine = F.cosine_similarity(student_out, teacher_out, dim=-1).mean().item()

@@ -480,7 +480,7 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         first += 1
     scores = (q @ keys.transpose(-1, -2)).mul_(scale).masked_fill_(~visible[:, None, None], float("-inf"))
     row_max = scores.amax(-1, keepdim=True)
-    weights = (scores - row_max).exp()
+    weights = (scores - row_max).exp_()  # a new tensor: `scores` stays for c_t
     num, den = weights @ values, weights.sum(-1, keepdim=True)  # [B, Hk, G, D], [B, Hk, G, 1]
     recurrent = s.recurrent
     if recurrent is not None:

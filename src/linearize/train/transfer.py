@@ -107,6 +107,7 @@ def attention_transfer(
         epoch, index = divmod(step, steps_per_epoch)
         ids = order(epoch)[index * config.batch_size : (index + 1) * config.batch_size]
         activations = cache.get(blocks, ids)
+        token_ids = blocks[ids].to(device)  # for mixers that remember by token
         rotary = None
         total = 0.0
         for layer in layers:
@@ -115,7 +116,7 @@ def attention_transfer(
             if rotary is None:
                 rotary = position_embeddings(model, x)
             # one backward per layer: layers are independent, and this keeps one layer's graph in memory
-            loss = transfer_loss(layer, x, y, rotary, blocks[ids].to(device))
+            loss = transfer_loss(layer, x, y, rotary, token_ids)
             (loss * config.loss_weight / len(layers)).backward()
             if epoch == config.epochs - 1:
                 per_layer.setdefault(layer.layer_idx, []).append(loss.item())
