@@ -20,7 +20,6 @@ import platform
 import time
 
 import torch
-import torch.nn.functional as F
 
 from linearize.data import build_blocks
 from linearize.evaluate import POSITION_BUCKETS, bucket_ratios, position_profile
@@ -37,15 +36,16 @@ def window_mask(length: int, window: int, sinks: int = SINKS) -> torch.Tensor:
     return (causal & (recent | (i[None, :] < sinks)))[None, None]
 
 
-@torch.no_grad()
-def windowed_profile(model, documents: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean next-token NLL per position [L - 1] over documents [N, L], attending through `window_mask`."""
-    mask = window_mask(documents.shape[1], window)
-    rows = []
-    for doc in documents:
-        logits = model(input_ids=doc[None], attention_mask=mask, use_cache=False).logits[0, :-1].float()
-        rows.append(F.cross_entropy(logits, doc[1:], reduction="none"))
-    return torch.stack(rows).mean(0)
+class Windowed(torch.nn.Module):
+    """The model, every call attending through `window_mask` (what `position_profile` then scores)."""
+
+    def __init__(self, model, window: int):
+        super().__init__()
+        self.model, self.window = model, window
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        mask = window_mask(input_ids.shape[1], self.window).to(input_ids.device)
+        return self.model(input_ids=input_ids, attention_mask=mask, **kwargs)
 
 
 def main() -> None:
@@ -73,7 +73,8 @@ def main() -> None:
     for window in args.windows:
         cells = [f"last {window} + {SINKS} sinks"]
         for domain, docs in data.long.items():
-            ratios = bucket_ratios(windowed_profile(model, docs, window), full[domain])
+            ratios = bucket_ratios(position_profile(Windowed(model, window), docs, f"last {window} ({domain})"),
+                                    full[domain])
             cells += [f"{ratios[c]:.3f}" if c in ratios else "" for c in columns]
             growth = ratios.get("ratio@4096", math.nan) / ratios["ratio@1024"]
             cells.append(f"{growth:.3f}")
