@@ -151,7 +151,10 @@ def measure_batches(which: str, context: int, batches: list[int], steps: int, st
 def op_table(lengths: list[int], dtype: str = "float32") -> list[dict]:
     import torch.nn.functional as F
 
+    from linearize.methods.hybrid import Settings
     from linearize.ops import linear_attention_chunked, window_attention_chunked
+
+    hybrid_default = Settings()
 
     def timed(fn, *inputs, repeat=3, **kwargs):
         fn(*inputs, **kwargs)
@@ -173,9 +176,10 @@ def op_table(lengths: list[int], dtype: str = "float32") -> list[dict]:
         with torch.no_grad():
             sdpa = timed(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True)
             hybrid = timed(window_attention_chunked, q, k, v, 64, sink_tokens=4, fq=fq, fk=fk, log_gate=gate)
-            ids = torch.randint(0, 49152, (1, t), generator=g)  # the default: window 63 + a bigram memory
-            memory = timed(window_attention_chunked, q, k, v, 63, sink_tokens=4, fq=fq, fk=fk, log_gate=gate,
-                           token_ids=ids, memory_buckets=2048, memory_ngram=2)
+            ids = torch.randint(0, 49152, (1, t), generator=g)  # the default window and recall memory
+            memory = timed(window_attention_chunked, q, k, v, hybrid_default.window_size, sink_tokens=4, fq=fq, fk=fk,
+                           log_gate=gate, token_ids=ids, memory_buckets=hybrid_default.memory_buckets,
+                           memory_ngram=hybrid_default.memory_ngram)
             linear = timed(linear_attention_chunked, fq, fk, v, None)
         rows.append({"tokens": t, "sdpa_ms": sdpa * 1e3, "hybrid_ms": hybrid * 1e3, "memory_ms": memory * 1e3,
                      "linear_ms": linear * 1e3})

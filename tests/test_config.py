@@ -58,6 +58,8 @@ def test_method_stage_defaults_sit_between_base_defaults_and_the_user():
         ({"attention": {"memory_layers": "top"}}, "attention.memory_layers must be a list of layer indices"),
         ({"attention": {"memory_layers": [3, -1]}}, "attention.memory_layers must be a list of layer indices"),
         ({"attention": {"memory_ngram": 0}}, "attention.memory_ngram must be an integer >= 1"),
+        ({"attention": {"memory_ngram": [2, 2]}}, "attention.memory_ngram must be an integer >= 1 .* or a list"),
+        ({"attention": {"memory_ngram": []}}, "attention.memory_ngram must be an integer >= 1"),
         ({"attention": {"window_size": "wide"}}, "attention.window_size' must be a int"),
         ({"baselines": {"w": {"method": "window", "attention": {"sink_tokens": -2}}}}, "sink_tokens must be >= 0"),
         ({"baselines": {"w": {"attention": {}}}}, "baselines.w must be a mapping with a 'method'"),

@@ -244,9 +244,10 @@ VARIANTS = ["window", "hybrid", "gated"]  # softmax only; + linear terms for old
 def naive_window(q, k, v, window, sink_tokens=0, fq=None, fk=None, log_gate=None, key_mask=None, eps=1e-6,
                  token_ids=None, memory_buckets=0, memory_ngram=1):
     """The definition, literally, one row, head and query at a time. Softmax keys: real s <= t with
-    t - s < window, or s among the row's first sink_tokens real tokens, and (with a memory) the most
-    recent real non-sink s <= t - window whose n previous tokens are real and hash to the bucket of the n
-    tokens ending at t (-1 for a position that is padding or before the row). Linear
+    t - s < window, or s among the row's first sink_tokens real tokens, and (with a memory) for each
+    order n the most recent real non-sink s <= t - window whose n previous tokens are real and hash to the
+    bucket of the n tokens ending at t (-1 for a position that is padding or before the row), each key
+    once. Linear
     keys (with features): the other real s <= t - window, weighted fq_t.fk_s prod_{s < j <= t} a_j. One
     shared normaliser."""
     batch, heads, t, head_dim = q.shape
@@ -262,17 +263,20 @@ def naive_window(q, k, v, window, sink_tokens=0, fq=None, fk=None, log_gate=None
                     continue
                 soft = [s for s in range(i + 1) if mask[b, s] and (i - s < window or real[s] < sink_tokens)]
                 recalled = []
-                if memory_buckets:
-                    def gram(end, n=memory_ngram, b=b):  # the n token ids ending at `end`
+                for n in [memory_ngram] if isinstance(memory_ngram, int) else memory_ngram:
+                    if not memory_buckets:
+                        break
+
+                    def gram(end, n=n, b=b):  # the n token ids ending at `end`
                         return torch.tensor([token_ids[b, j].item() if j >= 0 and mask[b, j] else -1
                                              for j in range(end - n + 1, end + 1)])
 
                     def bucket(g):
                         return ngram_buckets(g, memory_buckets).item()
 
-                    recalled = [s for s in range(i - window + 1) if mask[b, s] and real[s] >= sink_tokens
-                                and (gram(s - 1) >= 0).all() and bucket(gram(s - 1)) == bucket(gram(i))]
-                    recalled = recalled[-1:]
+                    found = [s for s in range(i - window + 1) if mask[b, s] and real[s] >= sink_tokens
+                             and (gram(s - 1) >= 0).all() and bucket(gram(s - 1)) == bucket(gram(i))]
+                    recalled += [s for s in found[-1:] if s not in recalled]
                 soft += recalled
                 scores = torch.stack([(q[b, head, i] * k[b, kv, s]).sum() * head_dim**-0.5 for s in soft])
                 c = scores[: len(soft) - len(recalled)].max()  # c_t: the window's and sinks' max
@@ -506,16 +510,17 @@ def test_window_op_refuses_bad_arguments():
 
 def memory_state_equal(a: DecodeState, b: DecodeState) -> None:
     assert_same_state(a, b)
-    assert torch.equal(a.memory_valid, b.memory_valid)
-    keep = a.memory_valid[:, None, :, None]
+    assert torch.equal(a.memory_position, b.memory_position)
+    keep = (a.memory_position >= 0)[:, None, :, None]
     close(a.memory_keys * keep, b.memory_keys * keep)
     close(a.memory_values * keep, b.memory_values * keep)
     valid = a.window_valid
+    valid = valid[..., None]
     assert torch.equal(a.window_buckets.masked_fill(~valid, -1), b.window_buckets.masked_fill(~valid, -1))
     assert torch.equal(a.recent_tokens, b.recent_tokens)
 
 
-@pytest.mark.parametrize("ngram", [1, 2, 3])
+@pytest.mark.parametrize("ngram", [1, 2, 3, (2, 1), (1, 3, 2)])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("sink_tokens", [0, 2])
@@ -526,9 +531,10 @@ def test_memory_parallel_and_chunked_match_definition(window, sink_tokens, varia
     args = window_args(variant, 4, 2, t=t)
     mask = left_padding([0, 5], t=t) if padded else None
     vocab = 6 if ngram == 1 else 3  # a small vocabulary: matches (and bucket collisions) abound
+    orders = [ngram] if isinstance(ngram, int) else ngram
     token_ids = torch.randint(0, vocab, (B, t))
     common = {"window": window, "sink_tokens": sink_tokens, "key_mask": mask, "token_ids": token_ids,
-              "memory_buckets": 4 * ngram, "memory_ngram": ngram}
+              "memory_buckets": 4 * max(orders), "memory_ngram": ngram}
     expected = naive_window(**args, **common)
     close(masked(window_attention_parallel(**args, **common)[0], mask), expected)
     close(masked(window_attention_chunked(**args, **common)[0], mask), expected)
@@ -536,7 +542,7 @@ def test_memory_parallel_and_chunked_match_definition(window, sink_tokens, varia
     assert (expected - without).abs().max() > 1e-3  # the memory changed something
 
 
-@pytest.mark.parametrize("ngram", [1, 2])
+@pytest.mark.parametrize("ngram", [1, 2, (2, 1)])
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -88,10 +88,11 @@ def test_report_holds_every_row_and_stage(finished_run):
     text = (out / "report.md").read_text()
     for row in ("teacher", "untrained swap", "after stage 1", "after stage 2", "window+sinks (baseline)", "Long range"):
         assert row in text
-    # the tiny hybrid: window 8 + sinks 2 (+ 1 recalled key where it has a memory) against the baseline's 8 + 2
-    keys = report["model"]["softmax_keys"]
-    assert keys == report["config"]["attention"]["window_size"] + report["config"]["attention"]["sink_tokens"] + (
-        1 if report["config"]["attention"]["memory_buckets"] else 0)
+    # the tiny hybrid: window 8 + sinks 2 (+ a recalled key per n-gram order where it has a memory) against the
+    # baseline's 8 + 2
+    keys, attention = report["model"]["softmax_keys"], report["config"]["attention"]
+    assert keys == attention["window_size"] + attention["sink_tokens"] + (
+        len(attention["memory_ngram"]) if attention["memory_buckets"] else 0)
     assert f"at most: {keys} (baselines: window+sinks 10)." in text
 
 

@@ -16,13 +16,14 @@ softmax keys: most of a small model's attention mass sits on them), and changes 
   change with its position, so maps trained on 1024-token blocks misjudge keys at 4096; without RoPE
   the linear terms carry content, the window carries position;
 - a learned per-head decay on the linear terms (0.999 at the start) bounds their mass at long range;
-- a recall memory (`linearize.ops.memory`) in the upper half of the layers: one more softmax key per query,
-  the most recent key (out of the window) that followed an earlier occurrence of the query's own token,
-  kept in a table of 2048 token buckets. It is what the teacher's copying (induction) heads attend to, and
-  what no feature map of the state's size singles out among hundreds of old keys (bench/recall.py); the
-  window shrinks to 63 so a query still sees 68 softmax keys at most, as a 64-token window with 4 sinks.
+- a recall memory (`linearize.ops.memory`) in the upper half of the layers: two more softmax keys per
+  query, the most recent keys (out of the window) that followed an earlier occurrence of the query's last
+  two tokens, and of its last token, kept in a table of 2048 buckets per n-gram order. It is what the
+  teacher's copying (induction) heads attend to, and what no feature map of the state's size singles out
+  among hundreds of old keys (bench/recall.py); the window shrinks to 62 so a query still sees 68 softmax
+  keys at most, as a 64-token window with 4 sinks.
 
-    y_t = (sum_{window, sinks, memory key} exp(q_t.k_s / sqrt(d) - c_t) [v_s, 1]
+    y_t = (sum_{window, sinks, memory keys} exp(q_t.k_s / sqrt(d) - c_t) [v_s, 1]
            + sum_{older} a^{t-s} m_q(q_t) m_k(k_s) phi(q_t).phi(k_s) [v_s, 1])  -> num / den
     m_q(q) = exp(q.u_q + b), m_k(k) = exp(k.u_k); u = 0 and b = log(linear_scale_init) at the start.
 """
@@ -30,7 +31,7 @@ softmax keys: most of a small model's attention mass sits on them), and changes 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,7 @@ from torch import nn
 from linearize.errors import LinearizeError
 from linearize.layers.attention import Mixer
 from linearize.layers.feature_maps import FEATURE_MAPS, build_feature_map
+from linearize.ops import memory
 from linearize.methods.base import Method, WindowSettings, check_choice, check_fraction
 
 MAX_LOG_MAGNITUDE = 20.0  # keeps exp() of the learned magnitudes finite in float32 and bfloat16
@@ -46,7 +48,7 @@ MAX_LOG_MAGNITUDE = 20.0  # keeps exp() of the learned magnitudes finite in floa
 
 @dataclass
 class Settings(WindowSettings):
-    window_size: int = 63  # + 4 sinks + 1 memory key = the 68 softmax keys of a 64-token window + 4 sinks
+    window_size: int = 62  # + 4 sinks + 2 memory keys = the 68 softmax keys of a 64-token window + 4 sinks
     sink_tokens: int = 4
     feature_map: str = "hedgehog"  # hedgehog | t2r | elu | softmax
     feature_dim: int | None = None  # hedgehog/t2r projection size per sign; None = head_dim
@@ -56,7 +58,8 @@ class Settings(WindowSettings):
     linear_rope: bool = False  # feature maps read q and k after RoPE (as LoLCATS) or before it (as Liger)
     memory_buckets: int = 2048  # recall memory (linearize.ops.memory): token buckets per layer; 0 = none
     memory_layers: list[int] | str | None = "upper-half"  # layers with a memory: a list, "upper-half", null = all
-    memory_ngram: int = 2  # the memory is keyed by the last n tokens (1: the token itself)
+    # the memory is keyed by the last n tokens (1: the token itself); a list: one recalled key per order
+    memory_ngram: int | list[int] = field(default_factory=lambda: [2, 1])
 
     def validate(self) -> None:
         super().validate()
@@ -69,9 +72,12 @@ class Settings(WindowSettings):
         if not isinstance(self.memory_buckets, int) or self.memory_buckets < 0:
             raise LinearizeError(f"attention.memory_buckets must be an integer >= 0 (0 = no memory), got "
                                  f"{self.memory_buckets!r}")
-        if not isinstance(self.memory_ngram, int) or self.memory_ngram < 1:
+        grams = [self.memory_ngram] if isinstance(self.memory_ngram, int) else self.memory_ngram
+        if not (isinstance(grams, list) and grams and all(isinstance(n, int) and n >= 1 for n in grams)
+                and len(set(grams)) == len(grams)):
             raise LinearizeError(f"attention.memory_ngram must be an integer >= 1 (the tokens a memory entry is "
-                                 f"keyed by), got {self.memory_ngram!r}")
+                                 f"keyed by) or a list of distinct ones (one recalled key each), got "
+                                 f"{self.memory_ngram!r}")
         layers = self.memory_layers
         if not (layers is None or layers == "upper-half" or (
                 isinstance(layers, list) and all(isinstance(i, int) and i >= 0 for i in layers))):
@@ -156,4 +162,5 @@ class Hybrid(Method):
                            settings.memory_at(shapes.layer_index, shapes.num_layers))
 
     def softmax_keys(self, settings) -> int:
-        return super().softmax_keys(settings) + (1 if settings.memory_buckets else 0)
+        return super().softmax_keys(settings) + (len(memory.orders(settings.memory_ngram))
+                                                 if settings.memory_buckets else 0)

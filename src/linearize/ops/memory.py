@@ -1,32 +1,41 @@
-"""Recall memory: one more softmax key per query, found by token identity in a table of constant size.
+"""Recall memory: a few more softmax keys per query, found by token identity in a table of constant size.
 
 A window with sinks cannot copy a token it saw more than `window` tokens ago, and a linear state of a few
 hundred feature dimensions cannot single out one of hundreds of old keys (bench/recall.py measures why).
 What a copying (induction) head of the teacher looks for is known, though: the key just after an earlier
-occurrence of what the query is reading. The memory keeps, for each of `buckets` hash buckets of n-grams
-(the last `ngram` token ids), the key and value of the most recent token (already out of the window) that
-*followed* an n-gram hashing there; a query adds the entry of the n-gram ending at its own token to its
-softmax keys, weighted by the teacher's own q.k like any window key. Constant size (buckets x 2 x head_dim
-per key/value head), constant work per token, no new parameters; where the teacher does not want the
-entry, its q.k gives it little weight.
+occurrence of what the query is reading. The memory keeps, for each n-gram order n in `ngram` (e.g. (2, 1):
+the last two token ids, and the last one) and each of `buckets` hash buckets of such n-grams, the key and
+value of the most recent token (already out of the window) that *followed* an n-gram hashing there; a query
+adds the entry of the n-gram ending at its own token, one per order, to its softmax keys, weighted by the
+teacher's own q.k like any window key. A token recalled by two orders is one key, counted once. Constant
+size (orders x buckets x 2 x head_dim per key/value head), constant work per token, no new parameters;
+where the teacher does not want an entry, its q.k gives it little weight.
 
-    query t's extra key: the most recent key j <= t - window, j not a sink, with
+    query t's extra key of order n: the most recent key j <= t - window, j not a sink, with
     hash(token[j - n .. j - 1]) == hash(token[t - n + 1 .. t]) (none if there is no such key or the bucket
-    was overwritten by a later one); n = `ngram`
+    was overwritten by a later one)
 
 Buckets: for n = 1, (id * 2654435761) mod `buckets` (Knuth's multiplicative hash); for longer n-grams the
 ids are folded into one 31-bit number first. Two n-grams that collide share an entry, the more recent one
-wins. A key is stored only when its n preceding tokens are all real (not padding, not before the row).
-Bigrams (n = 2) recall better than single tokens on code, where single tokens repeat too often
-(README, "What we tried").
+wins. Order i of the list owns table rows [i * buckets, (i + 1) * buckets). A key is stored under an order
+only when its n preceding tokens are all real (not padding, not before the row). Bigrams recall better than
+single tokens on code, where single tokens repeat too often; bigram and single-token keys together better
+than either (README, "What we tried").
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 HASH_MULTIPLIER = 2654435761
 FOLD = 1 << 31  # n-gram ids are folded modulo 2^31, so every product stays inside int64
+
+
+def orders(ngram: int | Sequence[int]) -> tuple[int, ...]:
+    """The n-gram orders of a memory: one key per query for each (an int is a single order)."""
+    return (ngram,) if isinstance(ngram, int) else tuple(ngram)
 
 
 def bucket_of(ids: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -50,74 +59,98 @@ def key_buckets(
     sink_tokens: int,
     buckets: int,
     recent: torch.Tensor | None = None,
-    ngram: int = 1,
+    ngram: int | Sequence[int] = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (query bucket [B, T]: the bucket of the n-gram ending at each token; key bucket [B, T]: the bucket
-    of the n-gram just before each key, -1 where the key is never stored: padding, sinks, a key without n
-    real tokens before it, so a window slot that is not a real token always holds -1; the last n ids [B, n],
-    for the next call). `recent` [B, n]: the n ids before this call's first token (-1: none, or padding),
-    when continuing from a state; n = `ngram`."""
-    batch = token_ids.shape[0]
+    """-> (query bucket [B, T, K]: the table row of the n-gram ending at each token, one per order; key
+    bucket [B, T, K]: the row of the n-gram just before each key, -1 where the key is never stored under that
+    order: padding, sinks, a key without n real tokens before it, so a window slot that is not a real token
+    always holds -1; the last n_max ids [B, n_max], for the next call). `recent` [B, n_max]: the ids before
+    this call's first token (-1: none, or padding), when continuing from a state."""
+    grams_of = orders(ngram)
+    longest = max(grams_of)
     if recent is None:
-        recent = torch.full((batch, ngram), -1, dtype=torch.long, device=token_ids.device)
-    context = torch.cat([recent.long(), torch.where(mask, token_ids.long(), -1)], dim=1)  # [B, n + T]
-    grams = context.unfold(1, ngram, 1)  # [B, T + 1, n]: entry i is the n-gram before token i
-    storable = mask & (grams[:, :-1] >= 0).all(-1) & (positions >= sink_tokens)
-    key_bucket = torch.where(storable, ngram_buckets(grams[:, :-1], buckets), -1)
-    return ngram_buckets(grams[:, 1:], buckets), key_bucket, context[:, -ngram:]
+        recent = torch.full((token_ids.shape[0], longest), -1, dtype=torch.long, device=token_ids.device)
+    context = torch.cat([recent.long(), torch.where(mask, token_ids.long(), -1)], dim=1)  # [B, n_max + T]
+    query_bucket, key_bucket = [], []
+    for i, n in enumerate(grams_of):
+        grams = context[:, longest - n :].unfold(1, n, 1)  # [B, T + 1, n]: entry j is the n-gram before token j
+        storable = mask & (grams[:, :-1] >= 0).all(-1) & (positions >= sink_tokens)
+        offset = i * buckets
+        key_bucket.append(torch.where(storable, ngram_buckets(grams[:, :-1], buckets) + offset, -1))
+        query_bucket.append(ngram_buckets(grams[:, 1:], buckets) + offset)
+    return torch.stack(query_bucket, -1), torch.stack(key_bucket, -1), context[:, -longest:]
 
 
-def lookup(query_bucket: torch.Tensor, key_bucket: torch.Tensor, window: int, buckets: int) -> torch.Tensor:
-    """For a fresh sequence: index [B, T] of query t's memory key (the most recent j <= t - window with
-    key_bucket[j] == query_bucket[t]; -1: none). One sort and a binary search: O(T log T)."""
-    batch, t = key_bucket.shape
-    index = torch.arange(t, device=key_bucket.device)
-    slots = buckets + 1  # bucket b sorts in slot b + 1 of its row
-    row = torch.arange(batch, device=key_bucket.device)[:, None] * slots
+def first_of_equal(index: torch.Tensor) -> torch.Tensor:
+    """[..., K] indices of recalled keys (-1: none) -> [..., K] bool: a key to use, each key once."""
+    use = index >= 0
+    for i in range(1, index.shape[-1]):
+        use[..., i] &= (index[..., i : i + 1] != index[..., :i]).all(-1)
+    return use
+
+
+def lookup(query_bucket: torch.Tensor, key_bucket: torch.Tensor, window: int, table_size: int) -> torch.Tensor:
+    """For a fresh sequence: index [B, T, K] of query t's memory key per order (the most recent
+    j <= t - window with key_bucket[j, k] == query_bucket[t, k]; -1: none, or already recalled by an earlier
+    order). One sort and a binary search: O(K T log(K T))."""
+    batch, t, orders_ = key_bucket.shape
+    index = torch.arange(t, device=key_bucket.device)[:, None]  # [T, 1]
+    slots = table_size + 1  # table row b sorts in slot b + 1 of its batch row
+    row = torch.arange(batch, device=key_bucket.device)[:, None, None] * slots
     keys = ((row + key_bucket + 1) * t + index).flatten()  # bucket -1 (never stored) gets slot 0
     keys, _ = keys.sort()
-    limit = index - window  # [T]
+    limit = index - window  # [T, 1]
     wanted = (row + query_bucket + 1) * t + limit.clamp(min=0)
-    found = torch.searchsorted(keys, wanted.flatten(), right=True).view(batch, t) - 1
+    found = torch.searchsorted(keys, wanted.flatten(), right=True).view(batch, t, orders_) - 1
     candidate = keys[found.clamp(min=0)]
     ok = (found >= 0) & (candidate // t == wanted // t) & (limit >= 0)
-    return torch.where(ok, candidate % t, -1)
+    recalled = torch.where(ok, candidate % t, -1)
+    return torch.where(first_of_equal(recalled), recalled, -1)
 
 
-def final_table(k: torch.Tensor, v: torch.Tensor, key_bucket: torch.Tensor, window: int, buckets: int):
-    """The memory after a fresh sequence (for decoding on from it): per bucket the most recent key that has
-    left the window (j <= T - window). -> keys, values [B, Hk, buckets, D], valid [B, buckets]."""
+def final_table(k: torch.Tensor, v: torch.Tensor, key_bucket: torch.Tensor, positions: torch.Tensor, window: int,
+                table_size: int):
+    """The memory after a fresh sequence (for decoding on from it): per table row the most recent key that
+    has left the window (j <= T - window). -> keys, values [B, Hk, M, D], position [B, M] (the stored key's
+    real position in its row, -1: empty), M = `table_size`."""
     batch, kv_heads, t, head_dim = k.shape
-    index = torch.arange(t, device=k.device).expand(batch, t)
+    index = torch.arange(t, device=k.device)[None, :, None].expand_as(key_bucket)
     stored = (key_bucket >= 0) & (index <= t - window)
-    latest = torch.full((batch, buckets + 1), -1, dtype=torch.long, device=k.device)
-    slot = torch.where(stored, key_bucket, buckets)  # slot `buckets` collects the rest
-    latest = latest.scatter_reduce(1, slot, index, reduce="amax")[:, :buckets]
-    valid = latest >= 0
-    gather = latest.clamp(min=0)[:, None, :, None].expand(batch, kv_heads, buckets, head_dim)
-    keep = valid[:, None, :, None]
-    return k.gather(2, gather) * keep, v.gather(2, gather) * keep, valid
+    slot = torch.where(stored, key_bucket, table_size).flatten(1)  # slot `table_size` collects the rest
+    latest = torch.full((batch, table_size + 1), -1, dtype=torch.long, device=k.device)
+    latest = latest.scatter_reduce(1, slot, index.flatten(1), reduce="amax")[:, :table_size]
+    found = latest >= 0
+    at = latest.clamp(min=0)
+    gather = at[:, None, :, None].expand(batch, kv_heads, table_size, head_dim)
+    keep = found[:, None, :, None]
+    position = torch.where(found, positions.gather(1, at), -1)
+    return k.gather(2, gather) * keep, v.gather(2, gather) * keep, position
 
 
-def empty_table(batch: int, kv_heads: int, buckets: int, head_dim: int, device=None):
-    keys = torch.zeros(batch, kv_heads, buckets, head_dim, device=device)
-    return keys, keys.clone(), torch.zeros(batch, buckets, dtype=torch.bool, device=device)
+def empty_table(batch: int, kv_heads: int, table_size: int, head_dim: int, device=None):
+    keys = torch.zeros(batch, kv_heads, table_size, head_dim, device=device)
+    return keys, keys.clone(), torch.full((batch, table_size), -1, dtype=torch.long, device=device)
 
 
-def read(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, bucket: torch.Tensor):
-    """One query per row: the entry of `bucket` [B] -> key, value [B, Hk, 1, D], valid [B]."""
+def read(keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, bucket: torch.Tensor):
+    """One query per row, its table rows `bucket` [B, K] -> keys, values [B, Hk, K, D], use [B, K] (an
+    entry that holds a key, not already recalled by an earlier order)."""
     batch, kv_heads, _, head_dim = keys.shape
-    at = bucket[:, None, None, None].expand(batch, kv_heads, 1, head_dim)
-    return keys.gather(2, at), values.gather(2, at), valid.gather(1, bucket[:, None])[:, 0]
+    at = bucket[:, None, :, None].expand(batch, kv_heads, bucket.shape[1], head_dim)
+    return keys.gather(2, at), values.gather(2, at), first_of_equal(position.gather(1, bucket))
 
 
-def write_(keys, values, valid, bucket: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-    """In place: rows with bucket >= 0 store key, value [B, Hk, 1, D] at it (other rows keep theirs)."""
-    batch, kv_heads, _, head_dim = keys.shape
+def write_(keys, values, position, bucket: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           key_position: torch.Tensor) -> None:
+    """In place: one key, value [B, Hk, 1, D] at real position `key_position` [B] per row, stored at each of
+    its table rows `bucket` [B, K] that is >= 0 (the other entries stay)."""
+    batch, kv_heads, table_size, head_dim = keys.shape
     store = bucket >= 0
-    slot = bucket.clamp(min=0)
-    at = slot[:, None, None, None].expand(batch, kv_heads, 1, head_dim)
-    keep = store[:, None, None, None]
+    orders_ = bucket.shape[1]  # an order that stores nothing rewrites the first row of its own part, so no
+    own = torch.arange(orders_, device=bucket.device) * (table_size // orders_)  # two writes share a row
+    slot = torch.where(store, bucket, own)
+    at = slot[:, None, :, None].expand(batch, kv_heads, slot.shape[1], head_dim)
+    keep = store[:, None, :, None]
     keys.scatter_(2, at, torch.where(keep, key, keys.gather(2, at)))
     values.scatter_(2, at, torch.where(keep, value, values.gather(2, at)))
-    valid.scatter_(1, slot[:, None], (store | valid.gather(1, slot[:, None])[:, 0])[:, None])
+    position.scatter_(1, slot, torch.where(store, key_position[:, None], position.gather(1, slot)))

@@ -11,8 +11,8 @@ is a `DecodeState` (or None when the caller did not ask for one). Its parts:
 - the recurrent linear-attention state [B, Hk, F, D + 1] float32, last column the normaliser;
 - per row, the number of real (non-padding) tokens seen so far: sinks are the first real tokens of a
   row, whatever its left padding;
-- with a recall memory (`linearize.ops.memory`): its table of keys and values by token bucket, the bucket
-  each window token will be stored under when it leaves the window, and the last n token ids. Decoding
+- with a recall memory (`linearize.ops.memory`): its table of keys and values by n-gram bucket, the
+  buckets each window token will be stored under when it leaves the window, and the last token ids. Decoding
   steps update the table in place: to continue one state twice, copy it first
   (`state.map_batch(torch.clone)`).
 
@@ -35,8 +35,10 @@ class DecodeState:
     [B, W'] and window_position [B, W'] (real position of each slot, -1 where invalid); sink_keys /
     sink_values [B, Hk, S, D] with sink_valid [B, S] (slot j holds the row's real token j once it left the
     window); recurrent [B, Hk, F, D + 1] float32 or None; seen [B] real tokens so far; memory_keys /
-    memory_values [B, Hk, M, D] with memory_valid [B, M], window_buckets [B, W'] (-1: never stored) and
-    recent_tokens [B, n] (the last n token ids, -1: none) for a recall memory of M buckets keyed by n-grams."""
+    memory_values [B, Hk, M, D] with memory_position [B, M] (the stored key's real position, -1: empty),
+    window_buckets [B, W', K] (the table rows each window token goes to, one per n-gram order, -1: never
+    stored) and recent_tokens [B, n] (the last n token ids, -1: none) for a recall memory of M table rows
+    keyed by n-grams of up to n tokens."""
 
     seen: torch.Tensor
     window_keys: torch.Tensor | None = None
@@ -51,7 +53,7 @@ class DecodeState:
     recurrent: torch.Tensor | None = None
     memory_keys: torch.Tensor | None = None
     memory_values: torch.Tensor | None = None
-    memory_valid: torch.Tensor | None = None
+    memory_position: torch.Tensor | None = None
     window_buckets: torch.Tensor | None = None
     recent_tokens: torch.Tensor | None = None
 

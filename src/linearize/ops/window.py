@@ -13,10 +13,10 @@ One definition everywhere (every form, training, prefill and decode). Query t of
 with c_t the max of the softmax scores only. Without features this is plain sliding-window attention
 with sinks; with them, the LoLCATS hybrid (whose window factor g is the same as dividing fq by g).
 With a recall memory (`token_ids` [B, T] and `memory_buckets` > 0; `linearize.ops.memory`) each query
-has one more softmax key, the memory's entry for the n-gram (`memory_ngram` tokens) ending at its own
-token: exp(q_t.k_mem scale - c_t) [v_mem, 1]
-joins the sum, c_t still the window's and sinks' max (so a strong match outweighs the linear terms as
-the teacher's softmax would; computed stably).
+has a few more softmax keys, the memory's entries for the n-grams ending at its own token, one per order in
+`memory_ngram` (an int or a list), a key recalled twice counted once: each exp(q_t.k_mem scale - c_t)
+[v_mem, 1] joins the sum, c_t still the window's and sinks' max (so a strong match outweighs the linear
+terms as the teacher's softmax would; computed stably).
 Padding: `key_mask` [B, T] (True = real token) takes padded keys out of every term; gates are ignored
 at padding; a row's sinks are its first real tokens. Outputs at padded query positions are finite but
 meaningless.
@@ -90,24 +90,28 @@ def final_state(
             weight = weight * (total[..., -1:] - total).exp()
         state.recurrent = (fk * weight[..., None]).transpose(-1, -2) @ append_ones(v)
     if memory_state is not None:
-        key_bucket, recent, buckets = memory_state
-        state.memory_keys, state.memory_values, state.memory_valid = memory.final_table(
-            k, v, key_bucket, window, buckets)
-        state.window_buckets = F.pad(key_bucket[:, start:], (pad, 0), value=-1)
+        key_bucket, recent, table_size = memory_state
+        state.memory_keys, state.memory_values, state.memory_position = memory.final_table(
+            k, v, key_bucket, positions, window, table_size)
+        state.window_buckets = F.pad(key_bucket[:, start:], (0, 0, pad, 0), value=-1)
         state.recent_tokens = recent
     return state
 
 
-def _memory_inputs(k, v, token_ids, mask, positions, window: int, sink_tokens: int, buckets: int, ngram: int):
-    """A fresh sequence's memory keys: per query its key and value [B, Hk, T, D] (zeros where it has none),
-    whether it has one [B, T], and what `final_state` needs to build the table."""
+def _memory_inputs(k, v, token_ids, mask, positions, window: int, sink_tokens: int, buckets: int, ngram):
+    """A fresh sequence's memory keys: per query and order its key and value [B, Hk, T, K, D] (zeros where it
+    has none), whether it has one [B, T, K], and what `final_state` needs to build the table."""
     if token_ids is None:
         raise ValueError("a recall memory (memory_buckets > 0) needs the token ids (token_ids)")
     query_bucket, key_bucket, recent = memory.key_buckets(token_ids, mask, positions, sink_tokens, buckets,
                                                           ngram=ngram)
-    index = memory.lookup(query_bucket, key_bucket, window, buckets)
-    gather = index.clamp(min=0)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-    return k.gather(2, gather), v.gather(2, gather), index >= 0, (key_bucket, recent, buckets)
+    table_size = buckets * len(memory.orders(ngram))
+    index = memory.lookup(query_bucket, key_bucket, window, table_size)  # [B, T, K]
+    batch, t, orders = index.shape
+    gather = index.clamp(min=0).view(batch, 1, t * orders, 1).expand(-1, k.shape[1], -1, k.shape[-1])
+    mem_k = k.gather(2, gather).view(batch, k.shape[1], t, orders, -1)
+    mem_v = v.gather(2, gather).view(batch, k.shape[1], t, orders, -1)
+    return mem_k, mem_v, index >= 0, (key_bucket, recent, table_size)
 
 
 def window_attention_parallel(
@@ -126,7 +130,7 @@ def window_attention_parallel(
     output_final_state: bool = False,
     token_ids: torch.Tensor | None = None,
     memory_buckets: int = 0,
-    memory_ngram: int = 1,
+    memory_ngram: int | tuple[int, ...] = 1,
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Quadratic reference: every [T, T] weight materialised."""
     _check(window, sink_tokens, fq, fk)
@@ -149,9 +153,9 @@ def window_attention_parallel(
     if memory_buckets > 0:
         mem_k, mem_v, has, memory_state = _memory_inputs(k, v, token_ids, mask, positions, window, sink_tokens,
                                                          memory_buckets, memory_ngram)
-        mem_scores = (group_heads(q, kv_heads) * mem_k[:, :, None]).sum(-1, keepdim=True) * scale
-        mem_scores = mem_scores.masked_fill(~has[:, None, None, :, None], float("-inf"))  # [B, Hk, G, T, 1]
-        row_max = torch.maximum(row_max, mem_scores)
+        mem_scores = torch.einsum("bkgtd,bktmd->bkgtm", group_heads(q, kv_heads), mem_k) * scale
+        mem_scores = mem_scores.masked_fill(~has[:, None, None], float("-inf"))  # [B, Hk, G, T, K]
+        row_max = torch.maximum(row_max, mem_scores.amax(-1, keepdim=True))
     weights = (scores - row_max).exp()
     if fk is not None:
         older = visible & (age >= window)[None] & ~is_sink[:, None, :]
@@ -163,7 +167,7 @@ def window_attention_parallel(
         weights = weights + lin.masked_fill(~older[:, None, None], 0.0) * (window_max - row_max).exp()
     o = torch.einsum("bkgts,bksd->bkgtd", weights, append_ones(v))
     if memory_buckets > 0:
-        o = o + (mem_scores - row_max).exp() * append_ones(mem_v)[:, :, None]
+        o = o + torch.einsum("bkgtm,bktmd->bkgtd", (mem_scores - row_max).exp(), append_ones(mem_v))
     o = readout(o, eps).flatten(1, 2).to(out_dtype)
     state = None
     if output_final_state:
@@ -216,7 +220,7 @@ def window_attention_chunked(
     output_final_state: bool = False,
     token_ids: torch.Tensor | None = None,
     memory_buckets: int = 0,
-    memory_ngram: int = 1,
+    memory_ngram: int | tuple[int, ...] = 1,
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Linear in T: chunks of size `window`. Query chunk i reaches its window in chunks i - 1 and i (one
     [C, 2C] softmax block); the linear terms of chunk i - 1's keys that already left the window are one
@@ -246,9 +250,11 @@ def window_attention_chunked(
     if memory_buckets > 0:
         mem_k, mem_v, has, memory_state = _memory_inputs(k, v, token_ids, mask, positions, window, sink_tokens,
                                                          memory_buckets, memory_ngram)
-        mem_kc = chunks(mem_k, chunk)[:, :, :, None]  # [B, Hk, N, 1, C, D]
-        mem_vc = chunks(append_ones(mem_v), chunk)[:, :, :, None]  # [B, Hk, N, 1, C, D + 1]
-        mem_hidden = ~(chunks(has[..., None].float(), chunk) > 0)[:, None, :, None]  # [B, 1, N, 1, C, 1]
+        orders = has.shape[-1]
+        mem_kc = chunks(mem_k.flatten(3), chunk).unflatten(-1, (orders, head_dim))  # [B, Hk, N, C, K, D]
+        mem_kc = mem_kc.transpose(-1, -2)[:, :, :, None]  # [B, Hk, N, 1, C, D, K]
+        mem_vc = chunks(append_ones(mem_v).flatten(3), chunk).unflatten(-1, (orders, head_dim + 1))[:, :, :, None]
+        mem_hidden = ~(chunks(has.float(), chunk) > 0)[:, None, :, None, :, None]  # [B, 1, N, 1, C, 1, K]
 
     if sink_tokens > 0:
         # slot j = the row's real token j; visible to query t when it lies outside t's window
@@ -304,15 +310,15 @@ def window_attention_chunked(
             row_max = torch.maximum(row_max, sink_scores.amax(-1, keepdim=True))
         window_max = row_max  # c_t
         if memory_buckets > 0:
-            mem_scores = (qc[:, :, n].view(*shape, head_dim) * mem_kc[:, :, n]).sum(-1, keepdim=True).mul_(scale)
-            mem_scores = mem_scores.masked_fill_(mem_hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, 1]
-            row_max = torch.maximum(row_max, mem_scores)
+            mem_scores = (qc[:, :, n].view(*shape, 1, head_dim) @ mem_kc[:, :, n]).mul_(scale)
+            mem_scores = mem_scores.masked_fill_(mem_hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, 1, K]
+            row_max = torch.maximum(row_max, mem_scores.amax(-1))
         weights = (scores - row_max).exp_().flatten(3, 4)
         o = weights @ values[:, :, n]
         if sink_tokens > 0:
             o = o + (sink_scores - row_max).exp_().flatten(3, 4) @ sink_values
         if memory_buckets > 0:
-            o = o + ((mem_scores - row_max).exp_() * mem_vc[:, :, n]).flatten(3, 4)
+            o = o + ((mem_scores - row_max[..., None]).exp_() @ mem_vc[:, :, n])[..., 0, :].flatten(3, 4)
         if fk is not None:
             lin = (fqc[:, :, n] @ previous_fk_t[:, :, n]).view(*shape, chunk)  # [B, Hk, n, G, C, C]
             lin = lin.masked_fill(not_older, 0.0) if log_gate is None else lin * older_decay[:, :, n]
@@ -346,7 +352,7 @@ def window_attention_recurrent(
     eps: float = 1e-6,
     token_ids: torch.Tensor | None = None,
     memory_buckets: int = 0,
-    memory_ngram: int = 1,
+    memory_ngram: int | tuple[int, ...] = 1,
 ) -> tuple[torch.Tensor, DecodeState]:
     """Token by token from `state` (decoding; T is usually 1). Each new token joins the window; the oldest
     window token leaves it: into its sink slot if it is one of the row's first `sink_tokens` real tokens,
@@ -370,10 +376,12 @@ def window_attention_recurrent(
     sink_keys, sink_values, sink_valid = s.sink_keys, s.sink_values, s.sink_valid
     seen = s.seen
     if memory_buckets > 0:  # copies: this general path leaves the caller's state as it was
-        mem_keys, mem_values, mem_valid = s.memory_keys.clone(), s.memory_values.clone(), s.memory_valid.clone()
+        mem_keys, mem_values, mem_position = (s.memory_keys.clone(), s.memory_values.clone(),
+                                              s.memory_position.clone())
         w_buckets = s.window_buckets
         query_bucket, key_bucket, recent = memory.key_buckets(
             token_ids, mask, real_positions(mask, seen), sink_tokens, memory_buckets, s.recent_tokens, memory_ngram)
+    recalled = query_bucket.shape[-1] if memory_buckets > 0 else 0  # memory keys, first in each row
     outputs = []
     for i in range(t):
         valid_i = mask[:, i]
@@ -386,9 +394,9 @@ def window_attention_recurrent(
             values = torch.cat([sink_values, values], dim=2)
             visible = torch.cat([sink_valid, visible], dim=1)
         if memory_buckets > 0:
-            mem_k, mem_v, has = memory.read(mem_keys, mem_values, mem_valid, query_bucket[:, i])
+            mem_k, mem_v, has = memory.read(mem_keys, mem_values, mem_position, query_bucket[:, i])
             keys, values = torch.cat([mem_k, keys], dim=2), torch.cat([mem_v, values], dim=2)
-            visible = torch.cat([has[:, None], visible], dim=1)
+            visible = torch.cat([has, visible], dim=1)
         scores = torch.einsum("bkgd,bksd->bkgs", q[:, :, :, i], keys) * scale
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
         row_max = scores.amax(-1, keepdim=True)
@@ -397,20 +405,21 @@ def window_attention_recurrent(
             if log_gate is not None:
                 recurrent = recurrent * log_gate[:, :, i].exp()[..., None, None]
             linear = fq[:, :, :, i] @ recurrent
-            if memory_buckets > 0:  # the memory key (slot 0) is weighed against c_t, the window's max
-                linear = linear * (scores[..., 1:].amax(-1, keepdim=True) - row_max).exp()
+            if memory_buckets > 0:  # the memory keys are weighed against c_t, the window's max
+                linear = linear * (scores[..., recalled:].amax(-1, keepdim=True) - row_max).exp()
             num = num + linear
         outputs.append(num)
 
         # the new token joins the window, the oldest leaves it
         keys, values = keys[:, :, -window:], values[:, :, -window:]
-        if memory_buckets > 0:  # the leaving token's bucket (-1: not to be stored, or not a real token)
-            buckets_all = torch.cat([w_buckets, key_bucket[:, i : i + 1]], dim=1)
-            memory.write_(mem_keys, mem_values, mem_valid, buckets_all[:, 0], keys[:, :, :1], values[:, :, :1])
-            w_buckets = buckets_all[:, 1:]
         w_valid_all = torch.cat([w_valid, valid_i[:, None]], dim=1)
         w_position_all = torch.cat([w_position, position_i[:, None]], dim=1)
         leaving_valid, leaving_position = w_valid_all[:, 0], w_position_all[:, 0]
+        if memory_buckets > 0:  # the leaving token's buckets (-1: not to be stored, or not a real token)
+            buckets_all = torch.cat([w_buckets, key_bucket[:, i : i + 1]], dim=1)
+            memory.write_(mem_keys, mem_values, mem_position, buckets_all[:, 0], keys[:, :, :1], values[:, :, :1],
+                          leaving_position)
+            w_buckets = buckets_all[:, 1:]
         leaving_k, leaving_v = keys[:, :, 0], values[:, :, 0]
         w_keys, w_values = keys[:, :, 1:], values[:, :, 1:]
         w_valid, w_position = w_valid_all[:, 1:], w_position_all[:, 1:]
@@ -445,7 +454,7 @@ def window_attention_recurrent(
         recurrent=recurrent,
     )
     if memory_buckets > 0:
-        new_state.memory_keys, new_state.memory_values, new_state.memory_valid = mem_keys, mem_values, mem_valid
+        new_state.memory_keys, new_state.memory_values, new_state.memory_position = mem_keys, mem_values, mem_position
         new_state.window_buckets, new_state.recent_tokens = w_buckets, recent
     return o, new_state
 
@@ -471,13 +480,15 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         values = torch.cat([s.window_values, v], dim=2)
         visible = torch.cat([s.window_valid, ones], dim=1)
     first = sink_tokens + 1  # index of window slot 1 in keys / values / visible
+    recalled = 0  # memory keys, first in each row
     if memory_buckets > 0:
         query_bucket, key_bucket, recent = memory.key_buckets(token_ids, ones, s.seen[:, None], sink_tokens,
                                                               memory_buckets, s.recent_tokens, memory_ngram)
-        mem_k, mem_v, has = memory.read(s.memory_keys, s.memory_values, s.memory_valid, query_bucket[:, 0])
+        mem_k, mem_v, has = memory.read(s.memory_keys, s.memory_values, s.memory_position, query_bucket[:, 0])
         keys, values = torch.cat([mem_k, keys], dim=2), torch.cat([mem_v, values], dim=2)
-        visible = torch.cat([has[:, None], visible], dim=1)
-        first += 1
+        visible = torch.cat([has, visible], dim=1)
+        recalled = has.shape[1]
+        first += recalled
     scores = (q @ keys.transpose(-1, -2)).mul_(scale).masked_fill_(~visible[:, None, None], float("-inf"))
     row_max = scores.amax(-1, keepdim=True)
     weights = (scores - row_max).exp_()  # a new tensor: `scores` stays for c_t
@@ -487,8 +498,8 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         if log_gate is not None:
             recurrent = recurrent * log_gate.float().exp()[..., None]  # [B, Hk, 1] -> [B, Hk, 1, 1]
         linear = fq.float().view(batch, kv_heads, -1, fq.shape[-1]) @ recurrent  # [B, Hk, G, D + 1]
-        if memory_buckets > 0:  # the memory key (slot 0) is weighed against c_t, the window's max
-            linear = linear * (scores[..., 1:].amax(-1, keepdim=True) - row_max).exp()
+        if memory_buckets > 0:  # the memory keys are weighed against c_t, the window's max
+            linear = linear * (scores[..., recalled:].amax(-1, keepdim=True) - row_max).exp()
         num, den = num + linear[..., :-1], den + linear[..., -1:]
     o = (num / (den + eps)).view(batch, -1, 1, head_dim).to(out_dtype)
 
@@ -525,9 +536,9 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         new.recurrent = recurrent + update
     if memory_buckets > 0:  # the leaving token goes into the memory (in place; -1: not stored), the new one's
         # bucket is kept
-        memory.write_(s.memory_keys, s.memory_values, s.memory_valid, s.window_buckets[:, 0], s.window_keys[:, :, :1],
-                      s.window_values[:, :, :1])
-        new.memory_keys, new.memory_values, new.memory_valid = s.memory_keys, s.memory_values, s.memory_valid
+        memory.write_(s.memory_keys, s.memory_values, s.memory_position, s.window_buckets[:, 0],
+                      s.window_keys[:, :, :1], s.window_values[:, :, :1], s.window_position[:, 0])
+        new.memory_keys, new.memory_values, new.memory_position = s.memory_keys, s.memory_values, s.memory_position
         new.window_buckets = torch.cat([s.window_buckets[:, 1:], key_bucket], dim=1)
         new.recent_tokens = recent
     return o, new
@@ -543,7 +554,7 @@ def empty_window_state(
     gated: bool = False,
     device=None,
     memory_buckets: int = 0,
-    memory_ngram: int = 1,
+    memory_ngram: int | tuple[int, ...] = 1,
 ) -> DecodeState:
     """The state before the first token: every window and sink slot invalid, a zero linear state, an
     empty memory."""
@@ -566,10 +577,11 @@ def empty_window_state(
         if gated:
             state.window_log_gates = torch.zeros(batch, kv_heads, keep, device=device)
     if memory_buckets > 0:
-        state.memory_keys, state.memory_values, state.memory_valid = memory.empty_table(
-            batch, kv_heads, memory_buckets, head_dim, device)
-        state.window_buckets = torch.full((batch, keep), -1, dtype=torch.long, device=device)
-        state.recent_tokens = torch.full((batch, memory_ngram), -1, dtype=torch.long, device=device)
+        grams = memory.orders(memory_ngram)
+        state.memory_keys, state.memory_values, state.memory_position = memory.empty_table(
+            batch, kv_heads, memory_buckets * len(grams), head_dim, device)
+        state.window_buckets = torch.full((batch, keep, len(grams)), -1, dtype=torch.long, device=device)
+        state.recent_tokens = torch.full((batch, max(grams)), -1, dtype=torch.long, device=device)
     return state
 
 
