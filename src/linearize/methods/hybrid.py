@@ -40,8 +40,8 @@ from torch import nn
 from linearize.errors import LinearizeError
 from linearize.layers.attention import Mixer
 from linearize.layers.feature_maps import FEATURE_MAPS, build_feature_map
-from linearize.ops import memory
 from linearize.methods.base import Method, WindowSettings, check_choice, check_fraction
+from linearize.ops import memory
 
 MAX_LOG_MAGNITUDE = 20.0  # keeps exp() of the learned magnitudes finite in float32 and bfloat16
 
