@@ -16,12 +16,12 @@ softmax keys: most of a small model's attention mass sits on them), and changes 
   change with its position, so maps trained on 1024-token blocks misjudge keys at 4096; without RoPE
   the linear terms carry content, the window carries position;
 - a learned per-head decay on the linear terms (0.999 at the start) bounds their mass at long range;
-- a recall memory (`linearize.ops.memory`) in the upper half of the layers: two more softmax keys per
+- a recall memory (`linearize.ops.memory`) in the upper half of the layers: four more softmax keys per
   query, the most recent keys (out of the window) that followed an earlier occurrence of the query's last
-  two tokens, and of its last token, kept in a table of 2048 buckets per n-gram order. It is what the
-  teacher's copying (induction) heads attend to, and what no feature map of the state's size singles out
-  among hundreds of old keys (bench/recall.py); the window shrinks to 62 so a query still sees 68 softmax
-  keys at most, as a 64-token window with 4 sinks.
+  token, of its last two, three and four tokens, kept in a table of 1024 buckets per n-gram order. It is
+  what the teacher's copying (induction) heads attend to, and what no feature map of the state's size
+  singles out among hundreds of old keys (bench/recall.py); the window shrinks to 60 so a query still sees
+  68 softmax keys at most, as a 64-token window with 4 sinks.
 
     y_t = (sum_{window, sinks, memory keys} exp(q_t.k_s / sqrt(d) - c_t) [v_s, 1]
            + sum_{older} a^{t-s} m_q(q_t) m_k(k_s) phi(q_t).phi(k_s) [v_s, 1])  -> num / den
@@ -48,7 +48,7 @@ MAX_LOG_MAGNITUDE = 20.0  # keeps exp() of the learned magnitudes finite in floa
 
 @dataclass
 class Settings(WindowSettings):
-    window_size: int = 62  # + 4 sinks + 2 memory keys = the 68 softmax keys of a 64-token window + 4 sinks
+    window_size: int = 60  # + 4 sinks + 4 memory keys = the 68 softmax keys of a 64-token window + 4 sinks
     sink_tokens: int = 4
     feature_map: str = "hedgehog"  # hedgehog | t2r | elu | softmax
     feature_dim: int | None = None  # hedgehog/t2r projection size per sign; None = head_dim
@@ -56,10 +56,10 @@ class Settings(WindowSettings):
     linear_scale_init: float = 0.05  # initial weight of the linear terms (0 < x <= 1): near window + sinks
     decay: float | None = 0.999  # initial per-head decay of the linear terms, in (0, 1]; null = no decay
     linear_rope: bool = False  # feature maps read q and k after RoPE (as LoLCATS) or before it (as Liger)
-    memory_buckets: int = 2048  # recall memory (linearize.ops.memory): token buckets per layer; 0 = none
+    memory_buckets: int = 1024  # recall memory (linearize.ops.memory): buckets per n-gram order; 0 = none
     memory_layers: list[int] | str | None = "upper-half"  # layers with a memory: a list, "upper-half", null = all
     # the memory is keyed by the last n tokens (1: the token itself); a list: one recalled key per order
-    memory_ngram: int | list[int] = field(default_factory=lambda: [2, 1])
+    memory_ngram: int | list[int] = field(default_factory=lambda: [1, 2, 3, 4])
 
     def validate(self) -> None:
         super().validate()
