@@ -83,10 +83,10 @@ def key_buckets(
 
 def first_of_equal(index: torch.Tensor) -> torch.Tensor:
     """[..., K] indices of recalled keys (-1: none) -> [..., K] bool: a key to use, each key once."""
-    use = index >= 0
-    for i in range(1, index.shape[-1]):
-        use[..., i] &= (index[..., i : i + 1] != index[..., :i]).all(-1)
-    return use
+    orders_ = index.shape[-1]
+    earlier = torch.ones(orders_, orders_, dtype=torch.bool, device=index.device).tril(-1)  # [i, j]: j < i
+    repeated = ((index[..., :, None] == index[..., None, :]) & earlier).any(-1)
+    return (index >= 0) & ~repeated
 
 
 def lookup(query_bucket: torch.Tensor, key_bucket: torch.Tensor, window: int, table_size: int) -> torch.Tensor:
