@@ -15,7 +15,6 @@ from linearize.ops import (
     window_attention_parallel,
     window_attention_recurrent,
 )
-from linearize.ops.memory import ngram_buckets
 
 B, T, D, FEAT = 2, 37, 16, 8
 HEADS = [(6, 2), (4, 4)]  # (query heads, key/value heads): GQA and MHA
@@ -271,8 +270,11 @@ def naive_window(q, k, v, window, sink_tokens=0, fq=None, fk=None, log_gate=None
                         return torch.tensor([token_ids[b, j].item() if j >= 0 and mask[b, j] else -1
                                              for j in range(end - n + 1, end + 1)])
 
-                    def bucket(g):
-                        return ngram_buckets(g, memory_buckets).item()
+                    def bucket(g):  # fold the ids into 31 bits (one id: itself), then Knuth's multiplicative hash
+                        folded = g.item() if len(g) == 1 else 0
+                        for token in g.tolist() if len(g) > 1 else []:
+                            folded = (folded * 2654435761 + token + 1) % 2**31
+                        return folded * 2654435761 % memory_buckets
 
                     found = [s for s in range(i - window + 1) if mask[b, s] and real[s] >= sink_tokens
                              and (gram(s - 1) >= 0).all() and bucket(gram(s - 1)) == bucket(gram(i))]

@@ -15,12 +15,13 @@ where the teacher does not want an entry, its q.k gives it little weight.
     hash(token[j - n .. j - 1]) == hash(token[t - n + 1 .. t]) (none if there is no such key or the bucket
     was overwritten by a later one)
 
-Buckets: for n = 1, (id * 2654435761) mod `buckets` (Knuth's multiplicative hash); for longer n-grams the
-ids are folded into one 31-bit number first. Two n-grams that collide share an entry, the more recent one
-wins. Order i of the list owns table rows [i * buckets, (i + 1) * buckets). A key is stored under an order
-only when its n preceding tokens are all real (not padding, not before the row). Bigrams recall better than
-single tokens on code, where single tokens repeat too often; bigram and single-token keys together better
-than either (README, "What we tried").
+Buckets: the n ids are folded into one 31-bit number, f = sum_i (id_i + 1) M^(n - 1 - i) mod 2^31 (a single
+token: f = id), then hashed, (f M) mod `buckets` (M = 2654435761: Knuth's multiplicative hash). Two n-grams
+that collide share an entry, the more recent one wins. Order i of the list owns table rows
+[i * buckets, (i + 1) * buckets). A key is stored under an order only when its n preceding tokens are all
+real (not padding, not before the row). Bigrams recall better than single tokens on code, where single
+tokens repeat too often; the last 1, 2, 3 and 4 tokens together better than any one (README, "What we
+tried").
 """
 
 from __future__ import annotations
@@ -38,18 +39,15 @@ def orders(ngram: int | Sequence[int]) -> tuple[int, ...]:
     return (ngram,) if isinstance(ngram, int) else tuple(ngram)
 
 
-def bucket_of(ids: torch.Tensor, buckets: int) -> torch.Tensor:
-    return (ids.long().clamp(min=0) * HASH_MULTIPLIER) % buckets
-
-
-def ngram_buckets(grams: torch.Tensor, buckets: int) -> torch.Tensor:
-    """Bucket of each n-gram [..., n] of token ids (-1: no token there; it hashes like no other id)."""
-    if grams.shape[-1] == 1:
-        return bucket_of(grams[..., 0], buckets)
-    folded = torch.zeros_like(grams[..., 0])
-    for i in range(grams.shape[-1]):
-        folded = (folded * HASH_MULTIPLIER + grams[..., i] + 1) % FOLD
-    return (folded * HASH_MULTIPLIER) % buckets
+def fold_weights(grams_of: tuple[int, ...], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fold of each order as sum_j id_j w[n, j] + shift[n] mod 2^31 over the last n_max ids: w [K, n_max] is
+    HASH_MULTIPLIER^(n_max - 1 - j) mod 2^31 on the order's last n ids, 0 before them; shift [K] is the
+    sum of its weights (the + 1 per id), 0 for a single token."""
+    longest = max(grams_of)
+    powers = [pow(HASH_MULTIPLIER, longest - 1 - j, FOLD) for j in range(longest)]
+    weights = [[p if j >= longest - n else 0 for j, p in enumerate(powers)] for n in grams_of]
+    shift = [sum(row) % FOLD if n > 1 else 0 for n, row in zip(grams_of, weights)]
+    return torch.tensor(weights, dtype=torch.long, device=device), torch.tensor(shift, dtype=torch.long, device=device)
 
 
 def key_buckets(
@@ -65,20 +63,21 @@ def key_buckets(
     bucket [B, T, K]: the row of the n-gram just before each key, -1 where the key is never stored under that
     order: padding, sinks, a key without n real tokens before it, so a window slot that is not a real token
     always holds -1; the last n_max ids [B, n_max], for the next call). `recent` [B, n_max]: the ids before
-    this call's first token (-1: none, or padding), when continuing from a state."""
+    this call's first token (-1: none, or padding), when continuing from a state. Every order at once: the
+    same few ops for a decoding step whatever the orders."""
     grams_of = orders(ngram)
     longest = max(grams_of)
     if recent is None:
         recent = torch.full((token_ids.shape[0], longest), -1, dtype=torch.long, device=token_ids.device)
     context = torch.cat([recent.long(), torch.where(mask, token_ids.long(), -1)], dim=1)  # [B, n_max + T]
-    query_bucket, key_bucket = [], []
-    for i, n in enumerate(grams_of):
-        grams = context[:, longest - n :].unfold(1, n, 1)  # [B, T + 1, n]: entry j is the n-gram before token j
-        storable = mask & (grams[:, :-1] >= 0).all(-1) & (positions >= sink_tokens)
-        offset = i * buckets
-        key_bucket.append(torch.where(storable, ngram_buckets(grams[:, :-1], buckets) + offset, -1))
-        query_bucket.append(ngram_buckets(grams[:, 1:], buckets) + offset)
-    return torch.stack(query_bucket, -1), torch.stack(key_bucket, -1), context[:, -longest:]
+    before = context.unfold(1, longest, 1)  # [B, T + 1, n_max]: entry j holds the n_max ids before token j
+    weights, shift = fold_weights(grams_of, context.device)
+    folded = ((before[..., None, :] * weights).sum(-1) + shift) % FOLD  # [B, T + 1, K]
+    offset = torch.arange(len(grams_of), device=context.device) * buckets  # order i owns rows i * buckets + ...
+    bucket = (folded * HASH_MULTIPLIER) % buckets + offset
+    real = (before >= 0).flip(-1).cumprod(-1)[..., [n - 1 for n in grams_of]].bool()  # its n ids all real
+    storable = real[:, :-1] & (mask & (positions >= sink_tokens))[..., None]
+    return bucket[:, 1:], torch.where(storable, bucket[:, :-1], -1), context[:, -longest:]
 
 
 def first_of_equal(index: torch.Tensor) -> torch.Tensor:

@@ -108,10 +108,13 @@ def _memory_inputs(k, v, token_ids, mask, positions, window: int, sink_tokens: i
     table_size = buckets * len(memory.orders(ngram))
     index = memory.lookup(query_bucket, key_bucket, window, table_size)  # [B, T, K]
     batch, t, orders = index.shape
-    gather = index.clamp(min=0).view(batch, 1, t * orders, 1).expand(-1, k.shape[1], -1, k.shape[-1])
-    mem_k = k.gather(2, gather).view(batch, k.shape[1], t, orders, -1)
-    mem_v = v.gather(2, gather).view(batch, k.shape[1], t, orders, -1)
-    return mem_k, mem_v, index >= 0, (key_bucket, recent, table_size)
+    rows = (index.clamp(min=0) + torch.arange(batch, device=k.device)[:, None, None] * t).flatten()
+
+    def recalled(x):  # [B, Hk, T, D] -> [B, Hk, T, K, D]: whole rows picked (a gather along T is slow)
+        picked = x.transpose(1, 2).reshape(batch * t, -1).index_select(0, rows)
+        return picked.view(batch, t, orders, x.shape[1], -1).permute(0, 3, 1, 2, 4)
+
+    return recalled(k), recalled(v), index >= 0, (key_bucket, recent, table_size)
 
 
 def window_attention_parallel(
