@@ -98,23 +98,27 @@ def final_state(
     return state
 
 
-def _memory_inputs(k, v, token_ids, mask, positions, window: int, sink_tokens: int, buckets: int, ngram):
-    """A fresh sequence's memory keys: per query and order its key and value [B, Hk, T, K, D] (zeros where it
-    has none), whether it has one [B, T, K], and what `final_state` needs to build the table."""
+def _memory_inputs(token_ids, mask, positions, window: int, sink_tokens: int, buckets: int, ngram, length: int):
+    """A fresh sequence's memory keys: per query and order the index of its recalled key [B, length, K] (0
+    where it has none; queries past T, padding up to `length`, have none), whether it has one, and what
+    `final_state` needs to build the table."""
     if token_ids is None:
         raise ValueError("a recall memory (memory_buckets > 0) needs the token ids (token_ids)")
     query_bucket, key_bucket, recent = memory.key_buckets(token_ids, mask, positions, sink_tokens, buckets,
                                                           ngram=ngram)
     table_size = buckets * len(memory.orders(ngram))
     index = memory.lookup(query_bucket, key_bucket, window, table_size)  # [B, T, K]
-    batch, t, orders = index.shape
-    rows = (index.clamp(min=0) + torch.arange(batch, device=k.device)[:, None, None] * t).flatten()
+    index = F.pad(index, (0, 0, 0, length - index.shape[1]), value=-1)
+    return index.clamp(min=0), index >= 0, (key_bucket, recent, table_size)
 
-    def recalled(x):  # [B, Hk, T, D] -> [B, Hk, T, K, D]: whole rows picked (a gather along T is slow)
-        picked = x.transpose(1, 2).reshape(batch * t, -1).index_select(0, rows)
-        return picked.view(batch, t, orders, x.shape[1], -1).permute(0, 3, 1, 2, 4)
 
-    return recalled(k), recalled(v), index >= 0, (key_bucket, recent, table_size)
+def _recalled(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of x [B, Hk, L, X] at index [B, T, K] -> [B, Hk, T, K, X], picked as whole rows (index_select; a
+    gather along L is several times slower)."""
+    batch, kv_heads, length, width = x.shape
+    base = torch.arange(batch * kv_heads, device=x.device).view(batch, kv_heads, 1, 1) * length
+    rows = (base + index[:, None]).flatten()
+    return x.reshape(-1, width).index_select(0, rows).view(batch, kv_heads, *index.shape[1:], width)
 
 
 def window_attention_parallel(
@@ -154,8 +158,9 @@ def window_attention_parallel(
     window_max = row_max  # c_t
     memory_state = None
     if memory_buckets > 0:
-        mem_k, mem_v, has, memory_state = _memory_inputs(k, v, token_ids, mask, positions, window, sink_tokens,
-                                                         memory_buckets, memory_ngram)
+        index, has, memory_state = _memory_inputs(token_ids, mask, positions, window, sink_tokens, memory_buckets,
+                                                  memory_ngram, t)
+        mem_k, mem_v = _recalled(k, index), _recalled(append_ones(v), index)  # [B, Hk, T, K, D (+ 1)]
         mem_scores = torch.einsum("bkgtd,bktmd->bkgtm", group_heads(q, kv_heads), mem_k) * scale
         mem_scores = mem_scores.masked_fill(~has[:, None, None], float("-inf"))  # [B, Hk, G, T, K]
         row_max = torch.maximum(row_max, mem_scores.amax(-1, keepdim=True))
@@ -170,7 +175,7 @@ def window_attention_parallel(
         weights = weights + lin.masked_fill(~older[:, None, None], 0.0) * (window_max - row_max).exp()
     o = torch.einsum("bkgts,bksd->bkgtd", weights, append_ones(v))
     if memory_buckets > 0:
-        o = o + torch.einsum("bkgtm,bktmd->bkgtd", (mem_scores - row_max).exp(), append_ones(mem_v))
+        o = o + torch.einsum("bkgtm,bktmd->bkgtd", (mem_scores - row_max).exp(), mem_v)
     o = readout(o, eps).flatten(1, 2).to(out_dtype)
     state = None
     if output_final_state:
@@ -251,13 +256,11 @@ def window_attention_chunked(
     hidden = ~((in_window & valid[:, :, None, :]) | itself)[:, None, :, None]  # [B, 1, N, 1, C, 2C]
     memory_state = None
     if memory_buckets > 0:
-        mem_k, mem_v, has, memory_state = _memory_inputs(k, v, token_ids, mask, positions, window, sink_tokens,
-                                                         memory_buckets, memory_ngram)
-        orders = has.shape[-1]
-        mem_kc = chunks(mem_k.flatten(3), chunk).unflatten(-1, (orders, head_dim))  # [B, Hk, N, C, K, D]
-        mem_kc = mem_kc.transpose(-1, -2)[:, :, :, None]  # [B, Hk, N, 1, C, D, K]
-        mem_vc = chunks(append_ones(mem_v).flatten(3), chunk).unflatten(-1, (orders, head_dim + 1))[:, :, :, None]
-        mem_hidden = ~(chunks(has.float(), chunk) > 0)[:, None, :, None, :, None]  # [B, 1, N, 1, C, 1, K]
+        index, has, memory_state = _memory_inputs(token_ids, mask, positions, window, sink_tokens, memory_buckets,
+                                                  memory_ngram, n_chunks * chunk)
+        mem_kc = _recalled(k, index).unflatten(2, (n_chunks, chunk))  # [B, Hk, N, C, K, D]
+        mem_vc = _recalled(vc.flatten(2, 3), index).unflatten(2, (n_chunks, chunk))  # [B, Hk, N, C, K, D + 1]
+        mem_hidden = ~has.view(batch, 1, n_chunks, 1, chunk, -1)  # [B, 1, N, 1, C, K]
 
     if sink_tokens > 0:
         # slot j = the row's real token j; visible to query t when it lies outside t's window
@@ -313,15 +316,17 @@ def window_attention_chunked(
             row_max = torch.maximum(row_max, sink_scores.amax(-1, keepdim=True))
         window_max = row_max  # c_t
         if memory_buckets > 0:
-            mem_scores = (qc[:, :, n].view(*shape, 1, head_dim) @ mem_kc[:, :, n]).mul_(scale)
-            mem_scores = mem_scores.masked_fill_(mem_hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, 1, K]
-            row_max = torch.maximum(row_max, mem_scores.amax(-1))
+            # a query's K recalled keys are its own: products batched over (chunk, position), the G query
+            # heads of a group as the rows of one small matmul (no copy of the keys per head)
+            mem_scores = torch.einsum("bkngcd,bkncmd->bkngcm", qc[:, :, n].view(*shape, head_dim), mem_kc[:, :, n])
+            mem_scores = mem_scores.mul_(scale).masked_fill_(mem_hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, K]
+            row_max = torch.maximum(row_max, mem_scores.amax(-1, keepdim=True))
         weights = (scores - row_max).exp_().flatten(3, 4)
         o = weights @ values[:, :, n]
         if sink_tokens > 0:
             o = o + (sink_scores - row_max).exp_().flatten(3, 4) @ sink_values
         if memory_buckets > 0:
-            o = o + ((mem_scores - row_max[..., None]).exp_() @ mem_vc[:, :, n])[..., 0, :].flatten(3, 4)
+            o = o + torch.einsum("bkngcm,bkncmd->bkngcd", (mem_scores - row_max).exp_(), mem_vc[:, :, n]).flatten(3, 4)
         if fk is not None:
             lin = (fqc[:, :, n] @ previous_fk_t[:, :, n]).view(*shape, chunk)  # [B, Hk, n, G, C, C]
             lin = lin.masked_fill(not_older, 0.0) if log_gate is None else lin * older_decay[:, :, n]
