@@ -27,6 +27,7 @@ tried").
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 
@@ -39,6 +40,7 @@ def orders(ngram: int | Sequence[int]) -> tuple[int, ...]:
     return (ngram,) if isinstance(ngram, int) else tuple(ngram)
 
 
+@cache  # built once per set of orders and device, not at every decoding step
 def fold_weights(grams_of: tuple[int, ...], device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The fold of each order as sum_j id_j w[n, j] + shift[n] mod 2^31 over the last n_max ids: w [K, n_max] is
     HASH_MULTIPLIER^(n_max - 1 - j) mod 2^31 on the order's last n ids, 0 before them; shift [K] is the
