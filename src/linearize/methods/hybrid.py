@@ -72,9 +72,8 @@ class Settings(WindowSettings):
         if not isinstance(self.memory_buckets, int) or self.memory_buckets < 0:
             raise LinearizeError(f"attention.memory_buckets must be an integer >= 0 (0 = no memory), got "
                                  f"{self.memory_buckets!r}")
-        grams = [self.memory_ngram] if isinstance(self.memory_ngram, int) else self.memory_ngram
-        if not (isinstance(grams, list) and grams and all(isinstance(n, int) and n >= 1 for n in grams)
-                and len(set(grams)) == len(grams)):
+        grams = memory.orders(self.memory_ngram) if isinstance(self.memory_ngram, (int, list)) else ()
+        if not (grams and all(isinstance(n, int) and n >= 1 for n in grams) and len(set(grams)) == len(grams)):
             raise LinearizeError(f"attention.memory_ngram must be an integer >= 1 (the tokens a memory entry is "
                                  f"keyed by) or a list of distinct ones (one recalled key each), got "
                                  f"{self.memory_ngram!r}")
@@ -97,7 +96,7 @@ class HybridMixer(Mixer):
     def __init__(self, settings: Settings, num_heads: int, num_kv_heads: int, head_dim: int, memory_buckets: int = 0):
         super().__init__()
         self.memory_buckets = memory_buckets
-        self.memory_ngram = settings.memory_ngram
+        self.memory_ngram = memory.orders(settings.memory_ngram)  # a tuple, once: not at every decoding step
         self.window_size = settings.window_size
         self.sink_tokens = settings.sink_tokens
         self.linear_rope = settings.linear_rope
