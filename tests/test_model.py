@@ -175,22 +175,46 @@ def test_right_padding_is_harmless():
 @pytest.mark.parametrize("method", ["hybrid", "xatl", "hybrid+memory"])
 def test_a_compiled_decoding_step_gives_the_eager_logits(method):
     model = convert("llama", method)
-    x = tokens()
+    x = tokens(length=41)
     with torch.no_grad():
-        full = model(x).logits
+        full = model(x[:, :40]).logits
         model.compile_decoding()
-        layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
-        calls = []
-        for layer in layers:
-            step = layer.decode_step
-            layer.decode_step = lambda *a, _step=step: calls.append(1) or _step(*a)
+        step = model._compiled_decoding
+        graph, calls = step.graph, []
+        step.graph = lambda *a: calls.append(1) or graph(*a)
         cache = DynamicCache(config=model.config)
         steps = [model(x[:, :19], past_key_values=cache, use_cache=True).logits]
         steps += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(19, 40)]
+        model.compile_decoding(False)
+        eager = model(x[:, 40:41], past_key_values=cache, use_cache=True).logits  # goes on from the graph's states
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
-    assert len(calls) == 21 * len(layers)  # every single-token step, no prefill
-    model.compile_decoding(False)
-    assert all(layer.decode_step is None for layer in layers)
+    assert len(calls) == 21  # every single-token step, no prefill
+    with torch.no_grad():
+        again = model(x).logits[:, -1:]
+    torch.testing.assert_close(eager, again, rtol=1e-4, atol=1e-4)
+    assert model.compile_decoding()._compiled_decoding is step  # enabled again: the same graph
+
+
+def test_compiled_generation_with_left_padding_gives_the_eager_tokens():
+    model = convert("llama", "hybrid+memory")
+    x = tokens(batch=2, length=14)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        eager = model.generate(x, **kwargs)
+        step = model.compile_decoding()._compiled_decoding
+        graph, calls = step.graph, []
+        step.graph = lambda *a: calls.append(1) or graph(*a)
+        compiled = model.generate(x, **kwargs)
+    assert torch.equal(compiled, eager)
+    assert len(calls) == 11  # every step after the prompt's
+
+
+def test_compile_decoding_refuses_a_model_that_keeps_softmax_layers():
+    model = convert("llama", "hybrid", softmax_layers=[1])
+    with pytest.raises(LinearizeError, match="keep softmax attention"):
+        model.compile_decoding()
 
 
 def test_a_compiled_step_without_a_cpp_compiler_says_what_to_do(monkeypatch):

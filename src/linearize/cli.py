@@ -150,7 +150,8 @@ def eval_tables(result: dict) -> str:
     return "\n".join(lines)
 
 
-COMPILE_HELP = "compile the decoding step (torch.compile: seconds at the first token, faster steps after)"
+COMPILE_HELP = ("compile the whole decoding step into one graph (torch.compile: about a minute before the first "
+                "generated token for a 135M model on 2 CPU cores, faster steps after)")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -24,11 +24,13 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from linearize.errors import LinearizeError
 from linearize.layers.cache import adopt_cache_layer
 from linearize.ops import DecodeState, backend
 
 TOKEN_IDS = "linearize_token_ids"  # the keyword that carries input_ids from the model's forward to its layers
+# the keyword that carries a compiled decoding step's per-layer states (`linearize.models.compiled`): a list,
+# layer i reads entry i and replaces it with its new state
+STEP_STATES = "linearize_step_states"
 
 
 @dataclass
@@ -123,8 +125,6 @@ class LinearizedAttention(nn.Module):
         self.mixer = mixer
         self.mode = "linear"
         self.recorded: tuple[torch.Tensor, ...] | None = None
-        # the mixer's single-token decoding step, compiled (`compile_decoding`); None: eager
-        self.decode_step = None
 
     def project(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
@@ -164,15 +164,15 @@ class LinearizedAttention(nn.Module):
     ) -> tuple[torch.Tensor, None]:
         batch, length, _ = hidden_states.shape
         q, k, v, q_nope, k_nope = self.project(hidden_states, position_embeddings)
-        if self.mode == "linear":
+        if self.mode == "linear" and STEP_STATES in kwargs:  # inside a compiled step: no padding, no cache
+            states = kwargs[STEP_STATES]
+            inputs = MixerInput(q, k, v, q_nope, k_nope, hidden_states, token_ids=kwargs.get(TOKEN_IDS))
+            out, states[self.layer_idx] = self.mixer(inputs, states[self.layer_idx], output_state=True)
+        elif self.mode == "linear":
             cache = None if past_key_values is None else adopt_cache_layer(past_key_values, self.layer_idx)
             inputs = MixerInput(q, k, v, q_nope, k_nope, hidden_states, key_mask_from(attention_mask, length),
                                 kwargs.get(TOKEN_IDS))
-            state = None if cache is None else cache.state
-            if self.decode_step is not None and length == 1 and state is not None and inputs.key_mask is None:
-                out, state = self.decode_step(inputs, state, True)
-            else:
-                out, state = self.mixer(inputs, state, output_state=cache is not None)
+            out, state = self.mixer(inputs, None if cache is None else cache.state, output_state=cache is not None)
             if cache is not None:
                 cache.advance(state, length)
         else:
@@ -183,31 +183,6 @@ class LinearizedAttention(nn.Module):
                 self.recorded = (hidden_states, out)
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(out), None
-
-
-def compile_decoding(model: nn.Module, enable: bool = True) -> None:
-    """Run each converted layer's single-token decoding step (a step from a cache, no padding) through
-    torch.compile, or back in eager mode (`enable=False`). A decoding step on a CPU is dominated by the
-    dispatch of a few dozen small ops per layer; compiled, they fuse. The first compiled step takes a few
-    seconds (one graph serves every layer); prefill, padded batches and training stay eager."""
-    for layer in linearized_attentions(model):
-        layer.decode_step = _compiled(layer.mixer) if enable else None
-
-
-def _compiled(mixer: Mixer):
-    step = torch.compile(mixer.forward, dynamic=False)
-
-    def run(inputs: MixerInput, state, output_state: bool):
-        try:
-            return step(inputs, state, output_state)
-        except torch._dynamo.exc.BackendCompilerFailed as err:
-            raise LinearizeError(
-                f"torch.compile could not build the decoding step ({str(err).splitlines()[0][:200]}); its CPU "
-                "backend needs a C++ compiler (e.g. apt install g++): install one, or decode without "
-                "compile_decoding / --compile"
-            ) from err
-
-    return run
 
 
 def linearized_attentions(model: nn.Module) -> list[LinearizedAttention]:

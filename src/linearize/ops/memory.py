@@ -73,7 +73,9 @@ def key_buckets(
         recent = torch.full((token_ids.shape[0], longest), -1, dtype=torch.long, device=token_ids.device)
     context = torch.cat([recent.long(), torch.where(mask, token_ids.long(), -1)], dim=1)  # [B, n_max + T]
     before = context.unfold(1, longest, 1)  # [B, T + 1, n_max]: entry j holds the n_max ids before token j
-    weights, shift = fold_weights(grams_of, context.device)
+    # traced by torch.compile, built in the graph (constants) rather than read from the functools cache
+    fold = fold_weights.__wrapped__ if torch.compiler.is_compiling() else fold_weights
+    weights, shift = fold(grams_of, context.device)
     folded = ((before[..., None, :] * weights).sum(-1) + shift) % FOLD  # [B, T + 1, K]
     offset = torch.arange(len(grams_of), device=context.device) * buckets  # order i owns rows i * buckets + ...
     bucket = (folded * HASH_MULTIPLIER) % buckets + offset

@@ -542,14 +542,23 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         leaving = features[:, :, :1].transpose(-1, -2) * weight[..., None]  # [B, Hk, F, 1]
         update = torch.cat([leaving * s.window_values[:, :, :1], leaving], dim=-1)  # fk^T [v, 1]
         new.recurrent = recurrent + update
-    if memory_buckets > 0:  # the leaving token goes into the memory (in place; -1: not stored), the new one's
-        # bucket is kept
-        memory.write_(s.memory_keys, s.memory_values, s.memory_position, s.window_buckets[:, 0],
-                      s.window_keys[:, :, :1], s.window_values[:, :, :1], s.window_position[:, 0])
+    if memory_buckets > 0:  # the leaving token goes into the memory, the new one's bucket is kept
+        if not torch.compiler.is_compiling():  # a compiled step leaves the write to its caller (store_leaving)
+            store_leaving(s)
         new.memory_keys, new.memory_values, new.memory_position = s.memory_keys, s.memory_values, s.memory_position
         new.window_buckets = torch.cat([s.window_buckets[:, 1:], key_bucket], dim=1)
         new.recent_tokens = recent
     return o, new
+
+
+def store_leaving(state: DecodeState) -> None:
+    """In place: the token that leaves the window at the next decoding step from `state` (its slot 0) goes
+    into the recall memory under each of its buckets (-1: not stored). `_one_token` does it itself, except
+    inside a torch.compile graph, where a write into the table (a graph input) would copy the whole table at
+    every step: whoever runs the compiled step calls this on the state it passed in, after the graph (the
+    step reads the table before it writes, so the order is the same)."""
+    memory.write_(state.memory_keys, state.memory_values, state.memory_position, state.window_buckets[:, 0],
+                  state.window_keys[:, :, :1], state.window_values[:, :, :1], state.window_position[:, 0])
 
 
 def empty_window_state(
