@@ -35,7 +35,6 @@ class CompiledDecoding:
                 f"compile_decoding compiles a step of constant-size states; layers {softmax} keep softmax attention "
                 "(attention.softmax_layers), whose cache grows: decode this model without compile_decoding"
             )
-        self.model = model
         self.freeze = freeze
         self.num_layers = len(layers)
         self.graph = torch.compile(_step_of(model), dynamic=False)
@@ -85,9 +84,8 @@ def _step_of(model: nn.Module):
 
     def step(input_ids: torch.Tensor, position_ids: torch.Tensor, states: list[DecodeState]):
         states = list(states)
-        hidden = model.model(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False, **{TOKEN_IDS: input_ids, STEP_STATES: states}
-        ).last_hidden_state
+        hidden = model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                             **{TOKEN_IDS: input_ids, STEP_STATES: states}).last_hidden_state
         # states in the standard layout: the next step's inputs have the strides this graph was compiled for
         return model.lm_head(hidden), [state.map_batch(_standard) for state in states]
 
