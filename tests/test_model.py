@@ -211,6 +211,27 @@ def test_compiled_generation_with_left_padding_gives_the_eager_tokens():
     assert len(calls) == 11  # every step after the prompt's
 
 
+def test_two_compiled_models_of_one_shape_each_decode_with_their_own_weights():
+    x = tokens()
+
+    def decoded(model, **compile_args):
+        with torch.no_grad():
+            model.compile_decoding(**compile_args)
+            cache = DynamicCache(config=model.config)
+            steps = [model(x[:, :30], past_key_values=cache, use_cache=True).logits]
+            steps += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(30, 40)]
+            torch.testing.assert_close(torch.cat(steps, dim=1), model(x).logits, rtol=1e-4, atol=1e-4)
+            return steps[-1]
+
+    first, second = (linearize(make_tiny_model("llama", seed=seed), "hybrid", METHODS["hybrid+memory"])
+                     for seed in (0, 1))
+    before = decoded(first)
+    assert not torch.allclose(decoded(second), before)
+    with torch.no_grad():
+        first.lm_head.weight.mul_(2)  # the graph holds the weights it compiled with; rebuilt, the new ones
+    assert not torch.allclose(decoded(first, rebuild=True), before)
+
+
 def test_compile_decoding_refuses_a_model_that_keeps_softmax_layers():
     model = convert("llama", "hybrid", softmax_layers=[1])
     with pytest.raises(LinearizeError, match="keep softmax attention"):

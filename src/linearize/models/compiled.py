@@ -3,8 +3,9 @@
 On a CPU a decoding step of a small model is its weights' matrix-vector products plus the dispatch of a few
 hundred small ops (norms, RoPE, feature maps, the window step, the recall memory). Compiled as one graph
 from the embedding to the logits, the small ops fuse into a few kernels per layer and are dispatched once;
-with `freeze` (the default) inductor also packs the weights for its matrix-vector products (oneDNN / MKL
-packed formats, a copy of the weights held by the compiled step) and folds what does not change.
+with `freeze` (the default) inductor also packs the weights for its matrix-vector products (MKL's packed
+format, a copy of the weights held by the compiled step) and folds what does not change: the graph then
+holds the model as it was when it compiled (`compile_decoding(rebuild=True)` after changing weights).
 
 The graph runs the model's own decoder (`model.model`, so each family's layer code is its own), with the
 layers' states handed in a list (`STEP_STATES`) instead of the cache; the recall memory's in-place table
@@ -15,6 +16,8 @@ training) stays eager. A change of batch size compiles once more.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
@@ -37,7 +40,12 @@ class CompiledDecoding:
             )
         self.freeze = freeze
         self.num_layers = len(layers)
-        self.graph = torch.compile(_step_of(model), dynamic=False)
+        # frozen, the graph holds the weights and layer settings as they were when it compiled: guards on the
+        # modules would only cost time (a third of the step's dispatch), so they are dropped
+        skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.7
+        options = {"guard_filter_fn": skip} if freeze and skip is not None else None
+        self.graph = torch.compile(_step_of(model), dynamic=False, options=options)
+        self.attentions = [layer.self_attn for layer in layers]
         self.enabled = True
         self._last: list[DecodeState] | None = None  # the states the graph returned last (its own layout)
 
@@ -47,6 +55,8 @@ class CompiledDecoding:
         if not (self.enabled and input_ids is not None and input_ids.shape[1] == 1 and inputs_embeds is None
                 and labels is None and not torch.is_grad_enabled()
                 and not kwargs.get("output_attentions") and not kwargs.get("output_hidden_states")):
+            return False
+        if any(attention.mode != "linear" for attention in self.attentions):  # running as the teacher
             return False
         layers = getattr(past_key_values, "layers", None)
         if layers is None or len(layers) != self.num_layers or not all(
@@ -79,6 +89,9 @@ class CompiledDecoding:
         return logits
 
 
+_steps = itertools.count()
+
+
 def _step_of(model: nn.Module):
     """The step as a closure over the model (its weights are the graph's constants, so `freeze` can pack them)."""
 
@@ -89,6 +102,9 @@ def _step_of(model: nn.Module):
         # states in the standard layout: the next step's inputs have the strides this graph was compiled for
         return model.lm_head(hidden), [state.map_batch(_standard) for state in states]
 
+    # a code object of its own: torch.compile keeps its graphs per code object, and without guards on the
+    # modules another model of the same shape (or this one rebuilt) would run this one's graph
+    step.__code__ = step.__code__.replace(co_name=f"decoding_step_{next(_steps)}")
     return step
 
 

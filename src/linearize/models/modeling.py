@@ -99,16 +99,20 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
         model.eval()
         return model
 
-    def compile_decoding(self, enable: bool = True, freeze: bool = True) -> LinearizedForCausalLM:
+    def compile_decoding(
+        self, enable: bool = True, freeze: bool = True, rebuild: bool = False
+    ) -> LinearizedForCausalLM:
         """Run single-token decoding steps as one torch.compile graph of the whole model
         (`linearize.models.compiled`; `enable=False` goes back to eager, `True` again reuses the graph).
         Same outputs; on a CPU a step dispatches a few fused kernels per layer instead of a few dozen ops
         (bench/decode.py measures it). `freeze`: inductor packs the weights for its matrix-vector products
-        (faster on a CPU; the compiled step keeps its own copy of the weights). The first step after this
-        compiles (about a minute for a 135M model on 2 CPU cores); prefill and training stay eager."""
+        (faster on a CPU; the compiled step keeps its own copy of the weights, as they were when it compiled:
+        `rebuild=True` compiles anew after changing them). The first step after this compiles (about a
+        minute for a 135M model on 2 CPU cores); prefill and training stay eager."""
         from linearize.models.compiled import CompiledDecoding
 
-        if enable and (self._compiled_decoding is None or self._compiled_decoding.freeze != freeze):
+        step = self._compiled_decoding
+        if enable and (step is None or rebuild or step.freeze != freeze):
             self._compiled_decoding = CompiledDecoding(self, freeze)
         if self._compiled_decoding is not None:
             self._compiled_decoding.enabled = enable
