@@ -232,6 +232,22 @@ def test_two_compiled_models_of_one_shape_each_decode_with_their_own_weights():
     assert not torch.allclose(decoded(first, rebuild=True), before)
 
 
+def test_a_bf16_model_keeps_its_memory_table_in_bf16_and_loses_nothing_by_it():
+    model = convert("llama", "hybrid+memory").to(torch.bfloat16)
+    x = tokens()
+    caches = [DynamicCache(config=model.config) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(x[:, :30], past_key_values=cache, use_cache=True)
+        states = [layer.state for layer in caches[1].layers if layer.state.memory_keys is not None]
+        assert states and all(state.memory_keys.dtype == torch.bfloat16 for state in states)
+        for state in states:  # the same table in float32
+            state.memory_keys, state.memory_values = state.memory_keys.float(), state.memory_values.float()
+        logits = [[model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(30, 40)]
+                  for cache in caches]
+    assert torch.equal(torch.cat(logits[0], dim=1), torch.cat(logits[1], dim=1))
+
+
 def test_compile_decoding_refuses_a_model_that_keeps_softmax_layers():
     model = convert("llama", "hybrid", softmax_layers=[1])
     with pytest.raises(LinearizeError, match="keep softmax attention"):

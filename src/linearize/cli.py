@@ -154,12 +154,19 @@ COMPILE_HELP = ("compile the whole decoding step into one graph (torch.compile: 
                 "generated token for a 135M model on 2 CPU cores, faster steps after)")
 
 
+def compile_if_asked(model, enable: bool) -> None:
+    if enable:
+        print("--compile: the first generated token waits for torch.compile (about a minute for a 135M model on 2 "
+              "CPU cores); the steps after it are faster", file=sys.stderr, flush=True)
+    model.compile_decoding(enable)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from linearize.api import load
     from linearize.generation import generate_text
 
     model, tokenizer = load(args.model_dir, device=args.device)
-    model.compile_decoding(args.compile)
+    compile_if_asked(model, args.compile)
     text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed,
                          raw=args.raw, stream=not args.no_stream)
     if args.no_stream:
@@ -184,7 +191,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from linearize.generation import continue_text
 
     model, tokenizer = load(args.model_dir, device=args.device)
-    model.compile_decoding(args.compile)
+    compile_if_asked(model, args.compile)
     if not tokenizer.chat_template:
         raise LinearizeError(f"the tokenizer of '{args.model_dir}' has no chat template: use `linearize generate`")
     messages: list[dict] = []

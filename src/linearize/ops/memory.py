@@ -112,10 +112,10 @@ def lookup(query_bucket: torch.Tensor, key_bucket: torch.Tensor, window: int, ta
 
 
 def final_table(k: torch.Tensor, v: torch.Tensor, key_bucket: torch.Tensor, positions: torch.Tensor, window: int,
-                table_size: int):
+                table_size: int, dtype: torch.dtype | None = None):
     """The memory after a fresh sequence (for decoding on from it): per table row the most recent key that
-    has left the window (j <= T - window). -> keys, values [B, Hk, M, D], position [B, M] (the stored key's
-    real position in its row, -1: empty), M = `table_size`."""
+    has left the window (j <= T - window). -> keys, values [B, Hk, M, D] (in `dtype`, default k's), position
+    [B, M] (the stored key's real position in its row, -1: empty), M = `table_size`."""
     batch, kv_heads, t, head_dim = k.shape
     index = torch.arange(t, device=k.device)[None, :, None].expand_as(key_bucket)
     stored = (key_bucket >= 0) & (index <= t - window)
@@ -127,7 +127,8 @@ def final_table(k: torch.Tensor, v: torch.Tensor, key_bucket: torch.Tensor, posi
     gather = at[:, None, :, None].expand(batch, kv_heads, table_size, head_dim)
     keep = found[:, None, :, None]
     position = torch.where(found, positions.gather(1, at), -1)
-    return k.gather(2, gather) * keep, v.gather(2, gather) * keep, position
+    dtype = dtype or k.dtype
+    return (k.gather(2, gather) * keep).to(dtype), (v.gather(2, gather) * keep).to(dtype), position
 
 
 def empty_table(batch: int, kv_heads: int, table_size: int, head_dim: int, device=None):
@@ -136,11 +137,11 @@ def empty_table(batch: int, kv_heads: int, table_size: int, head_dim: int, devic
 
 
 def read(keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, bucket: torch.Tensor):
-    """One query per row, its table rows `bucket` [B, K] -> keys, values [B, Hk, K, D], use [B, K] (an
+    """One query per row, its table rows `bucket` [B, K] -> keys, values [B, Hk, K, D] float32, use [B, K] (an
     entry that holds a key, not already recalled by an earlier order)."""
     batch, kv_heads, _, head_dim = keys.shape
     at = bucket[:, None, :, None].expand(batch, kv_heads, bucket.shape[1], head_dim)
-    return keys.gather(2, at), values.gather(2, at), first_of_equal(position.gather(1, bucket))
+    return keys.gather(2, at).float(), values.gather(2, at).float(), first_of_equal(position.gather(1, bucket))
 
 
 def write_(keys, values, position, bucket: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -154,6 +155,6 @@ def write_(keys, values, position, bucket: torch.Tensor, key: torch.Tensor, valu
     slot = torch.where(store, bucket, own)
     at = slot[:, None, :, None].expand(batch, kv_heads, slot.shape[1], head_dim)
     keep = store[:, None, :, None]
-    keys.scatter_(2, at, torch.where(keep, key, keys.gather(2, at)))
-    values.scatter_(2, at, torch.where(keep, value, values.gather(2, at)))
+    keys.scatter_(2, at, torch.where(keep, key.to(keys.dtype), keys.gather(2, at)))
+    values.scatter_(2, at, torch.where(keep, value.to(values.dtype), values.gather(2, at)))
     position.scatter_(1, slot, torch.where(store, key_position[:, None], position.gather(1, slot)))

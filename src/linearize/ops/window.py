@@ -50,11 +50,13 @@ def _inputs(q, k, v, fq, fk, log_gate, key_mask):
 
 def final_state(
     k, v, fk, log_gate, mask, positions, window: int, sink_tokens: int, seen: torch.Tensor | None = None,
-    memory_state: tuple | None = None,
+    memory_state: tuple | None = None, table_dtype: torch.dtype | None = None,
 ) -> DecodeState:
     """The DecodeState after processing a whole sequence from scratch (float32 inputs as from `_inputs`):
     the last window - 1 tokens stay in the window, sinks that left it go to the sink slots, and the
-    other real tokens that left it are summed into the linear state (when features are given)."""
+    other real tokens that left it are summed into the linear state (when features are given). The recall
+    memory's table is kept in `table_dtype`, the dtype the keys and values came in (bf16 keys lose nothing
+    in a bf16 table)."""
     batch, kv_heads, t, head_dim = k.shape
     keep = window - 1
     start, pad = max(t - keep, 0), max(keep - t, 0)
@@ -92,7 +94,7 @@ def final_state(
     if memory_state is not None:
         key_bucket, recent, table_size = memory_state
         state.memory_keys, state.memory_values, state.memory_position = memory.final_table(
-            k, v, key_bucket, positions, window, table_size)
+            k, v, key_bucket, positions, window, table_size, table_dtype)
         state.window_buckets = F.pad(key_bucket[:, start:], (0, 0, pad, 0), value=-1)
         state.recent_tokens = recent
     return state
@@ -179,7 +181,8 @@ def window_attention_parallel(
     o = readout(o, eps).flatten(1, 2).to(out_dtype)
     state = None
     if output_final_state:
-        state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens, memory_state=memory_state)
+        state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens, memory_state=memory_state,
+                            table_dtype=out_dtype)
     return o, state
 
 
@@ -340,7 +343,8 @@ def window_attention_chunked(
     o = unchunk(o, t).flatten(1, 2).to(out_dtype)
     state = None
     if output_final_state:
-        state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens, memory_state=memory_state)
+        state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens, memory_state=memory_state,
+                            table_dtype=out_dtype)
     return o, state
 
 
