@@ -39,13 +39,12 @@ class CompiledDecoding:
                 "(attention.softmax_layers), whose cache grows: decode this model without compile_decoding"
             )
         self.freeze = freeze
-        self.num_layers = len(layers)
+        self.attentions = [layer.self_attn for layer in layers]
         # frozen, the graph holds the weights and layer settings as they were when it compiled: guards on the
         # modules would only cost time (a third of the step's dispatch), so they are dropped
         skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.7
         options = {"guard_filter_fn": skip} if freeze and skip is not None else None
         self.graph = torch.compile(_step_of(model), dynamic=False, options=options)
-        self.attentions = [layer.self_attn for layer in layers]
         self.enabled = True
         self._last: list[DecodeState] | None = None  # the states the graph returned last (its own layout)
 
@@ -59,7 +58,7 @@ class CompiledDecoding:
         if any(attention.mode != "linear" for attention in self.attentions):  # running as the teacher
             return False
         layers = getattr(past_key_values, "layers", None)
-        if layers is None or len(layers) != self.num_layers or not all(
+        if layers is None or len(layers) != len(self.attentions) or not all(
                 isinstance(layer, LinearizedCacheLayer) and layer.state is not None for layer in layers):
             return False
         return attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask[:, -1].all()))

@@ -136,25 +136,33 @@ def empty_table(batch: int, kv_heads: int, table_size: int, head_dim: int, devic
     return keys, keys.clone(), torch.full((batch, table_size), -1, dtype=torch.long, device=device)
 
 
+def _rows(table: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The index of table [B, Hk, M, D] rows `slot` [B, K] of each batch row, for every KV head: table[index]
+    is [B, Hk, K, D]. Advanced indexing, not gather / scatter_ with an expanded index: on a CPU, scatter_ into a
+    bf16 tensor copies all of it (a 1.5 MiB table per layer and sequence, at every decoding step)."""
+    batch, kv_heads = table.shape[:2]
+    rows = torch.arange(batch, device=slot.device)[:, None, None]
+    return rows, torch.arange(kv_heads, device=slot.device)[None, :, None], slot[:, None, :]
+
+
 def read(keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, bucket: torch.Tensor):
     """One query per row, its table rows `bucket` [B, K] -> keys, values [B, Hk, K, D] float32, use [B, K] (an
     entry that holds a key, not already recalled by an earlier order)."""
-    batch, kv_heads, _, head_dim = keys.shape
-    at = bucket[:, None, :, None].expand(batch, kv_heads, bucket.shape[1], head_dim)
-    return keys.gather(2, at).float(), values.gather(2, at).float(), first_of_equal(position.gather(1, bucket))
+    index = _rows(keys, bucket)
+    return keys[index].float(), values[index].float(), first_of_equal(position[index[0][:, 0], bucket])
 
 
 def write_(keys, values, position, bucket: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
            key_position: torch.Tensor) -> None:
     """In place: one key, value [B, Hk, 1, D] at real position `key_position` [B] per row, stored at each of
     its table rows `bucket` [B, K] that is >= 0 (the other entries stay)."""
-    batch, kv_heads, table_size, head_dim = keys.shape
+    table_size = keys.shape[2]
     store = bucket >= 0
     orders_ = bucket.shape[1]  # an order that stores nothing rewrites the first row of its own part, so no
     own = torch.arange(orders_, device=bucket.device) * (table_size // orders_)  # two writes share a row
     slot = torch.where(store, bucket, own)
-    at = slot[:, None, :, None].expand(batch, kv_heads, slot.shape[1], head_dim)
-    keep = store[:, None, :, None]
-    keys.scatter_(2, at, torch.where(keep, key.to(keys.dtype), keys.gather(2, at)))
-    values.scatter_(2, at, torch.where(keep, value.to(values.dtype), values.gather(2, at)))
-    position.scatter_(1, slot, torch.where(store, key_position[:, None], position.gather(1, slot)))
+    index, keep = _rows(keys, slot), store[:, None, :, None]
+    keys.index_put_(index, torch.where(keep, key.to(keys.dtype), keys[index]))
+    values.index_put_(index, torch.where(keep, value.to(values.dtype), values[index]))
+    at = (index[0][:, 0], slot)
+    position.index_put_(at, torch.where(store, key_position[:, None], position[at]))
