@@ -602,3 +602,27 @@ def test_memory_needs_token_ids():
     args = window_args("window", 2, 2)
     with pytest.raises(ValueError, match="token ids"):
         window_attention_chunked(**args, window=4, memory_buckets=8)
+
+
+def test_a_decoding_step_compiled_without_our_step_still_writes_the_memory():
+    """Only `caller_writes_memory` moves the table write out of the step: a graph someone else compiles
+    writes the table itself, as eager does."""
+    torch.manual_seed(24)
+    t, window = 12, 3
+    token_ids = torch.randint(0, 6, (1, t + 1))
+    q, k, v = torch.randn(1, 1, t + 1, D), torch.randn(1, 1, t + 1, D), torch.randn(1, 1, t + 1, D)
+    common = {"window": window, "memory_buckets": 8, "memory_ngram": (1, 2)}
+    _, state = window_attention_chunked(q[:, :, :t], k[:, :, :t], v[:, :, :t], **common, token_ids=token_ids[:, :t],
+                                        output_final_state=True)
+
+    def step(state):
+        return window_attention_recurrent(q[:, :, t:], k[:, :, t:], v[:, :, t:], **common,
+                                          token_ids=token_ids[:, t:], state=state)
+
+    eager_state, compiled_state = state.map_batch(torch.clone), state.map_batch(torch.clone)
+    o_eager, _ = step(eager_state)
+    o_compiled, _ = torch.compile(step, dynamic=False)(compiled_state)
+    close(o_compiled, o_eager, tol=1e-5)
+    assert not torch.equal(eager_state.memory_position, state.memory_position)  # the step stored a key
+    assert torch.equal(compiled_state.memory_position, eager_state.memory_position)
+    close(compiled_state.memory_keys, eager_state.memory_keys, tol=0)

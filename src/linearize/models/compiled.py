@@ -26,7 +26,7 @@ from linearize.errors import LinearizeError
 from linearize.layers.attention import STEP_STATES, TOKEN_IDS, LinearizedAttention
 from linearize.layers.cache import LinearizedCacheLayer
 from linearize.ops import DecodeState
-from linearize.ops.window import store_leaving
+from linearize.ops.window import caller_writes_memory, store_leaving
 
 
 class CompiledDecoding:
@@ -71,7 +71,8 @@ class CompiledDecoding:
         if self._last is None or any(a is not b for a, b in zip(states, self._last)):
             states = [state.map_batch(_standard) for state in states]  # from prefill: relaid once
         try:
-            with torch._inductor.config.patch(freezing=self.freeze):  # read when the graph compiles
+            # freezing is read when the graph compiles; the memory's table is written below, after the graph
+            with torch._inductor.config.patch(freezing=self.freeze), caller_writes_memory():
                 logits, new = self.graph(input_ids, position_ids, states)
         except torch._dynamo.exc.BackendCompilerFailed as err:
             raise LinearizeError(

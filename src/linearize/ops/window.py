@@ -28,6 +28,8 @@ Every form returns (o [B, H, T, D] in v's dtype, DecodeState or None); math runs
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -547,7 +549,7 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         update = torch.cat([leaving * s.window_values[:, :, :1], leaving], dim=-1)  # fk^T [v, 1]
         new.recurrent = recurrent + update
     if memory_buckets > 0:  # the leaving token goes into the memory, the new one's bucket is kept
-        if not torch.compiler.is_compiling():  # a compiled step leaves the write to its caller (store_leaving)
+        if not _caller_writes_memory:  # our compiled step writes it after its graph (store_leaving)
             store_leaving(s)
         new.memory_keys, new.memory_values, new.memory_position = s.memory_keys, s.memory_values, s.memory_position
         new.window_buckets = torch.cat([s.window_buckets[:, 1:], key_bucket], dim=1)
@@ -555,11 +557,27 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
     return o, new
 
 
+_caller_writes_memory = False
+
+
+@contextmanager
+def caller_writes_memory():
+    """Within: decoding steps leave the recall memory's table write to their caller (`store_leaving`). For a
+    torch.compile graph of the step, where a write into the table (a graph input) would copy the whole table
+    at every step; the graph reads this flag as a constant, so a graph compiled without it writes the table
+    itself (correct, slower)."""
+    global _caller_writes_memory
+    before, _caller_writes_memory = _caller_writes_memory, True
+    try:
+        yield
+    finally:
+        _caller_writes_memory = before
+
+
 def store_leaving(state: DecodeState) -> None:
     """In place: the token that leaves the window at the next decoding step from `state` (its slot 0) goes
     into the recall memory under each of its buckets (-1: not stored). `_one_token` does it itself, except
-    inside a torch.compile graph, where a write into the table (a graph input) would copy the whole table at
-    every step: whoever runs the compiled step calls this on the state it passed in, after the graph (the
+    within `caller_writes_memory`, whose caller calls this on the state it passed in, after the step (the
     step reads the table before it writes, so the order is the same)."""
     memory.write_(state.memory_keys, state.memory_values, state.memory_position, state.window_buckets[:, 0],
                   state.window_keys[:, :, :1], state.window_values[:, :, :1], state.window_position[:, 0])
