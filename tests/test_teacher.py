@@ -10,7 +10,7 @@ from helpers import make_tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from linearize.errors import LinearizeError
-from linearize.teacher import CACHE_MARKER, TeacherInfo, _cache_entry_is_valid, load_teacher
+from linearize.teacher import CACHE_FORMAT, CACHE_MARKER, TeacherInfo, _cache_entry_is_valid, load_teacher
 
 
 def test_local_directory_round_trip(tmp_path, byte_tokenizer):
@@ -66,7 +66,7 @@ def test_teacher_cache_validation_spots_missing_and_truncated_files(tmp_path):
     make_tiny_model("llama").save_pretrained(tmp_path)
     files = {p.name: p.stat().st_size for p in tmp_path.iterdir() if p.is_file()}
     assert not _cache_entry_is_valid(tmp_path)  # no marker yet: an interrupted build
-    (tmp_path / CACHE_MARKER).write_text(json.dumps({"format": 1, "files": files}))
+    (tmp_path / CACHE_MARKER).write_text(json.dumps({"format": CACHE_FORMAT, "files": files}))
     assert _cache_entry_is_valid(tmp_path)
 
     weights = tmp_path / "model.safetensors"
@@ -92,3 +92,42 @@ def test_embedded_default_teacher_is_smollm2(smollm2):
     assert logits.shape == (1, input_ids.shape[1], config.vocab_size)
     assert torch.isfinite(logits).all()
     assert tokenizer.decode(logits[0, -1].argmax()).strip() == "Paris"
+
+
+def test_gguf_cache_is_keyed_by_contents_and_drops_stale_entries(tmp_path, monkeypatch):
+    """Two installs of one file share an entry; an edited file replaces its entry; an old-format entry
+    whose file is gone is removed (fresh installs used to leave half a GB each behind).
+    """
+    from safetensors.torch import save_file
+
+    import linearize.teacher as teacher
+
+    builds = []
+
+    def fake_build(gguf, entry, fingerprint):  # the real one de-quantises; the keying is what is tested
+        entry.mkdir(parents=True)
+        save_file({"w": torch.zeros(2)}, str(entry / "model.safetensors"))
+        manifest = {"format": CACHE_FORMAT, "source": fingerprint, "files": {"model.safetensors": 0}}
+        manifest["files"]["model.safetensors"] = (entry / "model.safetensors").stat().st_size
+        (entry / CACHE_MARKER).write_text(json.dumps(manifest))
+        builds.append(entry)
+
+    monkeypatch.setattr(teacher, "_build_gguf_cache", fake_build)
+    cache = tmp_path / "cache"
+    orphan = cache / "teachers" / "model-0123456789ab"  # format 1, built from a venv since deleted
+    orphan.mkdir(parents=True)
+    gone = str(tmp_path / "deleted-venv" / "model.gguf")
+    (orphan / CACHE_MARKER).write_text(json.dumps({"format": 1, "source": {"gguf": gone, "format": 1}, "files": {}}))
+    first, second = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF" + bytes(range(64)))
+
+    entry = teacher._cached_gguf_dir(first, cache)
+    assert teacher._cached_gguf_dir(second, cache) == entry  # same contents, other path: no second build
+    assert builds == [entry] and not orphan.exists()
+
+    first.write_bytes(b"GGUF" + bytes(range(1, 65)))  # the file at that path changes
+    edited = teacher._cached_gguf_dir(first, cache)
+    assert edited != entry and builds == [entry, edited]
+    assert sorted(p.name for p in (cache / "teachers").iterdir()) == [edited.name]

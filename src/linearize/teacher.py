@@ -4,7 +4,7 @@ Every teacher comes back in eval mode with its weights frozen, using PyTorch SDP
 with a `TeacherInfo` attached as `model.teacher_info` that says where it came from.
 
 GGUF files are de-quantised to float32 once (about 20 s for the default) and cached as safetensors
-under `<cache_dir>/teachers/<file stem>-<key>`; later loads read the cache in under a second. The
+under `<cache_dir>/teachers/<file stem>-<content hash>`; later loads read the cache in under a second. The
 cache is written to a temporary directory and renamed into place, and a cache entry whose files are
 missing or corrupt is rebuilt.
 """
@@ -35,7 +35,7 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 ATTN_IMPLEMENTATION = "sdpa"
 CACHE_MARKER = "linearize-cache.json"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: entries keyed by the file's SHA-256 (1: by path and modification time)
 
 
 @dataclass(frozen=True)
@@ -231,25 +231,50 @@ def _load_gguf(gguf: Path, cache_root: Path, name: str, dtype: torch.dtype) -> t
 def _cached_gguf_dir(gguf: Path, cache_root: Path) -> Path:
     """Directory holding the de-quantised safetensors copy of `gguf`, building it if needed.
 
-    The entry's name carries a key of the file's absolute path, size and modification time, so an edited
-    or replaced file gets a fresh entry.
+    The entry's name carries a key of the file's contents (SHA-256, a fraction of a second for the
+    default), so every install of the same file shares one entry and an edited or replaced file gets a
+    fresh one; entries left by earlier contents of the same path are removed when the new one is built.
     """
     gguf = gguf.resolve()
     stat = gguf.stat()
-    fingerprint = {
-        "gguf": str(gguf),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "format": CACHE_FORMAT,
-    }
-    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
-    entry = cache_root / "teachers" / f"{_slug(gguf.stem)}-{key}"
+    digest = _sha256(gguf)
+    fingerprint = {"gguf": str(gguf), "size": stat.st_size, "sha256": digest, "format": CACHE_FORMAT}
+    entry = cache_root / "teachers" / f"{_slug(gguf.stem)}-{digest[:12]}"
     if _cache_entry_is_valid(entry):
         return entry
     if entry.exists():
         logger.warning("teacher cache %s is incomplete or corrupt; rebuilding it", entry)
     _build_gguf_cache(gguf, entry, fingerprint)
+    _remove_stale_entries(entry, fingerprint)
     return entry
+
+
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 22):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _remove_stale_entries(entry: Path, fingerprint: dict[str, Any]) -> None:
+    """Remove other entries built from the same path whose contents differ (an edited or reinstalled file),
+    and entries of an older cache format whose source file is gone (format 1 keyed entries by path and
+    modification time, so every fresh install left one behind, half a GB each for the default).
+    """
+    for sibling in entry.parent.iterdir():
+        if sibling == entry or not sibling.is_dir() or sibling.name.startswith("."):
+            continue
+        try:
+            source = json.loads((sibling / CACHE_MARKER).read_text()).get("source", {})
+        except (OSError, ValueError, AttributeError):
+            continue  # not ours, or being built by another process: leave it
+        same_path = source.get("gguf") == fingerprint["gguf"]
+        same_path_other_contents = same_path and source.get("sha256") != fingerprint["sha256"]
+        orphan_of_old_format = source.get("format") != CACHE_FORMAT and not Path(str(source.get("gguf"))).exists()
+        if same_path_other_contents or orphan_of_old_format:
+            logger.info("removing stale teacher cache %s", sibling)
+            shutil.rmtree(sibling, ignore_errors=True)
 
 
 def _slug(text: str) -> str:
