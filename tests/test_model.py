@@ -254,17 +254,18 @@ def test_compile_decoding_refuses_a_model_that_keeps_softmax_layers():
         model.compile_decoding()
 
 
-def test_a_compiled_step_without_a_cpp_compiler_says_what_to_do(monkeypatch):
+def test_a_compiled_step_without_a_cpp_compiler_says_what_to_do():
     import torch._dynamo
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/g++"))
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    # inductor's own patch restores its config; monkeypatch.setattr on it left `fx_graph_cache` unset
+    # for every later compile in the process
+    no_compiler = {"cpp.cxx": (None, "/nonexistent/g++"), "fx_graph_cache": False}
     torch._dynamo.reset()
     model = convert("llama", "hybrid").compile_decoding()
     x = tokens()
     cache = DynamicCache(config=model.config)
-    with torch.no_grad():
+    with torch.no_grad(), torch._inductor.config.patch(no_compiler):
         model(x[:, :10], past_key_values=cache, use_cache=True)  # prefill stays eager
         with pytest.raises(LinearizeError, match="needs a C\\+\\+ compiler"):
             model(x[:, 10:11], past_key_values=cache, use_cache=True)
