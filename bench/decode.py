@@ -78,6 +78,15 @@ def cache_bytes(cache) -> int:
     return total
 
 
+def timed_steps(step, token: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
+    """`step` (token -> next token) once untimed, then `steps` timed times: (last token, steps per second)."""
+    token = step(token)
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = step(token)
+    return token, steps / (time.perf_counter() - start)
+
+
 @torch.no_grad()
 def measure_one(which: str, context: int, steps: int, student_dir: str | None, dtype: str,
                 compile_step: bool = False) -> dict:
@@ -91,12 +100,8 @@ def measure_one(which: str, context: int, steps: int, student_dir: str | None, d
     cache = DynamicCache(config=model.config)
 
     def greedy(token: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """One untimed step, then `steps` timed ones: (last token, tokens/s)."""
-        model(input_ids=token, past_key_values=cache, use_cache=True)
-        start = time.perf_counter()
-        for _ in range(steps):
-            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        return token, steps / (time.perf_counter() - start)
+        return timed_steps(lambda token: model(input_ids=token, past_key_values=cache, use_cache=True)
+                           .logits[:, -1:].argmax(-1), token, steps)
 
     start = time.perf_counter()
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -144,8 +149,6 @@ def teacher_static(model, dynamic, token: torch.Tensor, context: int, steps: int
     compiled = torch.compile(model.forward, dynamic=False)
 
     def greedy(forward, token: torch.Tensor) -> tuple[torch.Tensor, float]:
-        nonlocal position
-
         def step(token):
             nonlocal position
             logits = forward(input_ids=token, past_key_values=cache, use_cache=True,
@@ -153,11 +156,7 @@ def teacher_static(model, dynamic, token: torch.Tensor, context: int, steps: int
             position += 1
             return logits[:, -1:].argmax(-1)
 
-        token = step(token)
-        start = time.perf_counter()
-        for _ in range(steps):
-            token = step(token)
-        return token, steps / (time.perf_counter() - start)
+        return timed_steps(step, token, steps)
 
     with torch._inductor.config.patch(freezing=True):
         start = time.perf_counter()
@@ -190,12 +189,12 @@ def measure_batches(which: str, context: int, batches: list[int], steps: int, st
     for batch in batches:
         cache = copy.deepcopy(base)
         cache.batch_repeat_interleave(batch)
-        token = torch.full((batch, 1), 1000)
-        model(input_ids=token, past_key_values=cache, use_cache=True)
-        start = time.perf_counter()
-        for _ in range(steps):
+
+        def step(token, cache=cache):  # the same token each step: the cache grows as in decoding
             model(input_ids=token, past_key_values=cache, use_cache=True)
-        result[f"batch {batch}"] = batch * steps / (time.perf_counter() - start)
+            return token
+
+        result[f"batch {batch}"] = batch * timed_steps(step, torch.full((batch, 1), 1000), steps)[1]
     return result
 
 
