@@ -263,7 +263,7 @@ def test_a_killed_run_resumes_to_the_same_result(teacher_dir, tmp_path):
     config_file.write_text(yaml.safe_dump({**settings, "output_dir": str(killed)}))
     process = subprocess.Popen([sys.executable, "-m", "linearize.cli", "run", "--config", str(config_file)],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed / "stage1" / "state" / "state.json"
+    state = killed / "stage1" / "blocks" / "block_00" / "state" / "state.json"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         if state.is_file() and json.loads(state.read_text())["progress"]["step"] >= 3:

@@ -10,7 +10,8 @@ from helpers import make_tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from linearize.errors import LinearizeError
-from linearize.teacher import CACHE_FORMAT, CACHE_MARKER, TeacherInfo, _cache_entry_is_valid, load_teacher
+from linearize.teacher import CACHE_FORMAT, CACHE_MARKER, TeacherInfo, load_teacher
+from linearize.teacher.loading import _cache_entry_is_valid
 
 
 def test_local_directory_round_trip(tmp_path, byte_tokenizer):
@@ -100,7 +101,7 @@ def test_gguf_cache_is_keyed_by_contents_and_drops_stale_entries(tmp_path, monke
     """
     from safetensors.torch import save_file
 
-    import linearize.teacher as teacher
+    import linearize.teacher.loading as teacher
 
     builds = []
 

@@ -38,12 +38,17 @@ def resolve_config_path(value: str | None) -> Path | None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from linearize import distributed
     from linearize.api import load_config
     from linearize.pipeline import run
 
     config = load_config(resolve_config_path(args.config), args.overrides)
-    report = run(config, fresh=args.fresh, log=lambda msg: print(f"[linearize] {msg}", file=sys.stderr))
-    print(json.dumps({k: report[k] for k in ("method", "teacher", "eval", "seconds_total")}))
+    try:
+        report = run(config, fresh=args.fresh, log=lambda msg: print(f"[linearize] {msg}", file=sys.stderr))
+        if distributed.is_main():
+            print(json.dumps({k: report[k] for k in ("method", "teacher", "eval", "seconds_total")}))
+    finally:
+        distributed.shutdown()
 
 
 def cmd_config(args: argparse.Namespace) -> None:

@@ -50,7 +50,13 @@ class TransferConfig:
     warmup_steps: int = 4
     batch_size: int = 1
     loss_weight: float = 1000.0  # MSE scale, as in the reference
-    cache_dtype: str = "bfloat16"  # dtype of cached teacher activations on disk
+    cache_dtype: str = "bfloat16"  # dtype of stored teacher activations on disk
+    # what the teacher's pass keeps on disk for later epochs (train/transfer.py): layers (every layer's input
+    # and output: fastest, most disk) | blocks (each block's input hidden state; its layers re-run) | none
+    # (re-run the teacher every step) | auto (the fastest that fits disk_budget)
+    store: str = "auto"
+    layers_per_block: int | None = None  # decoder layers per block, each trained alone; null = one block of all
+    disk_budget: float | None = None  # GiB stage 1 may store; null = half the free space under output_dir
 
 
 @dataclass
@@ -76,6 +82,10 @@ class FinetuneConfig:
     # fraction, then everything else unfreezes too; null = everything trains from the start
     unfreeze_window: int = 8
     grad_clip: float = 1.0
+    # with several processes (torchrun): ddp (a whole model per process) | fsdp (PyTorch FSDP2: weights,
+    # gradients and optimizer state sharded over the processes) | auto (ddp when the model fits one device)
+    parallel: str = "auto"
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass
 
 
 @dataclass

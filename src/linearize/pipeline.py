@@ -1,7 +1,14 @@
-"""`linearize run`: teacher -> convert -> stage 1 -> stage 2 -> evaluate -> save -> report, resumable.
+"""`linearize run`: the recipe as a list of steps, each resumable on its own, each on its share of the ranks.
 
-Every finished phase is recorded in OUTPUT_DIR/progress.json; a killed run started again with the same
-config picks up at the last finished phase, and inside a stage at its last checkpoint.
+    prepare -> attention transfer (collect block inputs, train each block, stitch) -> load the teacher ->
+    evaluate the teacher -> convert -> finetune -> evaluate the student -> save -> baselines -> report
+
+Every finished step's result is recorded in OUTPUT_DIR/progress.json; a killed run started again with the
+same config (and any number of processes) picks up at the last finished step, and inside a stage at its
+last checkpoint. Under torchrun every rank runs the steps in the same order: stage 1 spreads its sequences
+and blocks over the ranks, stage 2 trains on all of them (DDP, or FSDP2 when the model is sharded), and
+evaluation, saving and the report are rank 0's (every rank's when the model is sharded, since each holds
+only part of it). Rank 0 writes progress.json and every file outside the stages' own directories.
 """
 
 from __future__ import annotations
@@ -17,8 +24,9 @@ from typing import Any
 import torch
 import yaml
 
+from linearize import distributed
 from linearize.api import resolve_device, resolve_dtype, settings_dict
-from linearize.checkpoint import CONFIG_FILE, atomic_save_tensors, atomic_write_text, load_tensors
+from linearize.checkpoint import CONFIG_FILE, atomic_save_tensors, atomic_write_text, load_params_strict, load_tensors
 from linearize.config import RunConfig
 from linearize.data import build_blocks
 from linearize.errors import LinearizeError
@@ -38,15 +46,22 @@ from linearize.models import LinearizedForCausalLM
 from linearize.models.modeling import decoder_layers
 from linearize.models.saving import save_adapter, save_full
 from linearize.models.transfer import format_transfer_table, teacher_shapes, transfer_counts, transfer_table
+from linearize.plan import Plan, choose_store, disk_budget, format_plan, model_shape, stage1_plan, stage2_plan
 from linearize.report import model_card, write_report
-from linearize.teacher import load_teacher
-from linearize.train import attention_transfer, finetune
+from linearize.teacher import FileWeights, load_teacher, load_tokenizer, teacher_directory
+from linearize.teacher.streaming import empty_teacher, tied_names
+from linearize.train import finetune
 from linearize.train.finetune import training_blocks
+from linearize.train.parallel import engine_for
 from linearize.train.targets import TeacherTargets
+from linearize.train.transfer import AttentionTransfer
+
+STITCHED = "mixers.safetensors"  # stage 1's trained mixers, all blocks, in OUTPUT_DIR/stage1
 
 
 class Progress:
-    """Results of finished phases, persisted atomically after each one."""
+    """Results of finished steps, persisted atomically after each one by rank 0. Every rank reads the file
+    once, at the start, so all ranks skip the same finished steps."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -57,7 +72,8 @@ class Progress:
 
     def put(self, key: str, value: Any) -> Any:
         self.data[key] = value
-        atomic_write_text(self.path, json.dumps(self.data, indent=1))
+        if distributed.is_main():
+            atomic_write_text(self.path, json.dumps(self.data, indent=1))
         return value
 
     def once(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -67,15 +83,17 @@ class Progress:
 def prepare_output_dir(config: RunConfig, fresh: bool) -> Path:
     out = Path(config.output_dir)
     saved = out / CONFIG_FILE
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    if saved.is_file() and yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(config.to_dict())):
-        raise LinearizeError(
-            f"'{out}' holds a run with a different config: pass --fresh to start over there, "
-            "or choose another output_dir"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if distributed.is_main():
+        if fresh and out.exists():
+            shutil.rmtree(out)
+        if saved.is_file() and yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(config.to_dict())):
+            raise LinearizeError(
+                f"'{out}' holds a run with a different config: pass --fresh to start over there, "
+                "or choose another output_dir"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    distributed.barrier()
     return out
 
 
@@ -86,137 +104,264 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
 
 
 def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole recipe described by `config`; returns the report dict (also written to disk)."""
-    started = time.perf_counter()
-    out = prepare_output_dir(config, fresh)
-    progress = Progress(out / "progress.json")
-    torch.manual_seed(config.seed)
-    device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
+    """Run the whole recipe described by `config`; returns the report dict (also written to disk). Under
+    torchrun, every rank calls this; rank 0 returns the report, the others what they computed."""
+    device = distributed.device_of_rank(resolve_device(config.device))
+    distributed.init(device)
+    recipe = Recipe(config, device, log)
+    steps = (recipe.prepare, recipe.plan, recipe.transfer, recipe.load_teacher, recipe.evaluate_teacher,
+             recipe.convert, recipe.finetune, recipe.evaluate_student, recipe.save, recipe.baselines, recipe.report)
+    recipe.fresh = fresh
+    for step in steps:
+        step()
+    return recipe.result
 
-    log(f"loading teacher '{config.model}'")
-    model, tokenizer = load_teacher(config.model, dtype=dtype)
-    model.to(device)
-    stage_tokens = [s.tokens for s in (config.transfer, config.finetune) if s.enabled]
-    data = build_blocks(
-        tokenizer,
-        config.data.source,
-        seq_len=config.data.seq_len,
-        train_tokens=max(stage_tokens, default=0),
-        eval_tokens_per_domain=config.data.eval_blocks * config.data.eval_seq_len,
-        seed=config.seed,
-        eval_seq_len=config.data.eval_seq_len,
-        text_field=config.data.text_field,
-        long_tokens=config.data.long_context,
-        long_documents_per_domain=config.data.long_documents,
-    )
-    log(f"data: {data_summary(data)}")
 
-    teacher = teacher_scores(model, data.eval, out / "teacher_predictions.safetensors", progress)
-    probes = LongRange(config, data, model, progress)
+class Recipe:
+    """The state the steps share: config, data, models, the report being built."""
 
-    def evaluate(key: str, student: torch.nn.Module) -> dict:
-        return progress.once(f"eval.{key}", lambda: evaluate_domains(student, data.eval, teacher, key))
+    def __init__(self, config: RunConfig, device: torch.device, log: Callable[[str], None]):
+        self.config, self.device, self.dtype = config, device, resolve_dtype(config.dtype)
+        self.log = log if distributed.is_main() else (lambda msg: None)
+        self.started = time.perf_counter()
+        self.fresh = False
+        self.result: dict[str, Any] = {}
+        self.model = self.teacher_model = self.tokenizer = None
 
-    targets = teacher_targets(config, out)
-    tune = config.finetune
-    random_init = getattr(config.attention, "init", "transfer") == "random"
-    if targets is not None and tune.enabled and (tune.full or random_init):
-        # training will change (or has replaced) the teacher's own weights: keep its targets first
-        blocks = data.train
+    # --- prepare and plan ------------------------------------------------------------------------------------
 
-        def logits(ids):
-            return model(input_ids=blocks[ids].to(device), use_cache=False).logits
-
-        targets.fill(training_blocks(tune, blocks, config.seed), logits, "teacher targets")
-    prompts = SAMPLE_PROMPTS
-    teacher_samples = progress.once("samples.teacher", lambda: sample_generations(model, tokenizer, prompts))
-    shapes = teacher_shapes(model)
-    model = LinearizedForCausalLM.from_teacher(model, config.method, config.attention)
-    table = transfer_table(shapes, model, copied=not random_init)
-    atomic_write_text(out / "transfer_table.md", format_transfer_table(table))
-    log(f"transfer: {transfer_counts(table)} (table: {out / 'transfer_table.md'})")
-    layers = len(decoder_layers(model))
-    report: dict[str, Any] = {
-        "method": config.method,
-        "teacher": config.model,
-        "machine": machine_description(device),
-        "model": {
-            "layers": layers,
-            "converted_layers": layers - len(config.attention.softmax_layers),
-            "softmax_keys": get_method(config.method).softmax_keys(config.attention),
-            "parameters": count_parameters(model)["total"],
-        },
-        "data": data_summary(data),
-        "transfer": transfer_counts(table),
-        "eval": {"teacher": {d: summarize(s) for d, s in teacher.items()}},
-        "stages": {},
-        "config": config.to_dict(),
-    }
-    report["eval"]["untrained"] = evaluate("untrained", model)
-
-    mixer_params = {n: p for n, p in model.mixer_state_dict().items() if p.requires_grad}
-    if config.transfer.enabled and mixer_params:
-        stage_dir = out / "stage1"
-        trainable = sum(p.numel() for p in mixer_params.values())
-        result = attention_transfer(
-            model, data.train, config.transfer, stage_dir, config.checkpoint_every, config.seed, targets
+    def prepare(self) -> None:
+        config = self.config
+        self.out = prepare_output_dir(config, self.fresh)
+        self.progress = Progress(self.out / "progress.json")
+        torch.manual_seed(config.seed)
+        if distributed.world() > 1:
+            self.log(f"{distributed.world()} processes (torchrun); rank 0 writes the results")
+        if distributed.is_main():  # a GGUF teacher is converted once, by one rank, before the others read it
+            teacher_directory(config.model)
+        distributed.barrier()
+        self.tokenizer = load_tokenizer(config.model)
+        stage_tokens = [s.tokens for s in (config.transfer, config.finetune) if s.enabled]
+        self.data = build_blocks(
+            self.tokenizer, config.data.source, seq_len=config.data.seq_len,
+            train_tokens=max(stage_tokens, default=0),
+            eval_tokens_per_domain=config.data.eval_blocks * config.data.eval_seq_len, seed=config.seed,
+            eval_seq_len=config.data.eval_seq_len, text_field=config.data.text_field,
+            long_tokens=config.data.long_context, long_documents_per_domain=config.data.long_documents,
         )
-        report["stages"]["transfer"] = progress.once(
-            "stage.transfer", lambda: stage_summary(result, trainable, distinct=config.transfer.tokens)
-        )
-        model.requires_grad_(False)
-        report["eval"]["transfer"] = evaluate("transfer", model)
-        shutil.rmtree(stage_dir / "activations", ignore_errors=True)  # disk, not results: rebuilt on demand
-    if config.finetune.enabled:
-        model, result = finetune(
-            model, data.train, config.finetune, out / "stage2", config.checkpoint_every, config.seed, targets
-        )
-        trainable = count_parameters(model)["trainable"]
-        report["stages"]["finetune"] = progress.once(
-            "stage.finetune", lambda: stage_summary(result, trainable, distinct=config.finetune.tokens)
-        )
-        model.eval()
-        report["eval"]["finetune"] = evaluate("finetune", model)
-    layer_blocks = torch.stack([blocks[0] for blocks in data.eval.values() if len(blocks)]) if data.eval else None
-    if layer_blocks is not None:
-        errors = progress.once("layers.student", lambda: layer_errors(base_model(model), layer_blocks))
-        report["layer_errors"] = errors
-    student_samples = progress.once("samples.student", lambda: sample_generations(model, tokenizer, prompts))
-    report["samples"] = [{"prompt": p, "teacher": t, "student": s}
-                         for p, t, s in zip(prompts, teacher_samples, student_samples)]
-    if probes.enabled:
-        report["long_range"] = {
-            "teacher": probes.teacher_summary(),
-            config.method: progress.once("long_range.student", lambda: probes.measure(model, "student")),
+        self.log(f"data: {data_summary(self.data)}")
+        self.targets = teacher_targets(config, self.out)
+        tune = config.finetune
+        self.random_init = getattr(config.attention, "init", "transfer") == "random"
+        self.keeps_teacher_weights = not (tune.full or self.random_init)
+
+    def plan(self) -> None:
+        """What the run needs, printed before any weight loads; the stage-1 store chosen; what cannot fit refused."""
+        from transformers import AutoConfig
+
+        config = self.config
+        self.text_config = AutoConfig.from_pretrained(teacher_directory(config.model))
+        shape = model_shape(self.text_config, config.method, config.attention, config.finetune.target_modules,
+                            config.finetune.lora_r)
+        kind = self.device.type if self.device.type in ("cpu", "cuda") else "cpu"
+        stage1 = stage1_plan(shape, config, kind) if config.transfer.enabled else None
+        if stage1 is not None:
+            stage1.budget = disk_budget(config)
+            stage1.store = choose_store(stage1, config.transfer.store, stage1.budget)
+            if len(stage1.blocks) < distributed.world():
+                self.log(f"stage 1 has {len(stage1.blocks)} block(s) for {distributed.world()} processes: all share "
+                         "its teacher pass, the extra ones wait while blocks train (transfer.layers_per_block "
+                         "smaller gives them blocks)")
+        stage2 = stage2_plan(shape, config, kind) if config.finetune.enabled else None
+        self.store = stage1.store if stage1 is not None else "none"
+        self.engine = engine_for(config.finetune, stage2, self.device)
+        plan = Plan(shape, config.dtype, stage1, stage2, kind)
+        atomic_write_text(self.out / "plan.md", format_plan(plan) + "\n") if distributed.is_main() else None
+        self.log("plan:\n" + format_plan(plan))
+
+    # --- stage 1 -------------------------------------------------------------------------------------------
+
+    def transfer(self) -> None:
+        """Attention transfer block by block, the teacher streamed from its files: before the whole teacher
+        is loaded, so a process holds one block of it at a time."""
+        config = self.config
+        stage_dir = self.out / "stage1"
+        if not config.transfer.enabled or "transfer" not in get_method(config.method).stages:
+            return
+        if self.progress.get("stage.transfer") is not None and (stage_dir / STITCHED).is_file():
+            return
+        directory = teacher_directory(config.model)
+        with torch.random.fork_rng(devices=[]):
+            skeleton = empty_teacher(self.text_config, self.dtype)
+            skeleton.model.rotary_emb.to(self.device)
+            skeleton.teacher_info = None
+            student = LinearizedForCausalLM.from_teacher(skeleton, config.method, config.attention, device=self.device)
+        params = {n: p for n, p in student.mixer_state_dict().items() if p.requires_grad}
+        if not params:
+            return
+        weights = FileWeights(directory, self.dtype, self.device, tied=tied_names(self.text_config))
+        transfer = dataclass_replace(config.transfer, store=self.store)
+        stage = AttentionTransfer(student, self.data.train, transfer, stage_dir, config.checkpoint_every,
+                                  config.seed, self.targets, weights)
+        result = stage.run()
+        if distributed.is_main():
+            atomic_save_tensors({n: p.detach() for n, p in params.items()}, stage_dir / STITCHED)
+        self.progress.put("stage.transfer", {
+            **stage_summary(result, sum(p.numel() for p in params.values()), distinct=config.transfer.tokens),
+            "store": self.store, "blocks": len(stage.layout.blocks), "processes": distributed.world(),
+            "peak_teacher_weights_bytes": weights.peak_bytes,
+        })
+        distributed.barrier()
+        if distributed.is_main():
+            stage.remove_stored()  # disk, not results: rebuilt on demand
+
+    # --- the teacher -----------------------------------------------------------------------------------------
+
+    def load_teacher(self) -> None:
+        config = self.config
+        self.log(f"loading teacher '{config.model}'")
+        model, _ = load_teacher(config.model, dtype=self.dtype)
+        self.teacher_model = model.to(self.device)
+        self.evaluates = distributed.is_main() or self.engine.sharded
+
+    def evaluate_teacher(self) -> None:
+        model, config, data = self.teacher_model, self.config, self.data
+        self.teacher = teacher_scores(model, data.eval, self.out / "teacher_predictions.safetensors", self.progress,
+                                      self.evaluates)
+        self.probes = LongRange(config, data, model, self.progress, self.evaluates)
+        tune = config.finetune
+        if self.targets is not None and tune.enabled and not self.keeps_teacher_weights:
+            # training will change (or has replaced) the teacher's own weights: keep its targets first
+            def logits(ids):
+                return model(input_ids=data.train[ids].to(self.device), use_cache=False).logits
+
+            ids = distributed.mine(training_blocks(tune, data.train, config.seed))
+            self.targets.fill(ids, logits, "teacher targets")
+            distributed.barrier()
+        self.teacher_samples = self.progress.once("samples.teacher", self.main_only(
+            lambda: sample_generations(model, self.tokenizer, SAMPLE_PROMPTS)))
+
+    # --- convert, finetune ---------------------------------------------------------------------------------
+
+    def convert(self) -> None:
+        config = self.config
+        shapes = teacher_shapes(self.teacher_model)
+        model = LinearizedForCausalLM.from_teacher(self.teacher_model, config.method, config.attention)
+        table = transfer_table(shapes, model, copied=not self.random_init)
+        if distributed.is_main():
+            atomic_write_text(self.out / "transfer_table.md", format_transfer_table(table))
+        self.log(f"transfer: {transfer_counts(table)} (table: {self.out / 'transfer_table.md'})")
+        layers = len(decoder_layers(model))
+        self.result = {
+            "method": config.method,
+            "teacher": config.model,
+            "machine": machine_description(self.device),
+            "model": {
+                "layers": layers,
+                "converted_layers": layers - len(config.attention.softmax_layers),
+                "softmax_keys": get_method(config.method).softmax_keys(config.attention),
+                "parameters": count_parameters(model)["total"],
+            },
+            "data": data_summary(self.data),
+            "transfer": transfer_counts(table),
+            "eval": {"teacher": {d: summarize(s) for d, s in (self.teacher or {}).items()}},
+            "stages": {},
+            "config": config.to_dict(),
         }
-    if tune.full or random_init:  # the teacher's weights changed: only a self-contained directory holds them
-        save_full(model, out / "model", tokenizer=tokenizer)
-    else:
-        save_adapter(model, out / "model", tokenizer=tokenizer)
-    for name, baseline in config.baselines.items():
-        def train_baseline(name=name, baseline=baseline):
-            return run_baseline(config, name, baseline, out, device, dtype, data, teacher, probes)
+        self.result["eval"]["untrained"] = self.evaluate("untrained", model)
+        stitched = self.out / "stage1" / STITCHED
+        if self.progress.get("stage.transfer") is not None:
+            params = {n: p for n, p in model.mixer_state_dict().items() if p.requires_grad}
+            load_params_strict(params, load_tensors(stitched, self.device), f"stage 1's mixers in {stitched}")
+            self.result["stages"]["transfer"] = self.progress.get("stage.transfer")
+            model.requires_grad_(False)
+            self.result["eval"]["transfer"] = self.evaluate("transfer", model)
+        self.model = model
 
-        report.setdefault("baselines", {})[name] = progress.once(f"baseline.{name}", train_baseline)
-    elapsed = (progress.get("seconds") or 0) + time.perf_counter() - started
-    report["seconds_total"] = progress.put("seconds", elapsed)
-    write_report(report, out)
-    atomic_write_text(out / "model" / "README.md", model_card(report))
-    log(f"report: {out / 'report.md'}")
-    return report
+    def finetune(self) -> None:
+        config = self.config
+        if not config.finetune.enabled:
+            return
+        model, result = finetune(self.model, self.data.train, config.finetune, self.out / "stage2",
+                                 config.checkpoint_every, config.seed, self.targets, engine=self.engine)
+        trainable = count_parameters(model)["trainable"]
+        self.result["stages"]["finetune"] = self.progress.once(
+            "stage.finetune", lambda: stage_summary(result, trainable, distinct=config.finetune.tokens))
+        model.eval()
+        self.model = model
+        self.result["eval"]["finetune"] = self.evaluate("finetune", model)
+
+    # --- evaluate, save, baselines, report -----------------------------------------------------------------
+
+    def evaluate(self, key: str, student: torch.nn.Module) -> dict | None:
+        return self.progress.once(f"eval.{key}", self.main_only(
+            lambda: evaluate_domains(student, self.data.eval, self.teacher, key)))
+
+    def main_only(self, compute: Callable[[], Any]) -> Callable[[], Any]:
+        """`compute` where this rank evaluates (rank 0, or every rank of a sharded model), else nothing."""
+        return compute if self.evaluates else (lambda: None)
+
+    def evaluate_student(self) -> None:
+        model, data, report = self.model, self.data, self.result
+        if not self.evaluates:
+            return
+        layer_blocks = torch.stack([b[0] for b in data.eval.values() if len(b)]) if data.eval else None
+        if layer_blocks is not None:
+            report["layer_errors"] = self.progress.once("layers.student", self.main_only(
+                lambda: layer_errors(base_model(model), layer_blocks)))
+        student_samples = self.progress.once("samples.student", self.main_only(
+            lambda: sample_generations(model, self.tokenizer, SAMPLE_PROMPTS)))
+        if student_samples is not None:
+            report["samples"] = [{"prompt": p, "teacher": t, "student": s}
+                                 for p, t, s in zip(SAMPLE_PROMPTS, self.teacher_samples, student_samples)]
+        if self.probes.enabled:
+            report["long_range"] = {
+                "teacher": self.probes.teacher_summary(),
+                self.config.method: self.progress.once("long_range.student", self.main_only(
+                    lambda: self.probes.measure(model, "student"))),
+            }
+
+    def save(self) -> None:
+        model = self.model
+        trained = self.engine.trained_tensors(model)  # a sharded model's, gathered to rank 0
+        if distributed.is_main():
+            if trained is not None:
+                save_adapter(model, self.out / "model", tokenizer=self.tokenizer, trained=trained)
+            elif self.keeps_teacher_weights:
+                save_adapter(model, self.out / "model", tokenizer=self.tokenizer)
+            else:  # the teacher's weights changed: only a self-contained directory holds them
+                save_full(model, self.out / "model", tokenizer=self.tokenizer)
+        distributed.barrier()
+
+    def baselines(self) -> None:
+        config = self.config
+        for name, baseline in config.baselines.items():
+            def train_baseline(name=name, baseline=baseline):
+                return run_baseline(self, name, baseline)
+
+            self.result.setdefault("baselines", {})[name] = self.progress.once(f"baseline.{name}", train_baseline)
+
+    def report(self) -> None:
+        elapsed = (self.progress.get("seconds") or 0) + time.perf_counter() - self.started
+        self.result["seconds_total"] = self.progress.put("seconds", elapsed)
+        if distributed.is_main():
+            write_report(self.result, self.out)
+            atomic_write_text(self.out / "model" / "README.md", model_card(self.result))
+            self.log(f"report: {self.out / 'report.md'}")
+        distributed.barrier()
 
 
 class LongRange:
     """The long-range diagnostics of a run: per-position ratios on long held-out documents and the copy
     test, the teacher's side computed once (and kept in progress.json)."""
 
-    def __init__(self, config: RunConfig, data, teacher_model, progress: Progress):
+    def __init__(self, config: RunConfig, data, teacher_model, progress: Progress, evaluates: bool = True):
         self.documents = data.long
         lengths = config.data.copy_lengths
         self.sequences = copy_sequences(teacher_model.config.vocab_size, lengths, seed=config.seed) if lengths else {}
         self.enabled = bool(self.sequences) or any(len(docs) for docs in self.documents.values())
         saved = progress.get("long_range.teacher")
-        if saved is None and self.enabled:
+        if saved is None and self.enabled and evaluates:
             saved = progress.put("long_range.teacher", {
                 "profiles": {d: position_profile(teacher_model, docs, f"positions teacher ({d})").tolist()
                              for d, docs in self.documents.items()},
@@ -239,14 +384,18 @@ def evaluate_domains(model, eval_blocks: dict, teacher: dict[str, Scores], label
     return {d: summarize(score(model, b, desc=f"eval {label} ({d})"), teacher[d]) for d, b in eval_blocks.items()}
 
 
-def teacher_scores(model, eval_blocks: dict, path: Path, progress: Progress) -> dict[str, Scores]:
+def teacher_scores(model, eval_blocks: dict, path: Path, progress: Progress, evaluates: bool = True
+                   ) -> dict[str, Scores] | None:
     """The teacher's scores per domain, computed once and kept (its predictions as safetensors)."""
     saved = progress.get("eval.teacher_raw")
     if saved is not None and path.is_file():
         predictions = load_tensors(path)
         return {d: Scores(nll=s["nll"], tokens=s["tokens"], predictions=predictions[d]) for d, s in saved.items()}
+    if not evaluates:
+        return None
     scores = {d: score(model, blocks, desc=f"eval teacher ({d})") for d, blocks in eval_blocks.items()}
-    atomic_save_tensors({d: s.predictions for d, s in scores.items()}, path)
+    if distributed.is_main():
+        atomic_save_tensors({d: s.predictions for d, s in scores.items()}, path)
     progress.put("eval.teacher_raw", {d: {"nll": s.nll, "tokens": s.tokens} for d, s in scores.items()})
     return scores
 
@@ -274,29 +423,29 @@ def stage_summary(result, trainable: int, distinct: int) -> dict[str, Any]:
     }
 
 
-def run_baseline(
-    config: RunConfig, name: str, baseline: dict, out: Path, device, dtype, data, teacher, probes: LongRange
-) -> dict[str, Any]:
+def run_baseline(recipe: Recipe, name: str, baseline: dict) -> dict[str, Any] | None:
     """A constant-memory baseline, untrained and after the same budget of stage 2 as the student."""
+    config, data, probes, evaluates = recipe.config, recipe.data, recipe.probes, recipe.evaluates
     settings = method_settings(baseline["method"], baseline.get("attention") or {})
-    teacher_model, _ = load_teacher(config.model, dtype=dtype)
-    model = LinearizedForCausalLM.from_teacher(teacher_model.to(device), baseline["method"], settings)
+    teacher_model, _ = load_teacher(config.model, dtype=recipe.dtype)
+    model = LinearizedForCausalLM.from_teacher(teacher_model.to(recipe.device), baseline["method"], settings)
     summary: dict[str, Any] = {"method": baseline["method"], "attention": settings_dict(settings), "eval": {},
                                "softmax_keys": get_method(baseline["method"]).softmax_keys(settings)}
-    summary["eval"]["untrained"] = evaluate_domains(model, data.eval, teacher, f"{name} untrained")
-    if probes.enabled:
-        summary["long_range"] = {"untrained": probes.measure(model, f"{name} untrained")}
+    if evaluates:
+        summary["eval"]["untrained"] = evaluate_domains(model, data.eval, recipe.teacher, f"{name} untrained")
+        if probes.enabled:
+            summary["long_range"] = {"untrained": probes.measure(model, f"{name} untrained")}
     if config.finetune.enabled and "finetune" in get_method(baseline["method"]).stages:
-        work = out / "baselines" / slug(name)
-        model, result = finetune(
-            model, data.train, config.finetune, work, config.checkpoint_every, config.seed, teacher_targets(config, out)
-        )
+        work = recipe.out / "baselines" / slug(name)
+        model, result = finetune(model, data.train, config.finetune, work, config.checkpoint_every, config.seed,
+                                 recipe.targets, engine=recipe.engine)
         summary["finetune"] = stage_summary(result, count_parameters(model)["trainable"], config.finetune.tokens)
         model.eval()
-        summary["eval"]["finetune"] = evaluate_domains(model, data.eval, teacher, name)
-        if probes.enabled:
-            summary["long_range"]["finetune"] = probes.measure(model, name)
-    return summary
+        if evaluates:
+            summary["eval"]["finetune"] = evaluate_domains(model, data.eval, recipe.teacher, name)
+            if probes.enabled:
+                summary["long_range"]["finetune"] = probes.measure(model, name)
+    return summary if distributed.is_main() else None
 
 
 def teacher_targets(config: RunConfig, out: Path) -> TeacherTargets | None:
@@ -311,6 +460,12 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def dataclass_replace(instance, **changes):
+    import dataclasses
+
+    return dataclasses.replace(instance, **changes)
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
@@ -318,5 +473,6 @@ def slug(name: str) -> str:
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
+    processes = f", {distributed.world()} processes" if distributed.world() > 1 else ""
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads{processes}, " \
+           f"torch {torch.__version__}"

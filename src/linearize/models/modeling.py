@@ -70,12 +70,14 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_teacher(
-        cls, teacher: PreTrainedModel, method: str, settings: Any, initialise: bool = True
+        cls, teacher: PreTrainedModel, method: str, settings: Any, initialise: bool = True,
+        device: torch.device | None = None,
     ) -> LinearizedForCausalLM:
         """Wrap a loaded teacher (its modules reused by reference, never copied: the teacher object becomes
         the student) and convert its attention. Teacher weights are frozen; the mixers' own parameters are
         trainable. `initialise`: let the method re-initialise weights (XATL's `init: random`); loading a
-        saved student passes False."""
+        saved student passes False. `device`: where the mixers are built (default: beside the teacher's
+        weights; a teacher whose weights are still on the meta device, to be streamed, gets them on the CPU)."""
         import dataclasses
 
         from linearize.methods import get_method, method_settings
@@ -92,7 +94,10 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
             model = cls(config)
         model.model, model.lm_head = teacher.model, teacher.lm_head
         teacher.requires_grad_(False)
-        swap_attention(model, method, settings, device=teacher.lm_head.weight.device)
+        if device is None:
+            device = teacher.lm_head.weight.device
+            device = torch.device("cpu") if device.type == "meta" else device
+        swap_attention(model, method, settings, device=device)
         if initialise:
             get_method(method).initialise(model, settings)
         model.generation_config = teacher.generation_config

@@ -32,6 +32,16 @@ def lora_config(config: FinetuneConfig) -> LoraConfig:
     )
 
 
+def with_lora(model: torch.nn.Module, config: FinetuneConfig):
+    """The model wrapped by peft with a fresh LoRA adapter; with `config.train_mixers` the mixers train too."""
+    peft_model = get_peft_model(model, lora_config(config))
+    if config.train_mixers:
+        for name, param in peft_model.named_parameters():
+            if ".mixer." in name:
+                param.requires_grad_(True)
+    return peft_model
+
+
 def training_blocks(config: FinetuneConfig, blocks: torch.Tensor, seed: int) -> list[int]:
     """The block indices stage 2 trains on, in order (the same on every resume)."""
     steps = max(1, min(len(blocks), config.tokens // blocks.shape[1]) // config.batch_size)
@@ -77,15 +87,29 @@ def finetune(
     checkpoint_every: int,
     seed: int = 0,
     targets: TeacherTargets | None = None,
+    engine=None,
 ) -> tuple[torch.nn.Module, TrainResult]:
     """Train on `config.tokens` tokens of `blocks` ([N, T]): LoRA adapters (and, with `config.train_mixers`,
     the mixers' own parameters), or with `config.full` every weight. With `targets`, the teacher's top-k
     distributions are read from (or first written to) that store instead of re-running the teacher; full
-    fine-tuning changes the teacher's own weights, so its targets must all be stored before it starts."""
+    fine-tuning changes the teacher's own weights, so its targets must all be stored before it starts.
+    `engine` (`linearize.train.parallel`): how the work spreads over processes (default: one); each global
+    batch of `config.batch_size` sequences is split over the ranks. A model already wrapped by peft (the
+    sharded path builds it so) is trained as it is."""
+    from peft import PeftModel
+
+    from linearize.train.parallel import Local
+
+    engine = engine or Local()
     torch.manual_seed(seed)  # LoRA's random init, the same whether or not the run was resumed
     ids = training_blocks(config, blocks, seed)
     device = next(model.parameters()).device
-    if config.full:
+    if config.gradient_checkpointing:
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if isinstance(model, PeftModel):
+        peft_model = model
+    elif config.full:
         if config.distill_weight > 0 and targets is None:
             raise LinearizeError("full fine-tuning distils from stored teacher targets: set finetune.distill_top_k > 0")
         missing = targets.missing(ids) if targets is not None and config.distill_weight > 0 else []
@@ -97,17 +121,14 @@ def finetune(
         peft_model = model
         model.requires_grad_(True)
     else:
-        peft_model = get_peft_model(model, lora_config(config))
-        if config.train_mixers:
-            for name, param in peft_model.named_parameters():
-                if ".mixer." in name:
-                    param.requires_grad_(True)
+        peft_model = with_lora(model, config)
     params = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
     unfreezer = None
     if config.unfreeze_threshold is not None:
         held = [p for name, p in params.items() if ".mixer." not in name]
         unfreezer = Unfreezer(held, config.unfreeze_threshold, config.unfreeze_window)
     steps = len(ids) // config.batch_size
+    trained = engine.wrap(peft_model)
 
     def teacher_logits(block_ids: list[int]) -> torch.Tensor:
         """The teacher is the same model with the adapter off and softmax attention on."""
@@ -116,9 +137,9 @@ def finetune(
             return peft_model(input_ids=blocks[block_ids].to(device), use_cache=False).logits
 
     def step_fn(step: int) -> dict:
-        batch = ids[step * config.batch_size : (step + 1) * config.batch_size]
+        batch = engine.share(ids[step * config.batch_size : (step + 1) * config.batch_size])
         inputs = blocks[batch].to(device)
-        out = peft_model(input_ids=inputs, labels=inputs, use_cache=False)
+        out = trained(input_ids=inputs, labels=inputs, use_cache=False)
         metrics = {"ce": out.loss.item()}
         loss = out.loss
         if config.distill_weight > 0:
@@ -147,5 +168,10 @@ def finetune(
         grad_clip=config.grad_clip,
         hint=" (finetune.lr)",
         before_step=unfreezer,
+        engine=engine,
+        model=trained,
     )
+    if config.gradient_checkpointing:
+        base = peft_model.get_base_model() if isinstance(peft_model, PeftModel) else peft_model
+        base.gradient_checkpointing_disable()
     return peft_model, result

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from linearize.checkpoint import load_params_strict, load_train_state, save_train_state
+from linearize.distributed import is_main
 from linearize.errors import LinearizeError
 
 
@@ -45,30 +45,36 @@ def run_steps(
     grad_clip: float | None = None,
     hint: str = "",
     before_step: Callable[[list[dict]], None] | None = None,
+    engine=None,
+    model: torch.nn.Module | None = None,
 ) -> TrainResult:
     """Run `total_steps` optimizer steps; `step_fn(step)` does forward + backward and returns at least
-    {"loss": float, "tokens": int}. Resumes from `state_dir` if a snapshot is there. `before_step(history)`
-    sees the history so far (restored on resume) before every step; a parameter without a gradient is left
-    alone by the optimizer (how progressive unfreezing holds weights)."""
+    {"loss": float, "tokens": int} (this rank's loss: the logged one is the mean over ranks). Resumes from
+    `state_dir` if a snapshot is there. `before_step(history)` sees the history so far (restored on resume)
+    before every step; a parameter without a gradient is left alone by the optimizer (how progressive
+    unfreezing holds weights). `engine` (`linearize.train.parallel`; default one process) says who writes
+    and reads the snapshots of `model` (the module that trains, wrapped as the engine wraps it)."""
+    if engine is None:
+        from linearize.train.parallel import Local
+
+        engine = Local()
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, min(warmup_steps, total_steps // 2), total_steps, min_lr_rate=min_lr_ratio
     )
     start, history, seconds = 0, [], 0.0
-    saved = load_train_state(state_dir)
-    if saved is not None:
-        tensors, optimizer_state, scheduler_state, progress = saved
-        load_params_strict(params, tensors, f"resume state in {state_dir}")
-        optimizer.load_state_dict(optimizer_state)
-        scheduler.load_state_dict(scheduler_state)
+    progress = engine.load_state(state_dir, model, params, optimizer, scheduler)
+    if progress is not None:
         start, history, seconds = progress["step"], progress["history"], progress["seconds"]
-    bar = tqdm(total=total_steps, initial=start, desc=name, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
+               disable=not is_main())
     began = time.perf_counter() - seconds
     for step in range(start, total_steps):
         optimizer.zero_grad(set_to_none=True)
         if before_step is not None:
             before_step(history)
         metrics = step_fn(step)
+        metrics = {k: engine.mean(v) if isinstance(v, float) else v for k, v in metrics.items()}
         if not math.isfinite(metrics["loss"]):
             raise LinearizeError(
                 f"{name}: loss is {metrics['loss']} at step {step + 1} (lr {scheduler.get_last_lr()[0]:.2e}); "
@@ -84,7 +90,7 @@ def run_steps(
         done = step + 1
         if done % checkpoint_every == 0 or done == total_steps:
             progress = {"step": done, "history": history, "seconds": time.perf_counter() - began}
-            save_train_state(state_dir, dict(params), optimizer, scheduler, progress)
+            engine.save_state(state_dir, model, dict(params), optimizer, scheduler, progress)
     bar.close()
     return TrainResult(
         steps=total_steps,

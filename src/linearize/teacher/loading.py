@@ -127,6 +127,55 @@ def load_teacher(
     return model, tokenizer
 
 
+def teacher_directory(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The local directory holding the teacher's config.json, tokenizer and safetensors weights, without
+    loading any weight: the directory itself, the de-quantised cache of a GGUF teacher (built once), or a
+    hub model's snapshot (downloaded once by huggingface_hub). What `StreamedTeacher` reads block by block."""
+    name = os.fspath(name_or_path)
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = Path(name).expanduser()
+    if name == DEFAULT_TEACHER:
+        return _cached_gguf_dir(default_teacher_gguf(), cache_root)
+    if path.is_dir() and (path / "config.json").is_file():
+        check_model_type(_read_config(path, name), name)
+        return path
+    if path.is_dir() or path.is_file():
+        return _cached_gguf_dir(_gguf_in(path), cache_root)
+    if _looks_like_local_path(name):
+        raise LinearizeError(
+            f"teacher '{name}' does not exist: pass an existing model directory, a .gguf file, "
+            f"a hub id, or '{DEFAULT_TEACHER}'"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        check_model_type(AutoConfig.from_pretrained(name), name)
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except LinearizeError:
+        raise
+    except Exception as err:  # hub errors come in many types (network, auth, missing repo, ...)
+        raise LinearizeError(
+            f"could not download teacher '{name}' from the Hugging Face Hub: {err}. On a machine without "
+            "internet, download the model elsewhere and pass its local directory."
+        ) from err
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Any:
+    """The teacher's tokenizer alone (no weights loaded)."""
+    name = os.fspath(name_or_path)
+    return _load_tokenizer(teacher_directory(name, cache_dir), name)
+
+
+def _read_config(model_dir: Path, name: str) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as err:
+        raise LinearizeError(
+            f"cannot read the model config in '{model_dir}' (teacher '{name}'): {err}"
+        ) from err
+
+
 def _freeze(model: PreTrainedModel) -> None:
     model.eval()
     model.requires_grad_(False)
@@ -163,13 +212,7 @@ def _gguf_in(path: Path) -> Path:
 
 def _load_pretrained_dir(model_dir: Path, name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
     """Load a save_pretrained-style directory, checking the model family before reading weights."""
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError) as err:
-        raise LinearizeError(
-            f"cannot read the model config in '{model_dir}' (teacher '{name}'): {err}"
-        ) from err
-    check_model_type(config, name)
+    check_model_type(_read_config(model_dir, name), name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
