@@ -18,6 +18,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from linearize.evaluate import (
     summarize,
 )
 from linearize.generation import SAMPLE_PROMPTS, sample_generations
+from linearize.layers.attention import attention_mode
 from linearize.methods import get_method, method_settings
 from linearize.models import LinearizedForCausalLM
 from linearize.models.modeling import decoder_layers
@@ -51,7 +53,7 @@ from linearize.report import model_card, write_report
 from linearize.teacher import FileWeights, load_teacher, load_tokenizer, teacher_directory
 from linearize.teacher.streaming import empty_teacher, tied_names
 from linearize.train import finetune
-from linearize.train.finetune import training_blocks
+from linearize.train.finetune import training_blocks, with_lora
 from linearize.train.parallel import engine_for
 from linearize.train.targets import TeacherTargets
 from linearize.train.transfer import AttentionTransfer
@@ -127,6 +129,7 @@ class Recipe:
         self.fresh = False
         self.result: dict[str, Any] = {}
         self.model = self.teacher_model = self.tokenizer = None
+        self.table: list[dict] = []
 
     # --- prepare and plan ------------------------------------------------------------------------------------
 
@@ -219,13 +222,48 @@ class Recipe:
 
     def load_teacher(self) -> None:
         config = self.config
+        self.evaluates = distributed.is_main() or self.engine.sharded
+        if self.engine.sharded:  # the student is built, with its adapter, and sharded at once
+            self.log(f"loading teacher '{config.model}' on rank 0 and sharding it over {distributed.world()} "
+                     "processes (FSDP2)")
+            self.model, self.table = self.sharded_student(config.method, config.attention)
+            return
         self.log(f"loading teacher '{config.model}'")
         model, _ = load_teacher(config.model, dtype=self.dtype)
         self.teacher_model = model.to(self.device)
-        self.evaluates = distributed.is_main() or self.engine.sharded
+
+    def sharded_student(self, method: str, settings: Any) -> tuple[torch.nn.Module, list[dict]]:
+        """The converted student with its LoRA adapter, sharded over the ranks (FSDP2): rank 0 reads the
+        teacher whole into host memory, the others build its structure on the meta device, and each rank
+        keeps its shard. Returns it and its transfer table."""
+        config = self.config
+        if distributed.is_main():
+            teacher, _ = load_teacher(config.model, dtype=self.dtype)
+        else:
+            teacher = empty_teacher(self.text_config, self.dtype)
+            teacher.generation_config = generation_config(teacher_directory(config.model), self.text_config)
+        shapes = teacher_shapes(teacher)
+        model = LinearizedForCausalLM.from_teacher(teacher, method, settings)
+        table = transfer_table(shapes, model, copied=not self.random_init)
+        torch.manual_seed(config.seed)  # the adapter's initial values, as one process draws them in stage 2
+        model = with_lora(model, config.finetune)
+        return self.engine.shard(model, model.state_dict() if distributed.is_main() else None), table
+
+    @contextmanager
+    def teacher_view(self):
+        """The teacher: loaded on its own, or (sharded) the student with its adapter off and softmax attention."""
+        if self.teacher_model is not None:
+            yield self.teacher_model
+            return
+        with self.model.disable_adapter(), attention_mode(self.model, "softmax"):
+            yield self.model
 
     def evaluate_teacher(self) -> None:
-        model, config, data = self.teacher_model, self.config, self.data
+        with self.teacher_view() as model:
+            self.evaluate_teacher_model(model)
+
+    def evaluate_teacher_model(self, model) -> None:
+        config, data = self.config, self.data
         self.teacher = teacher_scores(model, data.eval, self.out / "teacher_predictions.safetensors", self.progress,
                                       self.evaluates)
         self.probes = LongRange(config, data, model, self.progress, self.evaluates)
@@ -245,9 +283,12 @@ class Recipe:
 
     def convert(self) -> None:
         config = self.config
-        shapes = teacher_shapes(self.teacher_model)
-        model = LinearizedForCausalLM.from_teacher(self.teacher_model, config.method, config.attention)
-        table = transfer_table(shapes, model, copied=not self.random_init)
+        if self.engine.sharded:
+            model, table = self.model, self.table
+        else:
+            shapes = teacher_shapes(self.teacher_model)
+            model = LinearizedForCausalLM.from_teacher(self.teacher_model, config.method, config.attention)
+            table = transfer_table(shapes, model, copied=not self.random_init)
         if distributed.is_main():
             atomic_write_text(self.out / "transfer_table.md", format_transfer_table(table))
         self.log(f"transfer: {transfer_counts(table)} (table: {self.out / 'transfer_table.md'})")
@@ -271,10 +312,14 @@ class Recipe:
         self.result["eval"]["untrained"] = self.evaluate("untrained", model)
         stitched = self.out / "stage1" / STITCHED
         if self.progress.get("stage.transfer") is not None:
-            params = {n: p for n, p in model.mixer_state_dict().items() if p.requires_grad}
-            load_params_strict(params, load_tensors(stitched, self.device), f"stage 1's mixers in {stitched}")
+            tensors = load_tensors(stitched, self.device)
+            if self.engine.sharded:
+                self.engine.load_full(model, {"base_model.model." + name: t for name, t in tensors.items()})
+            else:
+                params = {n: p for n, p in model.mixer_state_dict().items() if p.requires_grad}
+                load_params_strict(params, tensors, f"stage 1's mixers in {stitched}")
+                model.requires_grad_(False)
             self.result["stages"]["transfer"] = self.progress.get("stage.transfer")
-            model.requires_grad_(False)
             self.result["eval"]["transfer"] = self.evaluate("transfer", model)
         self.model = model
 
@@ -306,7 +351,7 @@ class Recipe:
         if not self.evaluates:
             return
         layer_blocks = torch.stack([b[0] for b in data.eval.values() if len(b)]) if data.eval else None
-        if layer_blocks is not None:
+        if layer_blocks is not None and not self.engine.sharded:  # a sharded layer is whole only in its forward
             report["layer_errors"] = self.progress.once("layers.student", self.main_only(
                 lambda: layer_errors(base_model(model), layer_blocks)))
         student_samples = self.progress.once("samples.student", self.main_only(
@@ -427,8 +472,11 @@ def run_baseline(recipe: Recipe, name: str, baseline: dict) -> dict[str, Any] | 
     """A constant-memory baseline, untrained and after the same budget of stage 2 as the student."""
     config, data, probes, evaluates = recipe.config, recipe.data, recipe.probes, recipe.evaluates
     settings = method_settings(baseline["method"], baseline.get("attention") or {})
-    teacher_model, _ = load_teacher(config.model, dtype=recipe.dtype)
-    model = LinearizedForCausalLM.from_teacher(teacher_model.to(recipe.device), baseline["method"], settings)
+    if recipe.engine.sharded:
+        model, _ = recipe.sharded_student(baseline["method"], settings)
+    else:
+        teacher_model, _ = load_teacher(config.model, dtype=recipe.dtype)
+        model = LinearizedForCausalLM.from_teacher(teacher_model.to(recipe.device), baseline["method"], settings)
     summary: dict[str, Any] = {"method": baseline["method"], "attention": settings_dict(settings), "eval": {},
                                "softmax_keys": get_method(baseline["method"]).softmax_keys(settings)}
     if evaluates:
@@ -453,6 +501,15 @@ def teacher_targets(config: RunConfig, out: Path) -> TeacherTargets | None:
     if config.finetune.distill_weight > 0 and config.finetune.distill_top_k > 0:
         return TeacherTargets(out / "teacher_targets", config.finetune.distill_top_k)
     return None
+
+
+def generation_config(directory: Path, text_config):
+    """The teacher's generation config, read without its weights."""
+    from transformers import GenerationConfig
+
+    if (directory / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(directory)
+    return GenerationConfig.from_model_config(text_config)
 
 
 def base_model(model):

@@ -44,18 +44,23 @@ def unwrap(model) -> tuple[LinearizedForCausalLM, Any]:
 
 
 def save_adapter(model, directory: Path, teacher: str | None = None, lora_tensors=None, tokenizer=None,
-                 card: str | None = None) -> Path:
-    """Adapter-only directory: what training made, and where the teacher comes from."""
+                 card: str | None = None, trained: dict[str, torch.Tensor] | None = None) -> Path:
+    """Adapter-only directory: what training made, and where the teacher comes from. `trained`: the model's
+    mixer and LoRA tensors by their names in `model`, when the model itself holds only shards of them."""
     from peft import get_peft_model_state_dict
 
     base, peft_model = unwrap(model)
     teacher = teacher or base.config.teacher
     if not teacher:
         raise LinearizeError("an adapter-only save needs the teacher's name or path (config.teacher)")
-    tensors = {name: p.detach() for name, p in base.mixer_state_dict().items()}
+    if trained is None:
+        tensors = {name: p.detach() for name, p in base.mixer_state_dict().items()}
+    else:
+        prefix = "base_model.model." if peft_model is not None else ""
+        tensors = {name.removeprefix(prefix): t for name, t in trained.items() if ".mixer." in name}
     lora = None
     if peft_model is not None:
-        lora_tensors = get_peft_model_state_dict(peft_model)
+        lora_tensors = get_peft_model_state_dict(peft_model, state_dict=trained)
         lora = lora_config_dict(peft_model.peft_config["default"])
     elif lora_tensors:
         lora = base.config.lora

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
+from linearize import distributed
 from linearize.config import FinetuneConfig
 from linearize.errors import LinearizeError
 from linearize.layers.attention import attention_mode
@@ -40,6 +41,23 @@ def with_lora(model: torch.nn.Module, config: FinetuneConfig):
             if ".mixer." in name:
                 param.requires_grad_(True)
     return peft_model
+
+
+def fill_targets_in_step(targets: TeacherTargets, ids: list[int], teacher_logits) -> None:
+    """Store every missing teacher target before a sharded stage 2, all ranks in step: a sharded forward
+    needs every rank, so no rank may skip a teacher pass another one makes. Each round, rank r computes
+    the r-th missing block (the last one again where a round is short) and keeps it."""
+    distributed.barrier()
+    missing = targets.missing(ids)  # the same list everywhere: nobody writes between the two barriers
+    distributed.barrier()
+    world, rank = distributed.world(), distributed.rank()
+    for start in range(0, len(missing), world):
+        chunk = missing[start : start + world]
+        block = chunk[min(rank, len(chunk) - 1)]
+        logits = teacher_logits([block])
+        if rank < len(chunk):
+            targets.put(block, logits[0])
+    distributed.barrier()
 
 
 def training_blocks(config: FinetuneConfig, blocks: torch.Tensor, seed: int) -> list[int]:
@@ -135,6 +153,9 @@ def finetune(
         adapter_off = nullcontext() if config.full else peft_model.disable_adapter()
         with torch.no_grad(), adapter_off, attention_mode(model, "softmax"):
             return peft_model(input_ids=blocks[block_ids].to(device), use_cache=False).logits
+
+    if engine.sharded and targets is not None and config.distill_weight > 0:
+        fill_targets_in_step(targets, ids, teacher_logits)
 
     def step_fn(step: int) -> dict:
         batch = engine.share(ids[step * config.batch_size : (step + 1) * config.batch_size])

@@ -115,6 +115,38 @@ class Sharded(Replicated):
         fully_shard(model, mesh=mesh)
         return model
 
+    def shard(self, model: nn.Module, full_state: dict[str, torch.Tensor] | None) -> nn.Module:
+        """Shard `model` over the ranks and fill every rank's shards from rank 0's `full_state` (its
+        state_dict; None on the other ranks, whose weights may be on the meta device): each rank then holds
+        1/N of every weight on its device and no rank but 0 ever held the whole model."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # computed, not stored
+        to_meta(model)
+        self.wrap(model)
+        model.to_empty(device=self.device)
+        with torch.no_grad():
+            for name, value in buffers.items():
+                model.get_buffer(name).copy_(value)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full_state if distributed.is_main() else {}, options=options)
+        return model
+
+    def load_full(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Load full tensors (every rank holds them: read from a shared file) into their shards, each rank
+        keeping its own slice (no communication)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        with torch.no_grad():
+            for name, full in tensors.items():
+                param = model.get_parameter(name)
+                if isinstance(param, DTensor):
+                    full = full.to(device=param.device, dtype=param.dtype)
+                    mine = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+                    param.to_local().copy_(mine.to_local())
+                else:
+                    param.copy_(full)
+
     def save_state(self, state_dir, model, params, optimizer, scheduler, progress) -> None:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -150,12 +182,30 @@ class Sharded(Replicated):
         return rest["progress"]
 
     def trained_tensors(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        """Full tensors of every trainable parameter, gathered to rank 0's CPU (None on other ranks)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        """Full tensors of the trainable and the mixer parameters, gathered to rank 0's CPU one at a time
+        (None on other ranks): what an adapter-only save holds."""
+        from torch.distributed.tensor import DTensor
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-        state = get_model_state_dict(model, options=options)
-        return state if distributed.is_main() else None
+        out = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad or ".mixer." in name:
+                full = param.full_tensor() if isinstance(param, DTensor) else param
+                if distributed.is_main():
+                    out[name] = full.detach().cpu()
+        return out if distributed.is_main() else None
+
+
+def to_meta(model: nn.Module) -> None:
+    """Every parameter replaced by an empty one on the meta device (ties and requires_grad kept)."""
+    replaced: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is None:
+                continue
+            if id(param) not in replaced:
+                empty = torch.empty(param.shape, dtype=param.dtype, device="meta")
+                replaced[id(param)] = nn.Parameter(empty, requires_grad=param.requires_grad)
+            module._parameters[key] = replaced[id(param)]
 
 
 def write_sharded_state(state_dir: Path, tensors: dict, optimizer_state: dict, scheduler_state: dict,
@@ -201,6 +251,9 @@ def engine_for(tune, stage2, device: torch.device) -> Local:
         raise LinearizeError(f"finetune.parallel must be one of {', '.join(PARALLEL)}, got '{tune.parallel}'")
     if distributed.world() == 1:
         return Local()
+    if tune.parallel == "fsdp" and tune.full:
+        raise LinearizeError("finetune.full (every weight trains, saved whole) runs replicated: set finetune.parallel "
+                             "to ddp, or train LoRA adapters (finetune.full: false) when the model must be sharded")
     if tune.unfreeze_threshold is not None:
         raise LinearizeError("finetune.unfreeze_threshold (progressive unfreezing) changes which weights train in "
                              "the middle of a run, which DDP and FSDP do not follow: run it in one process")
@@ -208,5 +261,6 @@ def engine_for(tune, stage2, device: torch.device) -> Local:
     if choice == "auto":
         from linearize.plan import device_memory
 
-        choice = "ddp" if stage2 is None or stage2.ddp <= device_memory(device) else "fsdp"
+        fits = stage2 is None or stage2.ddp <= device_memory(device)
+        choice = "ddp" if fits or tune.full else "fsdp"
     return Sharded(device) if choice == "fsdp" else Replicated(device)
