@@ -8,6 +8,7 @@
     linearize report OUTPUT_DIR                 (regenerate report.md / report.html)
     linearize compare OUTPUT_DIR OUTPUT_DIR ... [--output DIR]
     linearize config [--config FILE|NAME] [key.sub=value ...]   (print the resolved config)
+    linearize plan MODEL [--memory GIB] [--per-node N] [key.sub=value ...]   (memory, disk, layout; no weights)
     linearize methods                           (the methods, their stages and attention keys)
 """
 
@@ -49,6 +50,36 @@ def cmd_run(args: argparse.Namespace) -> None:
             print(json.dumps({k: report[k] for k in ("method", "teacher", "eval", "seconds_total")}))
     finally:
         distributed.shutdown()
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    """What a run needs for a model, from its config alone, and a layout on the devices described."""
+    from linearize.api import load_config
+    from linearize.plan import (
+        GiB,
+        Plan,
+        choose_store,
+        disk_budget,
+        format_plan,
+        model_shape,
+        stage1_plan,
+        stage2_plan,
+        suggest_layout,
+    )
+    from linearize.teacher import load_teacher_config
+
+    config = load_config(resolve_config_path(args.config), [*args.overrides, f"model={args.model}"])
+    text_config = load_teacher_config(args.model)
+    shape = model_shape(text_config, config.method, config.attention, config.finetune.target_modules,
+                        config.finetune.lora_r)
+    stage1 = stage1_plan(shape, config, args.device) if config.transfer.enabled else None
+    if stage1 is not None and config.transfer.disk_budget is not None:
+        stage1.budget = disk_budget(config)
+        stage1.store = choose_store(stage1, config.transfer.store, stage1.budget)
+    stage2 = stage2_plan(shape, config, args.device) if config.finetune.enabled else None
+    plan = Plan(shape, config.dtype, stage1, stage2, args.device)
+    layout = suggest_layout(shape, config, args.memory * GiB, args.per_node, args.device)
+    print(format_plan(plan, layout))
 
 
 def cmd_config(args: argparse.Namespace) -> None:
@@ -246,6 +277,15 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true", help="discard a previous run in output_dir instead of resuming")
     run.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. transfer.tokens=8192")
     run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="the memory, disk and layout a run needs, from the model's config alone")
+    plan.add_argument("model", help="a config.json, a model directory, a .gguf file, a hub id or the default")
+    plan.add_argument("--config", help="YAML file or shipped config name whose settings to plan")
+    plan.add_argument("--memory", type=float, default=80.0, help="GiB of memory per device (default 80)")
+    plan.add_argument("--per-node", type=int, default=8, help="devices per node (default 8)")
+    plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="what the devices are (default cuda)")
+    plan.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. transfer.tokens=20000000")
+    plan.set_defaults(func=cmd_plan)
 
     methods = sub.add_parser("methods", help="list the methods, their stages and their attention keys")
     methods.set_defaults(func=cmd_methods)

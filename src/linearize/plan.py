@@ -141,7 +141,7 @@ def rows_of(tokens: int, seq_len: int, batch_size: int) -> int:
 
 def stage1_plan(shape: ModelShape, config, device: str = "cpu") -> Stage1Plan:
     """Disk per store and memory per process for `config.transfer` (a RunConfig)."""
-    from linearize.train.transfer import block_ranges
+    from linearize.train.transfer import block_ranges, shard_rows
 
     transfer, tune, seq_len = config.transfer, config.finetune, config.data.seq_len
     check_layers_per_block(transfer.layers_per_block, shape.layers)
@@ -174,7 +174,8 @@ def stage1_plan(shape: ModelShape, config, device: str = "cpu") -> Stage1Plan:
             sum(shape.mixer_params[i] for i in b) for b in blocks) * (ADAM_BYTES - 4)
         kept = batch * seq_len * largest * pair * 4  # a step's layer inputs and outputs, in fp32
         if store == "layers":  # and the collection's shard of them, before it is written
-            kept = max(kept, min(16, rows) * seq_len * largest * pair * (weight + cache))
+            shard = shard_rows(seq_len * largest * pair * cache, rows, 1)
+            kept = max(kept, shard * seq_len * largest * pair * (weight + cache))
         graph = batch * seq_len * shape.heads * shape.head_dim * MIXER_FLOATS * 4
         teacher = batch * seq_len * (shape.hidden + shape.intermediate) * TEACHER_LAYER_FLOATS * weight
         logits = seq_len * shape.vocab * 4 * 3 if targets and store != "none" else 0
@@ -284,44 +285,54 @@ class Layout:
     stage2_nodes: int
     stage1_memory: float
     stage2_memory: float
+    gradient_checkpointing: bool
+    stage1_store: str = "blocks"
+    stage1_disk: float = 0.0
 
 
-def suggest_layout(shape: ModelShape, config, memory: float, per_node: int, device: str = "cuda") -> Layout:
-    """The layout that fits: the most layers per block whose stage-1 process fits `memory` (at the chosen
-    store), and for stage 2 DDP if the whole model fits one device, else FSDP over the fewest processes
-    that fit (whole nodes once past one). Refuses, with the reason, what fits nowhere."""
+def suggest_layout(shape: ModelShape, config, memory: float, per_node: int, device: str = "cuda",
+                   max_processes: int = 4096) -> Layout:
+    """The layout that fits devices of `memory` bytes: the most layers per block whose stage-1 process fits
+    (one block per process), and for stage 2 DDP when the whole model fits one device, else FSDP over the
+    fewest processes that fit (whole nodes once past one), with gradient checkpointing only if nothing
+    fits without it. Refuses, with the reason, what fits nowhere."""
     import dataclasses
 
     store = config.transfer.store if config.transfer.store != "auto" else "blocks"
-    candidates = [config.transfer.layers_per_block] if config.transfer.layers_per_block else \
-        range(shape.layers, 0, -1)
-    fitting = None
-    for size in candidates:
+    sizes = [config.transfer.layers_per_block] if config.transfer.layers_per_block else range(shape.layers, 0, -1)
+    stage1 = None
+    for size in sizes:
         transfer = dataclasses.replace(config.transfer, layers_per_block=size)
         plan = stage1_plan(shape, dataclasses.replace(config, transfer=transfer), device)
         if plan.memory[store] <= memory:
-            fitting = (size, plan)
+            stage1 = (size, plan)
             break
-    if fitting is None:
-        plan = stage1_plan(shape, dataclasses.replace(config, transfer=dataclasses.replace(
-            config.transfer, layers_per_block=candidates[-1])), device)
-        raise LinearizeError(f"stage 1 does not fit a device of {gib(memory)}: a block of "
-                             f"{candidates[-1]} layer(s) needs {gib(plan.memory[store])} per process")
-    size, plan1 = fitting
-    blocks = len(plan1.blocks)
-    stage1_processes = blocks  # one block each; fewer processes take several blocks in turn
-    plan2 = stage2_plan(shape, config, device, per_process_batch=1)
-    if plan2.ddp <= memory:
-        parallel, processes, stage2_memory = "ddp", per_node, plan2.ddp
-    else:
-        options = sorted(n for n in range(1, 1025) if (n <= per_node or n % per_node == 0))
-        found = next((n for n in options if stage2_plan(shape, config, device, (n,), 1).fsdp[n] <= memory), None)
-        if found is None:
-            raise LinearizeError(f"stage 2 does not fit devices of {gib(memory)} even sharded over 1024 processes")
-        parallel, processes = "fsdp", found
-        stage2_memory = stage2_plan(shape, config, device, (found,), 1).fsdp[found]
-    return Layout(size, stage1_processes, math.ceil(stage1_processes / per_node), parallel, processes,
-                  math.ceil(processes / per_node), plan1.memory[store], stage2_memory)
+        smallest = plan
+    if stage1 is None:
+        raise LinearizeError(f"stage 1 does not fit a device of {gib(memory)}: a block of {sizes[-1]} layer(s) needs "
+                             f"{gib(smallest.memory[store])} per process (transfer.store={store})")
+    size, plan1 = stage1
+    if not config.transfer.layers_per_block:  # small enough blocks to give a node's devices one each
+        size = min(size, math.ceil(shape.layers / per_node))
+        transfer = dataclasses.replace(config.transfer, layers_per_block=size)
+        plan1 = stage1_plan(shape, dataclasses.replace(config, transfer=transfer), device)
+    processes1 = len(plan1.blocks)  # one block each; fewer processes take several blocks in turn
+    counts = [n for n in range(1, max_processes + 1) if n <= per_node or n % per_node == 0]
+    for checkpointing in dict.fromkeys((config.finetune.gradient_checkpointing, True)):
+        tune = dataclasses.replace(config.finetune, gradient_checkpointing=checkpointing)
+        run = dataclasses.replace(config, finetune=tune)
+        ddp = stage2_plan(shape, run, device, per_process_batch=1).ddp
+        if ddp <= memory:
+            return Layout(size, processes1, math.ceil(processes1 / per_node), "ddp", per_node, 1,
+                          plan1.memory[store], ddp, checkpointing, store, plan1.disk[store])
+        for n in counts:
+            need = stage2_plan(shape, run, device, (n,), 1).fsdp[n]
+            if need <= memory:
+                return Layout(size, processes1, math.ceil(processes1 / per_node), "fsdp", n,
+                              math.ceil(n / per_node), plan1.memory[store], need, checkpointing, store,
+                              plan1.disk[store])
+    raise LinearizeError(f"stage 2 does not fit devices of {gib(memory)} even sharded over {max_processes} processes "
+                         "with gradient checkpointing: use devices with more memory or shorter data.seq_len")
 
 
 def format_plan(plan: Plan, layout: Layout | None = None) -> str:
@@ -358,9 +369,10 @@ def format_plan(plan: Plan, layout: Layout | None = None) -> str:
     if layout is not None:
         lines += [
             "",
-            f"suggested layout: stage 1 transfer.layers_per_block={layout.layers_per_block}, "
-            f"{layout.stage1_processes} process(es) on {layout.stage1_nodes} node(s) ({gib(layout.stage1_memory)} "
-            f"each); stage 2 finetune.parallel={layout.parallel} on {layout.stage2_processes} process(es), "
-            f"{layout.stage2_nodes} node(s) ({gib(layout.stage2_memory)} each)",
+            f"suggested layout: stage 1 transfer.layers_per_block={layout.layers_per_block} "
+            f"transfer.store={layout.stage1_store} ({gib(layout.stage1_disk)} stored), {layout.stage1_processes} "
+            f"process(es) on {layout.stage1_nodes} node(s) ({gib(layout.stage1_memory)} each); stage 2 finetune.parallel={layout.parallel} on {layout.stage2_processes} process(es), "
+            f"{layout.stage2_nodes} node(s) ({gib(layout.stage2_memory)} each"
+            + (", finetune.gradient_checkpointing=true)" if layout.gradient_checkpointing else ")"),
         ]
     return "\n".join(lines)

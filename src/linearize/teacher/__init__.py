@@ -9,6 +9,7 @@ from linearize.teacher.loading import (
     check_model_type,
     default_cache_dir,
     load_teacher,
+    load_teacher_config,
     load_tokenizer,
     teacher_directory,
 )
@@ -16,5 +17,5 @@ from linearize.teacher.streaming import FileWeights, InMemory
 
 __all__ = [
     "CACHE_FORMAT", "CACHE_MARKER", "DEFAULT_TEACHER", "FileWeights", "InMemory", "TeacherInfo", "check_model_type",
-    "default_cache_dir", "load_teacher", "load_tokenizer", "teacher_directory",
+    "default_cache_dir", "load_teacher", "load_teacher_config", "load_tokenizer", "teacher_directory",
 ]

@@ -161,6 +161,38 @@ def teacher_directory(name_or_path: str | os.PathLike[str], cache_dir: str | os.
         ) from err
 
 
+def load_teacher_config(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
+                        ) -> PretrainedConfig:
+    """The teacher's config alone, no weights read: a bare config.json file, a model directory, a .gguf file
+    (read from its header), the embedded default, or a hub id (config.json only is downloaded)."""
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".json":
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError) as err:
+            raise LinearizeError(f"cannot read '{path}' as a model config: {err}") from err
+    elif name == DEFAULT_TEACHER or (path.exists() and not (path / "config.json").is_file()):
+        gguf = default_teacher_gguf() if name == DEFAULT_TEACHER else _gguf_in(path)
+        try:
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as err:  # the GGUF reader raises ValueError, KeyError, struct errors, ...
+            raise LinearizeError(f"cannot read GGUF file '{gguf}': {err}") from err
+    elif path.is_dir():
+        config = _read_config(path, name)
+    elif _looks_like_local_path(name):
+        raise LinearizeError(f"teacher '{name}' does not exist: pass a config.json, a model directory, a .gguf file "
+                             f"or a hub id")
+    else:
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except Exception as err:  # hub errors come in many types
+            raise LinearizeError(f"could not read the config of '{name}' from the Hugging Face Hub: {err}; pass "
+                                 "its config.json instead") from err
+    check_model_type(config, name)
+    return config
+
+
 def load_tokenizer(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Any:
     """The teacher's tokenizer alone (no weights loaded)."""
     name = os.fspath(name_or_path)

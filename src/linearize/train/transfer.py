@@ -60,6 +60,11 @@ def block_ranges(num_layers: int, layers_per_block: int | None) -> list[range]:
     return [range(start, min(start + size, num_layers)) for start in range(0, num_layers, size)]
 
 
+def shard_rows(row_bytes: int, rows: int, world: int) -> int:
+    """Rows per shard: at most SHARD_BYTES and MAX_ROWS_PER_SHARD, and few enough that every rank gets work."""
+    return max(1, min(MAX_ROWS_PER_SHARD, SHARD_BYTES // max(row_bytes, 1), -(-rows // world)))
+
+
 def position_embeddings(model: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's rotary (cos, sin) for positions 0 .. T - 1 (training sequences start fresh)."""
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
@@ -129,8 +134,7 @@ class AttentionTransfer:
         heads = config.num_attention_heads * self.converted_head_dim()
         per_token = max(config.hidden_size, max((len(b) * (config.hidden_size + heads) for b in blocks), default=0))
         row_bytes = per_token * seq_len * torch.finfo(getattr(torch, self.config.cache_dtype)).bits // 8
-        fair = -(-len(self.sequences) // distributed.world())  # every rank gets a shard of the collection
-        rows_per_shard = max(1, min(MAX_ROWS_PER_SHARD, SHARD_BYTES // row_bytes, fair))
+        rows_per_shard = shard_rows(row_bytes, len(self.sequences), distributed.world())
         store = self.config.store
         if store == "auto":  # the fastest that fits half the free disk (the recipe decides through linearize.plan)
             from linearize.plan import free_disk
