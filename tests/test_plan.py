@@ -85,7 +85,8 @@ def test_the_disk_budget_picks_the_fastest_store_that_fits_and_refuses_one_that_
     assert choose_store(plan, "auto", 20e12) == "layers"
     assert choose_store(plan, "auto", 2e12) == "blocks"
     assert choose_store(plan, "auto", 1e9) == "none"
-    with pytest.raises(LinearizeError, match=r"transfer.store=layers stores 10.6 TiB .* disk budget of 1.0 TiB .* blocks 1.1 TiB"):
+    refusal = r"transfer.store=layers stores 10.6 TiB .* disk budget of 1.0 TiB .* blocks 1.1 TiB"
+    with pytest.raises(LinearizeError, match=refusal):
         choose_store(plan, "layers", 1000 * GiB)
 
 

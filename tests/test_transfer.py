@@ -127,7 +127,8 @@ def test_a_block_resumes_from_its_own_checkpoint_and_finished_blocks_are_not_red
         attention_transfer(model, sequences(), config, tmp_path, checkpoint_every=2)
     monkeypatch.setattr(transfer, "transfer_loss", real)
     blocks = tmp_path / "blocks"
-    finished = {b.name: (b / "result.json").stat().st_mtime_ns for b in blocks.iterdir() if (b / "result.json").exists()}
+    finished = {b.name: (b / "result.json").stat().st_mtime_ns for b in blocks.iterdir()
+                if (b / "result.json").exists()}
     assert sorted(finished) == ["block_00", "block_01"]
     assert json.loads((blocks / "block_02" / "state" / "state.json").read_text())["progress"]["step"] >= 2
 

@@ -1,7 +1,8 @@
 """`linearize run`: the recipe as a list of steps, each resumable on its own, each on its share of the ranks.
 
-    prepare -> attention transfer (collect block inputs, train each block, stitch) -> load the teacher ->
-    evaluate the teacher -> convert -> finetune -> evaluate the student -> save -> baselines -> report
+    prepare -> plan -> read data -> attention transfer (collect block inputs, train each block, stitch) ->
+    load the teacher -> evaluate the teacher -> convert -> finetune -> evaluate the student -> save ->
+    baselines -> report
 
 Every finished step's result is recorded in OUTPUT_DIR/progress.json; a killed run started again with the
 same config (and any number of processes) picks up at the last finished step, and inside a stage at its
@@ -50,7 +51,7 @@ from linearize.models.saving import save_adapter, save_full
 from linearize.models.transfer import format_transfer_table, teacher_shapes, transfer_counts, transfer_table
 from linearize.plan import Plan, choose_store, disk_budget, format_plan, model_shape, stage1_plan, stage2_plan
 from linearize.report import model_card, write_report
-from linearize.teacher import FileWeights, load_teacher, load_tokenizer, teacher_directory
+from linearize.teacher import FileWeights, load_teacher, load_teacher_config, load_tokenizer, teacher_directory
 from linearize.teacher.streaming import empty_teacher, tied_names
 from linearize.train import finetune
 from linearize.train.finetune import training_blocks, with_lora
@@ -111,8 +112,9 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
     device = distributed.device_of_rank(resolve_device(config.device))
     distributed.init(device)
     recipe = Recipe(config, device, log)
-    steps = (recipe.prepare, recipe.plan, recipe.transfer, recipe.load_teacher, recipe.evaluate_teacher,
-             recipe.convert, recipe.finetune, recipe.evaluate_student, recipe.save, recipe.baselines, recipe.report)
+    steps = (recipe.prepare, recipe.plan, recipe.read_data, recipe.transfer, recipe.load_teacher,
+             recipe.evaluate_teacher, recipe.convert, recipe.finetune, recipe.evaluate_student, recipe.save,
+             recipe.baselines, recipe.report)
     recipe.fresh = fresh
     for step in steps:
         step()
@@ -140,6 +142,10 @@ class Recipe:
         torch.manual_seed(config.seed)
         if distributed.world() > 1:
             self.log(f"{distributed.world()} processes (torchrun); rank 0 writes the results")
+
+    def read_data(self) -> None:
+        """Tokenized training and held-out blocks (every rank builds the same, deterministically)."""
+        config = self.config
         if distributed.is_main():  # a GGUF teacher is converted once, by one rank, before the others read it
             teacher_directory(config.model)
         distributed.barrier()
@@ -160,10 +166,8 @@ class Recipe:
 
     def plan(self) -> None:
         """What the run needs, printed before any weight loads; the stage-1 store chosen; what cannot fit refused."""
-        from transformers import AutoConfig
-
         config = self.config
-        self.text_config = AutoConfig.from_pretrained(teacher_directory(config.model))
+        self.text_config = load_teacher_config(config.model)
         shape = model_shape(self.text_config, config.method, config.attention, config.finetune.target_modules,
                             config.finetune.lora_r)
         kind = self.device.type if self.device.type in ("cpu", "cuda") else "cpu"
@@ -176,6 +180,11 @@ class Recipe:
                          "its teacher pass, the extra ones wait while blocks train (transfer.layers_per_block "
                          "smaller gives them blocks)")
         stage2 = stage2_plan(shape, config, kind) if config.finetune.enabled else None
+        if stage2 is not None and config.finetune.batch_size % distributed.world():
+            raise LinearizeError(
+                f"finetune.batch_size is the global batch, split over the processes: {config.finetune.batch_size} "
+                f"sequences do not split over {distributed.world()}; set finetune.batch_size to a multiple of "
+                f"{distributed.world()}")
         self.store = stage1.store if stage1 is not None else "none"
         self.engine = engine_for(config.finetune, stage2, self.device)
         plan = Plan(shape, config.dtype, stage1, stage2, kind)

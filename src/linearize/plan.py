@@ -370,9 +370,10 @@ def format_plan(plan: Plan, layout: Layout | None = None) -> str:
         lines += [
             "",
             f"suggested layout: stage 1 transfer.layers_per_block={layout.layers_per_block} "
-            f"transfer.store={layout.stage1_store} ({gib(layout.stage1_disk)} stored), {layout.stage1_processes} "
-            f"process(es) on {layout.stage1_nodes} node(s) ({gib(layout.stage1_memory)} each); stage 2 finetune.parallel={layout.parallel} on {layout.stage2_processes} process(es), "
-            f"{layout.stage2_nodes} node(s) ({gib(layout.stage2_memory)} each"
+            f"transfer.store={layout.stage1_store} ({gib(layout.stage1_disk)} stored), "
+            f"{layout.stage1_processes} process(es) on {layout.stage1_nodes} node(s) "
+            f"({gib(layout.stage1_memory)} each); stage 2 finetune.parallel={layout.parallel} on "
+            f"{layout.stage2_processes} process(es), {layout.stage2_nodes} node(s) ({gib(layout.stage2_memory)} each"
             + (", finetune.gradient_checkpointing=true)" if layout.gradient_checkpointing else ")"),
         ]
     return "\n".join(lines)

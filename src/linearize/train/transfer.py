@@ -323,7 +323,7 @@ class AttentionTransfer:
         atomic_save_tensors({n: p.detach() for n, p in params.items()}, directory / "mixers.safetensors")
         losses = {str(i): config.loss_weight * sum(v) / len(v) for i, v in sorted(per_layer.items())}
         summary = {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
-                   "history": result.history, "per_layer_loss": losses}
+                   "history": result.history, "per_layer_loss": losses, "rank": distributed.rank()}
         atomic_write_text(directory / "result.json", json.dumps(summary))  # last: the block is done
 
     # --- 3. stitch -----------------------------------------------------------------------------------------
