@@ -202,30 +202,35 @@ class Recipe:
             return
         if self.progress.get("stage.transfer") is not None and (stage_dir / STITCHED).is_file():
             return
-        directory = teacher_directory(config.model)
-        with torch.random.fork_rng(devices=[]):
-            skeleton = empty_teacher(self.text_config, self.dtype)
-            skeleton.model.rotary_emb.to(self.device)
-            skeleton.teacher_info = None
-            student = LinearizedForCausalLM.from_teacher(skeleton, config.method, config.attention, device=self.device)
-        params = {n: p for n, p in student.mixer_state_dict().items() if p.requires_grad}
+        stage = self.stage1()
+        params = stage.block_params_all()
         if not params:
             return
-        weights = FileWeights(directory, self.dtype, self.device, tied=tied_names(self.text_config))
-        transfer = dataclass_replace(config.transfer, store=self.store)
-        stage = AttentionTransfer(student, self.data.train, transfer, stage_dir, config.checkpoint_every,
-                                  config.seed, self.targets, weights)
         result = stage.run()
         if distributed.is_main():
             atomic_save_tensors({n: p.detach() for n, p in params.items()}, stage_dir / STITCHED)
         self.progress.put("stage.transfer", {
             **stage_summary(result, sum(p.numel() for p in params.values()), distinct=config.transfer.tokens),
             "store": self.store, "blocks": len(stage.layout.blocks), "processes": distributed.world(),
-            "peak_teacher_weights_bytes": weights.peak_bytes,
+            "peak_teacher_weights_bytes": stage.weights.peak_bytes,
         })
         distributed.barrier()
         if distributed.is_main():
             stage.remove_stored()  # disk, not results: rebuilt on demand
+
+    def stage1(self) -> AttentionTransfer:
+        """Stage 1 on a student whose teacher weights stay in their files (on the meta device) until a block
+        needs them."""
+        config = self.config
+        with torch.random.fork_rng(devices=[]):
+            skeleton = empty_teacher(self.text_config, self.dtype)
+            skeleton.model.rotary_emb.to(self.device)
+            student = LinearizedForCausalLM.from_teacher(skeleton, config.method, config.attention, device=self.device)
+        directory = teacher_directory(config.model)
+        weights = FileWeights(directory, self.dtype, self.device, tied=tied_names(self.text_config))
+        transfer = dataclass_replace(config.transfer, store=self.store)
+        return AttentionTransfer(student, self.data.train, transfer, self.out / "stage1", config.checkpoint_every,
+                                 config.seed, self.targets, weights)
 
     # --- the teacher -----------------------------------------------------------------------------------------
 

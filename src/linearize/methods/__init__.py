@@ -72,7 +72,15 @@ def _check_run(config: RunConfig) -> None:
             raise LinearizeError("transfer/finetune tokens, lr and batch_size must be positive")
         if not 0 < stage.min_lr_ratio <= 1:
             raise LinearizeError("transfer/finetune min_lr_ratio must lie in (0, 1]")
-    tune = config.finetune
+    transfer, tune = config.transfer, config.finetune
+    if transfer.store not in ("auto", "layers", "blocks", "none"):
+        raise LinearizeError(f"transfer.store must be auto, layers, blocks or none, got '{transfer.store}'")
+    if transfer.layers_per_block is not None and transfer.layers_per_block < 1:
+        raise LinearizeError(f"transfer.layers_per_block must be >= 1 (null: one), got {transfer.layers_per_block}")
+    if transfer.disk_budget is not None and transfer.disk_budget <= 0:
+        raise LinearizeError(f"transfer.disk_budget must be > 0 GiB (or null), got {transfer.disk_budget}")
+    if tune.parallel not in ("auto", "ddp", "fsdp"):
+        raise LinearizeError(f"finetune.parallel must be auto, ddp or fsdp, got '{tune.parallel}'")
     if tune.unfreeze_threshold is not None and not 0 < tune.unfreeze_threshold < 1:
         raise LinearizeError(f"finetune.unfreeze_threshold must lie in (0, 1), got {tune.unfreeze_threshold}")
     if tune.unfreeze_window < 1:

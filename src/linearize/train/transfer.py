@@ -265,6 +265,10 @@ class AttentionTransfer:
             random.Random(self.seed * 1000 + epoch).shuffle(ids)
         return ids
 
+    def block_params_all(self) -> dict[str, torch.nn.Parameter]:
+        """Every trainable mixer parameter, by model name: what stage 1 trains."""
+        return {n: p for b in range(len(self.layout.blocks)) for n, p in self.block_params(b).items()}
+
     def block_params(self, block: int) -> dict[str, torch.nn.Parameter]:
         return {f"model.layers.{i}.self_attn.mixer.{name}": p
                 for i in self.layout.blocks[block] if i in self.converted
