@@ -221,13 +221,16 @@ class Recipe:
     def stage1(self) -> AttentionTransfer:
         """Stage 1 on a student whose teacher weights stay in their files (on the meta device) until a block
         needs them."""
+        from transformers import AutoConfig
+
         config = self.config
+        directory = teacher_directory(config.model)
+        files_config = AutoConfig.from_pretrained(directory)  # the config its weight files were written with
         with torch.random.fork_rng(devices=[]):
-            skeleton = empty_teacher(self.text_config, self.dtype)
+            skeleton = empty_teacher(files_config, self.dtype)
             skeleton.model.rotary_emb.to(self.device)
             student = LinearizedForCausalLM.from_teacher(skeleton, config.method, config.attention, device=self.device)
-        directory = teacher_directory(config.model)
-        weights = FileWeights(directory, self.dtype, self.device, tied=tied_names(self.text_config))
+        weights = FileWeights(directory, self.dtype, self.device, tied=tied_names(files_config))
         transfer = dataclass_replace(config.transfer, store=self.store)
         return AttentionTransfer(student, self.data.train, transfer, self.out / "stage1", config.checkpoint_every,
                                  config.seed, self.targets, weights)
