@@ -103,6 +103,7 @@ def test_stage2_on_two_ranks_matches_one_process_with_the_same_global_batch(runs
         assert step == step2 and loss2 == pytest.approx(loss, rel=1e-5)
     report = json.loads((runs[engine] / "report.json").read_text())
     expected = json.loads((runs["one"] / "report.json").read_text())
+    assert report["stages"]["finetune"]["tokens"] == expected["stages"]["finetune"]["tokens"]  # all ranks' tokens
     for row in ("teacher", "untrained", "transfer", "finetune"):  # evaluated on rank 0 (all ranks when sharded)
         for domain, entry in expected["eval"][row].items():
             assert report["eval"][row][domain]["perplexity"] == pytest.approx(entry["perplexity"], rel=1e-4)

@@ -158,7 +158,8 @@ def finetune(
         fill_targets_in_step(targets, ids, teacher_logits)
 
     def step_fn(step: int) -> dict:
-        batch = engine.share(ids[step * config.batch_size : (step + 1) * config.batch_size])
+        whole = ids[step * config.batch_size : (step + 1) * config.batch_size]
+        batch = engine.share(whole)  # this rank's rows of the global batch
         inputs = blocks[batch].to(device)
         out = trained(input_ids=inputs, labels=inputs, use_cache=False)
         metrics = {"ce": out.loss.item()}
@@ -174,7 +175,7 @@ def finetune(
         loss.backward()
         if unfreezer is not None:
             metrics["unfrozen"] = int(unfreezer.unfrozen)
-        return {"loss": loss.item(), "tokens": inputs.numel(), **metrics}
+        return {"loss": loss.item(), "tokens": len(whole) * blocks.shape[1], **metrics}
 
     result = run_steps(
         name="stage 2: full fine-tuning" if config.full else "stage 2: LoRA",
