@@ -81,6 +81,12 @@ def worker(args) -> None:
         out["seconds"] = time.perf_counter() - started
         out["tokens"] = result.tokens
         out["trainable"] = count_parameters(peft_model)["trainable"]
+        from linearize.plan import model_shape, stage2_plan
+
+        shape = model_shape(recipe.text_config, config.method, config.attention, config.finetune.target_modules,
+                            config.finetune.lora_r)
+        per_process = config.finetune.batch_size // distributed.world()
+        out["plan_memory_bytes"] = stage2_plan(shape, config, device.type, per_process_batch=per_process).ddp
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     path = Path(args.result).with_suffix(f".rank{distributed.rank()}.json")
     path.write_text(json.dumps(out))
@@ -133,7 +139,8 @@ def main() -> None:
     work = (ROOT / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     common = [f"device={args.device}", "baselines={}", f"transfer.tokens={args.transfer_tokens}",
-              "transfer.epochs=1", f"finetune.tokens={args.finetune_tokens}", *args.overrides]
+              "transfer.epochs=1", f"finetune.tokens={args.finetune_tokens}", "finetune.batch_size=2",
+              *args.overrides]
     stage1 = common + ["transfer.store=blocks"]
     cores = os.cpu_count() or 2
     print(f"bench/scale.py: SmolLM2-135M, {args.device}, {cores} cores; stage 1 {args.transfer_tokens} tokens x 1 "
@@ -151,7 +158,7 @@ def main() -> None:
         results[f"disk_{store}"] = case(f"disk_{store}", "stage1", 1, 2, common + [
             f"transfer.store={store}", "transfer.layers_per_block=6", "finetune.distill_weight=0"], work)
     print("stage 2 (LoRA + mixers, global batch 2, DDP with 2 processes):", flush=True)
-    stage2 = common + ["transfer.enabled=false", "finetune.batch_size=2"]
+    stage2 = common + ["transfer.enabled=false"]
     results["s2_1x1"] = case("s2_1x1", "stage2", 1, 1, stage2, work)
     results["s2_1x2"] = case("s2_1x2", "stage2", 1, 2, stage2, work)
     results["s2_2x1"] = case("s2_2x1", "stage2", 2, 1, stage2, work)
@@ -167,6 +174,11 @@ def tables(r: dict) -> str:
         one, two_threads, two = tokens[f"{key}_1x1"], tokens[f"{key}_1x2"], tokens[f"{key}_2x1"]
         lines.append(f"| {stage} | {one:.1f} | {two_threads:.1f} | {two:.1f} | {two / one:.2f}x | "
                      f"{two / two_threads:.2f}x |")
+    lines += ["", "| stage 2, DDP | peak RSS per process | plan's estimate | plan / measured |", "|---|---:|---:|---:|"]
+    for name, key in (("1 process (batch 2)", "s2_1x2"), ("2 processes (batch 1 each)", "s2_2x1")):
+        entry = r[key]
+        lines.append(f"| {name} | {entry['peak_rss_bytes'] / MiB:.0f} MiB | {entry['plan_memory_bytes'] / MiB:.0f} "
+                     f"MiB | {entry['plan_memory_bytes'] / entry['peak_rss_bytes']:.2f} |")
     stream, whole = r["s1_stream4"], r["s1_whole"]
     lines += ["", "| stage 1 | peak RSS | plan's estimate | plan / measured | teacher weights resident at most |",
               "|---|---:|---:|---:|---:|"]

@@ -174,10 +174,14 @@ def load_teacher_config(name_or_path: str | os.PathLike[str], cache_dir: str | o
             raise LinearizeError(f"cannot read '{path}' as a model config: {err}") from err
     elif name == DEFAULT_TEACHER or (path.exists() and not (path / "config.json").is_file()):
         gguf = default_teacher_gguf() if name == DEFAULT_TEACHER else _gguf_in(path)
-        try:
-            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        except Exception as err:  # the GGUF reader raises ValueError, KeyError, struct errors, ...
-            raise LinearizeError(f"cannot read GGUF file '{gguf}': {err}") from err
+        entry, _ = _cache_entry(gguf, Path(cache_dir) if cache_dir is not None else default_cache_dir())
+        if _cache_entry_is_valid(entry):  # converted before: its config.json (the GGUF reader takes ~160 MB)
+            config = _read_config(entry, name)
+        else:
+            try:
+                config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            except Exception as err:  # the GGUF reader raises ValueError, KeyError, struct errors, ...
+                raise LinearizeError(f"cannot read GGUF file '{gguf}': {err}") from err
     elif path.is_dir():
         config = _read_config(path, name)
     elif _looks_like_local_path(name):
@@ -310,11 +314,7 @@ def _cached_gguf_dir(gguf: Path, cache_root: Path) -> Path:
     default), so every install of the same file shares one entry and an edited or replaced file gets a
     fresh one; entries left by earlier contents of the same path are removed when the new one is built.
     """
-    gguf = gguf.resolve()
-    stat = gguf.stat()
-    digest = _sha256(gguf)
-    fingerprint = {"gguf": str(gguf), "size": stat.st_size, "sha256": digest, "format": CACHE_FORMAT}
-    entry = cache_root / "teachers" / f"{_slug(gguf.stem)}-{digest[:12]}"
+    entry, fingerprint = _cache_entry(gguf, cache_root)
     if _cache_entry_is_valid(entry):
         return entry
     if entry.exists():
@@ -322,6 +322,14 @@ def _cached_gguf_dir(gguf: Path, cache_root: Path) -> Path:
     _build_gguf_cache(gguf, entry, fingerprint)
     _remove_stale_entries(entry, fingerprint)
     return entry
+
+
+def _cache_entry(gguf: Path, cache_root: Path) -> tuple[Path, dict[str, Any]]:
+    """Where the cache of `gguf` lives (built or not), and the fingerprint of its contents."""
+    gguf = gguf.resolve()
+    digest = _sha256(gguf)
+    fingerprint = {"gguf": str(gguf), "size": gguf.stat().st_size, "sha256": digest, "format": CACHE_FORMAT}
+    return cache_root / "teachers" / f"{_slug(gguf.stem)}-{digest[:12]}", fingerprint
 
 
 def _sha256(path: Path) -> str:

@@ -31,11 +31,19 @@ class TeacherTargets:
     def path(self, block: int) -> Path:
         return self.directory / f"block_{block:05d}.safetensors"
 
-    def put(self, block: int, logits: torch.Tensor) -> None:
-        """Keep the top-k log-probabilities of one block's teacher logits [T, V]."""
+    def top(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices int32, log-probabilities) of the top k of teacher logits [..., V]."""
         logprobs = F.log_softmax(logits.float(), dim=-1)
         values, indices = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
-        atomic_save_tensors({"indices": indices.to(torch.int32), "logprobs": values}, self.path(block))
+        return indices.to(torch.int32), values
+
+    def put(self, block: int, logits: torch.Tensor) -> None:
+        """Keep the top-k log-probabilities of one block's teacher logits [T, V]."""
+        self.write(block, *self.top(logits))
+
+    def write(self, block: int, indices: torch.Tensor, logprobs: torch.Tensor) -> None:
+        """Keep one block's top-k (indices [T, k], log-probabilities [T, k])."""
+        atomic_save_tensors({"indices": indices.to(torch.int32), "logprobs": logprobs.float()}, self.path(block))
 
     def missing(self, ids: list[int]) -> list[int]:
         return [i for i in ids if not self.path(i).is_file()]

@@ -50,8 +50,9 @@ from linearize.train.shards import ShardStore
 from linearize.train.targets import TeacherTargets
 
 STORES = ("layers", "blocks", "none")
-SHARD_BYTES = 256 << 20  # at most this much per shard file ...
+SHARD_BYTES = 64 << 20  # at most this much per shard file (gathered in memory before it is written) ...
 MAX_ROWS_PER_SHARD = 16  # ... and at most this many sequences: shards are also the ranks' unit of work
+TARGET_POSITIONS = 128  # positions whose teacher logits are computed at once for the stage-2 targets
 
 
 def block_ranges(num_layers: int, layers_per_block: int | None) -> list[range]:
@@ -232,18 +233,20 @@ class AttentionTransfer:
             out, recorded_part = run_teacher_layers(self.model, part, self.layout.blocks[block],
                                                     position_embeddings(self.model, part), record=recorded is not None)
             outputs.append(out)
-            for index, (x, y) in recorded_part.items():
-                pairs.setdefault(f"{index}.x", []).append(x)
-                pairs.setdefault(f"{index}.y", []).append(y)
+            for index, (x, y) in recorded_part.items():  # in the stored dtype at once: half the memory in bf16
+                pairs.setdefault(f"{index}.x", []).append(x.to(recorded.dtype))
+                pairs.setdefault(f"{index}.y", []).append(y.to(recorded.dtype))
         if recorded is not None:
             recorded.write(shard, {name: torch.cat(parts) for name, parts in pairs.items()})
         if following is not None:
             following.write(shard, {"hidden": torch.cat(outputs)})
-        if targets:
+        if targets:  # a few positions at a time: the logits of a whole sequence are T x vocabulary floats
             base = self.model.model
             for row, out in zip(rows, torch.cat(outputs)):
                 if self.targets.missing([row]):
-                    self.targets.put(row, self.model.lm_head(base.norm(out[None]))[0])
+                    tops = [self.targets.top(self.model.lm_head(base.norm(part[None]))[0])
+                            for part in out.split(TARGET_POSITIONS)]
+                    self.targets.write(row, torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops]))
 
     def block_input(self, block: int, rows: list[int]) -> torch.Tensor:
         """The teacher's hidden state entering block `block` for the given rows (no gradient)."""
