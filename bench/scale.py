@@ -45,7 +45,9 @@ def worker(args) -> None:
     recipe.plan()
     recipe.read_data()
     out: dict = {"rank": distributed.rank(), "world": distributed.world(), "threads": args.threads}
-    if args.worker == "stage1":
+    if args.worker == "floor":  # the process with its libraries and data, no weight loaded
+        out.update(seconds=1.0, tokens=0)
+    elif args.worker == "stage1":
         stage = recipe.stage1()
         started = time.perf_counter()
         stage.collect()
@@ -124,13 +126,15 @@ def case(name: str, kind: str, processes: int, threads: int, overrides: list[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", choices=["stage1", "stage2"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["floor", "stage1", "stage2"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--transfer-tokens", type=int, default=16384)
     parser.add_argument("--finetune-tokens", type=int, default=4096)
     parser.add_argument("--work", default="runs/bench-scale")
+    parser.add_argument("--cases", help="run only these cases (comma-separated), the others read from the last "
+                        "results.json in --work")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.worker:
@@ -145,29 +149,33 @@ def main() -> None:
     cores = os.cpu_count() or 2
     print(f"bench/scale.py: SmolLM2-135M, {args.device}, {cores} cores; stage 1 {args.transfer_tokens} tokens x 1 "
           f"epoch, stage 2 {args.finetune_tokens} tokens", flush=True)
-    results: dict[str, dict] = {}
-    print("stage 1, 5 layers per block (6 blocks), store blocks:", flush=True)
-    results["s1_1x1"] = case("s1_1x1", "stage1", 1, 1, stage1 + ["transfer.layers_per_block=5"], work)
-    results["s1_1x2"] = case("s1_1x2", "stage1", 1, 2, stage1 + ["transfer.layers_per_block=5"], work)
-    results["s1_2x1"] = case("s1_2x1", "stage1", 2, 1, stage1 + ["transfer.layers_per_block=5"], work)
-    print("stage 1 memory, the teacher streamed 4 layers per block against held whole (one block):", flush=True)
-    results["s1_stream4"] = case("s1_stream4", "stage1", 1, 2, stage1 + ["transfer.layers_per_block=4"], work)
-    results["s1_whole"] = case("s1_whole", "stage1", 1, 2, stage1, work)
-    print("stage-1 disk per token, 6 layers per block:", flush=True)
-    for store in ("layers", "blocks", "none"):
-        results[f"disk_{store}"] = case(f"disk_{store}", "stage1", 1, 2, common + [
-            f"transfer.store={store}", "transfer.layers_per_block=6", "finetune.distill_weight=0"], work)
-    print("stage 2 (LoRA + mixers, global batch 2, DDP with 2 processes):", flush=True)
     stage2 = common + ["transfer.enabled=false"]
-    results["s2_1x1"] = case("s2_1x1", "stage2", 1, 1, stage2, work)
-    results["s2_1x2"] = case("s2_1x2", "stage2", 1, 2, stage2, work)
-    results["s2_2x1"] = case("s2_2x1", "stage2", 2, 1, stage2, work)
-    (work / "results.json").write_text(json.dumps(results, indent=1))
+    disk = {f"disk_{store}": ("stage1", 1, 2, common + [f"transfer.store={store}", "transfer.layers_per_block=6",
+                                                       "finetune.distill_weight=0"])
+            for store in ("layers", "blocks", "none")}
+    cases = {  # name: (kind, processes, threads per process, settings)
+        "s1_1x1": ("stage1", 1, 1, stage1 + ["transfer.layers_per_block=5"]),
+        "s1_1x2": ("stage1", 1, 2, stage1 + ["transfer.layers_per_block=5"]),
+        "s1_2x1": ("stage1", 2, 1, stage1 + ["transfer.layers_per_block=5"]),
+        "floor": ("floor", 1, 2, stage1),
+        "s1_stream4": ("stage1", 1, 2, stage1 + ["transfer.layers_per_block=4"]),
+        "s1_whole": ("stage1", 1, 2, stage1),
+        **disk,
+        "s2_1x1": ("stage2", 1, 1, stage2),
+        "s2_1x2": ("stage2", 1, 2, stage2),
+        "s2_2x1": ("stage2", 2, 1, stage2),
+    }
+    saved = work / "results.json"
+    results = json.loads(saved.read_text()) if args.cases and saved.is_file() else {}
+    chosen = args.cases.split(",") if args.cases else list(cases)
+    for name in chosen:
+        results[name] = case(name, *cases[name], work)
+    saved.write_text(json.dumps(results, indent=1))
     print(tables(results))
 
 
 def tables(r: dict) -> str:
-    tokens = {k: v["tokens_per_second"] for k, v in r.items()}
+    tokens = {k: v["tokens_per_second"] for k, v in r.items() if v["tokens"]}
     lines = ["", "| stage | 1 process x 1 thread | 1 process x 2 threads | 2 processes x 1 thread | 2 processes / "
              "1 x 1 | 2 processes / 1 x 2 |", "|---|---:|---:|---:|---:|---:|"]
     for stage, key in (("stage 1 (tokens/s)", "s1"), ("stage 2 (tokens/s)", "s2")):
@@ -186,7 +194,10 @@ def tables(r: dict) -> str:
         lines.append(f"| {name} | {entry['peak_rss_bytes'] / MiB:.0f} MiB | {entry['plan_memory_bytes'] / MiB:.0f} "
                      f"MiB | {entry['plan_memory_bytes'] / entry['peak_rss_bytes']:.2f} | "
                      f"{entry['peak_teacher_weight_bytes'] / MiB:.0f} MiB |")
-    lines.append(f"streamed / whole peak RSS: {stream['peak_rss_bytes'] / whole['peak_rss_bytes']:.2f}")
+    floor = r["floor"]["peak_rss_bytes"]
+    lines.append(f"streamed / whole peak RSS: {stream['peak_rss_bytes'] / whole['peak_rss_bytes']:.2f}; the same "
+                 f"above the process's own {floor / MiB:.0f} MiB (libraries and data, no weights loaded): "
+                 f"{(stream['peak_rss_bytes'] - floor) / (whole['peak_rss_bytes'] - floor):.2f}")
     lines += ["", "| store (6 layers per block) | stored per token | plan's estimate | plan / measured |",
               "|---|---:|---:|---:|"]
     for store in ("layers", "blocks", "none"):

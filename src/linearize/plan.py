@@ -31,10 +31,11 @@ from linearize.errors import LinearizeError
 GiB = float(1 << 30)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Estimated constants (fitted on SmolLM2-135M, fp32, 2-core CPU, torch 2.13: bench/scale.py):
-RUNTIME_BYTES = {"cpu": 0.55 * GiB, "cuda": 0.6 * GiB}  # the process itself: Python, torch, kernels, data
+# the process itself: Python, torch and transformers (~0.5 GiB on a CPU), its data, the allocator's slack
+RUNTIME_BYTES = {"cpu": 0.7 * GiB, "cuda": 0.6 * GiB}
 MIXER_FLOATS = 24  # per token, query head and head dim: one layer's mixer graph in stage 1 (chunked window op)
 TEACHER_LAYER_FLOATS = 6  # per token and (hidden + intermediate): one teacher layer's transient activations
-STAGE2_LAYER_FLOATS = 12  # per token and (hidden + intermediate + heads x head_dim): a layer's saved activations
+STAGE2_LAYER_FLOATS = 11  # per token and (hidden + intermediate + heads x head_dim): a layer's saved activations
 LOGIT_COPIES = 4  # per token and vocabulary entry, fp32: logits, log-softmax, their gradient, the loss's
 ADAM_BYTES = 16  # per trainable parameter: fp32 value, gradient and AdamW's two moments
 STORES = ("layers", "blocks", "none")
@@ -141,7 +142,7 @@ def rows_of(tokens: int, seq_len: int, batch_size: int) -> int:
 
 def stage1_plan(shape: ModelShape, config, device: str = "cpu") -> Stage1Plan:
     """Disk per store and memory per process for `config.transfer` (a RunConfig)."""
-    from linearize.train.transfer import block_ranges, shard_rows
+    from linearize.train.transfer import TARGET_POSITIONS, block_ranges, shard_rows
 
     transfer, tune, seq_len = config.transfer, config.finetune, config.data.seq_len
     check_layers_per_block(transfer.layers_per_block, shape.layers)
@@ -178,7 +179,8 @@ def stage1_plan(shape: ModelShape, config, device: str = "cpu") -> Stage1Plan:
             kept = max(kept, shard * seq_len * largest * pair * (weight + cache))
         graph = batch * seq_len * shape.heads * shape.head_dim * MIXER_FLOATS * 4
         teacher = batch * seq_len * (shape.hidden + shape.intermediate) * TEACHER_LAYER_FLOATS * weight
-        logits = seq_len * shape.vocab * 4 * 3 if targets and store != "none" else 0
+        positions = min(seq_len, TARGET_POSITIONS)  # the stage-2 targets' logits, a few positions at a time
+        logits = positions * shape.vocab * 4 * 3 if targets and store != "none" else 0
         memory[store] = RUNTIME_BYTES[device] + weights[store] + mixers + kept + max(graph, teacher, logits)
     return Stage1Plan(blocks, rows, tokens, disk, memory, weights, targets)
 
