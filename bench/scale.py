@@ -40,7 +40,7 @@ def worker(args) -> None:
     config = load_config(None, args.overrides)
     device = distributed.device_of_rank(torch.device(config.device if config.device != "auto" else "cpu"))
     distributed.init(device)
-    recipe = Recipe(config, device, log=lambda msg: None)
+    recipe = Recipe(config, device, log=lambda msg: None, fresh=True)
     recipe.prepare()
     recipe.plan()
     recipe.read_data()

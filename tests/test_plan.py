@@ -105,6 +105,17 @@ def test_layouts_one_gpu_for_8b_a_node_for_70b_several_nodes_for_405b(shapes):
     assert qwen.parallel == "fsdp"
 
 
+def test_tied_embeddings_are_counted_once():
+    from helpers import make_tiny_model
+
+    config = run_config()
+    for tie in (False, True):
+        model = make_tiny_model("llama", tie_word_embeddings=tie)
+        shape = model_shape(model.config, config.method, config.attention, ["q_proj"], 8)
+        assert shape.teacher_params == sum(p.numel() for p in model.parameters())  # parameters() counts a tie once
+        assert (shape.head_params == 0) == tie
+
+
 def test_fsdp_divides_the_weights_and_ddp_holds_them_whole(shapes):
     plan = stage2_plan(shapes["Llama-3.1-70B"], run_config(), "cuda", processes=(2, 8))
     weights = shapes["Llama-3.1-70B"].teacher_params * 2

@@ -85,6 +85,7 @@ def test_a_streamed_teacher_holds_one_block_and_trains_the_same_mixers(reference
     whole.save_pretrained(tmp_path / "teacher")
     skeleton = empty_teacher(whole.config, torch.float32)
     assert all(p.is_meta for p in skeleton.parameters())
+    assert (skeleton.lm_head.weight is skeleton.model.embed_tokens.weight) == whole.config.tie_word_embeddings
     model = LinearizedForCausalLM.from_teacher(skeleton, "hybrid", ATTENTION)
     weights = FileWeights(tmp_path / "teacher", torch.float32, tied=tied_names(whole.config))
     targets = TeacherTargets(tmp_path / "targets", top_k=8)

@@ -111,11 +111,10 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
     torchrun, every rank calls this; rank 0 returns the report, the others what they computed."""
     device = distributed.device_of_rank(resolve_device(config.device))
     distributed.init(device)
-    recipe = Recipe(config, device, log)
+    recipe = Recipe(config, device, log, fresh)
     steps = (recipe.prepare, recipe.plan, recipe.read_data, recipe.transfer, recipe.load_teacher,
              recipe.evaluate_teacher, recipe.convert, recipe.finetune, recipe.evaluate_student, recipe.save,
              recipe.baselines, recipe.report)
-    recipe.fresh = fresh
     for step in steps:
         step()
     return recipe.result
@@ -124,11 +123,11 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
 class Recipe:
     """The state the steps share: config, data, models, the report being built."""
 
-    def __init__(self, config: RunConfig, device: torch.device, log: Callable[[str], None]):
+    def __init__(self, config: RunConfig, device: torch.device, log: Callable[[str], None], fresh: bool = False):
         self.config, self.device, self.dtype = config, device, resolve_dtype(config.dtype)
         self.log = log if distributed.is_main() else (lambda msg: None)
         self.started = time.perf_counter()
-        self.fresh = False
+        self.fresh = fresh
         self.result: dict[str, Any] = {}
         self.model = self.teacher_model = self.tokenizer = None
         self.table: list[dict] = []
@@ -174,7 +173,10 @@ class Recipe:
         stage1 = stage1_plan(shape, config, kind) if config.transfer.enabled else None
         if stage1 is not None:
             stage1.budget = disk_budget(config)
-            stage1.store = choose_store(stage1, config.transfer.store, stage1.budget)
+            # a resumed run keeps its first choice: what it stored since takes free space, not budget
+            chosen = self.progress.get("plan.store")
+            stage1.store = chosen or choose_store(stage1, config.transfer.store, stage1.budget)
+            self.progress.put("plan.store", stage1.store)
             if len(stage1.blocks) < distributed.world():
                 self.log(f"stage 1 has {len(stage1.blocks)} block(s) for {distributed.world()} processes: all share "
                          "its teacher pass, the extra ones wait while blocks train (transfer.layers_per_block "
@@ -188,7 +190,8 @@ class Recipe:
         self.store = stage1.store if stage1 is not None else "none"
         self.engine = engine_for(config.finetune, stage2, self.device)
         plan = Plan(shape, config.dtype, stage1, stage2, kind)
-        atomic_write_text(self.out / "plan.md", format_plan(plan) + "\n") if distributed.is_main() else None
+        if distributed.is_main():
+            atomic_write_text(self.out / "plan.md", format_plan(plan) + "\n")
         self.log("plan:\n" + format_plan(plan))
 
     # --- stage 1 -------------------------------------------------------------------------------------------

@@ -153,6 +153,7 @@ def empty_teacher(config, dtype: torch.dtype) -> nn.Module:
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN_IMPLEMENTATION, dtype=dtype)
+    model.tie_weights()  # not done for meta weights by from_config: the output embeddings are the input ones
     model.eval()
     model.requires_grad_(False)
     return model

@@ -79,7 +79,8 @@ class Replicated(Local):
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # a method may leave some of its parameters out of a forward (LoLCATS' window factor without a window)
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
     def share(self, batch: list[int]) -> list[int]:
         if len(batch) % distributed.world():
