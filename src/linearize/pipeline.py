@@ -157,6 +157,7 @@ class Recipe:
             eval_seq_len=config.data.eval_seq_len, text_field=config.data.text_field,
             long_tokens=config.data.long_context, long_documents_per_domain=config.data.long_documents,
         )
+        self.data.eval = {d: blocks for d, blocks in self.data.eval.items() if len(blocks)}  # eval_blocks: 0
         self.log(f"data: {data_summary(self.data)}")
         self.targets = teacher_targets(config, self.out)
         tune = config.finetune
@@ -410,8 +411,15 @@ class Recipe:
         elapsed = (self.progress.get("seconds") or 0) + time.perf_counter() - self.started
         self.result["seconds_total"] = self.progress.put("seconds", elapsed)
         if distributed.is_main():
-            write_report(self.result, self.out)
-            atomic_write_text(self.out / "model" / "README.md", model_card(self.result))
+            try:
+                write_report(self.result, self.out)
+                atomic_write_text(self.out / "model" / "README.md", model_card(self.result))
+            except Exception as err:  # the results are safe: say where, and how to render them again
+                raise LinearizeError(
+                    f"the run finished but its report could not be rendered ({type(err).__name__}: {err}). "
+                    f"Every result is in {self.out / 'report.json'} and the model in {self.out / 'model'}; once "
+                    f"the cause is fixed, `linearize report {self.out}` writes report.md and report.html"
+                ) from err
             self.log(f"report: {self.out / 'report.md'}")
         distributed.barrier()
 

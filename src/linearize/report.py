@@ -81,12 +81,15 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Training",
         "",
-        "| stage | distinct tokens | tokens processed | seconds | tokens/s | trainable parameters | final loss |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     stages = [(name, stage) for name, stage in report["stages"].items()]
     stages += [(f"{name} (baseline) {key}", value) for name, b in report.get("baselines", {}).items()
                for key, value in b.items() if key == "finetune"]
+    if stages:
+        lines += ["| stage | distinct tokens | tokens processed | seconds | tokens/s | trainable parameters | "
+                  "final loss |", "|---|---:|---:|---:|---:|---:|---:|"]
+    else:
+        lines.append("No stage trained (transfer.enabled and finetune.enabled are false): the untrained conversion.")
     for name, stage in stages:
         lines.append(
             f"| {name} | {stage['distinct_tokens']} | {stage['tokens']} | {stage['seconds']} | "
@@ -146,6 +149,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
 
 def recovery_table(report: dict[str, Any]) -> str:
     domains = list(report["eval"]["teacher"])
+    if not domains:
+        return "(no held-out evaluation: data.eval_blocks is 0)"
     lines = [
         "| model | " + " | ".join(f"{d} ppl | {d} ratio | {d} agreement" for d in domains) + " |",
         "|---|" + "---:|" * (3 * len(domains)),
@@ -236,8 +241,10 @@ def plot_positions(report: dict[str, Any], path: Path) -> bool:
     rows = long_range_rows(report)
     if not rows:
         return False
-    plt = _pyplot()
     domains = list(rows[0][1]["buckets"])
+    if not domains:  # the copy test alone (data.long_context: 0)
+        return False
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 3.8), squeeze=False)
     for ax, domain in zip(axes[0], domains):
         buckets = [b for b in rows[0][1]["buckets"][domain] if b.startswith("[")]
