@@ -76,6 +76,10 @@ CASES = {
     "no_distillation": {"finetune": {"distill_weight": 0}},
     "no_recall_memory": {"attention": {"window_size": 8, "sink_tokens": 2, "memory_buckets": 0}},
     "no_held_out_blocks": {"data": {"eval_blocks": 0}},
+    "no_stored_targets": {"finetune": {"distill_top_k": 0}},
+    "no_decay": {"attention": {"window_size": 8, "sink_tokens": 2, "decay": None}},
+    "a_softmax_layer_kept": {"attention": {"window_size": 8, "sink_tokens": 2, "softmax_layers": [0]}},
+    "blocks_of_one_layer": {"transfer": {"layers_per_block": 1, "store": "blocks"}},
 }
 
 
