@@ -14,22 +14,10 @@ from typing import Any
 
 import torch
 
-from linearize.checkpoint import DTYPES
 from linearize.config import RunConfig, deep_merge
+from linearize.devices import resolve_device, resolve_dtype
 from linearize.errors import LinearizeError
 from linearize.models import LinearizedConfig, LinearizedForCausalLM
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise LinearizeError(f"dtype '{name}' is not supported: choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -103,12 +91,6 @@ def export(model_dir: str | Path, out_dir: str | Path, format: str = "linearize"
     card_path = find_model_dir(model_dir) / "README.md"
     card = card_path.read_text() if card_path.is_file() else None
     return save_full(model, Path(out_dir), tokenizer=tokenizer, card=card)
-
-
-def settings_dict(settings: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(settings)
 
 
 def config_with(config: RunConfig, **changes: Any) -> RunConfig:

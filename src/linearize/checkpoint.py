@@ -46,6 +46,14 @@ def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, to
         ) from err
 
 
+def free_disk(path: str | Path) -> float:
+    """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return float(shutil.disk_usage(path).free)
+
+
 def atomic_replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written directory into place; the old one is removed only after the new one exists."""
     old = final.with_name(final.name + ".old")

@@ -39,7 +39,7 @@ def resolve_config_path(value: str | None) -> Path | None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from linearize import distributed
+    import linearize.distributed as distributed
     from linearize.api import load_config
     from linearize.pipeline import run
 

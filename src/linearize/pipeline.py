@@ -26,11 +26,11 @@ from typing import Any
 import torch
 import yaml
 
-from linearize import distributed
-from linearize.api import resolve_device, resolve_dtype, settings_dict
+import linearize.distributed as distributed
 from linearize.checkpoint import CONFIG_FILE, atomic_save_tensors, atomic_write_text, load_params_strict, load_tensors
 from linearize.config import RunConfig
 from linearize.data import build_blocks
+from linearize.devices import resolve_device, resolve_dtype
 from linearize.errors import LinearizeError
 from linearize.evaluate import (
     Scores,
@@ -44,12 +44,21 @@ from linearize.evaluate import (
 )
 from linearize.generation import SAMPLE_PROMPTS, sample_generations
 from linearize.layers.attention import attention_mode
-from linearize.methods import get_method, method_settings
+from linearize.methods import get_method, method_settings, settings_dict
 from linearize.models import LinearizedForCausalLM
 from linearize.models.modeling import decoder_layers
 from linearize.models.saving import save_adapter, save_full
 from linearize.models.transfer import format_transfer_table, teacher_shapes, transfer_counts, transfer_table
-from linearize.plan import Plan, choose_store, disk_budget, format_plan, model_shape, stage1_plan, stage2_plan
+from linearize.plan import (
+    Plan,
+    choose_store,
+    device_memory,
+    disk_budget,
+    format_plan,
+    model_shape,
+    stage1_plan,
+    stage2_plan,
+)
 from linearize.report import model_card, write_report
 from linearize.teacher import FileWeights, load_teacher, load_teacher_config, load_tokenizer, teacher_directory
 from linearize.teacher.streaming import empty_teacher, tied_names
@@ -189,7 +198,8 @@ class Recipe:
                 f"sequences do not split over {distributed.world()}; set finetune.batch_size to a multiple of "
                 f"{distributed.world()}")
         self.store = stage1.store if stage1 is not None else "none"
-        self.engine = engine_for(config.finetune, stage2, self.device)
+        self.engine = engine_for(config.finetune, stage2 is None or stage2.ddp <= device_memory(self.device),
+                                 self.device)
         plan = Plan(shape, config.dtype, stage1, stage2, kind)
         if distributed.is_main():
             atomic_write_text(self.out / "plan.md", format_plan(plan) + "\n")

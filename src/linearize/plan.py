@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from linearize.checkpoint import free_disk
 from linearize.errors import LinearizeError
 
 GiB = float(1 << 30)
@@ -72,8 +71,10 @@ class ModelShape:
 
 def model_shape(text_config, method: str, attention: Any, target_modules: list[str], lora_r: int) -> ModelShape:
     """Count everything on a meta-device copy of the teacher converted by `method` (no memory used)."""
+    from linearize.methods.base import head_dim_of
     from linearize.models import LinearizedForCausalLM
-    from linearize.models.modeling import check_supported, decoder_layers, head_dim_of
+    from linearize.models.modeling import decoder_layers
+    from linearize.teacher.families import check_supported
     from linearize.teacher.streaming import empty_teacher
 
     check_supported(getattr(text_config, "model_type", None))
@@ -212,14 +213,6 @@ def check_layers_per_block(layers_per_block: int | None, layers: int) -> None:
     if layers_per_block is not None and not 1 <= layers_per_block <= layers:
         raise LinearizeError(f"transfer.layers_per_block must lie in [1, {layers}] (the model has {layers} decoder "
                              f"layers; null = one block of all of them), got {layers_per_block}")
-
-
-def free_disk(path: str | Path) -> float:
-    """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
-    path = Path(path).resolve()
-    while not path.exists():
-        path = path.parent
-    return float(shutil.disk_usage(path).free)
 
 
 def device_memory(device: torch.device) -> float:

@@ -37,6 +37,11 @@ def method_settings(method: str, attention: dict[str, Any] | Any, prefix: str = 
     return settings
 
 
+def settings_dict(settings: Any) -> dict[str, Any]:
+    """A method's settings as a plain mapping."""
+    return dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(settings)
+
+
 def build_config(user: dict[str, Any]) -> RunConfig:
     """Base defaults <- the method's stage defaults <- user settings; every section checked."""
     method_name = user.get("method", RunConfig.method)
@@ -100,4 +105,5 @@ def load_config(path=None, overrides: list[str] | None = None) -> RunConfig:
     return build_config(load_user_config(path, overrides))
 
 
-__all__ = ["METHODS", "Method", "Shapes", "build_config", "get_method", "load_config", "method_settings"]
+__all__ = ["METHODS", "Method", "Shapes", "build_config", "get_method", "load_config", "method_settings",
+           "settings_dict"]

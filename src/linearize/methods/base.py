@@ -73,6 +73,19 @@ def check_fraction(key: str, value: float, low_open: bool = True, high_closed: b
         raise LinearizeError(f"attention.{key} must lie in {interval}, got {value}")
 
 
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def shapes_from_config(text_config) -> Shapes:
+    """The attention shapes of a teacher's config (a transformers PretrainedConfig)."""
+    return Shapes(
+        text_config.num_attention_heads, text_config.num_key_value_heads, head_dim_of(text_config),
+        hidden_size=text_config.hidden_size, norm_eps=getattr(text_config, "rms_norm_eps", 1e-6),
+        initializer_range=getattr(text_config, "initializer_range", 0.02),
+    )
+
+
 class Method:
     name: str = ""
     summary: str = ""

@@ -34,7 +34,7 @@ from torch import nn
 
 from linearize.errors import LinearizeError
 from linearize.layers.attention import Mixer
-from linearize.methods.base import Method, SwapSettings, check_choice
+from linearize.methods.base import Method, SwapSettings, check_choice, shapes_from_config
 
 
 @dataclass
@@ -173,8 +173,6 @@ class Xatl(Method):
 
 
 def shapes_of(model: nn.Module):
-    from linearize.models.modeling import shapes_from_config
-
     return shapes_from_config(getattr(model.config, "text_config", model.config))
 
 

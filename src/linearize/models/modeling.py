@@ -26,23 +26,17 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from linearize.errors import LinearizeError
 from linearize.layers.attention import TOKEN_IDS, LinearizedAttention
+from linearize.methods import get_method, method_settings
+from linearize.methods.base import shapes_from_config
 from linearize.models.configuration import LinearizedConfig
-
-ADAPTER_FILE = "linearize_adapter.safetensors"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def check_supported(model_type: str | None, name: str = "") -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        where = f" (teacher '{name}')" if name else ""
-        raise LinearizeError(
-            f"model type '{model_type}' is not supported{where}: supported are {', '.join(SUPPORTED_MODEL_TYPES)} "
-            "(decoder-only models whose attention has q/k/v/o projections with RoPE)"
-        )
-
-
-def head_dim_of(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+from linearize.models.saving import (
+    default_card,
+    find_adapter,
+    load_adapter_only,
+    save_adapter,
+    save_full,
+)
+from linearize.teacher.families import check_supported
 
 
 class LinearizedPreTrainedModel(PreTrainedModel):
@@ -78,10 +72,6 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
         trainable. `initialise`: let the method re-initialise weights (XATL's `init: random`); loading a
         saved student passes False. `device`: where the mixers are built (default: beside the teacher's
         weights; a teacher whose weights are still on the meta device, to be streamed, gets them on the CPU)."""
-        import dataclasses
-
-        from linearize.methods import get_method, method_settings
-
         if isinstance(teacher, LinearizedForCausalLM):
             raise LinearizeError("this model is already linearized: convert the teacher, not the student")
         check_supported(getattr(teacher.config, "model_type", None))
@@ -187,8 +177,6 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
         """Full weights or adapter-only, as `config.weights` says (see the module docstring)."""
         if self.config.weights == "full":
             return super().save_pretrained(save_directory, *args, **kwargs)
-        from linearize.models.saving import save_adapter
-
         if kwargs.get("push_to_hub"):
             raise LinearizeError("push an adapter-only model with model.push_to_hub(repo_id)")
         save_adapter(self, Path(save_directory), lora_tensors=getattr(self, "lora_tensors", None))
@@ -210,8 +198,6 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
 
         from huggingface_hub import HfApi
 
-        from linearize.models.saving import default_card, save_adapter, save_full
-
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
@@ -226,8 +212,6 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        from linearize.models.saving import find_adapter, load_adapter_only
-
         adapter = find_adapter(pretrained_model_name_or_path, kwargs)
         if adapter is not None:
             return load_adapter_only(cls, pretrained_model_name_or_path, adapter, **kwargs)
@@ -253,21 +237,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def shapes_from_config(text_config):
-    from linearize.methods import Shapes
-
-    return Shapes(
-        text_config.num_attention_heads, text_config.num_key_value_heads, head_dim_of(text_config),
-        hidden_size=text_config.hidden_size, norm_eps=getattr(text_config, "rms_norm_eps", 1e-6),
-        initializer_range=getattr(text_config, "initializer_range", 0.02),
-    )
-
-
 def swap_attention(model: nn.Module, method: str, settings: Any, device: torch.device | None = None) -> None:
     """Replace every attention module except `settings.softmax_layers` by a `LinearizedAttention` with
     the method's mixer; teacher projections are reused by reference."""
-    from linearize.methods import get_method, method_settings
-
     impl = get_method(method)
     settings = method_settings(method, settings)
     layers = decoder_layers(model)

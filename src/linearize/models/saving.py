@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from linearize.checkpoint import atomic_replace_dir, load_params_strict, load_tensors
 from linearize.errors import LinearizeError
 from linearize.models.configuration import LinearizedConfig
-from linearize.models.modeling import ADAPTER_FILE, LinearizedForCausalLM
 
+ADAPTER_FILE = "linearize_adapter.safetensors"
 LORA_PREFIX = "lora::"  # adapter-file names of LoRA tensors, apart from the mixers' parameter names
 
 
@@ -32,13 +32,13 @@ def lora_config_dict(peft_config) -> dict[str, Any]:
     }
 
 
-def unwrap(model) -> tuple[LinearizedForCausalLM, Any]:
+def unwrap(model) -> tuple[Any, Any]:
     """(the LinearizedForCausalLM, the PeftModel around it or None)."""
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
         return model.get_base_model(), model
-    if not isinstance(model, LinearizedForCausalLM):
+    if not isinstance(getattr(model, "config", None), LinearizedConfig):
         raise LinearizeError(f"expected a linearized model, got {type(model).__name__}")
     return model, None
 
@@ -81,7 +81,7 @@ def save_adapter(model, directory: Path, teacher: str | None = None, lora_tensor
     return directory
 
 
-def default_card(model: LinearizedForCausalLM) -> str:
+def default_card(model) -> str:
     return f"""---
 library_name: transformers
 tags: [linearize, linear-attention, {model.config.method}]
@@ -134,7 +134,7 @@ def find_adapter(name_or_path, kwargs: dict) -> str | None:
     return cached_file(name_or_path, ADAPTER_FILE, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
 
 
-def load_adapter_only(cls, name_or_path, adapter_path: str, **kwargs) -> LinearizedForCausalLM:
+def load_adapter_only(cls, name_or_path, adapter_path: str, **kwargs):
     """Teacher (named by the config) + conversion + the adapter's tensors, loaded strictly; LoRA merged."""
     from linearize.teacher import load_teacher
 
@@ -162,7 +162,7 @@ def load_adapter_only(cls, name_or_path, adapter_path: str, **kwargs) -> Lineari
     return model.eval()
 
 
-def merge_lora(model: LinearizedForCausalLM, lora: dict | None, tensors: dict, where: str) -> LinearizedForCausalLM:
+def merge_lora(model, lora: dict | None, tensors: dict, where: str):
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     if not lora:

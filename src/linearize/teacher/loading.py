@@ -26,6 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from linearize.errors import LinearizeError
+from linearize.teacher.families import check_supported
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,6 @@ def default_teacher_gguf() -> Path:
 
 def check_model_type(config: PretrainedConfig, name: str) -> str:
     """Return `config.model_type`, or raise a LinearizeError if the family is not supported."""
-    from linearize.models.modeling import check_supported
-
     check_supported(getattr(config, "model_type", None), name)
     return config.model_type
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from linearize import distributed
+import linearize.distributed as distributed
 from linearize.config import FinetuneConfig
 from linearize.errors import LinearizeError
 from linearize.layers.attention import attention_mode

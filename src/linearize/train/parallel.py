@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from linearize import distributed
+import linearize.distributed as distributed
 from linearize.checkpoint import (
     atomic_replace_dir,
     load_params_strict,
@@ -245,9 +245,9 @@ def read_sharded_state(state_dir: Path) -> tuple[dict, dict, dict[str, Any]]:
     return tensors, {"state": state, "param_groups": rest["param_groups"]}, rest
 
 
-def engine_for(tune, stage2, device: torch.device) -> Local:
+def engine_for(tune, fits: bool, device: torch.device) -> Local:
     """The engine stage 2 runs on: Local for one process; with several, `finetune.parallel` (auto: DDP when
-    the plan says the whole model fits one device, else FSDP2)."""
+    the whole model `fits` one device, as the plan estimates, else FSDP2)."""
     if tune.parallel not in PARALLEL:
         raise LinearizeError(f"finetune.parallel must be one of {', '.join(PARALLEL)}, got '{tune.parallel}'")
     if distributed.world() == 1:
@@ -260,8 +260,5 @@ def engine_for(tune, stage2, device: torch.device) -> Local:
                              "the middle of a run, which DDP and FSDP do not follow: run it in one process")
     choice = tune.parallel
     if choice == "auto":
-        from linearize.plan import device_memory
-
-        fits = stage2 is None or stage2.ddp <= device_memory(device)
         choice = "ddp" if fits or tune.full else "fsdp"
     return Sharded(device) if choice == "fsdp" else Replicated(device)

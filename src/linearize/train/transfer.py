@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from linearize import distributed
-from linearize.checkpoint import atomic_save_tensors, atomic_write_text, load_params_strict, load_tensors
+import linearize.distributed as distributed
+from linearize.checkpoint import atomic_save_tensors, atomic_write_text, free_disk, load_params_strict, load_tensors
 from linearize.config import TransferConfig
 from linearize.errors import LinearizeError
 from linearize.layers.attention import LinearizedAttention, attention_mode
@@ -138,8 +138,6 @@ class AttentionTransfer:
         rows_per_shard = shard_rows(row_bytes, len(self.sequences), distributed.world())
         store = self.config.store
         if store == "auto":  # the fastest that fits half the free disk (the recipe decides through linearize.plan)
-            from linearize.plan import free_disk
-
             cache = torch.finfo(getattr(torch, self.config.cache_dtype)).bits // 8
             tokens = len(self.sequences) * seq_len
             needed = {"layers": tokens * len(self.converted) * (config.hidden_size + heads) * cache,
