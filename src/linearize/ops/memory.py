@@ -20,7 +20,7 @@ token: f = id), then hashed, (f M) mod `buckets` (M = 2654435761: Knuth's multip
 that collide share an entry, the more recent one wins. Order i of the list owns table rows
 [i * buckets, (i + 1) * buckets). A key is stored under an order only when its n preceding tokens are all
 real (not padding, not before the row). Bigrams recall better than single tokens on code, where single
-tokens repeat too often; the last 1, 2, 3 and 4 tokens together better than any one (README, "What we
+tokens repeat too often; the last 1, 2, 3 and 4 tokens together better than any one (docs/results.md, "What we
 tried").
 """
 

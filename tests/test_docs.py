@@ -1,0 +1,92 @@
+"""The docs do not rot: the config reference lists exactly the schema's keys, and every `linearize` command
+in the README's and docs' shell blocks parses, its settings included."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from linearize.config import DataConfig, FinetuneConfig, RunConfig, TransferConfig, deep_merge, load_user_config
+from linearize.methods import METHODS, build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def reference_rows() -> dict[str, set[str]]:
+    """{section: keys} from the table in docs/config.md ("top level", "data", "attention (hybrid)", ...)."""
+    rows = {}
+    for line in (ROOT / "docs" / "config.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 2 or cells[0] in ("section", "---"):
+            continue
+        section = cells[0].replace("`", "")
+        keys = {re.match(r"`([a-z_]+)`", item.strip()).group(1) for item in cells[1].split(", ") if
+                re.match(r"`([a-z_]+)`", item.strip())}
+        rows[section] = keys
+    return rows
+
+
+def schema() -> dict[str, set[str]]:
+    sections = {"data": DataConfig, "transfer": TransferConfig, "finetune": FinetuneConfig}
+    out = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in sections.items()}
+    out["top level"] = {f.name for f in dataclasses.fields(RunConfig)} - set(sections) - {"attention"}
+    for name, method in METHODS.items():
+        out[f"attention ({name})"] = {f.name for f in dataclasses.fields(method.Settings)}
+    return out
+
+
+def test_the_config_reference_lists_exactly_the_schemas_keys():
+    documented, expected = reference_rows(), schema()
+    assert set(documented) == set(expected)
+    for section, keys in expected.items():
+        assert documented[section] == keys, f"{section}: missing {keys - documented[section]}, " \
+                                            f"unknown {documented[section] - keys}"
+
+
+def test_the_reference_check_fails_when_a_key_is_added_without_docs(monkeypatch):
+    @dataclasses.dataclass
+    class Grown(TransferConfig):
+        a_new_key: int = 0
+
+    monkeypatch.setitem(globals(), "TransferConfig", Grown)
+    with pytest.raises(AssertionError, match="a_new_key"):
+        test_the_config_reference_lists_exactly_the_schemas_keys()
+
+
+def shell_commands() -> list[tuple[str, str]]:
+    """(document, command) for every line of a ```bash block that runs linearize (continuations joined)."""
+    found = []
+    for document in DOCUMENTS:
+        for block in re.findall(r"```bash\n(.*?)```", document.read_text(), flags=re.S):
+            for command in block.replace("\\\n", " ").splitlines():
+                command = command.split(" # ")[0].strip()
+                if re.match(r"^(linearize |torchrun .*-m linearize )", command):
+                    found.append((document.name, command))
+    return found
+
+
+COMMANDS = shell_commands()
+
+
+def test_the_docs_have_commands_to_check():
+    assert len(COMMANDS) > 15 and {d for d, _ in COMMANDS} >= {"README.md", "scale.md"}
+
+
+@pytest.mark.parametrize("document,command", COMMANDS, ids=[f"{d}: {c[:60]}" for d, c in COMMANDS])
+def test_every_documented_command_parses(document, command):
+    from linearize.cli import parser, resolve_config_path
+
+    words = shlex.split(command)
+    args = parser().parse_args(words[words.index("linearize") + 1 :] if words[0] == "linearize" else
+                               words[words.index("-m") + 2 :])
+    if args.command in ("run", "config", "plan"):  # the settings are real keys with valid values
+        path = args.config
+        user = load_user_config(None, args.overrides)
+        if path is not None and (Path(path).is_file() or "/" not in path and not path.endswith(".yaml")):
+            user = deep_merge(load_user_config(resolve_config_path(path)), user)
+        build_config(user)
