@@ -379,7 +379,7 @@ def test_window_forms_agree_and_continue(window, sink_tokens, variant, padded, h
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_window_chunked_in_query_groups_equals_one_group(variant, padded, monkeypatch):
     """Long inputs are processed GROUP_TOKENS queries at a time; groups of 1 and 2 chunks give the same."""
-    import linearize.ops.window as window_ops
+    import linearize.ops.window.chunked as window_ops
 
     torch.manual_seed(12)
     args = window_args(variant, 6, 2)

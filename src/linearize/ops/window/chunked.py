@@ -1,0 +1,174 @@
+"""The chunked form of the window op: a fresh sequence, chunk by chunk (each query chunk against its own
+and the previous key chunk, the linear terms carried as a state between chunks); what training and
+prefill run."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..linear import append_ones, chunks, group_heads, readout, unchunk
+from ..state import DecodeState, real_positions
+from .common import _check, _inputs, _memory_inputs, _recalled, final_state
+
+
+def _block_masks(chunk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[C, 2C] masks for query chunk i (local t) against key chunks i - 1 and i (local j); chunk == window:
+    key (i - 1) C + j is in the window iff t < j <= t + C (older iff j <= t); j == t + C is the query."""
+    t = torch.arange(chunk, device=device)[:, None]
+    j = torch.arange(2 * chunk, device=device)[None, :]
+    return (j > t) & (j <= t + chunk), j == t + chunk
+
+
+def _with_previous_chunk(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Chunks along `dim` (the chunk axis; the next one is the position in the chunk) preceded by the
+    previous chunk: [..., N, C, ...] -> [..., N, 2C, ...] (zeros before the first)."""
+    return torch.cat([_previous_chunk(x, dim), x], dim=dim + 1)
+
+
+def _previous_chunk(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Chunk i - 1 in place of chunk i along the chunk axis `dim` (zeros for the first)."""
+    return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.narrow(dim, 0, x.shape[dim] - 1)], dim=dim)
+
+
+GROUP_TOKENS = 2048  # query chunks are processed this many tokens at a time: blocks stay cache-sized
+
+
+def _query_chunks(x: torch.Tensor, kv_heads: int, chunk: int) -> torch.Tensor:
+    """Queries [B, H, T, X] -> [B, Hk, N, G * C, X]: chunk n's queries of all G heads that read kv head k
+    in one contiguous matrix, so every product with chunk n's keys is a plain batched matmul."""
+    grouped = chunks(group_heads(x, kv_heads), chunk)  # [B, Hk, G, N, C, X]
+    return grouped.transpose(2, 3).flatten(3, 4).contiguous()
+
+
+def window_attention_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    *,
+    sink_tokens: int = 0,
+    fq: torch.Tensor | None = None,
+    fk: torch.Tensor | None = None,
+    log_gate: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    eps: float = 1e-6,
+    output_final_state: bool = False,
+    token_ids: torch.Tensor | None = None,
+    memory_buckets: int = 0,
+    memory_ngram: int | tuple[int, ...] = 1,
+) -> tuple[torch.Tensor, DecodeState | None]:
+    """Linear in T: chunks of size `window`. Query chunk i reaches its window in chunks i - 1 and i (one
+    [C, 2C] softmax block); the linear terms of chunk i - 1's keys that already left the window are one
+    [C, C] block, chunks <= i - 2 enter through their summed (decayed) state, carried by a short scan over
+    chunks; sinks add a [C, S] block against each row's first real tokens, counted where they lie
+    outside the window. No [N, N] or [C, C, F] tensor, and the blocks are built `GROUP_TOKENS` queries at
+    a time: memory and time grow linearly in T."""
+    _check(window, sink_tokens, fq, fk)
+    out_dtype = v.dtype
+    q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
+    batch, kv_heads, t, head_dim = k.shape
+    groups = q.shape[1] // kv_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    chunk = window
+    positions = real_positions(mask)
+    is_sink = mask & (positions < sink_tokens)
+
+    qc = _query_chunks(q, kv_heads, chunk)  # [B, Hk, N, G C, D]
+    n_chunks = qc.shape[2]
+    vc = chunks(append_ones(v), chunk)  # [B, Hk, N, C, D + 1]
+    keys_t = _with_previous_chunk(chunks(k, chunk), 2).transpose(-1, -2)  # [B, Hk, N, D, 2C]
+    values = _with_previous_chunk(vc, 2)  # [B, Hk, N, 2C, D + 1]
+    valid = _with_previous_chunk(chunks(mask[..., None].float(), chunk), 1)[..., 0].bool()  # [B, N, 2C]
+    in_window, itself = _block_masks(chunk, k.device)
+    hidden = ~((in_window & valid[:, :, None, :]) | itself)[:, None, :, None]  # [B, 1, N, 1, C, 2C]
+    memory_state = None
+    if memory_buckets > 0:
+        index, has, memory_state = _memory_inputs(token_ids, mask, positions, window, sink_tokens, memory_buckets,
+                                                  memory_ngram, n_chunks * chunk)
+        mem_kc = _recalled(k, index).unflatten(2, (n_chunks, chunk))  # [B, Hk, N, C, K, D]
+        mem_vc = _recalled(vc.flatten(2, 3), index).unflatten(2, (n_chunks, chunk))  # [B, Hk, N, C, K, D + 1]
+        mem_hidden = ~has.view(batch, 1, n_chunks, 1, chunk, -1)  # [B, 1, N, 1, C, K]
+
+    if sink_tokens > 0:
+        # slot j = the row's real token j; visible to query t when it lies outside t's window
+        slot = torch.where(is_sink, positions, sink_tokens)
+        where = torch.full((batch, sink_tokens + 1), -1, dtype=torch.long, device=k.device)
+        where = where.scatter(1, slot, torch.arange(t, device=k.device).expand(batch, t))[:, :sink_tokens]
+        gather = where.clamp(min=0)[:, None, :, None].expand(batch, kv_heads, sink_tokens, head_dim)
+        sink_keys_t = k.gather(2, gather).transpose(-1, -2)[:, :, None]  # [B, Hk, 1, D, S]
+        sink_values = append_ones(v.gather(2, gather))[:, :, None]  # [B, Hk, 1, S, D + 1]
+        query_index = torch.arange(n_chunks * chunk, device=k.device).view(n_chunks, chunk, 1)
+        sink_hidden = ~((where[:, None, None, :] >= 0) & (where[:, None, None, :] <= query_index - window))
+        sink_hidden = sink_hidden[:, None, :, None]  # [B, 1, N, 1, C, S]
+
+    if fk is not None:
+        # linear terms: query t of chunk i reads chunk i - 1's keys s <= t (local index) directly, and
+        # chunks <= i - 2 through the state after chunk i - 2 (a short scan over chunks, as the plain
+        # linear op), decayed by exp(A_t - A_s) with A the log-gate cumsum
+        fqc = _query_chunks(fq, kv_heads, chunk)  # [B, Hk, N, G C, F]
+        fkc = chunks(fk.masked_fill(is_sink[:, None, :, None], 0.0), chunk)  # [B, Hk, N, C, F]
+        previous_fk_t, previous_v = _previous_chunk(fkc, 2).transpose(-1, -2), _previous_chunk(vc, 2)
+        not_older = ~torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
+        from_state = fqc  # the queries' reads of the state, decayed from the end of chunk i - 2
+        if log_gate is None:
+            local = fkc.transpose(-1, -2) @ vc  # [B, Hk, N, F, D + 1]
+            chunk_decay = None
+        else:
+            total = chunks(log_gate.cumsum(-1)[..., None], chunk)[..., 0]  # [B, Hk, N, C]
+            log_decay = total[..., :, None] - _previous_chunk(total, 2)[..., None, :]  # [B, Hk, N, C, C]
+            older_decay = log_decay.masked_fill(not_older, float("-inf")).exp()[:, :, :, None]
+            end = total[..., -1]  # [B, Hk, N]: A at each chunk's end
+            local = (fkc * (end[..., None] - total).exp()[..., None]).transpose(-1, -2) @ vc  # decayed to its end
+            chunk_decay = (end - F.pad(end, (1, 0))[..., :-1]).exp()[..., None, None]  # [B, Hk, N, 1, 1]
+            end_before = F.pad(end, (2, 0))[..., :n_chunks]  # A at the end of chunk i - 2
+            query_decay = (total - end_before[..., None]).exp()[:, :, :, None, :, None]  # [B, Hk, N, 1, C, 1]
+            from_state = (fqc.view(*fqc.shape[:3], groups, chunk, -1) * query_decay).flatten(3, 4)
+        current = torch.zeros_like(local[:, :, 0])
+        states_before = [current, current]  # a query in chunk i reads the state after chunk i - 2
+        for i in range(n_chunks - 2):
+            current = current if chunk_decay is None else chunk_decay[:, :, i] * current
+            current = current + local[:, :, i]
+            states_before.append(current)
+        state_before = torch.stack(states_before[:n_chunks], dim=2)  # [B, Hk, N, F, D + 1]
+
+    def block(n: slice) -> torch.Tensor:
+        """Outputs [B, Hk, n, G C, D + 1] (numerator and normaliser) of query chunks n."""
+        shape = (batch, kv_heads, -1, groups, chunk)
+        scores = (qc[:, :, n] @ keys_t[:, :, n]).mul_(scale).view(*shape, 2 * chunk).masked_fill_(
+            hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, 2C]
+        row_max = scores.amax(-1, keepdim=True)
+        if sink_tokens > 0:
+            sink_scores = (qc[:, :, n] @ sink_keys_t).mul_(scale).view(*shape, sink_tokens).masked_fill_(
+                sink_hidden[:, :, n], float("-inf"))
+            row_max = torch.maximum(row_max, sink_scores.amax(-1, keepdim=True))
+        window_max = row_max  # c_t
+        if memory_buckets > 0:
+            # a query's K recalled keys are its own: products batched over (chunk, position), the G query
+            # heads of a group as the rows of one small matmul (no copy of the keys per head)
+            mem_scores = torch.einsum("bkngcd,bkncmd->bkngcm", qc[:, :, n].view(*shape, head_dim), mem_kc[:, :, n])
+            mem_scores = mem_scores.mul_(scale).masked_fill_(mem_hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, K]
+            row_max = torch.maximum(row_max, mem_scores.amax(-1, keepdim=True))
+        weights = (scores - row_max).exp_().flatten(3, 4)
+        o = weights @ values[:, :, n]
+        if sink_tokens > 0:
+            o = o + (sink_scores - row_max).exp_().flatten(3, 4) @ sink_values
+        if memory_buckets > 0:
+            o = o + torch.einsum("bkngcm,bkncmd->bkngcd", (mem_scores - row_max).exp_(), mem_vc[:, :, n]).flatten(3, 4)
+        if fk is not None:
+            lin = (fqc[:, :, n] @ previous_fk_t[:, :, n]).view(*shape, chunk)  # [B, Hk, n, G, C, C]
+            lin = lin.masked_fill(not_older, 0.0) if log_gate is None else lin * older_decay[:, :, n]
+            linear = lin.flatten(3, 4) @ previous_v[:, :, n] + from_state[:, :, n] @ state_before[:, :, n]
+            o = o + (linear if memory_buckets == 0 else linear * (window_max - row_max).exp().flatten(3, 4))
+        return o
+
+    per_block = max(1, GROUP_TOKENS // chunk)
+    o = torch.cat([block(slice(i, i + per_block)) for i in range(0, n_chunks, per_block)], dim=2)
+    o = readout(o, eps).view(batch, kv_heads, n_chunks, groups, chunk, head_dim).transpose(2, 3)
+    o = unchunk(o, t).flatten(1, 2).to(out_dtype)
+    state = None
+    if output_final_state:
+        state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens, memory_state=memory_state,
+                            table_dtype=out_dtype)
+    return o, state

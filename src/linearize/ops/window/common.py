@@ -1,0 +1,107 @@
+"""What every form of the window op shares: its inputs checked and laid out, the recall memory's inputs,
+the state after a fresh sequence."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import memory
+from ..linear import append_ones
+from ..state import DecodeState, full_mask
+
+
+def _inputs(q, k, v, fq, fk, log_gate, key_mask):
+    """Float32 copies; padding zeroed out of features and gates."""
+    batch, _, t, _ = k.shape
+    mask = full_mask(batch, t, k.device) if key_mask is None else key_mask.bool()
+    if fk is not None:
+        fk = fk.float().masked_fill(~mask[:, None, :, None], 0.0)
+        fq = fq.float()
+    if log_gate is not None:
+        log_gate = log_gate.float().masked_fill(~mask[:, None, :], 0.0)
+    return q.float(), k.float(), v.float(), fq, fk, log_gate, mask
+
+
+def final_state(
+    k, v, fk, log_gate, mask, positions, window: int, sink_tokens: int, seen: torch.Tensor | None = None,
+    memory_state: tuple | None = None, table_dtype: torch.dtype | None = None,
+) -> DecodeState:
+    """The DecodeState after processing a whole sequence from scratch (float32 inputs as from `_inputs`):
+    the last window - 1 tokens stay in the window, sinks that left it go to the sink slots, and the
+    other real tokens that left it are summed into the linear state (when features are given). The recall
+    memory's table is kept in `table_dtype`, the dtype the keys and values came in (bf16 keys lose nothing
+    in a bf16 table)."""
+    batch, kv_heads, t, head_dim = k.shape
+    keep = window - 1
+    start, pad = max(t - keep, 0), max(keep - t, 0)
+
+    def last(x, fill=0.0):  # [B, Hk, T, X] -> [B, Hk, keep, X]
+        return F.pad(x[:, :, start:], (0, 0, pad, 0), value=fill)
+
+    state = DecodeState(
+        seen=mask.sum(-1) if seen is None else seen + mask.sum(-1),
+        window_keys=last(k),
+        window_values=last(v),
+        window_valid=F.pad(mask[:, start:], (pad, 0), value=False),
+        window_position=F.pad(positions[:, start:], (pad, 0), value=-1),
+    )
+    if fk is not None:
+        state.window_features = last(fk)
+    if log_gate is not None:
+        state.window_log_gates = F.pad(log_gate[:, :, start:], (pad, 0), value=0.0)
+    left = mask.clone()
+    left[:, start:] = False  # real tokens that left the window
+    is_sink = left & (positions < sink_tokens)
+    if sink_tokens > 0:
+        slot = torch.where(is_sink, positions, sink_tokens)  # slot `sink_tokens` collects the rest
+        index = slot[:, None, :, None].expand(batch, kv_heads, t, head_dim)
+        state.sink_keys = k.new_zeros(batch, kv_heads, sink_tokens + 1, head_dim).scatter(2, index, k)[:, :, :-1]
+        state.sink_values = v.new_zeros(batch, kv_heads, sink_tokens + 1, head_dim).scatter(2, index, v)[:, :, :-1]
+        valid = torch.zeros(batch, sink_tokens + 1, dtype=torch.long, device=k.device)
+        state.sink_valid = valid.scatter(1, slot, is_sink.long())[:, :-1].bool()
+    if fk is not None:
+        weight = (left & ~is_sink).float()[:, None, :].expand(batch, kv_heads, t)
+        if log_gate is not None:
+            total = log_gate.cumsum(-1)
+            weight = weight * (total[..., -1:] - total).exp()
+        state.recurrent = (fk * weight[..., None]).transpose(-1, -2) @ append_ones(v)
+    if memory_state is not None:
+        key_bucket, recent, table_size = memory_state
+        state.memory_keys, state.memory_values, state.memory_position = memory.final_table(
+            k, v, key_bucket, positions, window, table_size, table_dtype)
+        state.window_buckets = F.pad(key_bucket[:, start:], (0, 0, pad, 0), value=-1)
+        state.recent_tokens = recent
+    return state
+
+
+def _memory_inputs(token_ids, mask, positions, window: int, sink_tokens: int, buckets: int, ngram, length: int):
+    """A fresh sequence's memory keys: per query and order the index of its recalled key [B, length, K] (0
+    where it has none; queries past T, padding up to `length`, have none), whether it has one, and what
+    `final_state` needs to build the table."""
+    if token_ids is None:
+        raise ValueError("a recall memory (memory_buckets > 0) needs the token ids (token_ids)")
+    query_bucket, key_bucket, recent = memory.key_buckets(token_ids, mask, positions, sink_tokens, buckets,
+                                                          ngram=ngram)
+    table_size = buckets * len(memory.orders(ngram))
+    index = memory.lookup(query_bucket, key_bucket, window, table_size)  # [B, T, K]
+    index = F.pad(index, (0, 0, 0, length - index.shape[1]), value=-1)
+    return index.clamp(min=0), index >= 0, (key_bucket, recent, table_size)
+
+
+def _recalled(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of x [B, Hk, L, X] at index [B, T, K] -> [B, Hk, T, K, X], picked as whole rows (index_select; a
+    gather along L is several times slower)."""
+    batch, kv_heads, length, width = x.shape
+    base = torch.arange(batch * kv_heads, device=x.device).view(batch, kv_heads, 1, 1) * length
+    rows = (base + index[:, None]).flatten()
+    return x.reshape(-1, width).index_select(0, rows).view(batch, kv_heads, *index.shape[1:], width)
+
+
+def _check(window: int, sink_tokens: int, fq, fk) -> None:
+    if window < 1:
+        raise ValueError(f"window ({window}) must be >= 1")
+    if sink_tokens < 0:
+        raise ValueError(f"sink_tokens ({sink_tokens}) must be >= 0")
+    if (fq is None) != (fk is None):
+        raise ValueError("give both fq and fk, or neither")

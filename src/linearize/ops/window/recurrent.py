@@ -1,0 +1,287 @@
+"""The recurrent form of the window op: continue from a DecodeState, token by token (what decoding runs),
+and the state of an empty sequence."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from .. import memory
+from ..linear import append_ones, group_heads, readout
+from ..state import DecodeState, real_positions
+from .common import _check, _inputs
+
+
+def window_attention_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    state: DecodeState,
+    *,
+    sink_tokens: int = 0,
+    fq: torch.Tensor | None = None,
+    fk: torch.Tensor | None = None,
+    log_gate: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    eps: float = 1e-6,
+    token_ids: torch.Tensor | None = None,
+    memory_buckets: int = 0,
+    memory_ngram: int | tuple[int, ...] = 1,
+) -> tuple[torch.Tensor, DecodeState]:
+    """Token by token from `state` (decoding; T is usually 1). Each new token joins the window; the oldest
+    window token leaves it: into its sink slot if it is one of the row's first `sink_tokens` real tokens,
+    else into the linear state (with features), else it is dropped; with a recall memory, it is also
+    written to the memory (in place; see `DecodeState`)."""
+    _check(window, sink_tokens, fq, fk)
+    if memory_buckets > 0 and token_ids is None:
+        raise ValueError("a recall memory (memory_buckets > 0) needs the token ids (token_ids)")
+    if q.shape[2] == 1 and key_mask is None and window > 1:
+        return _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids,
+                          memory_buckets, memory_ngram)
+    out_dtype = v.dtype
+    q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
+    batch, kv_heads, t, head_dim = k.shape
+    scale = head_dim**-0.5 if scale is None else scale
+    q = group_heads(q, kv_heads)
+    fq = None if fq is None else group_heads(fq, kv_heads)
+    s = state
+    w_keys, w_values, w_valid, w_position = s.window_keys, s.window_values, s.window_valid, s.window_position
+    w_features, w_gates, recurrent = s.window_features, s.window_log_gates, s.recurrent
+    sink_keys, sink_values, sink_valid = s.sink_keys, s.sink_values, s.sink_valid
+    seen = s.seen
+    if memory_buckets > 0:  # copies: this general path leaves the caller's state as it was
+        mem_keys, mem_values, mem_position = (s.memory_keys.clone(), s.memory_values.clone(),
+                                              s.memory_position.clone())
+        w_buckets = s.window_buckets
+        query_bucket, key_bucket, recent = memory.key_buckets(
+            token_ids, mask, real_positions(mask, seen), sink_tokens, memory_buckets, s.recent_tokens, memory_ngram)
+    recalled = query_bucket.shape[-1] if memory_buckets > 0 else 0  # memory keys, first in each row
+    outputs = []
+    for i in range(t):
+        valid_i = mask[:, i]
+        position_i = torch.where(valid_i, seen, -1)
+        keys = torch.cat([w_keys, k[:, :, i : i + 1]], dim=2)
+        values = torch.cat([w_values, v[:, :, i : i + 1]], dim=2)
+        visible = torch.cat([w_valid, torch.ones_like(valid_i)[:, None]], dim=1)  # a query sees itself
+        if sink_tokens > 0:
+            keys = torch.cat([sink_keys, keys], dim=2)
+            values = torch.cat([sink_values, values], dim=2)
+            visible = torch.cat([sink_valid, visible], dim=1)
+        if memory_buckets > 0:
+            mem_k, mem_v, has = memory.read(mem_keys, mem_values, mem_position, query_bucket[:, i])
+            keys, values = torch.cat([mem_k, keys], dim=2), torch.cat([mem_v, values], dim=2)
+            visible = torch.cat([has, visible], dim=1)
+        scores = torch.einsum("bkgd,bksd->bkgs", q[:, :, :, i], keys) * scale
+        scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+        row_max = scores.amax(-1, keepdim=True)
+        num = (scores - row_max).exp() @ append_ones(values)  # [B, Hk, G, D + 1]
+        if recurrent is not None:
+            if log_gate is not None:
+                recurrent = recurrent * log_gate[:, :, i].exp()[..., None, None]
+            linear = fq[:, :, :, i] @ recurrent
+            if memory_buckets > 0:  # the memory keys are weighed against c_t, the window's max
+                linear = linear * (scores[..., recalled:].amax(-1, keepdim=True) - row_max).exp()
+            num = num + linear
+        outputs.append(num)
+
+        # the new token joins the window, the oldest leaves it
+        keys, values = keys[:, :, -window:], values[:, :, -window:]
+        w_valid_all = torch.cat([w_valid, valid_i[:, None]], dim=1)
+        w_position_all = torch.cat([w_position, position_i[:, None]], dim=1)
+        leaving_valid, leaving_position = w_valid_all[:, 0], w_position_all[:, 0]
+        if memory_buckets > 0:  # the leaving token's buckets (-1: not to be stored, or not a real token)
+            buckets_all = torch.cat([w_buckets, key_bucket[:, i : i + 1]], dim=1)
+            memory.write_(mem_keys, mem_values, mem_position, buckets_all[:, 0], keys[:, :, :1], values[:, :, :1],
+                          leaving_position)
+            w_buckets = buckets_all[:, 1:]
+        leaving_k, leaving_v = keys[:, :, 0], values[:, :, 0]
+        w_keys, w_values = keys[:, :, 1:], values[:, :, 1:]
+        w_valid, w_position = w_valid_all[:, 1:], w_position_all[:, 1:]
+        leaving_sink = leaving_valid & (leaving_position < sink_tokens)
+        if sink_tokens > 0:
+            into = (torch.arange(sink_tokens, device=k.device) == leaving_position[:, None]) & leaving_sink[:, None]
+            sink_keys = torch.where(into[:, None, :, None], leaving_k[:, :, None], sink_keys)
+            sink_values = torch.where(into[:, None, :, None], leaving_v[:, :, None], sink_values)
+            sink_valid = sink_valid | into
+        if fk is not None:
+            features = torch.cat([w_features, fk[:, :, i : i + 1]], dim=2)
+            leaving_fk, w_features = features[:, :, 0], features[:, :, 1:]
+            weight = (leaving_valid & ~leaving_sink).float()[:, None].expand(batch, kv_heads)
+            if log_gate is not None:
+                gates = torch.cat([w_gates, log_gate[:, :, i : i + 1]], dim=2)
+                w_gates = gates[:, :, 1:]
+                weight = weight * w_gates.sum(-1).exp()  # decay from the leaving token to the new one
+            recurrent = recurrent + (weight[..., None] * leaving_fk)[..., None] * append_ones(leaving_v)[..., None, :]
+        seen = seen + valid_i.long()
+    o = readout(torch.stack(outputs, dim=3), eps).flatten(1, 2).to(out_dtype)
+    new_state = DecodeState(
+        seen=seen,
+        window_keys=w_keys,
+        window_values=w_values,
+        window_features=w_features,
+        window_log_gates=w_gates,
+        window_valid=w_valid,
+        window_position=w_position,
+        sink_keys=sink_keys,
+        sink_values=sink_values,
+        sink_valid=sink_valid,
+        recurrent=recurrent,
+    )
+    if memory_buckets > 0:
+        new_state.memory_keys, new_state.memory_values, new_state.memory_position = mem_keys, mem_values, mem_position
+        new_state.window_buckets, new_state.recent_tokens = w_buckets, recent
+    return o, new_state
+
+
+def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids, memory_buckets,
+               memory_ngram):
+    """`window_attention_recurrent` for one real token per row (the decoding step), in as few ops as the
+    math allows: per-step dispatch, not arithmetic, is what a decoding step costs on a CPU. The same
+    result as the general loop (tests hold them equal)."""
+    out_dtype = v.dtype
+    batch, kv_heads, _, head_dim = k.shape
+    scale = head_dim**-0.5 if scale is None else scale
+    s = state
+    q = q.float().view(batch, kv_heads, -1, head_dim)  # [B, Hk, G, D]
+    k, v = k.float(), v.float()  # [B, Hk, 1, D]
+    ones = torch.ones(batch, 1, dtype=torch.bool, device=k.device)
+    if sink_tokens > 0:
+        keys = torch.cat([s.sink_keys, s.window_keys, k], dim=2)
+        values = torch.cat([s.sink_values, s.window_values, v], dim=2)
+        visible = torch.cat([s.sink_valid, s.window_valid, ones], dim=1)
+    else:
+        keys = torch.cat([s.window_keys, k], dim=2)
+        values = torch.cat([s.window_values, v], dim=2)
+        visible = torch.cat([s.window_valid, ones], dim=1)
+    first = sink_tokens + 1  # index of window slot 1 in keys / values / visible
+    recalled = 0  # memory keys, first in each row
+    if memory_buckets > 0:
+        query_bucket, key_bucket, recent = memory.key_buckets(token_ids, ones, s.seen[:, None], sink_tokens,
+                                                              memory_buckets, s.recent_tokens, memory_ngram)
+        mem_k, mem_v, has = memory.read(s.memory_keys, s.memory_values, s.memory_position, query_bucket[:, 0])
+        keys, values = torch.cat([mem_k, keys], dim=2), torch.cat([mem_v, values], dim=2)
+        visible = torch.cat([has, visible], dim=1)
+        recalled = has.shape[1]
+        first += recalled
+    scores = (q @ keys.transpose(-1, -2)).mul_(scale).masked_fill_(~visible[:, None, None], float("-inf"))
+    row_max = scores.amax(-1, keepdim=True)
+    weights = (scores - row_max).exp_()  # a new tensor: `scores` stays for c_t
+    num, den = weights @ values, weights.sum(-1, keepdim=True)  # [B, Hk, G, D], [B, Hk, G, 1]
+    recurrent = s.recurrent
+    if recurrent is not None:
+        if log_gate is not None:
+            recurrent = recurrent * log_gate.float().exp()[..., None]  # [B, Hk, 1] -> [B, Hk, 1, 1]
+        linear = fq.float().view(batch, kv_heads, -1, fq.shape[-1]) @ recurrent  # [B, Hk, G, D + 1]
+        if memory_buckets > 0:  # the memory keys are weighed against c_t, the window's max
+            linear = linear * (scores[..., recalled:].amax(-1, keepdim=True) - row_max).exp()
+        num, den = num + linear[..., :-1], den + linear[..., -1:]
+    o = (num / (den + eps)).view(batch, -1, 1, head_dim).to(out_dtype)
+
+    # the new token joins the window, the oldest (slot 0) leaves it
+    leaving_valid, leaving_position = s.window_valid[:, 0], s.window_position[:, 0]
+    new = DecodeState(
+        seen=s.seen + 1,
+        window_keys=keys[:, :, first:],
+        window_values=values[:, :, first:],
+        window_valid=visible[:, first:],
+        window_position=torch.cat([s.window_position[:, 1:], s.seen[:, None]], dim=1),
+        sink_keys=s.sink_keys,
+        sink_values=s.sink_values,
+        sink_valid=s.sink_valid,
+    )
+    leaving_sink = leaving_valid & (leaving_position < sink_tokens)
+    # on a CPU, skip the sink update in the (usual) steps where no sink leaves the window; elsewhere, or
+    # traced by torch.compile, no data-dependent branch
+    if sink_tokens > 0 and (k.device.type != "cpu" or torch.compiler.is_compiling() or bool(leaving_sink.any())):
+        into = (torch.arange(sink_tokens, device=k.device) == leaving_position[:, None]) & leaving_sink[:, None]
+        new.sink_keys = torch.where(into[:, None, :, None], s.window_keys[:, :, :1], s.sink_keys)
+        new.sink_values = torch.where(into[:, None, :, None], s.window_values[:, :, :1], s.sink_values)
+        new.sink_valid = s.sink_valid | into
+    if fk is not None:
+        features = torch.cat([s.window_features, fk.float()], dim=2)
+        new.window_features = features[:, :, 1:]
+        weight = (leaving_valid & ~leaving_sink).float()[:, None, None]  # [B, 1, 1]
+        if log_gate is not None:
+            gates = torch.cat([s.window_log_gates, log_gate.float()], dim=2)
+            new.window_log_gates = gates[:, :, 1:]
+            weight = weight * new.window_log_gates.sum(-1, keepdim=True).exp()  # decay since it left
+        leaving = features[:, :, :1].transpose(-1, -2) * weight[..., None]  # [B, Hk, F, 1]
+        update = torch.cat([leaving * s.window_values[:, :, :1], leaving], dim=-1)  # fk^T [v, 1]
+        new.recurrent = recurrent + update
+    if memory_buckets > 0:  # the leaving token goes into the memory, the new one's bucket is kept
+        if not _caller_writes_memory:  # our compiled step writes it after its graph (store_leaving)
+            store_leaving(s)
+        new.memory_keys, new.memory_values, new.memory_position = s.memory_keys, s.memory_values, s.memory_position
+        new.window_buckets = torch.cat([s.window_buckets[:, 1:], key_bucket], dim=1)
+        new.recent_tokens = recent
+    return o, new
+
+
+_caller_writes_memory = False
+
+
+@contextmanager
+def caller_writes_memory():
+    """Within: decoding steps leave the recall memory's table write to their caller (`store_leaving`). For a
+    torch.compile graph of the step, where a write into the table (a graph input) would copy the whole table
+    at every step; the graph reads this flag as a constant, so a graph compiled without it writes the table
+    itself (correct, slower)."""
+    global _caller_writes_memory
+    before, _caller_writes_memory = _caller_writes_memory, True
+    try:
+        yield
+    finally:
+        _caller_writes_memory = before
+
+
+def store_leaving(state: DecodeState) -> None:
+    """In place: the token that leaves the window at the next decoding step from `state` (its slot 0) goes
+    into the recall memory under each of its buckets (-1: not stored). `_one_token` does it itself, except
+    within `caller_writes_memory`, whose caller calls this on the state it passed in, after the step (the
+    step reads the table before it writes, so the order is the same)."""
+    memory.write_(state.memory_keys, state.memory_values, state.memory_position, state.window_buckets[:, 0],
+                  state.window_keys[:, :, :1], state.window_values[:, :, :1], state.window_position[:, 0])
+
+
+def empty_window_state(
+    batch: int,
+    kv_heads: int,
+    head_dim: int,
+    window: int,
+    sink_tokens: int = 0,
+    feature_dim: int | None = None,
+    gated: bool = False,
+    device=None,
+    memory_buckets: int = 0,
+    memory_ngram: int | tuple[int, ...] = 1,
+) -> DecodeState:
+    """The state before the first token: every window and sink slot invalid, a zero linear state, an
+    empty memory."""
+    keep = window - 1
+    zeros = torch.zeros(batch, kv_heads, keep, head_dim, device=device)
+    state = DecodeState(
+        seen=torch.zeros(batch, dtype=torch.long, device=device),
+        window_keys=zeros,
+        window_values=zeros.clone(),
+        window_valid=torch.zeros(batch, keep, dtype=torch.bool, device=device),
+        window_position=torch.full((batch, keep), -1, dtype=torch.long, device=device),
+    )
+    if sink_tokens > 0:
+        state.sink_keys = torch.zeros(batch, kv_heads, sink_tokens, head_dim, device=device)
+        state.sink_values = state.sink_keys.clone()
+        state.sink_valid = torch.zeros(batch, sink_tokens, dtype=torch.bool, device=device)
+    if feature_dim is not None:
+        state.window_features = torch.zeros(batch, kv_heads, keep, feature_dim, device=device)
+        state.recurrent = torch.zeros(batch, kv_heads, feature_dim, head_dim + 1, device=device)
+        if gated:
+            state.window_log_gates = torch.zeros(batch, kv_heads, keep, device=device)
+    if memory_buckets > 0:
+        grams = memory.orders(memory_ngram)
+        state.memory_keys, state.memory_values, state.memory_position = memory.empty_table(
+            batch, kv_heads, memory_buckets * len(grams), head_dim, device)
+        state.window_buckets = torch.full((batch, keep, len(grams)), -1, dtype=torch.long, device=device)
+        state.recent_tokens = torch.full((batch, max(grams)), -1, dtype=torch.long, device=device)
+    return state
