@@ -45,6 +45,8 @@ def settings(teacher: Path, out: Path, **changes) -> dict:
                  "copy_lengths": [8]},
         "transfer": {"tokens": 64, "epochs": 1, "warmup_steps": 1},
         "finetune": {"tokens": 64, "warmup_steps": 1},
+        "evaluate": {"retrieval": ["passkey"], "retrieval_lengths": [512], "retrieval_depths": [0.5],
+                     "ablation_blocks": 1},
     }
     for key, value in changes.items():
         if isinstance(value, dict) and isinstance(run_settings.get(key), dict) and key != "baselines":
@@ -80,6 +82,9 @@ CASES = {
     "no_decay": {"attention": {"window_size": 8, "sink_tokens": 2, "decay": None}},
     "a_softmax_layer_kept": {"attention": {"window_size": 8, "sink_tokens": 2, "softmax_layers": [0]}},
     "blocks_of_one_layer": {"transfer": {"layers_per_block": 1, "store": "blocks"}},
+    "no_retrieval": {"evaluate": {"retrieval": []}},
+    "no_ablation": {"evaluate": {"ablate": []}},
+    "ablation_without_retrieval": {"evaluate": {"retrieval": [], "ablate": ["memory"]}},
 }
 
 
@@ -91,6 +96,9 @@ def test_an_off_value_runs_to_a_rendered_report(teacher, tmp_path, case):
         assert "long_range" not in report
     if "baselines" in changes:
         assert "baselines" not in report
+    evaluate = changes.get("evaluate", {})
+    assert ("retrieval" in report) == (evaluate.get("retrieval") != [])
+    assert ("ablation" in report) == (evaluate.get("ablate") != [])
     for stage, key in (("transfer", "transfer"), ("finetune", "finetune")):
         if changes.get(stage, {}).get("enabled") is False:
             assert key not in report["stages"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from linearize.config import DataConfig, FinetuneConfig, RunConfig, TransferConfig, deep_merge, load_user_config
+from linearize.config import RunConfig, deep_merge, load_user_config
 from linearize.methods import METHODS, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,11 @@ def reference_rows() -> dict[str, set[str]]:
 
 
 def schema() -> dict[str, set[str]]:
-    sections = {"data": DataConfig, "transfer": TransferConfig, "finetune": FinetuneConfig}
+    """{section: keys} of the config schema: every dataclass section of RunConfig (found, not listed, so a new
+    section is caught too), the top level, and each method's attention settings."""
+    sections = {f.name: type(f.default_factory()) for f in dataclasses.fields(RunConfig)
+                if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())}
+    assert {"data", "transfer", "finetune"} <= set(sections)
     out = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in sections.items()}
     out["top level"] = {f.name for f in dataclasses.fields(RunConfig)} - set(sections) - {"attention"}
     for name, method in METHODS.items():
@@ -48,13 +52,31 @@ def test_the_config_reference_lists_exactly_the_schemas_keys():
                                             f"unknown {documented[section] - keys}"
 
 
-def test_the_reference_check_fails_when_a_key_is_added_without_docs(monkeypatch):
+def test_the_reference_check_fails_when_a_key_or_a_section_is_added_without_docs(monkeypatch):
+    from linearize.config import TransferConfig
+
     @dataclasses.dataclass
     class Grown(TransferConfig):
         a_new_key: int = 0
 
-    monkeypatch.setitem(globals(), "TransferConfig", Grown)
+    @dataclasses.dataclass
+    class WithGrownTransfer(RunConfig):
+        transfer: Grown = dataclasses.field(default_factory=Grown)
+
+    monkeypatch.setitem(globals(), "RunConfig", WithGrownTransfer)
     with pytest.raises(AssertionError, match="a_new_key"):
+        test_the_config_reference_lists_exactly_the_schemas_keys()
+
+    @dataclasses.dataclass
+    class Serving:
+        knob: int = 0
+
+    @dataclasses.dataclass
+    class WithNewSection(RunConfig):
+        serving: Serving = dataclasses.field(default_factory=Serving)
+
+    monkeypatch.setitem(globals(), "RunConfig", WithNewSection)
+    with pytest.raises(AssertionError, match="serving"):
         test_the_config_reference_lists_exactly_the_schemas_keys()
 
 

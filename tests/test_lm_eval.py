@@ -10,6 +10,7 @@ import pytest
 from helpers import make_byte_tokenizer, make_tiny_model
 
 import linearize
+from linearize import LinearizeError
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the `eval` extra: pip install 'linearize[eval]'")
 
@@ -89,9 +90,11 @@ def test_eval_command_runs_lm_eval_tasks_on_the_real_teacher_and_student(tmp_pat
     from linearize.models.saving import save_adapter
 
     rows = [{"question": q, "choices": [f" {a}", f" {b}"], "label": 0} for q, a, b in FACTS]
-    (tmp_path / "facts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (tmp_path / "facts.yaml").write_text(
-        f"task: facts\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'facts.jsonl'}\n"
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "facts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tasks / "facts.yaml").write_text(  # its data file named relative to it: found beside it, from any directory
+        "task: facts\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: facts.jsonl\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
         "target_delimiter: ''\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n"
     )
@@ -102,13 +105,86 @@ def test_eval_command_runs_lm_eval_tasks_on_the_real_teacher_and_student(tmp_pat
     student = linearize.linearize(teacher, "hybrid")
     save_adapter(student, tmp_path / "student", tokenizer=tokenizer)
     result = subprocess.run(
-        [sys.executable, "-m", "linearize.cli", "eval", str(tmp_path / "student"), "--tasks", "facts",
-         "--include", str(tmp_path), "--teacher", "--batch-size", "4"],
-        capture_output=True, text=True,
+        [sys.executable, "-m", "linearize.cli", "eval", str(tmp_path / "student"), "--tasks", str(tasks),
+         "--score", "both", "--teacher", "--batch-size", "4"],
+        capture_output=True, text=True, cwd=tmp_path.parent,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    printed = json.loads(result.stdout.strip().splitlines()[-1])
-    teacher_acc, student_acc = printed["tasks"]["teacher"]["facts"]["acc"], printed["tasks"]["student"]["facts"]["acc"]
+    printed = json.loads(result.stdout.strip().splitlines()[-1])["tasks"]
+    teacher_acc, student_acc = printed["teacher"]["facts"]["acc"], printed["student"]["facts"]["acc"]
     assert teacher_acc >= 0.8
     assert abs(student_acc - teacher_acc) <= 0.1
-    assert "| facts | acc |" in result.stderr
+    # the same questions answered by generation: the answer written out must be the right choice
+    teacher_gen, student_gen = (printed[m]["facts_generate"]["exact_match"] for m in ("teacher", "student"))
+    assert printed["student"]["facts_generate"]["scored_by"] == "generate"
+    assert 0 <= teacher_gen <= teacher_acc and abs(student_gen - teacher_gen) <= 0.1
+    assert "| facts | loglikelihood | acc |" in result.stderr and "| facts_generate | generate | exact_match |" in \
+        result.stderr
+
+
+def write_facts(directory, data: str = "facts.jsonl") -> None:
+    rows = [{"question": q, "choices": [f" {a}", f" {b}"], "label": 0} for q, a, b in FACTS[:4]]
+    (directory / "facts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (directory / "facts.yaml").write_text(
+        f"task: facts\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "target_delimiter: ''\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n"
+    )
+
+
+def test_a_local_task_runs_both_ways_on_a_tiny_student(tmp_path):
+    from linearize.harness import run_tasks, task_specs
+
+    write_facts(tmp_path)
+    specs = task_specs(str(tmp_path / "facts.yaml"), ["loglikelihood", "generate"])
+    assert [(t.name, t.scoring) for t in specs] == [("facts", "loglikelihood"), ("facts_generate", "generate")]
+    assert specs[0].spec["dataset_kwargs"]["data_files"]["test"] == str(tmp_path / "facts.jsonl")
+    model = linearize.linearize(make_tiny_model("llama"), "hybrid", {"window_size": 4, "sink_tokens": 2})
+    results = run_tasks(model, make_byte_tokenizer(), specs, batch_size=2)
+    assert 0 <= results["facts"]["acc"] <= 1 and results["facts"]["scored_by"] == "loglikelihood"
+    assert 0 <= results["facts_generate"]["exact_match"] <= 1 and results["facts_generate"]["scored_by"] == "generate"
+
+
+@pytest.mark.parametrize("problem", ["empty", "malformed", "no_task", "missing_data", "empty_data", "empty_dir"])
+def test_a_bad_task_file_is_named_before_any_model_loads(tmp_path, problem):
+    from linearize.cli import main
+
+    write_facts(tmp_path)
+    task = tmp_path / "facts.yaml"
+    expected = {
+        "empty": "task file .*facts.yaml' is empty",
+        "malformed": "facts.yaml' cannot be read as an lm-eval task",
+        "no_task": "facts.yaml' has no 'task' name",
+        "missing_data": "names data file 'gone.jsonl', which is missing",
+        "empty_data": "data file .*facts.jsonl' is empty",
+        "empty_dir": "holds no .yaml task file",
+    }
+    if problem == "empty":
+        task.write_text("")
+    elif problem == "malformed":
+        task.write_text("task: facts\n  bad: [indent\n")
+    elif problem == "no_task":
+        task.write_text("dataset_path: json\n")
+    elif problem == "missing_data":
+        write_facts(tmp_path, data="gone.jsonl")
+    elif problem == "empty_data":
+        (tmp_path / "facts.jsonl").write_text("")
+    else:
+        task.unlink()
+    target = tmp_path if problem == "empty_dir" else task
+    with pytest.raises(LinearizeError, match=expected[problem]):
+        from linearize.harness import task_specs
+
+        task_specs(str(target))
+    # the command says so before it looks for the model
+    assert main(["eval", str(tmp_path / "no-such-model"), "--tasks", str(target)]) == 2
+
+
+def test_generation_scoring_needs_a_task_config_with_choices(tmp_path):
+    from linearize.harness import task_specs
+
+    with pytest.raises(LinearizeError, match="--score generate needs the task's config"):
+        task_specs("hellaswag", ["generate"])
+    (tmp_path / "gen.yaml").write_text("task: gen\noutput_type: generate_until\ndoc_to_text: x\n")
+    with pytest.raises(LinearizeError, match="cannot be scored by loglikelihood"):
+        task_specs(str(tmp_path / "gen.yaml"), ["loglikelihood"])

@@ -44,6 +44,9 @@ def tiny_settings(teacher_dir: Path, output_dir: Path, **extra) -> dict:
                  "copy_lengths": [16, 64]},
         "transfer": {"tokens": 64 * 4, "epochs": 2, "warmup_steps": 1, "lr": 0.05},
         "finetune": {"tokens": 64 * 3, "lr": 1e-3, "warmup_steps": 1},
+        # the tiny teacher has 512 positions; a byte per token leaves room for passkey and quote prompts
+        "evaluate": {"retrieval": ["passkey", "quote"], "retrieval_lengths": [512], "retrieval_depths": [0.25, 0.75],
+                     "ablation_blocks": 1},
     }
     for key, value in extra.items():
         settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
@@ -94,6 +97,28 @@ def test_report_holds_every_row_and_stage(finished_run):
     assert keys == attention["window_size"] + attention["sink_tokens"] + (
         len(attention["memory_ngram"]) if attention["memory_buckets"] else 0)
     assert f"at most: {keys} (baselines: window+sinks 10)." in text
+
+
+def test_report_holds_retrieval_for_every_model_and_the_branch_ablation(finished_run):
+    out, report = finished_run
+    rows = [report["retrieval"]["teacher"], report["retrieval"]["hybrid"],
+            *report["baselines"]["window+sinks"]["retrieval"].values()]
+    assert len(rows) == 4
+    for records in rows:
+        assert [(r["task"], r["length"], r["depth"]) for r in records] == [
+            (task, 512, depth) for task in ("passkey", "quote") for depth in (0.25, 0.75)]
+        assert all(isinstance(r["correct"], bool) and isinstance(r["generated"], str) for r in records)
+    ablation = report["ablation"]
+    assert list(ablation) == ["all", "without linear", "without memory", "without sinks"]
+    for entry in ablation.values():
+        assert set(entry["ratios"]) == set(report["eval"]["teacher"]) and all(r > 0 for r in entry["ratios"].values())
+        assert set(entry["retrieval"]) == {"passkey", "quote"}
+    # switching a branch off changes the student's held-out ratio (the tiny student uses all three)
+    assert all(ablation[f"without {b}"]["ratios"] != ablation["all"]["ratios"] for b in ("linear", "memory", "sinks"))
+    text = (out / "report.md").read_text()
+    assert "## Retrieval" in text and "| window+sinks (baseline), after the same stage 2 |" in text
+    assert "## Branch ablation" in text and "| without memory |" in text
+    assert (out / "retrieval.png").is_file()
 
 
 # appended to a copy of report.html: once the page has loaded, record what the browser shows
@@ -225,6 +250,23 @@ def test_eval_cli_on_a_run_directory_prints_student_and_teacher_json(finished_ru
     assert "| student |" in result.stderr and "| layer | attention-output MSE |" in result.stderr
 
 
+def test_eval_cli_retrieval_and_ablation_side_by_side(finished_run):
+    out, _ = finished_run
+    result = cli("eval", str(out), "--retrieval", "--retrieval-tasks", "passkey,quote", "--lengths", "512",
+                 "--depths", "0.5", "--ablate", "--ablation-blocks", "1", "--seq-len", "64", "--long-context", "256")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    accuracy = printed["retrieval"]["accuracy"]
+    assert list(accuracy) == ["student", "teacher", "window+sinks (untrained)"]
+    assert all(set(a) == {"passkey", "quote"} and set(a["passkey"]) == {"512"} for a in accuracy.values())
+    assert list(printed["ablation"]) == ["all", "without linear", "without memory", "without sinks"]
+    assert printed["ablation"]["all"]["retrieval"] == accuracy["student"]
+    assert "| retrieval (exact match) | passkey 512 | quote 512 |" in result.stderr
+    # lengths beyond the model's positions: refused before any model loads
+    result = cli("eval", str(out), "--retrieval", "--lengths", "1024")
+    assert result.returncode == 2 and "beyond the model's maximum position embeddings (512)" in result.stderr
+
+
 def test_generate_cli_generates(finished_run):
     out, _ = finished_run
     result = cli("generate", str(out / "model"), "--prompt", "def main(", "--max-new-tokens", "8")
@@ -290,8 +332,29 @@ def test_a_killed_run_resumes_to_the_same_result(teacher_dir, tmp_path):
 
 def test_rerun_with_another_config_in_the_same_dir_is_refused(finished_run, teacher_dir):
     out, _ = finished_run
-    with pytest.raises(LinearizeError, match="different config: pass --fresh"):
+    with pytest.raises(LinearizeError, match=r"different config \(seed, baselines\): pass --fresh"):
         run(build_config(tiny_settings(teacher_dir, out, seed=1)), log=lambda msg: None)
+
+
+def test_a_run_saved_before_a_section_existed_resumes_and_measures_only_what_is_new(teacher_dir, tmp_path):
+    """A finished run whose saved config predates the `evaluate` section: run again, it keeps every result and
+    trained weight, and adds the retrieval rows (the baseline's too) and the ablation."""
+    off = {"retrieval": [], "ablate": []}
+    settings = tiny_settings(teacher_dir, tmp_path, evaluate=off, baselines={
+        "window+sinks": {"method": "window", "attention": {"window_size": 8, "sink_tokens": 2}}})
+    before = run(build_config(settings), log=lambda msg: None)
+    assert "retrieval" not in before and "ablation" not in before
+    saved = yaml.safe_load((tmp_path / "linearize.yaml").read_text())
+    del saved["evaluate"]
+    (tmp_path / "linearize.yaml").write_text(yaml.safe_dump(saved))
+    adapter = (tmp_path / "model" / ADAPTER_FILE).read_bytes()
+    after = run(build_config(tiny_settings(teacher_dir, tmp_path, baselines=settings["baselines"])),
+                log=lambda msg: None)
+    assert after["eval"] == before["eval"] and after["stages"] == before["stages"]
+    assert after["baselines"]["window+sinks"]["eval"] == before["baselines"]["window+sinks"]["eval"]
+    assert set(after["baselines"]["window+sinks"]["retrieval"]) == {"untrained", "finetune"}
+    assert len(after["retrieval"]["hybrid"]) == 4 and "without memory" in after["ablation"]
+    assert (tmp_path / "model" / ADAPTER_FILE).read_bytes() == adapter
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):

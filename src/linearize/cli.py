@@ -1,7 +1,7 @@
 """The `linearize` command.
 
     linearize run [--config FILE|NAME] [--fresh] [key.sub=value ...]
-    linearize eval MODEL_DIR [--data FILE] [--tasks T1,T2] [--long-range] [--teacher]
+    linearize eval MODEL_DIR [--data FILE] [--tasks T1,T2|PATH] [--long-range] [--retrieval] [--ablate] [--teacher]
     linearize generate MODEL_DIR --prompt TEXT [--max-new-tokens 64] [--compile]   (streams to stdout)
     linearize export MODEL_DIR OUT_DIR [--format fla]
     linearize chat MODEL_DIR [--compile]        (interactive, streaming, with the chat template)
@@ -90,16 +90,26 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(load_config(resolve_config_path(args.config), args.overrides).to_dict(), sort_keys=False))
 
 
+def task_specs(tasks: str, score: str | None):
+    from linearize.harness import task_specs as specs
+
+    return specs(tasks, None if score is None else (["loglikelihood", "generate"] if score == "both" else [score]))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Whatever was asked for, student (and teacher) side by side: one JSON line, then tables."""
-    from linearize.api import load
+    """Whatever was asked for, student (and teacher) side by side: one JSON line, then tables. Every setting
+    and task file is checked before a model loads."""
+    from linearize.api import find_model_dir, load
     from linearize.teacher import load_teacher
 
-    if not (args.data or args.tasks or args.long_range):
-        raise LinearizeError("say what to evaluate: --data FILE, --tasks T1,T2 and/or --long-range")
+    if not (args.data or args.tasks or args.long_range or args.retrieval or args.ablate):
+        raise LinearizeError("say what to evaluate: --data FILE, --tasks T1,T2|PATH, --long-range, --retrieval "
+                             "and/or --ablate")
+    specs = task_specs(args.tasks, args.score) if args.tasks else []
+    retrieval = retrieval_settings(args, find_model_dir(args.model_dir)) if args.retrieval else None
     model, tokenizer = load(args.model_dir, device=args.device)
     teacher = None
-    if args.teacher or args.long_range:
+    if args.teacher or args.long_range or args.retrieval or args.ablate:
         if not model.config.teacher:
             raise LinearizeError(f"'{args.model_dir}' names no teacher (config.json 'teacher'): drop --teacher")
         teacher, _ = load_teacher(model.config.teacher, dtype=next(model.parameters()).dtype)
@@ -109,16 +119,113 @@ def cmd_eval(args: argparse.Namespace) -> None:
         result["perplexity"] = perplexity_on_file(model, teacher, tokenizer, args)
     if args.long_range:
         result["long_range"] = long_range(model, teacher, tokenizer, args)
-    if args.tasks:
+    if specs:
         from linearize.harness import run_tasks
 
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         kwargs = {"batch_size": args.batch_size, "limit": args.limit, "include_path": args.include}
-        result["tasks"] = {"student": run_tasks(model, tokenizer, tasks, **kwargs)}
+        result["tasks"] = {"student": run_tasks(model, tokenizer, specs, **kwargs)}
         if teacher is not None:
-            result["tasks"]["teacher"] = run_tasks(teacher, tokenizer, tasks, **kwargs)
+            result["tasks"]["teacher"] = run_tasks(teacher, tokenizer, specs, **kwargs)
+    prompts, records = None, None
+    if retrieval is not None:
+        prompts = retrieval_prompts(tokenizer, retrieval, args)
+        from linearize.retrieval import run_retrieval
+
+        records = run_retrieval(model, tokenizer, prompts, "retrieval student")
+    if args.ablate:
+        result["ablation"] = ablation(model, teacher, tokenizer, prompts, records, args)
+    if retrieval is not None:
+        result["retrieval"] = retrieval_side_by_side(model, teacher, tokenizer, prompts, records)
     print(json.dumps(result))
     print(eval_tables(result), file=sys.stderr)
+
+
+def retrieval_settings(args: argparse.Namespace, directory: Path) -> dict:
+    """--retrieval-tasks, --lengths, --depths checked against the saved model's position embeddings."""
+    from linearize.models import LinearizedConfig
+    from linearize.retrieval import check_settings
+
+    settings = {"tasks": _items(args.retrieval_tasks), "lengths": [int(x) for x in _items(args.lengths)],
+                "depths": [float(x) for x in _items(args.depths)]}
+    max_positions = getattr(LinearizedConfig.from_pretrained(directory).text_config, "max_position_embeddings", None)
+    check_settings(settings["tasks"], settings["lengths"], settings["depths"], max_positions)
+    if args.samples < 1:
+        raise LinearizeError(f"--samples must be >= 1, got {args.samples}")
+    return settings
+
+
+def _items(text: str) -> list[str]:
+    try:
+        return [item.strip() for item in text.split(",") if item.strip()]
+    except AttributeError as err:
+        raise LinearizeError(f"expected a comma-separated list, got {text!r}") from err
+
+
+def retrieval_prompts(tokenizer, settings: dict, args: argparse.Namespace):
+    from linearize.data import build_blocks
+    from linearize.probes import quote_documents
+    from linearize.retrieval import build_prompts
+
+    documents = []
+    if "quote" in settings["tasks"]:
+        longest = max(settings["lengths"])
+        per_document = min(longest, args.long_context)
+        data = build_blocks(tokenizer, "default", 1024, 0, 0, long_tokens=per_document,
+                            long_documents_per_domain=-(-longest // per_document))
+        documents = quote_documents(data)
+    return build_prompts(tokenizer, settings["tasks"], settings["lengths"], settings["depths"], args.samples,
+                         documents=documents)
+
+
+def retrieval_side_by_side(model, teacher, tokenizer, prompts, records) -> dict:
+    """Retrieval answers of the student, the teacher and the untrained window + sinks baseline (the teacher
+    converted last: the conversion reuses its modules)."""
+    from linearize.config import WINDOW_SINKS_BASELINE
+    from linearize.models import LinearizedForCausalLM
+    from linearize.retrieval import accuracy, run_retrieval
+
+    answers = {"student": records, "teacher": run_retrieval(teacher, tokenizer, prompts, "retrieval teacher")}
+    window = LinearizedForCausalLM.from_teacher(teacher, WINDOW_SINKS_BASELINE["method"],
+                                                WINDOW_SINKS_BASELINE["attention"])
+    answers["window+sinks (untrained)"] = run_retrieval(window, tokenizer, prompts, "retrieval window+sinks")
+    return {"accuracy": {name: accuracy(r) for name, r in answers.items()}, "answers": answers}
+
+
+def ablation(model, teacher, tokenizer, prompts, records, args: argparse.Namespace) -> dict:
+    """Held-out ratios (--data, else the default corpus's held-out blocks) and retrieval accuracy with each
+    branch switched off."""
+    import math
+
+    from linearize.data import build_blocks, file_blocks
+    from linearize.evaluate import score
+    from linearize.layers.attention import branches_off
+    from linearize.retrieval import accuracy, run_retrieval
+
+    if args.data:
+        blocks = {"data": file_blocks(tokenizer, args.data, args.seq_len, max_blocks=args.ablation_blocks)}
+    else:
+        data = build_blocks(tokenizer, "default", args.seq_len, 0, args.ablation_blocks * args.seq_len,
+                            eval_seq_len=args.seq_len)
+        blocks = {d: b for d, b in data.eval.items() if len(b)}
+
+    def mean_nll(m, label):
+        out = {}
+        for domain, rows in blocks.items():
+            scores = score(m, rows, desc=f"ablation {label} ({domain})")
+            out[domain] = scores.nll / scores.tokens
+        return out
+
+    reference = mean_nll(teacher, "teacher")
+    out = {}
+    for branch in [None, *_items(args.ablate)]:
+        with branches_off(model, [branch] if branch else []):
+            nll = mean_nll(model, f"without {branch}" if branch else "student")
+            entry = {"ratios": {d: math.exp(nll[d] - reference[d]) for d in nll}}
+            if prompts is not None:
+                answers = records if branch is None else run_retrieval(model, tokenizer, prompts, f"without {branch}")
+                entry["retrieval"] = accuracy(answers)
+        out["all" if branch is None else f"without {branch}"] = entry
+    return out
 
 
 def perplexity_on_file(model, teacher, tokenizer, args) -> dict:
@@ -178,11 +285,34 @@ def eval_tables(result: dict) -> str:
         lines.append("")
     if "tasks" in result:
         names = list(result["tasks"])
-        lines += ["| task | metric | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+        lines += ["| task | scored by | metric | " + " | ".join(names) + " |", "|---|---|---|" + "---:|" * len(names)]
         for task, metrics in result["tasks"]["student"].items():
+            scored_by = metrics.get("scored_by", "")
             for metric, value in metrics.items():
+                if metric == "scored_by":
+                    continue
                 others = [result["tasks"][n].get(task, {}).get(metric, float("nan")) for n in names[1:]]
-                lines.append(f"| {task} | {metric} | {value:.4f} | " + " | ".join(f"{o:.4f}" for o in others) + " |")
+                lines.append(f"| {task} | {scored_by} | {metric} | {value:.4f} | "
+                             + " | ".join(f"{o:.4f}" for o in others) + " |")
+        lines.append("")
+    if "retrieval" in result:
+        accuracy = result["retrieval"]["accuracy"]
+        columns = [(t, n) for t, by_length in accuracy["student"].items() for n in by_length]
+        lines += ["| retrieval (exact match) | " + " | ".join(f"{t} {n}" for t, n in columns) + " |",
+                  "|---|" + "---:|" * len(columns)]
+        lines += [f"| {name} | " + " | ".join(f"{scores[t][n]:.2f}" for t, n in columns) + " |"
+                  for name, scores in accuracy.items()]
+        lines.append("")
+    if "ablation" in result:
+        first = next(iter(result["ablation"].values()))
+        domains = list(first["ratios"])
+        columns = [(t, n) for t, by_length in first.get("retrieval", {}).items() for n in by_length]
+        lines += ["| student | " + " | ".join(f"{d} ratio" for d in domains) + "".join(
+            f" | {t} {n}" for t, n in columns) + " |", "|---|" + "---:|" * (len(domains) + len(columns))]
+        for name, entry in result["ablation"].items():
+            cells = [f"{entry['ratios'][d]:.3f}" for d in domains]
+            cells += [f"{entry['retrieval'][t][n]:.2f}" for t, n in columns]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -298,7 +428,22 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a saved model (a run directory or a model directory)")
     ev.add_argument("model_dir")
     ev.add_argument("--data", help="perplexity on a .txt / .jsonl file or a directory of .txt files")
-    ev.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs linearize[eval])")
+    ev.add_argument("--tasks", help="lm-evaluation-harness tasks: names, comma-separated, or a task YAML file or a "
+                    "directory of them with their data files beside them (needs linearize[eval])")
+    ev.add_argument("--score", choices=["loglikelihood", "generate", "both"],
+                    help="score local multiple-choice tasks by log-likelihood, by generated answers (exact match), or "
+                    "both (default: each task as written)")
+    ev.add_argument("--retrieval", action="store_true",
+                    help="generation-based retrieval (passkey, multi-key and multi-value needles, quotes from real "
+                    "text): student, teacher and untrained window + sinks side by side")
+    ev.add_argument("--retrieval-tasks", default="passkey,multikey,multivalue,quote")
+    ev.add_argument("--lengths", default="1024,2048,4096,8192", help="retrieval prompt lengths in tokens")
+    ev.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="where the needle sits, fractions of the context")
+    ev.add_argument("--samples", type=int, default=1, help="retrieval prompts per task, length and depth")
+    ev.add_argument("--ablate", nargs="?", const="linear,memory,sinks",
+                    help="switch off each branch in turn (default: linear,memory,sinks): held-out ratios, and "
+                    "retrieval with --retrieval")
+    ev.add_argument("--ablation-blocks", type=int, default=2, help="held-out blocks per domain for --ablate")
     ev.add_argument("--long-range", action="store_true",
                     help="ratio by position on long held-out documents, and the copy test (with the teacher)")
     ev.add_argument("--teacher", action="store_true", help="also evaluate the teacher, side by side")

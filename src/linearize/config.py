@@ -89,6 +89,22 @@ class FinetuneConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """What the run measures beyond held-out perplexity (linearize.retrieval, linearize.evaluate)."""
+
+    # generation-based retrieval, exact match, for the teacher, the student and every baseline:
+    # passkey | multikey | multivalue | quote; [] = none
+    retrieval: list[str] = field(default_factory=lambda: ["passkey", "multikey", "quote"])
+    retrieval_lengths: list[int] = field(default_factory=lambda: [1024, 4096])  # prompt lengths in tokens
+    retrieval_depths: list[float] = field(default_factory=lambda: [0.2, 0.5, 0.8])  # where the needle sits
+    retrieval_samples: int = 1  # prompts per (task, length, depth)
+    # branches of the student switched off one at a time at inference (held-out ratios and retrieval without
+    # each): linear | memory | sinks; [] = no ablation
+    ablate: list[str] = field(default_factory=lambda: ["linear", "memory", "sinks"])
+    ablation_blocks: int = 1  # held-out blocks per domain for the ablation's ratios (the first of data.eval_blocks)
+
+
+@dataclass
 class RunConfig:
     model: str = "smollm2-135m-instruct"  # hub id | local dir | .gguf file | the embedded default
     method: str = "hybrid"  # a name from linearize.methods.METHODS
@@ -104,6 +120,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -32,16 +32,7 @@ from linearize.config import RunConfig
 from linearize.data import build_blocks
 from linearize.devices import resolve_device, resolve_dtype
 from linearize.errors import LinearizeError
-from linearize.evaluate import (
-    Scores,
-    bucket_ratios,
-    copy_sequences,
-    copy_test,
-    layer_errors,
-    position_profile,
-    score,
-    summarize,
-)
+from linearize.evaluate import Scores, layer_errors, score, summarize
 from linearize.generation import SAMPLE_PROMPTS, sample_generations
 from linearize.layers.attention import attention_mode
 from linearize.methods import get_method, method_settings, settings_dict
@@ -59,7 +50,9 @@ from linearize.plan import (
     stage1_plan,
     stage2_plan,
 )
+from linearize.probes import Ablation, LongRange, Retrieval
 from linearize.report import model_card, write_report
+from linearize.retrieval import check_settings as check_retrieval
 from linearize.teacher import FileWeights, load_teacher, load_teacher_config, load_tokenizer, teacher_directory
 from linearize.teacher.streaming import empty_teacher, tied_names
 from linearize.train import finetune
@@ -98,15 +91,31 @@ def prepare_output_dir(config: RunConfig, fresh: bool) -> Path:
     if distributed.is_main():
         if fresh and out.exists():
             shutil.rmtree(out)
-        if saved.is_file() and yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(config.to_dict())):
+        changed = changed_keys(yaml.safe_load(saved.read_text()) or {},
+                               yaml.safe_load(yaml.safe_dump(config.to_dict()))) if saved.is_file() else []
+        if changed:
             raise LinearizeError(
-                f"'{out}' holds a run with a different config: pass --fresh to start over there, "
-                "or choose another output_dir"
+                f"'{out}' holds a run with a different config ({', '.join(changed)}): pass --fresh to start over "
+                "there, or choose another output_dir"
             )
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved, yaml.safe_dump(config.to_dict(), sort_keys=False))
     distributed.barrier()
     return out
+
+
+def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys of a saved run config whose values differ from the current config's. A key the saved config
+    lacks is not a change: it came with a later version, and the run resumes with its default."""
+    changed = []
+    for key, value in saved.items():
+        if key not in current:
+            changed.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(current[key], dict) and key not in ("baselines", "attention"):
+            changed += changed_keys(value, current[key], f"{prefix}{key}.")
+        elif value != current[key]:
+            changed.append(prefix + key)
+    return changed
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
@@ -177,6 +186,9 @@ class Recipe:
         """What the run needs, printed before any weight loads; the stage-1 store chosen; what cannot fit refused."""
         config = self.config
         self.text_config = load_teacher_config(config.model)
+        check_retrieval(config.evaluate.retrieval, config.evaluate.retrieval_lengths,
+                        config.evaluate.retrieval_depths, getattr(self.text_config, "max_position_embeddings", None),
+                        " (evaluate.retrieval_lengths)")
         shape = model_shape(self.text_config, config.method, config.attention, config.finetune.target_modules,
                             config.finetune.lora_r)
         kind = self.device.type if self.device.type in ("cpu", "cuda") else "cpu"
@@ -298,6 +310,8 @@ class Recipe:
         self.teacher = teacher_scores(model, data.eval, self.out / "teacher_predictions.safetensors", self.progress,
                                       self.evaluates)
         self.probes = LongRange(config, data, model, self.progress, self.evaluates)
+        self.retrieval = Retrieval(config, data, self.tokenizer, model, self.progress, self.evaluates)
+        self.ablation = Ablation(config, data, model, self.progress, self.evaluates)
         tune = config.finetune
         if self.targets is not None and tune.enabled and not self.keeps_teacher_weights:
             # training will change (or has replaced) the teacher's own weights: keep its targets first
@@ -396,6 +410,16 @@ class Recipe:
                 self.config.method: self.progress.once("long_range.student", self.main_only(
                     lambda: self.probes.measure(model, "student"))),
             }
+        records = None
+        if self.retrieval.enabled:
+            records = self.progress.once("retrieval.student", self.main_only(
+                lambda: self.retrieval.measure(model, "student")))
+            report["retrieval"] = {"teacher": self.retrieval.teacher, self.config.method: records}
+        if self.ablation.enabled:
+            ablation = self.progress.once("ablation.student", self.main_only(
+                lambda: self.ablation.measure(model, self.retrieval, records)))
+            if ablation is not None:
+                report["ablation"] = ablation
 
     def save(self) -> None:
         model = self.model
@@ -415,7 +439,11 @@ class Recipe:
             def train_baseline(name=name, baseline=baseline):
                 return run_baseline(self, name, baseline)
 
-            self.result.setdefault("baselines", {})[name] = self.progress.once(f"baseline.{name}", train_baseline)
+            key = f"baseline.{name}"
+            saved = self.progress.get(key)
+            if saved is not None and self.retrieval.enabled and "retrieval" not in saved:
+                self.progress.data.pop(key)  # measured before retrieval existed: measure it again (it resumes)
+            self.result.setdefault("baselines", {})[name] = self.progress.once(key, train_baseline)
 
     def report(self) -> None:
         elapsed = (self.progress.get("seconds") or 0) + time.perf_counter() - self.started
@@ -432,35 +460,6 @@ class Recipe:
                 ) from err
             self.log(f"report: {self.out / 'report.md'}")
         distributed.barrier()
-
-
-class LongRange:
-    """The long-range diagnostics of a run: per-position ratios on long held-out documents and the copy
-    test, the teacher's side computed once (and kept in progress.json)."""
-
-    def __init__(self, config: RunConfig, data, teacher_model, progress: Progress, evaluates: bool = True):
-        self.documents = data.long
-        lengths = config.data.copy_lengths
-        self.sequences = copy_sequences(teacher_model.config.vocab_size, lengths, seed=config.seed) if lengths else {}
-        self.enabled = bool(self.sequences) or any(len(docs) for docs in self.documents.values())
-        saved = progress.get("long_range.teacher")
-        if saved is None and self.enabled and evaluates:
-            saved = progress.put("long_range.teacher", {
-                "profiles": {d: position_profile(teacher_model, docs, f"positions teacher ({d})").tolist()
-                             for d, docs in self.documents.items()},
-                "copy": copy_test(teacher_model, self.sequences, "copy teacher"),
-            })
-        self.teacher = saved
-
-    def teacher_summary(self) -> dict[str, Any]:
-        return {"copy": self.teacher["copy"], "documents": {d: len(x) for d, x in self.documents.items()}}
-
-    def measure(self, model, label: str) -> dict[str, Any]:
-        buckets = {}
-        for domain, docs in self.documents.items():
-            profile = position_profile(model, docs, f"positions {label} ({domain})")
-            buckets[domain] = bucket_ratios(profile, torch.tensor(self.teacher["profiles"][domain]))
-        return {"buckets": buckets, "copy": copy_test(model, self.sequences, f"copy {label}")}
 
 
 def evaluate_domains(model, eval_blocks: dict, teacher: dict[str, Scores], label: str) -> dict[str, dict]:
@@ -521,6 +520,8 @@ def run_baseline(recipe: Recipe, name: str, baseline: dict) -> dict[str, Any] | 
         summary["eval"]["untrained"] = evaluate_domains(model, data.eval, recipe.teacher, f"{name} untrained")
         if probes.enabled:
             summary["long_range"] = {"untrained": probes.measure(model, f"{name} untrained")}
+        if recipe.retrieval.enabled:
+            summary["retrieval"] = {"untrained": recipe.retrieval.measure(model, f"{name} untrained")}
     if config.finetune.enabled and "finetune" in get_method(baseline["method"]).stages:
         work = recipe.out / "baselines" / slug(name)
         model, result = finetune(model, data.train, config.finetune, work, config.checkpoint_every, config.seed,
@@ -531,6 +532,8 @@ def run_baseline(recipe: Recipe, name: str, baseline: dict) -> dict[str, Any] | 
             summary["eval"]["finetune"] = evaluate_domains(model, data.eval, recipe.teacher, name)
             if probes.enabled:
                 summary["long_range"]["finetune"] = probes.measure(model, name)
+            if recipe.retrieval.enabled:
+                summary["retrieval"]["finetune"] = recipe.retrieval.measure(model, name)
     return summary if distributed.is_main() else None
 
 

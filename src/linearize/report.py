@@ -77,6 +77,7 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             table,
         ]
+    lines += retrieval_section(report) + ablation_section(report)
     lines += [
         "",
         "## Training",
@@ -193,6 +194,73 @@ def long_range_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def retrieval_rows(report: dict[str, Any]) -> list[tuple[str, list[dict]]]:
+    """(row name, answer records) for the teacher, the student and every baseline with retrieval results."""
+    retrieval = report.get("retrieval") or {}
+    rows = [(name if name == "teacher" else f"{name} (student)", records) for name, records in retrieval.items()
+            if records is not None]
+    for name, baseline in report.get("baselines", {}).items():
+        for key, records in (baseline.get("retrieval") or {}).items():
+            when = "untrained" if key == "untrained" else "after the same stage 2"
+            rows.append((f"{name} (baseline), {when}", records))
+    return rows
+
+
+def retrieval_section(report: dict[str, Any]) -> list[str]:
+    from linearize.retrieval import accuracy
+
+    rows = retrieval_rows(report)
+    if not rows:
+        return []
+    cells = accuracy(rows[0][1])
+    columns = [(task, length) for task, by_length in cells.items() for length in by_length]
+    depths = sorted({r["depth"] for r in rows[0][1]})
+    per_cell = len(rows[0][1]) // max(len(columns) * len(depths), 1)
+    lines = [
+        "", "## Retrieval", "",
+        "Exact match of a greedy answer generated through each model's own cache (linearize.retrieval): "
+        f"fraction correct over needle depths {', '.join(f'{d:g}' for d in depths)} ({per_cell} prompt(s) "
+        "each), by task and prompt length in tokens.", "",
+        "| model | " + " | ".join(f"{task} {length}" for task, length in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for name, records in rows:
+        scores = accuracy(records)
+        lines.append(f"| {name} | " + " | ".join(f"{scores.get(t, {}).get(n, float('nan')):.2f}" for t, n in columns)
+                     + " |")
+    student = next((records for name, records in rows if name.endswith("(student)")), [])
+    misses = [r for r in student if not r["correct"]][:6]
+    if misses:
+        lines += ["", "Some of the student's misses (expected -> generated):", ""]
+        lines += [f"- {r['task']} at {r['length']} tokens, depth {r['depth']:g}: `{r['expected']}` -> "
+                  f"`{' '.join(r['generated'].split())[:80]}`" for r in misses]
+    return lines
+
+
+def ablation_section(report: dict[str, Any]) -> list[str]:
+    ablation = report.get("ablation")
+    if not ablation:
+        return []
+    first = next(iter(ablation.values()))
+    domains = list(first["ratios"])
+    tasks = [(task, length) for task, by_length in first["retrieval"].items() for length in by_length]
+    blocks = report["config"].get("evaluate", {}).get("ablation_blocks", 1)
+    lines = [
+        "", "## Branch ablation", "",
+        "The student with each branch of its state switched off at inference (the window always kept): held-out "
+        f"perplexity ratio to the teacher on the first {blocks} block(s) of each domain, and retrieval accuracy.",
+        "",
+        "| student | " + " | ".join(f"{d} ratio" for d in domains) + " | "
+        + " | ".join(f"{t} {n}" for t, n in tasks) + " |",
+        "|---|" + "---:|" * (len(domains) + len(tasks)),
+    ]
+    for name, entry in ablation.items():
+        cells = [f"{entry['ratios'][d]:.3f}" for d in domains]
+        cells += [f"{entry['retrieval'].get(t, {}).get(n, float('nan')):.2f}" for t, n in tasks]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def model_card(report: dict[str, Any]) -> str:
     """README.md of a saved student: what it is, how to load it, and the run's results."""
     return f"""---
@@ -289,6 +357,35 @@ def plot_layers(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_retrieval(report: dict[str, Any], path: Path) -> bool:
+    """Fraction correct by needle depth (rows) and prompt length (columns): one panel per model and task."""
+    from linearize.retrieval import heatmap
+
+    rows = retrieval_rows(report)
+    if not rows:
+        return False
+    tasks = list(dict.fromkeys(r["task"] for r in rows[0][1]))
+    if len({r["length"] for r in rows[0][1]}) * len({r["depth"] for r in rows[0][1]}) < 2:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), len(tasks), figsize=(2.6 * len(tasks) + 1, 2.2 * len(rows)), squeeze=False)
+    for row, (name, records) in zip(axes, rows):
+        for ax, task in zip(row, tasks):
+            depths, lengths, grid = heatmap(records, task)
+            image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+            ax.set_title(f"{name}: {task}", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("prompt length (tokens)", fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("needle depth", fontsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="fraction correct")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def samples_section(report: dict[str, Any]) -> list[str]:
     samples = report.get("samples") or []
     if not samples:
@@ -333,7 +430,8 @@ def render(report: dict[str, Any], out: Path) -> None:
     """report.md and the self-contained report.html, with their plots, from a report dict."""
     text = markdown(report)
     images = {}
-    for name, plot in (("losses.png", plot_losses), ("layers.png", plot_layers), ("positions.png", plot_positions)):
+    for name, plot in (("losses.png", plot_losses), ("layers.png", plot_layers), ("positions.png", plot_positions),
+                        ("retrieval.png", plot_retrieval)):
         if plot(report, out / name):
             images[name] = out / name
             text += f"\n![{name[:-4]}]({name})\n"

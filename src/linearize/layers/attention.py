@@ -56,7 +56,13 @@ class Mixer(nn.Module):
     forward(x: MixerInput, state: DecodeState | None, output_state: bool) -> (o [B, H, T, D], state)
     `state` is None for a fresh sequence; `output_state` asks for the state after the last token
     (for decoding). Subclasses build their op arguments and call `window_op` / `linear_op`.
+
+    `branches`: the parts of the mixer's state that can be switched off at inference to measure what each
+    carries (`branches_off`); a switched-off branch is skipped for the whole sequence, prefill and decoding.
     """
+
+    branches: tuple[str, ...] = ()
+    off: frozenset[str] = frozenset()
 
     def window_op(self, q, k, v, window: int, state: DecodeState | None, output_state: bool, **kwargs):
         """Sliding-window softmax (+ sinks, + linear terms for older keys): chunked for a fresh sequence,
@@ -183,6 +189,31 @@ class LinearizedAttention(nn.Module):
                 self.recorded = (hidden_states, out)
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(out), None
+
+
+BRANCHES = ("linear", "memory", "sinks")  # every switchable branch any mixer has
+
+
+@contextmanager
+def branches_off(model: nn.Module, names: tuple[str, ...] | list[str]) -> Iterator[list[LinearizedAttention]]:
+    """Temporarily switch off these branches (e.g. "memory") in every converted layer that has them: an
+    ablation at inference. A name no layer of the model has is an error naming the ones it has."""
+    from linearize.errors import LinearizeError
+
+    layers = linearized_attentions(model)
+    present = {branch for layer in layers for branch in layer.mixer.branches}
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise LinearizeError(f"this model has no {', '.join(missing)} branch to switch off; its branches: "
+                             f"{', '.join(sorted(present)) or 'none'}")
+    previous = [layer.mixer.off for layer in layers]
+    for layer in layers:
+        layer.mixer.off = frozenset(n for n in names if n in layer.mixer.branches)
+    try:
+        yield layers
+    finally:
+        for layer, old in zip(layers, previous):
+            layer.mixer.off = old
 
 
 def linearized_attentions(model: nn.Module) -> list[LinearizedAttention]:

@@ -97,6 +97,22 @@ def _check_run(config: RunConfig) -> None:
         )
     if config.data.seq_len < 1 or config.data.eval_seq_len < 1 or config.data.eval_blocks < 0:
         raise LinearizeError("data.seq_len and data.eval_seq_len must be >= 1, data.eval_blocks >= 0")
+    _check_evaluate(config.evaluate)
+
+
+def _check_evaluate(evaluate) -> None:
+    from linearize.layers.attention import BRANCHES
+    from linearize.retrieval import check_settings
+
+    check_settings(evaluate.retrieval, evaluate.retrieval_lengths, evaluate.retrieval_depths,
+                   where=" (evaluate.retrieval*)")
+    if evaluate.retrieval_samples < 1:
+        raise LinearizeError(f"evaluate.retrieval_samples must be >= 1, got {evaluate.retrieval_samples}")
+    unknown = [b for b in evaluate.ablate if b not in BRANCHES]
+    if unknown:
+        raise LinearizeError(f"evaluate.ablate: unknown branch(es) {unknown}; choose from {', '.join(BRANCHES)}")
+    if evaluate.ablation_blocks < 1:
+        raise LinearizeError(f"evaluate.ablation_blocks must be >= 1, got {evaluate.ablation_blocks}")
 
 
 def load_config(path=None, overrides: list[str] | None = None) -> RunConfig:

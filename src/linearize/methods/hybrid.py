@@ -96,6 +96,7 @@ class HybridMixer(Mixer):
     def __init__(self, settings: Settings, num_heads: int, num_kv_heads: int, head_dim: int, memory_buckets: int = 0):
         super().__init__()
         self.memory_buckets = memory_buckets
+        self.branches = ("linear", "sinks") + (("memory",) if memory_buckets else ())
         self.memory_ngram = memory.orders(settings.memory_ngram)  # a tuple, once: not at every decoding step
         self.window_size = settings.window_size
         self.sink_tokens = settings.sink_tokens
@@ -129,17 +130,20 @@ class HybridMixer(Mixer):
 
     def forward(self, x, state, output_state):
         fq, fk = self.linear_features(x)
+        if "linear" in self.off:  # no weight on any older key: the window, sinks and memory alone
+            fq = torch.zeros_like(fq)
         log_gate = None
         if self.decay_logit is not None:
             batch, kv_heads, length = x.k.shape[:3]
             log_gate = F.logsigmoid(self.decay_logit)[None, :, None].expand(batch, kv_heads, length)
         return self.window_op(
-            x.q, x.k, x.v, self.window_size, state, output_state, sink_tokens=self.sink_tokens,
-            fq=fq, fk=fk, log_gate=log_gate, key_mask=x.key_mask, scale=self.scale, **self.memory_inputs(x),
+            x.q, x.k, x.v, self.window_size, state, output_state,
+            sink_tokens=0 if "sinks" in self.off else self.sink_tokens, fq=fq, fk=fk, log_gate=log_gate,
+            key_mask=x.key_mask, scale=self.scale, **self.memory_inputs(x),
         )
 
     def memory_inputs(self, x) -> dict:
-        if not self.memory_buckets:
+        if not self.memory_buckets or "memory" in self.off:
             return {}
         if x.token_ids is None:
             raise LinearizeError(

@@ -1,0 +1,115 @@
+"""What a run measures beyond held-out perplexity, for the teacher once and then for every model it makes:
+
+- `LongRange`: perplexity ratio by position on long held-out documents, and the copy test;
+- `Retrieval`: generation-based retrieval (`linearize.retrieval`): passkey, needles, quotes from real text;
+- `Ablation`: the student's held-out ratios and retrieval with each branch of its state switched off.
+
+The teacher's side of each is computed when the teacher is evaluated and kept in the run's progress
+(`progress.once`), so a resumed run does not recompute it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from linearize.evaluate import bucket_ratios, copy_sequences, copy_test, position_profile, score
+from linearize.layers.attention import branches_off, linearized_attentions
+from linearize.retrieval import accuracy, build_prompts, run_retrieval
+
+
+class LongRange:
+    """The long-range diagnostics of a run: per-position ratios on long held-out documents and the copy
+    test, the teacher's side computed once (and kept in progress.json)."""
+
+    def __init__(self, config, data, teacher_model, progress, evaluates: bool = True):
+        self.documents = data.long
+        lengths = config.data.copy_lengths
+        self.sequences = copy_sequences(teacher_model.config.vocab_size, lengths, seed=config.seed) if lengths else {}
+        self.enabled = bool(self.sequences) or any(len(docs) for docs in self.documents.values())
+        saved = progress.get("long_range.teacher")
+        if saved is None and self.enabled and evaluates:
+            saved = progress.put("long_range.teacher", {
+                "profiles": {d: position_profile(teacher_model, docs, f"positions teacher ({d})").tolist()
+                             for d, docs in self.documents.items()},
+                "copy": copy_test(teacher_model, self.sequences, "copy teacher"),
+            })
+        self.teacher = saved
+
+    def teacher_summary(self) -> dict[str, Any]:
+        return {"copy": self.teacher["copy"], "documents": {d: len(x) for d, x in self.documents.items()}}
+
+    def measure(self, model, label: str) -> dict[str, Any]:
+        buckets = {}
+        for domain, docs in self.documents.items():
+            profile = position_profile(model, docs, f"positions {label} ({domain})")
+            buckets[domain] = bucket_ratios(profile, torch.tensor(self.teacher["profiles"][domain]))
+        return {"buckets": buckets, "copy": copy_test(model, self.sequences, f"copy {label}")}
+
+
+def quote_documents(data) -> list[torch.Tensor]:
+    """Held-out text for the quote task: the long held-out documents, else the held-out blocks."""
+    documents = [doc for docs in data.long.values() for doc in docs]
+    return documents or [block for blocks in data.eval.values() for block in blocks]
+
+
+class Retrieval:
+    """The run's retrieval prompts (evaluate.retrieval*), the teacher's answers computed once."""
+
+    def __init__(self, config, data, tokenizer, teacher_model, progress, evaluates: bool = True):
+        settings = config.evaluate
+        self.tokenizer = tokenizer
+        self.prompts = build_prompts(
+            tokenizer, settings.retrieval, settings.retrieval_lengths, settings.retrieval_depths,
+            settings.retrieval_samples, config.seed, quote_documents(data) if "quote" in settings.retrieval else (),
+        ) if settings.retrieval else []
+        self.enabled = bool(self.prompts)
+        self.teacher = None
+        if self.enabled and evaluates:
+            self.teacher = progress.once("retrieval.teacher", lambda: self.measure(teacher_model, "teacher"))
+
+    def measure(self, model, label: str) -> list[dict]:
+        return run_retrieval(model, self.tokenizer, self.prompts, f"retrieval {label}")
+
+
+class Ablation:
+    """The student's held-out ratios (on the first `evaluate.ablation_blocks` blocks of each domain) and
+    retrieval accuracy with all its branches, then with each of `evaluate.ablate` switched off."""
+
+    def __init__(self, config, data, teacher_model, progress, evaluates: bool = True):
+        self.branches = list(config.evaluate.ablate)
+        count = config.evaluate.ablation_blocks
+        self.blocks = {d: blocks[:count] for d, blocks in data.eval.items() if len(blocks)}
+        self.enabled = bool(self.branches) and (bool(self.blocks) or config.evaluate.retrieval != [])
+        self.teacher = None
+        if self.enabled and evaluates:
+            self.teacher = progress.once("ablation.teacher", lambda: self.mean_nll(teacher_model, "teacher"))
+
+    def mean_nll(self, model, label: str) -> dict[str, float]:
+        out = {}
+        for domain, blocks in self.blocks.items():
+            scores = score(model, blocks, desc=f"ablation {label} ({domain})")
+            out[domain] = scores.nll / scores.tokens
+        return out
+
+    def measure(self, model, retrieval: Retrieval, records: list[dict] | None) -> dict[str, Any] | None:
+        """{"all": ..., "without linear": ..., ...}: each {"ratios": {domain: ratio}, "retrieval": {task:
+        {length: accuracy}}}; branches the model does not have are left out (None: it has none of them).
+        `records`: the student's retrieval answers with every branch on, already measured."""
+        present = {branch for layer in linearized_attentions(model) for branch in layer.mixer.branches}
+        branches = [b for b in self.branches if b in present]
+        if not branches:
+            return None
+        out = {}
+        for branch in [None, *branches]:
+            with branches_off(model, [branch] if branch else []):
+                nll = self.mean_nll(model, f"without {branch}" if branch else "student")
+                ratios = {d: math.exp(nll[d] - self.teacher[d]) for d in nll}
+                if branch is None and records is not None:
+                    answers = records
+                else:
+                    answers = retrieval.measure(model, f"without {branch}") if retrieval.enabled else []
+            out["all" if branch is None else f"without {branch}"] = {"ratios": ratios, "retrieval": accuracy(answers)}
+        return out

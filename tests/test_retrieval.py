@@ -1,0 +1,162 @@
+"""Generation-based retrieval (linearize.retrieval) and the branch ablation (layers.attention.branches_off):
+prompts of the asked length with their needle at the asked depth, exact-match scoring, answers generated
+through the model's own cache, and each branch of the hybrid switched off exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_byte_tokenizer, make_tiny_model, tokens
+from transformers import DynamicCache
+
+from linearize import LinearizeError, linearize
+from linearize.layers.attention import branches_off
+from linearize.retrieval import (
+    Prompt,
+    accuracy,
+    answer,
+    build_prompt,
+    build_prompts,
+    check_settings,
+    heatmap,
+    is_correct,
+    run_retrieval,
+)
+
+HYBRID = {"window_size": 8, "sink_tokens": 2, "decay": 0.95, "memory_buckets": 16, "memory_layers": None,
+          "linear_scale_init": 0.5}
+
+
+def documents(count: int = 4, length: int = 600) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(32, 127, (length,), generator=generator) for _ in range(count)]
+
+
+@pytest.mark.parametrize("task", ["passkey", "multikey", "multivalue", "quote"])
+@pytest.mark.parametrize("length", [1024, 2048])
+def test_a_prompt_has_the_asked_length_and_its_answer_in_the_context(task, length):
+    tokenizer = make_byte_tokenizer()
+    prompt = build_prompt(tokenizer, task, length, 0.5, documents=documents(4, 700))
+    assert length - 40 <= len(prompt.input_ids) + prompt.max_new_tokens <= length
+    text = tokenizer.decode(prompt.input_ids)
+    if task == "quote":  # the passage continues, somewhere in the context, with the answer
+        assert prompt.answers[0] in text[: -10]
+    else:
+        for value in prompt.answers:
+            assert text.count(value) == (2 if task == "passkey" else 1)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_the_needle_sits_at_the_asked_depth(depth):
+    tokenizer = make_byte_tokenizer()
+    prompt = build_prompt(tokenizer, "passkey", 1024, depth)
+    text = tokenizer.decode(prompt.input_ids)
+    start = text.index("\n") + 1  # the context lies between the instruction and the question
+    end = text.rindex("\nWhat is the pass key?")
+    where = (text.index(f"The pass key is {prompt.answers[0]}") - start) / (end - start)
+    assert abs(where - depth) < 0.1
+
+
+def test_keys_and_values_of_one_prompt_differ_in_their_last_tokens():
+    tokenizer = make_byte_tokenizer()
+    for seed in range(5):
+        prompt = build_prompt(tokenizer, "multikey", 1024, 0.3, seed=seed)
+        text = tokenizer.decode(prompt.input_ids)
+        needles = [line.split(" is: ") for line in text.split("special magic numbers for ")[1:]]
+        keys = [key for key, _ in needles]
+        values = [value.split(".")[0] for _, value in needles]
+        assert len(needles) == 4 and len({k[-1] for k in keys}) == 4 and len({v[-1] for v in values}) == 4
+        assert prompt.answers[0] in values
+
+
+def test_prompts_cover_every_cell_and_samples_differ():
+    tokenizer = make_byte_tokenizer()
+    prompts = build_prompts(tokenizer, ["passkey", "multikey"], [1024, 2048], [0.2, 0.8], samples=2)
+    assert [(p.task, p.length, p.depth) for p in prompts[:4]] == [("passkey", 1024, 0.2)] * 2 + [
+        ("passkey", 1024, 0.8)] * 2
+    assert len(prompts) == 16 and prompts[0].answers != prompts[1].answers
+
+
+def test_exact_match_refuses_near_misses():
+    passkey = Prompt("passkey", 512, 0.5, torch.zeros(1), ("52445",), 8)
+    assert is_correct(passkey, " 52445. Remember it.")
+    assert not is_correct(passkey, " 5244.") and not is_correct(passkey, " 524456") and not is_correct(passkey, "")
+    values = Prompt("multivalue", 512, 0.5, torch.zeros(1), ("1234567", "7654321"), 24)
+    assert is_correct(values, " 7654321, 1234567 and") and not is_correct(values, " 7654321, 1234560")
+    quote = Prompt("quote", 512, 0.5, torch.zeros(1), (" def run(self):\n    return",), 10)
+    assert is_correct(quote, "def run(self): return x") and not is_correct(quote, "def run(self): yield")
+
+
+def test_bad_settings_are_named_before_any_work():
+    with pytest.raises(LinearizeError, match="beyond the model's maximum position embeddings \\(512\\)"):
+        check_settings(["passkey"], [1024], [0.5], max_positions=512)
+    with pytest.raises(LinearizeError, match="unknown retrieval task"):
+        check_settings(["needle"], [1024], [0.5])
+    with pytest.raises(LinearizeError, match="depths \\[1.5\\]"):
+        check_settings(["passkey"], [1024], [1.5])
+    with pytest.raises(LinearizeError, match="leaves -?[0-9]+ tokens of context around its needles"):
+        build_prompt(make_byte_tokenizer(), "multikey", 512, 0.5)
+    with pytest.raises(LinearizeError, match="needs held-out documents"):
+        build_prompt(make_byte_tokenizer(), "quote", 512, 0.5)
+    with pytest.raises(LinearizeError, match="needs .* tokens of held-out documents"):
+        build_prompt(make_byte_tokenizer(), "quote", 1024, 0.5, documents=documents(1, 100))
+
+
+def test_answers_are_generated_through_the_cache_and_scored_per_cell():
+    tokenizer = make_byte_tokenizer()
+    model = linearize(make_tiny_model("llama"), "hybrid", HYBRID)
+    prompts = build_prompts(tokenizer, ["passkey", "quote"], [512], [0.2, 0.8], documents=documents())
+    records = run_retrieval(model, tokenizer, prompts)
+    assert [(r["task"], r["depth"]) for r in records] == [("passkey", 0.2), ("passkey", 0.8), ("quote", 0.2),
+                                                         ("quote", 0.8)]
+    for record, prompt in zip(records, prompts):
+        assert record["correct"] == is_correct(prompt, record["generated"])
+        # greedy through the cache = the argmax of one parallel forward over prompt + answer, token by token
+        ids = answer(model, prompt)
+        assert tokenizer.decode(ids) == record["generated"]
+        full = torch.cat([prompt.input_ids, torch.tensor(ids, dtype=torch.long)])[None]
+        with torch.no_grad():
+            predicted = model(full).logits[0, len(prompt.input_ids) - 1 : -1].argmax(-1)
+        assert predicted.tolist() == ids
+    for record, correct in zip(records, (True, False, False, True)):
+        record["correct"] = correct
+    assert accuracy(records) == {"passkey": {"512": 0.5}, "quote": {"512": 0.5}}
+    depths, lengths, grid = heatmap(records, "passkey")
+    assert depths == [0.2, 0.8] and lengths == [512] and grid[0] == [1.0]
+
+
+def forward(model, x, names=()):
+    with torch.no_grad(), branches_off(model, list(names)):
+        return model(x).logits
+
+
+def test_each_branch_switched_off_changes_the_output_and_is_restored():
+    model = linearize(make_tiny_model("llama"), "hybrid", HYBRID)
+    x = tokens(length=64)
+    full = forward(model, x)
+    for name in ("linear", "memory", "sinks"):
+        assert not torch.allclose(forward(model, x, [name]), full, atol=1e-4), name
+    torch.testing.assert_close(forward(model, x), full)
+    with pytest.raises(LinearizeError, match="no window branch to switch off; its branches: linear, memory, sinks"):
+        forward(model, x, ["window"])
+
+
+def test_every_branch_off_leaves_exactly_the_window():
+    teacher = make_tiny_model("llama")
+    hybrid = linearize(make_tiny_model("llama"), "hybrid", HYBRID)
+    window = linearize(teacher, "window", {"window_size": 8, "sink_tokens": 0})
+    x = tokens(length=64)
+    torch.testing.assert_close(forward(hybrid, x, ["linear", "memory", "sinks"]), forward(window, x),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["linear", "memory", "sinks"])
+def test_a_branch_switched_off_stays_off_while_decoding(name):
+    model = linearize(make_tiny_model("llama"), "hybrid", HYBRID)
+    x = tokens(length=48)
+    with torch.no_grad(), branches_off(model, [name]):
+        full = model(x).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(x[:, :20], past_key_values=cache, use_cache=True).logits]
+        steps += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(20, 48)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
