@@ -350,6 +350,7 @@ def test_a_run_saved_before_a_section_existed_resumes_and_measures_only_what_is_
     adapter = (tmp_path / "model" / ADAPTER_FILE).read_bytes()
     after = run(build_config(tiny_settings(teacher_dir, tmp_path, baselines=settings["baselines"])),
                 log=lambda msg: None)
+    before = json.loads(json.dumps(before))  # as saved: tuples become lists
     assert after["eval"] == before["eval"] and after["stages"] == before["stages"]
     assert after["baselines"]["window+sinks"]["eval"] == before["baselines"]["window+sinks"]["eval"]
     assert set(after["baselines"]["window+sinks"]["retrieval"]) == {"untrained", "finetune"}

@@ -94,9 +94,10 @@ class EvaluateConfig:
 
     # generation-based retrieval, exact match, for the teacher, the student and every baseline:
     # passkey | multikey | multivalue | quote; [] = none
+    # (the default is a short version, one prompt per task at 4K: `linearize eval --retrieval` runs the grid)
     retrieval: list[str] = field(default_factory=lambda: ["passkey", "multikey", "quote"])
-    retrieval_lengths: list[int] = field(default_factory=lambda: [1024, 4096])  # prompt lengths in tokens
-    retrieval_depths: list[float] = field(default_factory=lambda: [0.2, 0.5, 0.8])  # where the needle sits
+    retrieval_lengths: list[int] = field(default_factory=lambda: [4096])  # prompt lengths in tokens
+    retrieval_depths: list[float] = field(default_factory=lambda: [0.5])  # where the needle sits, 0 = first
     retrieval_samples: int = 1  # prompts per (task, length, depth)
     # branches of the student switched off one at a time at inference (held-out ratios and retrieval without
     # each): linear | memory | sinks; [] = no ablation
