@@ -160,3 +160,15 @@ def test_a_branch_switched_off_stays_off_while_decoding(name):
         steps = [model(x[:, :20], past_key_values=cache, use_cache=True).logits]
         steps += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(20, 48)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_a_quote_is_unique_in_its_context_and_its_answer_stays_on_one_line():
+    tokenizer = make_byte_tokenizer()
+    lines = [f"line {i}: the value of item number {i} is {i * 7}\n" for i in range(200)]
+    text = torch.tensor(tokenizer("".join(lines), add_special_tokens=False)["input_ids"])
+    for depth in (0.1, 0.5, 0.9):
+        prompt = build_prompt(tokenizer, "quote", 2048, depth, documents=[text])
+        quoted = tokenizer.decode(prompt.input_ids[-8:])
+        context = tokenizer.decode(prompt.input_ids[:-8])
+        assert context.count(quoted) == 1  # once in the text (the question quotes it after the context)
+        assert "\n" not in prompt.answers[0] and context.count(quoted + prompt.answers[0]) == 1

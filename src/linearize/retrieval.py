@@ -11,7 +11,8 @@ stated once, thousands of tokens back, is what a constant-size state most easily
 - `multivalue`: RULER's multi-value variant: four needles with the same key and different values, all
   four asked for (order free, all must be there).
 - `quote`: real text, not filler: held-out documents as the context, a passage at the given depth quoted
-  by its first words at the end, the model continues it (the next words must be the document's).
+  by its first tokens at the end, the model continues it (its next 8 tokens, on the same line, must be
+  the document's, word for word).
 
 Keys of one prompt differ in their last token, and so do values: the question's last tokens (what the
 model reads when it starts answering) single out one needle, never two. Depth is where the (first)
@@ -215,21 +216,26 @@ def _quote(ids: _Ids, start: list[int], length: int, depth: float, rng: random.R
         raise LinearizeError(f"the quote task needs {budget} tokens of held-out documents for a {length}-token "
                              f"prompt, and has {len(text)}: ask for shorter lengths or give longer documents")
     text = text[:budget]
-    # a passage at the depth whose first QUOTE_PREFIX tokens occur once in the text, so one answer is right
+    # the passage nearest the depth whose first QUOTE_PREFIX tokens occur once in the text (one answer is
+    # right) and whose answer stays on one line (where a line ends, what comes next is layout, not recall)
     grams: dict[tuple[int, ...], int] = {}
     for i in range(len(text) - QUOTE_PREFIX + 1):
         gram = tuple(text[i : i + QUOTE_PREFIX])
         grams[gram] = grams.get(gram, 0) + 1
     latest = len(text) - QUOTE_PREFIX - QUOTE_ANSWER
     first = min(max(0, round(depth * latest)), latest)
-    for offset in range(latest + 1):  # the nearest unique passage, looking forward first
+    for offset in range(latest + 1):  # looking forward first
         for at in (first + offset, first - offset):
-            if 0 <= at <= latest and grams[tuple(text[at : at + QUOTE_PREFIX])] == 1:
-                prefix = text[at : at + QUOTE_PREFIX]
-                answer = ids.tokenizer.decode(text[at + QUOTE_PREFIX : at + QUOTE_PREFIX + QUOTE_ANSWER])
-                return Prompt("quote", length, depth, torch.tensor(start + intro + text + question + prefix),
-                              (answer,), QUOTE_ANSWER + 2)
-    raise LinearizeError("no passage of the quote task's text occurs only once: give less repetitive documents")
+            if not (0 <= at <= latest and grams[tuple(text[at : at + QUOTE_PREFIX])] == 1):
+                continue
+            answer = ids.tokenizer.decode(text[at + QUOTE_PREFIX : at + QUOTE_PREFIX + QUOTE_ANSWER])
+            if "\n" in answer or not answer.strip():
+                continue
+            prefix = text[at : at + QUOTE_PREFIX]
+            return Prompt("quote", length, depth, torch.tensor(start + intro + text + question + prefix),
+                          (answer,), QUOTE_ANSWER + 2)
+    raise LinearizeError("no passage of the quote task's text occurs only once and stays on one line: give less "
+                         "repetitive documents")
 
 
 def build_prompts(tokenizer, tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float],
