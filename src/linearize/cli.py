@@ -193,13 +193,10 @@ def retrieval_side_by_side(model, teacher, tokenizer, prompts, records) -> dict:
 
 def ablation(model, teacher, tokenizer, prompts, records, args: argparse.Namespace) -> dict:
     """Held-out ratios (--data, else the default corpus's held-out blocks) and retrieval accuracy with each
-    branch switched off."""
-    import math
-
+    branch switched off (all the model has, unless --ablate names them)."""
     from linearize.data import build_blocks, file_blocks
-    from linearize.evaluate import score
-    from linearize.layers.attention import branches_off
-    from linearize.retrieval import accuracy, run_retrieval
+    from linearize.probes import ablate, mean_nll, present_branches
+    from linearize.retrieval import run_retrieval
 
     if args.data:
         blocks = {"data": file_blocks(tokenizer, args.data, args.seq_len, max_blocks=args.ablation_blocks)}
@@ -207,25 +204,13 @@ def ablation(model, teacher, tokenizer, prompts, records, args: argparse.Namespa
         data = build_blocks(tokenizer, "default", args.seq_len, 0, args.ablation_blocks * args.seq_len,
                             eval_seq_len=args.seq_len)
         blocks = {d: b for d, b in data.eval.items() if len(b)}
+    branches = sorted(present_branches(model)) if args.ablate == "all" else _items(args.ablate)
 
-    def mean_nll(m, label):
-        out = {}
-        for domain, rows in blocks.items():
-            scores = score(m, rows, desc=f"ablation {label} ({domain})")
-            out[domain] = scores.nll / scores.tokens
-        return out
+    def answer(m, label):
+        return run_retrieval(m, tokenizer, prompts, f"retrieval {label}")
 
-    reference = mean_nll(teacher, "teacher")
-    out = {}
-    for branch in [None, *_items(args.ablate)]:
-        with branches_off(model, [branch] if branch else []):
-            nll = mean_nll(model, f"without {branch}" if branch else "student")
-            entry = {"ratios": {d: math.exp(nll[d] - reference[d]) for d in nll}}
-            if prompts is not None:
-                answers = records if branch is None else run_retrieval(model, tokenizer, prompts, f"without {branch}")
-                entry["retrieval"] = accuracy(answers)
-        out["all" if branch is None else f"without {branch}"] = entry
-    return out
+    return ablate(model, branches, blocks, mean_nll(teacher, blocks, "teacher"),
+                  answer if prompts is not None else None, records)
 
 
 def perplexity_on_file(model, teacher, tokenizer, args) -> dict:
@@ -440,9 +425,9 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--lengths", default="1024,2048,4096,8192", help="retrieval prompt lengths in tokens")
     ev.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="where the needle sits, fractions of the context")
     ev.add_argument("--samples", type=int, default=1, help="retrieval prompts per task, length and depth")
-    ev.add_argument("--ablate", nargs="?", const="linear,memory,sinks",
-                    help="switch off each branch in turn (default: linear,memory,sinks): held-out ratios, and "
-                    "retrieval with --retrieval")
+    ev.add_argument("--ablate", nargs="?", const="all",
+                    help="switch off each branch of the student in turn (all it has, or the ones named: linear, "
+                    "memory, sinks): held-out ratios, and retrieval with --retrieval")
     ev.add_argument("--ablation-blocks", type=int, default=2, help="held-out blocks per domain for --ablate")
     ev.add_argument("--long-range", action="store_true",
                     help="ratio by position on long held-out documents, and the copy test (with the teacher)")

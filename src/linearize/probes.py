@@ -11,6 +11,7 @@ The teacher's side of each is computed when the teacher is evaluated and kept in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -74,6 +75,39 @@ class Retrieval:
         return run_retrieval(model, self.tokenizer, self.prompts, f"retrieval {label}")
 
 
+def mean_nll(model, blocks: dict[str, torch.Tensor], label: str) -> dict[str, float]:
+    """Mean next-token NLL per domain of held-out blocks {domain: [N, T]}."""
+    out = {}
+    for domain, rows in blocks.items():
+        scores = score(model, rows, desc=f"ablation {label} ({domain})")
+        out[domain] = scores.nll / scores.tokens
+    return out
+
+
+def ablate(model, branches: list[str], blocks: dict[str, torch.Tensor], teacher_nll: dict[str, float],
+           answer: Callable[[Any, str], list[dict]] | None = None, records: list[dict] | None = None
+           ) -> dict[str, Any]:
+    """{"all": ..., "without BRANCH": ...}: held-out ratios to the teacher ({domain: ratio}) and, given
+    `answer` (model, label) -> retrieval records, retrieval accuracy, with all branches and with each of
+    `branches` switched off. `records`: the answers with all branches on, when already measured."""
+    out = {}
+    for branch in [None, *branches]:
+        label = f"without {branch}" if branch else "student"
+        with branches_off(model, [branch] if branch else []):
+            nll = mean_nll(model, blocks, label)
+            entry: dict[str, Any] = {"ratios": {d: math.exp(nll[d] - teacher_nll[d]) for d in nll}}
+            if answer is not None:
+                entry["retrieval"] = accuracy(records if branch is None and records is not None else
+                                              answer(model, label))
+        out["all" if branch is None else f"without {branch}"] = entry
+    return out
+
+
+def present_branches(model) -> set[str]:
+    """The branches any converted layer of `model` can switch off."""
+    return {branch for layer in linearized_attentions(model) for branch in layer.mixer.branches}
+
+
 class Ablation:
     """The student's held-out ratios (on the first `evaluate.ablation_blocks` blocks of each domain) and
     retrieval accuracy with all its branches, then with each of `evaluate.ablate` switched off."""
@@ -85,31 +119,13 @@ class Ablation:
         self.enabled = bool(self.branches) and (bool(self.blocks) or config.evaluate.retrieval != [])
         self.teacher = None
         if self.enabled and evaluates:
-            self.teacher = progress.once("ablation.teacher", lambda: self.mean_nll(teacher_model, "teacher"))
-
-    def mean_nll(self, model, label: str) -> dict[str, float]:
-        out = {}
-        for domain, blocks in self.blocks.items():
-            scores = score(model, blocks, desc=f"ablation {label} ({domain})")
-            out[domain] = scores.nll / scores.tokens
-        return out
+            self.teacher = progress.once("ablation.teacher", lambda: mean_nll(teacher_model, self.blocks, "teacher"))
 
     def measure(self, model, retrieval: Retrieval, records: list[dict] | None) -> dict[str, Any] | None:
-        """{"all": ..., "without linear": ..., ...}: each {"ratios": {domain: ratio}, "retrieval": {task:
-        {length: accuracy}}}; branches the model does not have are left out (None: it has none of them).
-        `records`: the student's retrieval answers with every branch on, already measured."""
-        present = {branch for layer in linearized_attentions(model) for branch in layer.mixer.branches}
+        """`ablate` over the configured branches the model has (None: it has none of them)."""
+        present = present_branches(model)
         branches = [b for b in self.branches if b in present]
         if not branches:
             return None
-        out = {}
-        for branch in [None, *branches]:
-            with branches_off(model, [branch] if branch else []):
-                nll = self.mean_nll(model, f"without {branch}" if branch else "student")
-                ratios = {d: math.exp(nll[d] - self.teacher[d]) for d in nll}
-                if branch is None and records is not None:
-                    answers = records
-                else:
-                    answers = retrieval.measure(model, f"without {branch}") if retrieval.enabled else []
-            out["all" if branch is None else f"without {branch}"] = {"ratios": ratios, "retrieval": accuracy(answers)}
-        return out
+        return ablate(model, branches, self.blocks, self.teacher, retrieval.measure if retrieval.enabled else None,
+                      records)
