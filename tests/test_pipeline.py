@@ -384,3 +384,15 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path):
     (broken / ADAPTER_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(LinearizeError, match="corrupt"):
         load(broken)
+
+
+def test_retrieval_lengths_beyond_the_teachers_positions_are_refused_before_any_work(teacher_dir, tmp_path):
+    settings = tiny_settings(teacher_dir, tmp_path / "run", evaluate={"retrieval_lengths": [1024]})
+    with pytest.raises(LinearizeError, match=r"retrieval length 1024 \(evaluate.retrieval_lengths\) is beyond the "
+                                             r"model's maximum position embeddings \(512\)"):
+        run(build_config(settings), log=lambda msg: None)
+    assert not (tmp_path / "run" / "stage1").exists()
+    # with no retrieval tasks, the lengths are not the model's business
+    off = tiny_settings(teacher_dir, tmp_path / "off", evaluate={"retrieval": [], "retrieval_lengths": [1024]},
+                        transfer={"enabled": False}, finetune={"enabled": False})
+    assert "retrieval" not in run(build_config(off), log=lambda msg: None)

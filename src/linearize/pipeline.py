@@ -186,9 +186,10 @@ class Recipe:
         """What the run needs, printed before any weight loads; the stage-1 store chosen; what cannot fit refused."""
         config = self.config
         self.text_config = load_teacher_config(config.model)
-        check_retrieval(config.evaluate.retrieval, config.evaluate.retrieval_lengths,
-                        config.evaluate.retrieval_depths, getattr(self.text_config, "max_position_embeddings", None),
-                        " (evaluate.retrieval_lengths)")
+        if config.evaluate.retrieval:
+            check_retrieval(config.evaluate.retrieval, config.evaluate.retrieval_lengths,
+                            config.evaluate.retrieval_depths,
+                            getattr(self.text_config, "max_position_embeddings", None), " (evaluate.retrieval_lengths)")
         shape = model_shape(self.text_config, config.method, config.attention, config.finetune.target_modules,
                             config.finetune.lora_r)
         kind = self.device.type if self.device.type in ("cpu", "cuda") else "cpu"

@@ -243,12 +243,13 @@ def ablation_section(report: dict[str, Any]) -> list[str]:
         return []
     first = next(iter(ablation.values()))
     domains = list(first["ratios"])
-    tasks = [(task, length) for task, by_length in first["retrieval"].items() for length in by_length]
+    tasks = [(task, length) for task, by_length in first.get("retrieval", {}).items() for length in by_length]
     blocks = report["config"].get("evaluate", {}).get("ablation_blocks", 1)
     lines = [
         "", "## Branch ablation", "",
         "The student with each branch of its state switched off at inference (the window always kept): held-out "
-        f"perplexity ratio to the teacher on the first {blocks} block(s) of each domain, and retrieval accuracy.",
+        f"perplexity ratio to the teacher on the first {blocks} block(s) of each domain"
+        + (", and retrieval accuracy." if tasks else "."),
         "",
         "| student | " + " | ".join(f"{d} ratio" for d in domains) + " | "
         + " | ".join(f"{t} {n}" for t, n in tasks) + " |",
@@ -256,7 +257,7 @@ def ablation_section(report: dict[str, Any]) -> list[str]:
     ]
     for name, entry in ablation.items():
         cells = [f"{entry['ratios'][d]:.3f}" for d in domains]
-        cells += [f"{entry['retrieval'].get(t, {}).get(n, float('nan')):.2f}" for t, n in tasks]
+        cells += [f"{entry.get('retrieval', {}).get(t, {}).get(n, float('nan')):.2f}" for t, n in tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
