@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 
 
 def make_tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
@@ -15,11 +15,14 @@ def make_tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> PreTrai
 
     Two layers, hidden size 64, 4 query heads and 2 key/value heads of size 16 (so GQA is exercised),
     vocabulary 260. The family's own quirks come with its config class: qwen2 has q/k/v biases, qwen3
-    has q/k RMS norms. `overrides` replace any config field. The global torch RNG is left untouched.
+    has q/k RMS norms, gemma3_text has q/k norms, its own query scale, scaled embeddings, a rotary embedding
+    per layer type and a local layer (window 8) before a global one. `overrides` replace any config field.
+    The global torch RNG is left untouched.
     """
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    config_classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    config_classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+                      "gemma3_text": Gemma3TextConfig}
     fields: dict[str, Any] = {
         "vocab_size": 260,
         "hidden_size": 64,
@@ -36,6 +39,8 @@ def make_tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> PreTrai
     }
     if model_type == "mistral":
         fields["sliding_window"] = None  # full attention, like the other families
+    if model_type == "gemma3_text":
+        fields.update(sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=12)
     fields.update(overrides)
     config = config_classes[model_type](**fields)
     with torch.random.fork_rng(devices=[]):

@@ -165,7 +165,7 @@ def layer_errors(model: torch.nn.Module, blocks: torch.Tensor, desc: str = "laye
                 hidden, teacher_out = layer.recorded
                 if rotary is None:  # the same positions for every layer
                     rotary = position_embeddings(model, hidden)
-                student_out = layer.mix(hidden, rotary, token_ids).float()
+                student_out = layer.mix(hidden, rotary[layer.layer_idx], token_ids).float()
                 teacher_out = teacher_out.float()
                 mse = F.mse_loss(student_out, teacher_out).item()
                 cosine = F.cosine_similarity(student_out, teacher_out, dim=-1).mean().item()

@@ -34,7 +34,7 @@ from linearize.devices import resolve_device, resolve_dtype
 from linearize.errors import LinearizeError
 from linearize.evaluate import Scores, layer_errors, score, summarize
 from linearize.generation import SAMPLE_PROMPTS, sample_generations
-from linearize.layers.attention import attention_mode
+from linearize.layers.attention import attention_mode, linearized_attentions
 from linearize.methods import get_method, method_settings, settings_dict
 from linearize.models import LinearizedForCausalLM
 from linearize.models.modeling import decoder_layers
@@ -345,7 +345,7 @@ class Recipe:
             "machine": machine_description(self.device),
             "model": {
                 "layers": layers,
-                "converted_layers": layers - len(config.attention.softmax_layers),
+                "converted_layers": len(linearized_attentions(model)),
                 "softmax_keys": get_method(config.method).softmax_keys(config.attention),
                 "parameters": count_parameters(model)["total"],
             },

@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from linearize.layers.cache import adopt_cache_layer
 from linearize.ops import DecodeState, backend
+from linearize.teacher.families import local_mask, teacher_window
 
 TOKEN_IDS = "linearize_token_ids"  # the keyword that carries input_ids from the model's forward to its layers
 # the keyword that carries a compiled decoding step's per-layer states (`linearize.models.compiled`): a list,
@@ -83,13 +84,19 @@ class Mixer(nn.Module):
 
 
 def softmax_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attention_mask: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attention_mask: torch.Tensor | None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal softmax attention, the teacher's. q: [B, H, T, D]; k, v: [B, Hk, S, D] -> [B, H, T, D]."""
+    """Causal softmax attention, the teacher's. q: [B, H, T, D]; k, v: [B, Hk, S, D] -> [B, H, T, D].
+    `window`: the teacher attends over its last `window` keys only (a local layer), applied when no 4D mask
+    (which already carries it) is given."""
     if attention_mask is not None and attention_mask.dim() == 4:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attention_mask[..., : k.shape[-2]], scale=scale, enable_gqa=True
         )
+    if window is not None and k.shape[-2] > window:
+        mask = local_mask(k.shape[-2], window, q.device, query_length=q.shape[-2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[-2] > 1, scale=scale, enable_gqa=True)
 
 
@@ -121,6 +128,7 @@ class LinearizedAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.scaling = teacher_attention.scaling
+        self.teacher_window = teacher_window(config, layer_idx)  # the teacher's own local window, if any
         # shared with the teacher, never copied
         self.q_proj = teacher_attention.q_proj
         self.k_proj = teacher_attention.k_proj
@@ -184,7 +192,7 @@ class LinearizedAttention(nn.Module):
         else:
             if past_key_values is not None:
                 k, v = past_key_values.update(k, v, self.layer_idx)
-            out = softmax_attention(q, k, v, self.scaling, attention_mask)
+            out = softmax_attention(q, k, v, self.scaling, attention_mask, self.teacher_window)
             if self.mode == "record":
                 self.recorded = (hidden_states, out)
         out = out.transpose(1, 2).reshape(batch, length, -1)

@@ -19,6 +19,8 @@ from typing import Any
 from linearize.errors import LinearizeError
 from linearize.layers.attention import Mixer
 
+LOCAL_LAYERS = ("keep", "convert")
+
 
 @dataclass(frozen=True)
 class Shapes:
@@ -32,6 +34,7 @@ class Shapes:
     initializer_range: float = 0.02
     layer_index: int = 0  # which decoder layer this mixer replaces
     num_layers: int = 1
+    scale: float | None = None  # the teacher's query scale (None: head_dim ** -0.5; Gemma: its own)
 
 
 @dataclass
@@ -39,10 +42,14 @@ class SwapSettings:
     """Settings every attention-swapping method shares."""
 
     softmax_layers: list[int] = field(default_factory=list)  # layer indices kept as full softmax attention
+    # a teacher's own sliding-window layers (Gemma 3's local layers): kept as they are (constant memory
+    # already) or converted like the others
+    local_layers: str = "keep"
 
     def validate(self) -> None:
         if any(not isinstance(i, int) or i < 0 for i in self.softmax_layers):
             raise LinearizeError("attention.softmax_layers must list layer indices (integers >= 0)")
+        check_choice("local_layers", self.local_layers, LOCAL_LAYERS)
 
 
 @dataclass
@@ -83,7 +90,15 @@ def shapes_from_config(text_config) -> Shapes:
         text_config.num_attention_heads, text_config.num_key_value_heads, head_dim_of(text_config),
         hidden_size=text_config.hidden_size, norm_eps=getattr(text_config, "rms_norm_eps", 1e-6),
         initializer_range=getattr(text_config, "initializer_range", 0.02),
+        scale=query_scale(text_config),
     )
+
+
+def query_scale(text_config) -> float:
+    """The factor of the teacher's attention scores: head_dim ** -0.5, or query_pre_attn_scalar ** -0.5
+    (Gemma)."""
+    scalar = getattr(text_config, "query_pre_attn_scalar", None)
+    return (scalar or head_dim_of(text_config)) ** -0.5
 
 
 class Method:

@@ -93,7 +93,8 @@ class Settings(WindowSettings):
 
 
 class HybridMixer(Mixer):
-    def __init__(self, settings: Settings, num_heads: int, num_kv_heads: int, head_dim: int, memory_buckets: int = 0):
+    def __init__(self, settings: Settings, num_heads: int, num_kv_heads: int, head_dim: int, memory_buckets: int = 0,
+                 scale: float | None = None):
         super().__init__()
         self.memory_buckets = memory_buckets
         self.branches = ("linear", "sinks") + (("memory",) if memory_buckets else ())
@@ -101,7 +102,7 @@ class HybridMixer(Mixer):
         self.window_size = settings.window_size
         self.sink_tokens = settings.sink_tokens
         self.linear_rope = settings.linear_rope
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
         self.feature_map_q = build_feature_map(settings.feature_map, num_heads, head_dim, settings.feature_dim)
         self.feature_map_k = build_feature_map(settings.feature_map, num_kv_heads, head_dim, settings.feature_dim)
         self.log_scale = nn.Parameter(torch.full((num_heads,), math.log(settings.linear_scale_init)))
@@ -162,7 +163,7 @@ class Hybrid(Method):
 
     def build_mixer(self, settings, shapes):
         return HybridMixer(settings, shapes.num_heads, shapes.num_kv_heads, shapes.head_dim,
-                           settings.memory_at(shapes.layer_index, shapes.num_layers))
+                           settings.memory_at(shapes.layer_index, shapes.num_layers), scale=shapes.scale)
 
     def softmax_keys(self, settings) -> int:
         return super().softmax_keys(settings) + (len(memory.orders(settings.memory_ngram))

@@ -44,10 +44,10 @@ class LigerMixer(Mixer):
     Gates and states are per key/value head: exact, since k, v and the gates are all per KV head.
     """
 
-    def __init__(self, settings: Settings, head_dim: int):
+    def __init__(self, settings: Settings, head_dim: int, scale: float | None = None):
         super().__init__()
         self.settings = settings
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
 
     def recurrence_inputs(self, q_nope, k_nope):
         fq = q_nope.float().softmax(dim=-1)
@@ -87,4 +87,4 @@ class Liger(Method):
     stage_defaults = {"finetune": {"lora_alpha": 8.0}}
 
     def build_mixer(self, settings, shapes):
-        return LigerMixer(settings, shapes.head_dim)
+        return LigerMixer(settings, shapes.head_dim, scale=shapes.scale)

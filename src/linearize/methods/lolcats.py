@@ -49,12 +49,13 @@ class LolcatsMixer(Mixer):
     expanded to every query head first. Dividing phi(q) by g is the same as weighting the window by g.
     """
 
-    def __init__(self, settings: Settings, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, settings: Settings, num_heads: int, num_kv_heads: int, head_dim: int,
+                 scale: float | None = None):
         super().__init__()
         self.window_size = settings.window_size
         self.sink_tokens = settings.sink_tokens
         self.chunk_size = settings.chunk_size
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
         self.groups = num_heads // num_kv_heads
         self.expand_keys = settings.key_maps == "per_query_head"
         key_heads = num_heads if self.expand_keys else num_kv_heads
@@ -85,4 +86,4 @@ class Lolcats(Method):
     stage_defaults = {"finetune": {"lora_alpha": 16.0}}
 
     def build_mixer(self, settings, shapes):
-        return LolcatsMixer(settings, shapes.num_heads, shapes.num_kv_heads, shapes.head_dim)
+        return LolcatsMixer(settings, shapes.num_heads, shapes.num_kv_heads, shapes.head_dim, scale=shapes.scale)

@@ -19,11 +19,11 @@ class Settings(WindowSettings):
 
 
 class WindowMixer(Mixer):
-    def __init__(self, settings: Settings, head_dim: int):
+    def __init__(self, settings: Settings, head_dim: int, scale: float | None = None):
         super().__init__()
         self.window_size = settings.window_size
         self.sink_tokens = settings.sink_tokens
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
 
     def forward(self, x, state, output_state):
         return self.window_op(
@@ -39,4 +39,4 @@ class Window(Method):
     stages = ("finetune",)
 
     def build_mixer(self, settings, shapes):
-        return WindowMixer(settings, shapes.head_dim)
+        return WindowMixer(settings, shapes.head_dim, scale=shapes.scale)

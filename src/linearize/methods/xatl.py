@@ -81,7 +81,7 @@ class XatlMixer(Mixer):
         self.settings = settings
         self.num_heads, self.num_kv_heads, self.head_dim = shapes.num_heads, shapes.num_kv_heads, shapes.head_dim
         self.eps = shapes.norm_eps
-        self.scale = self.head_dim**-0.5
+        self.scale = self.head_dim**-0.5 if shapes.scale is None else shapes.scale
         hidden = shapes.hidden_size
         if settings.mixer == "gla":
             self.gk_proj = nn.Sequential(

@@ -36,7 +36,7 @@ from linearize.models.saving import (
     save_adapter,
     save_full,
 )
-from linearize.teacher.families import check_supported
+from linearize.teacher.families import check_supported, local_layers
 
 
 class LinearizedPreTrainedModel(PreTrainedModel):
@@ -237,8 +237,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def kept_layers(text_config, settings: Any) -> list[int]:
+    """The teacher's layers a conversion keeps as they are: `softmax_layers`, and the teacher's own
+    sliding-window layers unless `local_layers` is "convert"."""
+    local = local_layers(text_config) if getattr(settings, "local_layers", "keep") == "keep" else []
+    return sorted(set(settings.softmax_layers) | set(local))
+
+
 def swap_attention(model: nn.Module, method: str, settings: Any, device: torch.device | None = None) -> None:
-    """Replace every attention module except `settings.softmax_layers` by a `LinearizedAttention` with
+    """Replace every attention module except the kept ones (`kept_layers`) by a `LinearizedAttention` with
     the method's mixer; teacher projections are reused by reference."""
     impl = get_method(method)
     settings = method_settings(method, settings)
@@ -247,9 +254,14 @@ def swap_attention(model: nn.Module, method: str, settings: Any, device: torch.d
     if bad:
         raise LinearizeError(f"attention.softmax_layers {bad} out of range: the model has {len(layers)} layers")
     text_config = model.config.text_config if isinstance(model.config, LinearizedConfig) else model.config
+    kept = kept_layers(text_config, settings)
+    if len(kept) == len(layers):
+        raise LinearizeError(f"every layer of this model is kept as softmax attention ({len(layers)} layers: "
+                             "attention.softmax_layers and the teacher's local layers): nothing would be linearized; "
+                             "list fewer softmax_layers, or set attention.local_layers: convert")
     shapes = shapes_from_config(text_config)
     for index, layer in enumerate(layers):
-        if index in settings.softmax_layers:
+        if index in kept:
             continue
         mixer = impl.build_mixer(settings, dataclasses.replace(shapes, layer_index=index, num_layers=len(layers)))
         if device is not None:

@@ -44,6 +44,7 @@ from linearize.config import TransferConfig
 from linearize.errors import LinearizeError
 from linearize.layers.attention import LinearizedAttention, attention_mode
 from linearize.models.modeling import decoder_layers
+from linearize.teacher.families import LayerRotary, local_mask, teacher_window
 from linearize.teacher.streaming import InMemory
 from linearize.train.loop import TrainResult, run_steps
 from linearize.train.shards import ShardStore
@@ -66,28 +67,32 @@ def shard_rows(row_bytes: int, rows: int, world: int) -> int:
     return max(1, min(MAX_ROWS_PER_SHARD, SHARD_BYTES // max(row_bytes, 1), -(-rows // world)))
 
 
-def position_embeddings(model: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's rotary (cos, sin) for positions 0 .. T - 1 (training sequences start fresh)."""
-    positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
-    return model.model.rotary_emb(hidden, positions)
+def position_embeddings(model: torch.nn.Module, hidden: torch.Tensor) -> LayerRotary:
+    """The teacher's rotary (cos, sin) for positions 0 .. T - 1 (training sequences start fresh), per layer:
+    `position_embeddings(model, hidden)[layer_index]`."""
+    return LayerRotary(model, hidden)
 
 
-def transfer_loss(layer, x: torch.Tensor, y: torch.Tensor, rotary, token_ids: torch.Tensor | None = None):
+def transfer_loss(layer, x: torch.Tensor, y: torch.Tensor, rotary: LayerRotary, token_ids: torch.Tensor | None = None):
     """MSE between the mixer's output and the teacher's softmax output, per head before o_proj."""
-    return F.mse_loss(layer.mix(x, rotary, token_ids).float(), y)
+    return F.mse_loss(layer.mix(x, rotary[layer.layer_idx], token_ids).float(), y)
 
 
-def run_teacher_layers(model, hidden: torch.Tensor, layers: range, rotary, record: bool = True):
-    """The teacher's decoder layers `layers` on `hidden` [B, T, C] (softmax attention, causal, no padding).
-    Returns the output hidden state and, with `record`, {layer: (attention input, softmax output per head)}
-    for every converted layer."""
+def run_teacher_layers(model, hidden: torch.Tensor, layers: range, rotary: LayerRotary, record: bool = True):
+    """The teacher's decoder layers `layers` on `hidden` [B, T, C] (softmax attention, causal, no padding;
+    a layer the teacher attends locally keeps its window). Returns the output hidden state and, with
+    `record`, {layer: (attention input, softmax output per head)} for every converted layer."""
     decoder = decoder_layers(model)
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
     recorded = {}
     with attention_mode(model, "record" if record else "softmax"):
         for index in layers:
-            hidden = decoder[index](hidden, attention_mask=None, position_ids=positions,
-                                    position_embeddings=rotary, use_cache=False)
+            window = teacher_window(rotary.config, index)
+            kept_local = window is not None and not isinstance(decoder[index].self_attn, LinearizedAttention)
+            # a converted layer applies its teacher's window itself; a layer kept as the teacher's is given it
+            mask = local_mask(hidden.shape[1], window, hidden.device) if kept_local else None
+            hidden = decoder[index](hidden, attention_mask=mask, position_ids=positions,
+                                    position_embeddings=rotary[index], use_cache=False)
             attention = decoder[index].self_attn
             if record and isinstance(attention, LinearizedAttention):
                 recorded[index], attention.recorded = attention.recorded, None
