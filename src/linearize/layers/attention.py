@@ -102,12 +102,12 @@ def softmax_attention(
 
 def key_mask_from(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
     """[B, T] bool validity of this call's T tokens, from the 4D mask transformers hands attention layers
-    (bool: True = attend; float: 0 = attend). The last query row sees every real key of the call.
-    None when there is no mask or no padding."""
+    (bool: True = attend; float: 0 = attend). A real key is seen by some query of the call (its own, at least,
+    whatever window the mask has); a padding key by none. None when there is no mask or no padding."""
     if attention_mask is None or attention_mask.dim() != 4:
         return None
-    last_row = attention_mask[:, 0, -1, -length:]
-    valid = last_row if last_row.dtype == torch.bool else last_row == 0
+    columns = attention_mask[:, 0, :, -length:]
+    valid = (columns if columns.dtype == torch.bool else columns == 0).any(dim=-2)
     return None if bool(valid.all()) else valid
 
 

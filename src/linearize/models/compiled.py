@@ -35,8 +35,9 @@ class CompiledDecoding:
         softmax = [i for i, layer in enumerate(layers) if not isinstance(layer.self_attn, LinearizedAttention)]
         if softmax:
             raise LinearizeError(
-                f"compile_decoding compiles a step of constant-size states; layers {softmax} keep softmax attention "
-                "(attention.softmax_layers), whose cache grows: decode this model without compile_decoding"
+                f"compile_decoding compiles a step of linearized states; layers {softmax} keep the teacher's softmax "
+                "attention (attention.softmax_layers, or a teacher's own local layers: attention.local_layers keep) "
+                "and its key/value cache: decode this model without compile_decoding, or convert those layers"
             )
         self.freeze = freeze
         self.attentions = [layer.self_attn for layer in layers]

@@ -330,6 +330,7 @@ class AttentionTransfer:
                 lr=config.lr, min_lr_ratio=config.min_lr_ratio, warmup_steps=config.warmup_steps,
                 state_dir=directory / "state", checkpoint_every=self.checkpoint_every, hint=" (transfer.lr)",
             ) if params else TrainResult(steps=0, tokens=0, seconds=0.0)
+        directory.mkdir(parents=True, exist_ok=True)  # a block of kept layers only trained nothing: still done
         atomic_save_tensors({n: p.detach() for n, p in params.items()}, directory / "mixers.safetensors")
         losses = {str(i): config.loss_weight * sum(v) / len(v) for i, v in sorted(per_layer.items())}
         summary = {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
