@@ -107,6 +107,31 @@ def test_local_txt_file_packs_into_blocks(tmp_path, byte_tokenizer):
     assert not contains_row(blocks.train, blocks.eval["text"][0][blocks.eval["text"][0] != eos][:24])
 
 
+def test_blocks_begin_as_the_tokenizer_begins_a_sequence(tmp_path):
+    """A tokenizer that adds a BOS token (Gemma's) gets it at the start of every block, training, held-out and
+    long alike, and the rest of the block is the same text; one that adds none (the byte tokenizer, SmolLM2's)
+    gets nothing added."""
+    from helpers import make_byte_tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    byte_tokenizer = make_byte_tokenizer()
+    path = tmp_path / "book.txt"
+    write_book(path, paragraphs=2000)
+    plain = build_blocks(byte_tokenizer, str(path), SEQ_LEN, 4 * SEQ_LEN, SEQ_LEN, long_tokens=512)
+    bos = byte_tokenizer.vocab_size  # 257: after the bytes and <eos>
+    byte_tokenizer.add_special_tokens({"bos_token": "<bos>"})
+    byte_tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A",
+                                                                         special_tokens=[("<bos>", bos)])
+    assert byte_tokenizer("a")["input_ids"] == [bos] + byte_tokenizer("a", add_special_tokens=False)["input_ids"]
+    with_bos = build_blocks(byte_tokenizer, str(path), SEQ_LEN, 4 * SEQ_LEN, SEQ_LEN, long_tokens=512)
+    for kind in ("train", "eval", "long"):
+        before, after = getattr(plain, kind), getattr(with_bos, kind)
+        before, after = (before, after) if kind == "train" else (before["text"], after["text"])
+        assert before.shape == after.shape and bool((after[:, 0] == bos).all()), kind
+        assert not bool((before == bos).any()), kind
+    assert torch.equal(with_bos.long["text"][0, 1:], plain.long["text"][0, :-1])  # the same text, one token later
+
+
 def test_directory_of_txt_files(tmp_path, byte_tokenizer):
     for name in ("a.txt", "b.txt", "sub/c.txt"):
         (tmp_path / name).parent.mkdir(exist_ok=True)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from linearize.data.blocks import start_tokens
 from linearize.errors import LinearizeError
 
 TASKS = ("passkey", "multikey", "multivalue", "quote")
@@ -95,9 +96,7 @@ class _Ids:
 
     def start(self) -> list[int]:
         """The tokenizer's own beginning of a sequence (a BOS token where it adds one)."""
-        with_special = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        return with_special[: len(with_special) - len(plain)] if with_special[-len(plain):] == plain else []
+        return start_tokens(self.tokenizer)
 
 
 def _haystack(ids: _Ids, budget: int, needles: list[tuple[float, list[int]]]) -> list[int]:

@@ -91,7 +91,8 @@ def build_blocks(
     """Tokenize `source` and pack it into fixed-length blocks.
 
     Documents are tokenized without special tokens, joined with the tokenizer's EOS token and cut into
-    blocks; the last partial block is dropped. Training takes ceil(train_tokens / seq_len) blocks, shared
+    blocks, each of which starts as the tokenizer starts a sequence (`start_tokens`: Gemma's BOS; nothing for
+    SmolLM2); the last partial block is dropped. Training takes ceil(train_tokens / seq_len) blocks, shared
     between domains as `DEFAULT_MIX` says for the default source (a domain that runs out leaves its share
     to the others). Each domain gets ceil(eval_tokens_per_domain / eval_seq_len) held-out blocks.
 
@@ -124,6 +125,7 @@ def build_blocks(
     weights = DEFAULT_MIX if source == "default" else {domain: 1.0 for domain in by_domain}
     domains = [domain for domain in weights if domain in by_domain]
 
+    start = start_tokens(tokenizer)
     rng = random.Random(seed)
     # the embedded corpora have thousands of documents: one block from each spreads a small budget
     spread = source in ("default", "code", "prose")
@@ -132,11 +134,11 @@ def build_blocks(
         train_docs, held_out[domain] = split_documents(by_domain[domain])
         rng.shuffle(train_docs)
         held_out[domain].sort(key=lambda d: _hash_unit(d.id))
-        train_streams[domain] = _BlockStream(tokenizer, train_docs, seq_len, eos, one_per_document=spread)
-        eval_streams[domain] = _BlockStream(tokenizer, held_out[domain], eval_seq_len, eos, one_per_document=spread)
+        train_streams[domain] = _BlockStream(tokenizer, train_docs, seq_len, eos, spread, start)
+        eval_streams[domain] = _BlockStream(tokenizer, held_out[domain], eval_seq_len, eos, spread, start)
     for domain, docs in unseen.items():
         docs = sorted(docs, key=lambda d: _hash_unit(d.id))
-        eval_streams[f"unseen {domain}"] = _BlockStream(tokenizer, docs, eval_seq_len, eos, one_per_document=spread)
+        eval_streams[f"unseen {domain}"] = _BlockStream(tokenizer, docs, eval_seq_len, eos, spread, start)
 
     train_blocks = _take_mixed(train_streams, weights, math.ceil(train_tokens / seq_len), source, seq_len)
     eval_blocks: dict[str, torch.Tensor] = {}
@@ -163,7 +165,7 @@ def build_blocks(
     if long_tokens > 0:
         for domain in domains:
             long_blocks[domain], long_documents[domain] = _long_documents(
-                tokenizer, held_out[domain], long_tokens, long_documents_per_domain
+                tokenizer, held_out[domain], long_tokens, long_documents_per_domain, start
             )
 
     order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
@@ -182,8 +184,18 @@ def build_blocks(
     )
 
 
-def _long_documents(tokenizer: Any, documents: list[Document], length: int, count: int) -> tuple[torch.Tensor, list]:
-    """The first `length` tokens of the first `count` documents (in the given order) that have that many."""
+def start_tokens(tokenizer: Any) -> list[int]:
+    """The tokens the tokenizer begins a sequence with (a BOS token where it adds one, as Gemma's does: Gemma 3
+    270M's held-out perplexity is 1.4-2x higher without it), found by encoding one word both ways."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return with_special[: len(with_special) - len(plain)] if with_special[-len(plain):] == plain else []
+
+
+def _long_documents(tokenizer: Any, documents: list[Document], length: int, count: int, start: list[int]
+                    ) -> tuple[torch.Tensor, list]:
+    """The first `length` tokens (`start` and the document's first tokens) of the first `count` documents (in the
+    given order) that have that many."""
     rows, ids = [], []
     for document in documents:
         if len(rows) == count:
@@ -192,8 +204,8 @@ def _long_documents(tokenizer: Any, documents: list[Document], length: int, coun
         if len(text) < length:  # fewer characters than tokens needed: too short whatever the tokenizer
             continue
         tokens = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-        if len(tokens) >= length:
-            rows.append(torch.tensor(tokens[:length], dtype=torch.long))
+        if len(tokens) >= length - len(start):
+            rows.append(torch.tensor(start + tokens[: length - len(start)], dtype=torch.long))
             ids.append(document.id)
     return _stack(rows, length), ids
 
@@ -204,7 +216,8 @@ def file_blocks(
     """All of `source` (a .txt/.jsonl file or directory; no held-out split) packed into [N, seq_len] blocks,
     for evaluating on text of the user's choosing."""
     eos = getattr(tokenizer, "eos_token_id", None)
-    stream = _BlockStream(tokenizer, load_texts(source, text_field), seq_len, eos if eos is not None else 0)
+    stream = _BlockStream(tokenizer, load_texts(source, text_field), seq_len, eos if eos is not None else 0,
+                          start=start_tokens(tokenizer))
     blocks = stream.take(max_blocks if max_blocks is not None else 1 << 30)
     if not blocks:
         raise LinearizeError(
@@ -247,12 +260,14 @@ def _take_mixed(
 class _BlockStream:
     """Reads documents in order, tokenizes them in batches and hands out packed blocks on demand.
     With `one_per_document`, a document of at least a block gives exactly one block (from an offset fixed
-    by its id) and shorter ones are packed together, so the blocks spread over many documents."""
+    by its id) and shorter ones are packed together, so the blocks spread over many documents. Every block
+    begins with `start` (the tokenizer's BOS, if it has one), then `block_len - len(start)` tokens of text."""
 
     def __init__(self, tokenizer: Any, documents: list[Document], block_len: int, eos: int,
-                 one_per_document: bool = False):
+                 one_per_document: bool = False, start: list[int] | None = None):
         self.tokenizer = tokenizer
-        self.block_len = block_len
+        self.start = list(start or [])
+        self.block_len = block_len - len(self.start)  # text tokens per block
         self.eos = eos
         self.one_per_document = one_per_document
         self.used_ids: list[str] = []
@@ -264,16 +279,20 @@ class _BlockStream:
         blocks: list[torch.Tensor] = []
         while len(blocks) < count:
             if self._ready:
-                blocks.append(self._ready.pop(0))
+                blocks.append(self._with_start(self._ready.pop(0)))
                 continue
             needed_tokens = (count - len(blocks)) * self.block_len - len(self._buffer)
             if len(self._buffer) < self.block_len and not self._fill(needed_tokens):
                 break
             ready = min(len(self._buffer) // self.block_len, count - len(blocks))
             cut = ready * self.block_len
-            blocks.extend(torch.tensor(self._buffer[:cut], dtype=torch.long).view(ready, self.block_len))
+            packed = torch.tensor(self._buffer[:cut], dtype=torch.long).view(ready, self.block_len)
+            blocks.extend(self._with_start(block) for block in packed)
             self._buffer = self._buffer[cut:]
         return blocks
+
+    def _with_start(self, block: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.tensor(self.start, dtype=torch.long), block]) if self.start else block
 
     def _fill(self, needed_tokens: int) -> bool:
         """Tokenize the next documents, about `needed_tokens` worth, into the buffer.

