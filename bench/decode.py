@@ -2,6 +2,7 @@
 
     python bench/decode.py                                   # contexts 1k, 4k, 16k, 32k; the default run's student
     python bench/decode.py --dtype bfloat16 --contexts 1024 16384 --student runs/default
+    python bench/decode.py --teacher gemma3-270m --student runs/gemma3-270m --contexts 4096 16384 --no-compile
 
 For each model and context (each in its own process, so peak memory is its own): prefill tok/s of a
 random-token prompt of that length through the model's own cache, then decode tok/s over `--steps`
@@ -37,19 +38,20 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def load_model(which: str, student_dir: str | None, dtype: str = "float32"):
+def load_model(which: str, student_dir: str | None, dtype: str = "float32", teacher: str | None = None):
     """The teacher, or the student saved in `student_dir` (the untrained hybrid if there is none)."""
     from linearize import linearize
     from linearize.teacher import DEFAULT_TEACHER, load_teacher
 
+    teacher = teacher or DEFAULT_TEACHER
     if which == "teacher":
-        model = load_teacher(DEFAULT_TEACHER)[0]
+        model = load_teacher(teacher)[0]
     elif student_dir and Path(student_dir).exists():
         from linearize import load
 
         model = load(student_dir, device="cpu")[0]
     else:
-        model = linearize(load_teacher(DEFAULT_TEACHER)[0], "hybrid")
+        model = linearize(load_teacher(teacher)[0], "hybrid")
     return model.to(DTYPES[dtype]).eval()
 
 
@@ -89,13 +91,13 @@ def timed_steps(step, token: torch.Tensor, steps: int) -> tuple[torch.Tensor, fl
 
 @torch.no_grad()
 def measure_one(which: str, context: int, steps: int, student_dir: str | None, dtype: str,
-                compile_step: bool = False) -> dict:
+                compile_step: bool = False, teacher: str | None = None) -> dict:
     """Prefill `context` random tokens, then `steps` greedy decode steps; in this process. `compile_step`:
     then three eager and three compiled blocks of `steps`, alternating, from the same cache (medians); for
     the teacher, the same from its cache copied into a StaticCache (`teacher_static`)."""
     from transformers import DynamicCache
 
-    model = load_model(which, student_dir, dtype)
+    model = load_model(which, student_dir, dtype, teacher)
     ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(0))
     cache = DynamicCache(config=model.config)
 
@@ -173,11 +175,11 @@ def teacher_static(model, dynamic, token: torch.Tensor, context: int, steps: int
 
 @torch.no_grad()
 def measure_batches(which: str, context: int, batches: list[int], steps: int, student_dir: str | None,
-                    dtype: str) -> dict:
+                    dtype: str, teacher: str | None = None) -> dict:
     """Decode throughput (sequences x steps / s) at each batch size, the prompt's cache repeated."""
     from transformers import DynamicCache
 
-    model = load_model(which, student_dir, dtype)
+    model = load_model(which, student_dir, dtype, teacher)
     ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(0))
     base = DynamicCache(config=model.config)
     model(input_ids=ids, past_key_values=base, use_cache=True, logits_to_keep=1)
@@ -250,9 +252,10 @@ def copy_bandwidth_gb_s() -> float:
 def child(args) -> None:
     if args.child == "one":
         result = measure_one(args.which, args.context, args.steps, args.student, args.dtype,
-                             compile_step=not args.no_compile)
+                             compile_step=not args.no_compile, teacher=args.teacher)
     else:
-        result = measure_batches(args.which, args.context, args.batches, args.steps, args.student, args.dtype)
+        result = measure_batches(args.which, args.context, args.batches, args.steps, args.student, args.dtype,
+                                 args.teacher)
     print(json.dumps(result))
 
 
@@ -266,13 +269,16 @@ def run_child(*extra: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", default="runs/default")
+    parser.add_argument("--teacher", default=None, help="the teacher to time (default: the embedded default); a "
+                        "trained --student brings its own")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights and activations")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--batch-context", type=int, default=4096)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--memory-gib", type=float, default=16.0, help="memory budget for the largest-batch column")
-    parser.add_argument("--op-lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--op-lengths", type=int, nargs="*", default=[4096, 8192, 16384, 32768],
+                        help="lengths of the op-level table (none: no table)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled steps (student and teacher)")
     parser.add_argument("--output", default=None)
     parser.add_argument("--child", choices=["one", "batches"], help=argparse.SUPPRESS)
@@ -282,18 +288,28 @@ def main() -> None:
     if args.child:
         return child(args)
 
+    from linearize.checkpoint import CONFIG_FILE
+    from linearize.teacher import DEFAULT_TEACHER
+
     student_name = args.student if Path(args.student).exists() else "untrained hybrid"
+    run_config = Path(args.student) / CONFIG_FILE
+    if args.teacher is None and run_config.is_file():  # a run's student: the teacher it was trained from
+        import yaml
+
+        args.teacher = yaml.safe_load(run_config.read_text()).get("model")
+    teacher = args.teacher or DEFAULT_TEACHER
     lines = [f"Machine: {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}, "
-             f"batch 1 unless said; student: {student_name}.", ""]
+             f"batch 1 unless said; teacher: {teacher}; student: {student_name}.", ""]
     results = {}
     for context in args.contexts:
         for which in ("student", "teacher"):
             common = ["--which", which, "--context", str(context), "--steps", str(args.steps),
-                      "--student", args.student, "--dtype", args.dtype] + ["--no-compile"] * args.no_compile
+                      "--student", args.student, "--dtype", args.dtype, "--teacher", teacher] + [
+                          "--no-compile"] * args.no_compile
             results[which, context] = run_child("--child", "one", *common)
             print(which, context, results[which, context], flush=True)
     bandwidth = copy_bandwidth_gb_s()
-    student = load_model("student", args.student, args.dtype)
+    student = load_model("student", args.student, args.dtype, teacher)
     weight_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
     limit = bandwidth * 1e9 / weight_bytes
     stream = weight_stream_tok_s(student)
@@ -345,7 +361,7 @@ def main() -> None:
     for which in ("student", "teacher"):
         batch_rows[which] = run_child("--child", "batches", "--which", which, "--context", str(args.batch_context),
                                       "--steps", str(max(4, args.steps // 4)), "--student", args.student,
-                                      "--dtype", args.dtype, "--batches", *map(str, args.batches))
+                                      "--dtype", args.dtype, "--teacher", teacher, "--batches", *map(str, args.batches))
         print(which, "batches", batch_rows[which], flush=True)
     lines += [f"Batched decoding at {args.batch_context:,} tokens of context (sequences x tokens / s); largest "
               f"batch whose caches fit in {args.memory_gib:g} GiB beside the weights:", "",
@@ -360,7 +376,7 @@ def main() -> None:
     lines += ["", "Ops alone (forward, one sequence; ms, speed-up over SDPA causal):", "",
               "| tokens | SDPA causal | hybrid window+sinks+linear | x SDPA | the same + recall memory | x SDPA "
               "| chunked linear attention | x SDPA |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"] if args.op_lengths else []
     for row in op_table(args.op_lengths, args.dtype):
         lines.append(f"| {row['tokens']:,} | {row['sdpa_ms']:.1f} | {row['hybrid_ms']:.1f} | "
                      f"{row['sdpa_ms'] / row['hybrid_ms']:.2f}x | {row['memory_ms']:.1f} | "

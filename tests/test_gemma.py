@@ -155,3 +155,13 @@ def test_gemma3_with_its_vision_tower_is_refused_with_the_text_model_named():
 def test_compiled_decoding_is_refused_while_local_layers_keep_their_cache():
     with pytest.raises(LinearizeError, match="local_layers"):
         linearize(teacher(), "hybrid", ATTENTION).compile_decoding()
+
+
+def test_the_model_card_names_the_teachers_license():
+    from linearize.models.saving import default_card
+
+    model = linearize(teacher(), "hybrid", ATTENTION)
+    model.config.teacher = "gemma3-270m"
+    assert "under the Gemma Terms of Use (https://ai.google.dev/gemma/terms)" in default_card(model)
+    model.config.teacher = "/some/local/teacher"
+    assert "Terms" not in default_card(model)

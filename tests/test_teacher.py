@@ -132,3 +132,71 @@ def test_gguf_cache_is_keyed_by_contents_and_drops_stale_entries(tmp_path, monke
     edited = teacher._cached_gguf_dir(first, cache)
     assert edited != entry and builds == [entry, edited]
     assert sorted(p.name for p in (cache / "teachers").iterdir()) == [edited.name]
+
+
+def write_gguf(path, architecture: str) -> None:
+    """A minimal GGUF file (one tensor, a few keys) claiming `architecture`."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("architecture,message", [
+    ("jamba", r"cannot read GGUF file '.*unreadable\.gguf': GGUF model with architecture jamba is not supported"),
+    ("mamba", r"model type 'mamba' is not supported \(teacher '.*unreadable\.gguf'\)"),
+])
+def test_a_gguf_of_another_architecture_is_refused_naming_the_file(tmp_path, architecture, message):
+    from linearize.teacher import load_teacher_config
+
+    path = tmp_path / "unreadable.gguf"
+    write_gguf(path, architecture)
+    for load in (load_teacher_config, load_teacher):
+        with pytest.raises(LinearizeError, match=message):
+            load(str(path), cache_dir=tmp_path / "cache")
+
+
+def test_embedded_gemma3_270m_is_read_from_its_packages(tmp_path):
+    """The second embedded teacher: its GGUF assembled from the part packages into the cache, read as a
+    gemma3_text config whose 15 local layers a conversion keeps and whose 3 global ones it converts (meta
+    device: no weight is de-quantised)."""
+    from linearize.layers.attention import linearized_attentions
+    from linearize.models import LinearizedForCausalLM
+    from linearize.teacher import load_teacher_config, teacher_license
+    from linearize.teacher.families import local_layers
+    from linearize.teacher.streaming import empty_teacher
+
+    config = load_teacher_config("gemma3-270m", cache_dir=tmp_path)
+    assert (tmp_path / "gguf" / "gemma-3-270m-q4_k_m.gguf").stat().st_size > 200e6
+    assert (config.model_type, config.num_hidden_layers, config.head_dim, config.sliding_window) == (
+        "gemma3_text", 18, 256, 512)
+    assert local_layers(config) == [i for i in range(18) if i not in (5, 11, 17)]
+    student = LinearizedForCausalLM.from_teacher(empty_teacher(config, torch.float32), "hybrid", {},
+                                                 device=torch.device("meta"))
+    assert [layer.layer_idx for layer in linearized_attentions(student)] == [5, 11, 17]
+    assert "Gemma Terms of Use" in teacher_license("gemma3-270m")
+
+
+def test_a_missing_embedded_teacher_package_says_what_to_install(monkeypatch, tmp_path):
+    import importlib
+
+    from linearize.teacher import load_teacher_config
+
+    real = importlib.import_module
+
+    def without_gemma(name, *args):
+        if name.startswith("gemma3_270m"):
+            raise ModuleNotFoundError(f"No module named '{name}'")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_gemma)
+    with pytest.raises(LinearizeError, match=r"pip install 'linearize\[gemma\]'"):
+        load_teacher_config("gemma3-270m", cache_dir=tmp_path)

@@ -29,8 +29,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def linearize(model: torch.nn.Module, method: str = "hybrid", attention: dict[str, Any] | None = None
               ) -> LinearizedForCausalLM:
-    """Convert a loaded Hugging Face causal LM (llama, mistral, qwen2, qwen3) into a linearized one,
-    untrained; its modules are reused, not copied. `attention` holds the method's settings."""
+    """Convert a loaded Hugging Face causal LM (llama, mistral, qwen2, qwen3, gemma3_text) into a linearized
+    one, untrained; its modules are reused, not copied. `attention` holds the method's settings (a Gemma 3's
+    local layers are kept as they are unless `attention["local_layers"]` is "convert")."""
     from linearize.methods import get_method
 
     get_method(method)

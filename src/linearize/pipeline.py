@@ -53,7 +53,14 @@ from linearize.plan import (
 from linearize.probes import Ablation, LongRange, Retrieval
 from linearize.report import model_card, write_report
 from linearize.retrieval import check_settings as check_retrieval
-from linearize.teacher import FileWeights, load_teacher, load_teacher_config, load_tokenizer, teacher_directory
+from linearize.teacher import (
+    FileWeights,
+    load_teacher,
+    load_teacher_config,
+    load_tokenizer,
+    teacher_directory,
+    teacher_license,
+)
 from linearize.teacher.streaming import empty_teacher, tied_names
 from linearize.train import finetune
 from linearize.train.finetune import training_blocks, with_lora
@@ -342,6 +349,7 @@ class Recipe:
         self.result = {
             "method": config.method,
             "teacher": config.model,
+            "teacher_license": teacher_license(config.model),
             "machine": machine_description(self.device),
             "model": {
                 "layers": layers,

@@ -52,7 +52,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# linearize report: {report['method']} on {report['teacher']}",
         "",
-        f"Machine: {report['machine']}. Total wall time: {report['seconds_total']:.0f} s.",
+        f"Machine: {report['machine']}. Total wall time: {report['seconds_total']:.0f} s."
+        + (f" The teacher's weights are under the {report['teacher_license']}." if report.get("teacher_license")
+           else ""),
         f"Converted {report['model']['converted_layers']} of {report['model']['layers']} layers ({attention}); "
         f"held-out blocks of {config['data']['eval_seq_len']} tokens "
         f"({', '.join(f'{d}: {n} tokens' for d, n in report['data']['eval_tokens'].items())}).",

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from linearize.checkpoint import atomic_replace_dir, load_params_strict, load_tensors
 from linearize.errors import LinearizeError
 from linearize.models.configuration import LinearizedConfig
+from linearize.teacher import teacher_license
 
 ADAPTER_FILE = "linearize_adapter.safetensors"
 LORA_PREFIX = "lora::"  # adapter-file names of LoRA tensors, apart from the mixers' parameter names
@@ -81,6 +82,12 @@ def save_adapter(model, directory: Path, teacher: str | None = None, lora_tensor
     return directory
 
 
+def license_line(teacher: str | None) -> str:
+    """A sentence naming the license of an embedded teacher's weights, which the student's weights inherit."""
+    terms = teacher_license(teacher)
+    return f" Its weights derive from {teacher}'s and are under the {terms}." if terms else ""
+
+
 def default_card(model) -> str:
     return f"""---
 library_name: transformers
@@ -90,7 +97,8 @@ tags: [linearize, linear-attention, {model.config.method}]
 # A {model.config.method} linearization of {model.config.teacher or "a softmax-attention model"}
 
 Made with linearize: every attention layer swapped for a constant-memory mixer (method
-`{model.config.method}`). Load it with `import linearize` first, which registers the model type:
+`{model.config.method}`).{license_line(model.config.teacher)} Load it with `import linearize` first, which registers
+the model type:
 
 ```python
 import linearize
