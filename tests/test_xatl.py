@@ -244,6 +244,7 @@ def test_fla_export_maps_every_tensor_by_name_and_shape():
     [
         ("qwen2", {}, r"q_proj\.bias has no counterpart"),
         ("qwen3", {}, r"q_norm\.weight has no counterpart"),
+        ("gemma3_text", {"window_size": 0, "local_layers": "convert"}, r"norm\.weight has no counterpart"),
         ("llama", {"window_size": 8}, "purely recurrent"),
         ("llama", {"mixer": "retnet"}, "only an XATL GLA student"),
     ],
