@@ -107,7 +107,7 @@ class EvaluateConfig:
 
 @dataclass
 class RunConfig:
-    model: str = "smollm2-135m-instruct"  # hub id | local dir | .gguf file | the embedded default
+    model: str = "smollm2-135m-instruct"  # hub id | local dir | .gguf file | an embedded teacher (or gemma3-270m)
     method: str = "hybrid"  # a name from linearize.methods.METHODS
     output_dir: str = "runs/default"
     seed: int = 0
