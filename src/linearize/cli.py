@@ -246,6 +246,8 @@ def long_range(model, teacher, tokenizer, args) -> dict:
 
 def eval_tables(result: dict) -> str:
     """Markdown tables of an eval result, for people (the JSON line is for programs)."""
+    from linearize.report import ablation_table, accuracy_table
+
     lines = []
     if "perplexity" in result:
         lines += ["| model | perplexity | ratio | agreement | KL to teacher |", "|---|---:|---:|---:|---:|"]
@@ -281,23 +283,9 @@ def eval_tables(result: dict) -> str:
                              + " | ".join(f"{o:.4f}" for o in others) + " |")
         lines.append("")
     if "retrieval" in result:
-        accuracy = result["retrieval"]["accuracy"]
-        columns = [(t, n) for t, by_length in accuracy["student"].items() for n in by_length]
-        lines += ["| retrieval (exact match) | " + " | ".join(f"{t} {n}" for t, n in columns) + " |",
-                  "|---|" + "---:|" * len(columns)]
-        lines += [f"| {name} | " + " | ".join(f"{scores[t][n]:.2f}" for t, n in columns) + " |"
-                  for name, scores in accuracy.items()]
-        lines.append("")
+        lines += [*accuracy_table(result["retrieval"]["accuracy"]), ""]
     if "ablation" in result:
-        first = next(iter(result["ablation"].values()))
-        domains = list(first["ratios"])
-        columns = [(t, n) for t, by_length in first.get("retrieval", {}).items() for n in by_length]
-        lines += ["| student | " + " | ".join(f"{d} ratio" for d in domains) + "".join(
-            f" | {t} {n}" for t, n in columns) + " |", "|---|" + "---:|" * (len(domains) + len(columns))]
-        for name, entry in result["ablation"].items():
-            cells = [f"{entry['ratios'][d]:.3f}" for d in domains]
-            cells += [f"{entry['retrieval'][t][n]:.2f}" for t, n in columns]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ablation_table(result["ablation"])
     return "\n".join(lines)
 
 

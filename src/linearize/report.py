@@ -223,13 +223,8 @@ def retrieval_section(report: dict[str, Any]) -> list[str]:
         "Exact match of a greedy answer generated through each model's own cache (linearize.retrieval): "
         f"fraction correct over needle depths {', '.join(f'{d:g}' for d in depths)} ({per_cell} prompt(s) "
         "each), by task and prompt length in tokens.", "",
-        "| model | " + " | ".join(f"{task} {length}" for task, length in columns) + " |",
-        "|---|" + "---:|" * len(columns),
+        *accuracy_table({name: accuracy(records) for name, records in rows}, columns),
     ]
-    for name, records in rows:
-        scores = accuracy(records)
-        lines.append(f"| {name} | " + " | ".join(f"{scores.get(t, {}).get(n, float('nan')):.2f}" for t, n in columns)
-                     + " |")
     student = next((records for name, records in rows if name.endswith("(student)")), [])
     misses = [r for r in student if not r["correct"]][:6]
     if misses:
@@ -243,20 +238,39 @@ def ablation_section(report: dict[str, Any]) -> list[str]:
     ablation = report.get("ablation")
     if not ablation:
         return []
-    first = next(iter(ablation.values()))
-    domains = list(first["ratios"])
-    tasks = [(task, length) for task, by_length in first.get("retrieval", {}).items() for length in by_length]
+    with_retrieval = bool(next(iter(ablation.values())).get("retrieval"))
     blocks = report["config"].get("evaluate", {}).get("ablation_blocks", 1)
-    lines = [
+    return [
         "", "## Branch ablation", "",
         "The student with each branch of its state switched off at inference (the window always kept): held-out "
         f"perplexity ratio to the teacher on the first {blocks} block(s) of each domain"
-        + (", and retrieval accuracy." if tasks else "."),
+        + (", and retrieval accuracy." if with_retrieval else "."),
         "",
-        "| student | " + " | ".join(f"{d} ratio" for d in domains) + " | "
-        + " | ".join(f"{t} {n}" for t, n in tasks) + " |",
-        "|---|" + "---:|" * (len(domains) + len(tasks)),
+        *ablation_table(ablation),
     ]
+
+
+def accuracy_table(scores: dict[str, dict[str, dict]], columns: list[tuple[str, int]] | None = None) -> list[str]:
+    """Markdown rows of retrieval accuracy: model name -> {task: {length: fraction correct}}; columns (task,
+    length) as given, else the first model's."""
+    if columns is None:
+        columns = [(t, n) for t, by_length in next(iter(scores.values())).items() for n in by_length]
+    lines = ["| model | " + " | ".join(f"{task} {length}" for task, length in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name, cells in scores.items():
+        lines.append(f"| {name} | " + " | ".join(f"{cells.get(t, {}).get(n, float('nan')):.2f}" for t, n in columns)
+                     + " |")
+    return lines
+
+
+def ablation_table(ablation: dict[str, dict]) -> list[str]:
+    """Markdown rows of a branch ablation: name -> {"ratios": {domain: ratio}, "retrieval": {task: {length:
+    accuracy}}} (retrieval optional)."""
+    first = next(iter(ablation.values()))
+    domains = list(first["ratios"])
+    tasks = [(task, length) for task, by_length in first.get("retrieval", {}).items() for length in by_length]
+    lines = ["| student | " + " | ".join(f"{d} ratio" for d in domains) + "".join(f" | {t} {n}" for t, n in tasks)
+             + " |", "|---|" + "---:|" * (len(domains) + len(tasks))]
     for name, entry in ablation.items():
         cells = [f"{entry['ratios'][d]:.3f}" for d in domains]
         cells += [f"{entry.get('retrieval', {}).get(t, {}).get(n, float('nan')):.2f}" for t, n in tasks]
