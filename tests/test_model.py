@@ -250,7 +250,7 @@ def test_a_bf16_model_keeps_its_memory_table_in_bf16_and_loses_nothing_by_it():
 
 def test_compile_decoding_refuses_a_model_that_keeps_softmax_layers():
     model = convert("llama", "hybrid", softmax_layers=[1])
-    with pytest.raises(LinearizeError, match="keep softmax attention"):
+    with pytest.raises(LinearizeError, match="keep the teacher.s softmax attention"):
         model.compile_decoding()
 
 
