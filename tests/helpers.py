@@ -68,3 +68,33 @@ def make_byte_tokenizer():
 
 def tokens(batch: int = 2, length: int = 40, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 200, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_decoding_matches_parallel(model, x: torch.Tensor, prefill: int) -> None:
+    """Prefill `x[:, :prefill]` through the model's own cache, then one token at a time: the logits equal one
+    parallel forward over `x` (the invariant every method keeps)."""
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        full = model(x).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(x[:, :prefill], past_key_values=cache, use_cache=True).logits]
+        steps += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+                  for t in range(prefill, x.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def assert_left_padded_batch_generates_as_alone(model, lengths=(13, 6, 9)) -> None:
+    """Prompts of `lengths` tokens left-padded into one batch generate, row for row, what each generates alone."""
+    prompts = [tokens(batch=1, length=n, seed=n)[0] for n in lengths]
+    width = max(len(p) for p in prompts)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for row, prompt in enumerate(prompts):
+        batch[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    together = model.generate(batch, attention_mask=mask, **kwargs)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], **kwargs)
+        assert torch.equal(together[row, width:], alone[0, len(prompt):]), f"row {row}"

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_tiny_model, tokens
+from helpers import (
+    assert_decoding_matches_parallel,
+    assert_left_padded_batch_generates_as_alone,
+    make_tiny_model,
+    tokens,
+)
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from linearize import LinearizeError, linearize
@@ -74,13 +79,7 @@ def test_every_teacher_pass_keeps_the_teachers_local_window(local):
 def test_prefill_then_decode_matches_one_parallel_forward(local, method):
     model = linearize(teacher(), method, {**(ATTENTION if method == "hybrid" else {"window_size": 4}),
                                           "local_layers": local})
-    x = tokens(length=40)
-    with torch.no_grad():
-        full = model(x).logits
-        cache = DynamicCache(config=model.config)
-        steps = [model(x[:, :19], past_key_values=cache, use_cache=True).logits]
-        steps += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(19, 40)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+    assert_decoding_matches_parallel(model, tokens(length=40), prefill=19)
 
 
 def test_decode_state_is_bounded_with_local_layers_kept():
@@ -98,19 +97,8 @@ def test_decode_state_is_bounded_with_local_layers_kept():
 
 
 def test_a_left_padded_batch_generates_what_each_prompt_generates_alone():
-    model = linearize(teacher(), "hybrid", ATTENTION)
-    prompts = [tokens(batch=1, length=n, seed=n)[0] for n in (13, 6, 10)]
-    width = max(len(p) for p in prompts)
-    batch = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for row, prompt in enumerate(prompts):
-        batch[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
-    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
-    together = model.generate(batch, attention_mask=mask, **kwargs)
-    for row, prompt in enumerate(prompts):
-        alone = model.generate(prompt[None], **kwargs)
-        assert torch.equal(together[row, width:], alone[0, len(prompt):]), f"row {row}"
+    # the 13-token prompt outgrows the kept local layer's window (8) while the batch decodes
+    assert_left_padded_batch_generates_as_alone(linearize(teacher(), "hybrid", ATTENTION), lengths=(13, 6, 10))
 
 
 @pytest.mark.parametrize("local", ["keep", "convert"])

@@ -2,7 +2,13 @@
 
 import pytest
 import torch
-from helpers import FAMILIES, make_tiny_model, tokens
+from helpers import (
+    FAMILIES,
+    assert_decoding_matches_parallel,
+    assert_left_padded_batch_generates_as_alone,
+    make_tiny_model,
+    tokens,
+)
 from transformers import DynamicCache
 
 from linearize import LinearizeError, linearize
@@ -29,27 +35,14 @@ def convert(family: str, method: str, **attention):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", list(METHODS))
 def test_prefill_then_decode_matches_one_parallel_forward(family, method):
-    model = convert(family, method)
-    x = tokens()
-    with torch.no_grad():
-        full = model(x).logits
-        cache = DynamicCache(config=model.config)
-        steps = [model(x[:, :19], past_key_values=cache, use_cache=True).logits]
-        steps += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(19, 40)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+    assert_decoding_matches_parallel(convert(family, method), tokens(), prefill=19)
 
 
 @pytest.mark.parametrize("method", ["lolcats", "liger"])
 def test_methods_without_a_window_decode_like_their_parallel_forward(method):
     model = convert("llama", method, window_size=0, sink_tokens=0) if method == "liger" else convert(
         "llama", method, window_size=0)
-    x = tokens()
-    with torch.no_grad():
-        full = model(x).logits
-        cache = DynamicCache(config=model.config)
-        steps = [model(x[:, :5], past_key_values=cache, use_cache=True).logits]
-        steps += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(5, 40)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+    assert_decoding_matches_parallel(model, tokens(), prefill=5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -146,19 +139,7 @@ def test_converting_twice_is_refused():
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_a_left_padded_batch_generates_row_for_row_what_each_prompt_generates_alone(method):
-    model = convert("qwen2", method, window_size=4)
-    prompts = [tokens(batch=1, length=n, seed=n)[0] for n in (13, 6, 9)]
-    width = max(len(p) for p in prompts)
-    batch = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for row, prompt in enumerate(prompts):
-        batch[row, width - len(prompt) :] = prompt
-        mask[row, width - len(prompt) :] = 1
-    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
-    together = model.generate(batch, attention_mask=mask, **kwargs)
-    for row, prompt in enumerate(prompts):
-        alone = model.generate(prompt[None], **kwargs)
-        assert torch.equal(together[row, width:], alone[0, len(prompt) :]), f"row {row}"
+    assert_left_padded_batch_generates_as_alone(convert("qwen2", method, window_size=4))
 
 
 def test_right_padding_is_harmless():
