@@ -28,9 +28,16 @@ CONFIGS = {
                     "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 152064,
                     "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
                     "tie_word_embeddings": False, "use_sliding_window": False, "torch_dtype": "bfloat16"},
+    # five local layers (window 512) to every global one, derived from sliding_window_pattern
+    "gemma-3-1b": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 1152,
+                   "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
+                   "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 262144, "max_position_embeddings": 32768,
+                   "sliding_window": 512, "sliding_window_pattern": 6, "query_pre_attn_scalar": 256,
+                   "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rms_norm_eps": 1e-6,
+                   "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True, "torch_dtype": "bfloat16"},
 }
 PUBLISHED_PARAMETERS = {"Llama-3.1-8B": 8.03e9, "Llama-3.1-70B": 70.55e9, "Llama-3.1-405B": 405.85e9,
-                        "Qwen2.5-72B": 72.71e9}
+                        "Qwen2.5-72B": 72.71e9, "gemma-3-1b": 999_885_952}
 
 
 def text_config(name: str):
@@ -59,7 +66,8 @@ def shapes():
 def test_parameter_counts_match_the_published_sizes(shapes, name):
     shape = shapes[name]
     assert shape.teacher_params == pytest.approx(PUBLISHED_PARAMETERS[name], rel=0.005)
-    assert len(shape.converted) == shape.layers  # every layer converted by default
+    # every layer converted by default, but a Gemma 3's local layers, which are kept
+    assert shape.converted == ([5, 11, 17, 23] if name == "gemma-3-1b" else list(range(shape.layers)))
     # LoRA r=8 on q, k, v, o: 8 x (in + out) per projection per layer
     hidden, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     assert shape.lora_params == shape.layers * 8 * ((hidden + q) + 2 * (hidden + kv) + (q + hidden))
