@@ -261,7 +261,8 @@ def test_eval_cli_retrieval_and_ablation_side_by_side(finished_run):
     assert all(set(a) == {"passkey", "quote"} and set(a["passkey"]) == {"512"} for a in accuracy.values())
     assert list(printed["ablation"]) == ["all", "without linear", "without memory", "without sinks"]
     assert printed["ablation"]["all"]["retrieval"] == accuracy["student"]
-    assert "| model | passkey 512 | quote 512 |" in result.stderr and "| student | data ratio |" in result.stderr
+    assert "| model | passkey 512 | quote 512 |" in result.stderr
+    assert "| student | code ratio | prose ratio |" in result.stderr
     # lengths beyond the model's positions: refused before any model loads
     result = cli("eval", str(out), "--retrieval", "--lengths", "1024")
     assert result.returncode == 2 and "beyond the model's maximum position embeddings (512)" in result.stderr
