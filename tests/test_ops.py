@@ -11,6 +11,7 @@ from linearize.ops import (
     linear_attention_chunked,
     linear_attention_parallel,
     linear_attention_recurrent,
+    memory,
     window_attention_chunked,
     window_attention_parallel,
     window_attention_recurrent,
@@ -514,8 +515,14 @@ def memory_state_equal(a: DecodeState, b: DecodeState) -> None:
     assert_same_state(a, b)
     assert torch.equal(a.memory_position, b.memory_position)
     keep = (a.memory_position >= 0)[:, None, :, None]
-    close(a.memory_keys * keep, b.memory_keys * keep)
-    close(a.memory_values * keep, b.memory_values * keep)
+    fmt = memory.stored_format(a.memory_keys, a.memory_key_params, a.window_keys.shape[-1])
+    assert fmt == memory.stored_format(b.memory_keys, b.memory_key_params, b.window_keys.shape[-1])
+    if fmt == "auto":
+        close(a.memory_keys * keep, b.memory_keys * keep)
+        close(a.memory_values * keep, b.memory_values * keep)
+    else:  # the same rows quantized the same way: equal codes and params
+        for x, y in zip(memory_table(a), memory_table(b)):
+            assert torch.equal(x * keep, y * keep)
     valid = a.window_valid
     valid = valid[..., None]
     assert torch.equal(a.window_buckets.masked_fill(~valid, -1), b.window_buckets.masked_fill(~valid, -1))
@@ -580,6 +587,74 @@ def test_memory_forms_agree_and_continue(window, variant, padded, heads, ngram):
                                                   token_ids=token_ids[:, i : i + 1], state=state)
             close(o, expected[:, :, i : i + 1])
         memory_state_equal(state, s_rec)
+
+
+def memory_table(state: DecodeState) -> list[torch.Tensor]:
+    return [state.memory_keys, state.memory_values, state.memory_key_params, state.memory_value_params]
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_quantized_memory_forms_agree_and_continue(fmt, padded):
+    """A table in bf16, int8 or int4: every form recalls the entries as the table holds them, so parallel =
+    chunked = recurrent from the empty state = chunked prefill + single-token steps, states equal; and the
+    format changes the output (it is applied), by little."""
+    torch.manual_seed(25)
+    window, heads = 4, (6, 2)
+    args = window_args("gated", *heads)
+    mask = left_padding([0, 13]) if padded else None
+    token_ids = torch.randint(0, 3, (B, T))
+    common = {"window": window, "sink_tokens": 2, "memory_buckets": 5, "memory_ngram": (2, 1)}
+    expected, s_par = window_attention_parallel(**args, **common, key_mask=mask, token_ids=token_ids,
+                                                output_final_state=True, memory_format=fmt)
+    full, _ = window_attention_parallel(**args, **common, key_mask=mask, token_ids=token_ids)
+    difference = (masked(expected, mask) - masked(full, mask)).abs().max()
+    assert 0 < difference < {"bfloat16": 0.02, "int8": 0.05, "int4": 0.5}[fmt]
+    o_chunked, s_chunked = window_attention_chunked(**args, **common, key_mask=mask, token_ids=token_ids,
+                                                    output_final_state=True, memory_format=fmt)
+    close(masked(o_chunked, mask), masked(expected, mask))
+    memory_state_equal(s_par, s_chunked)
+    empty = empty_window_state(B, heads[1], D, window, 2, FEAT, gated=True, memory_buckets=5, memory_ngram=(2, 1),
+                               memory_format=fmt)
+    o_rec, s_rec = window_attention_recurrent(**args, **common, key_mask=mask, token_ids=token_ids, state=empty)
+    close(masked(o_rec, mask), masked(expected, mask))
+    memory_state_equal(s_par, s_rec)
+    if mask is None:
+        _, state = window_attention_chunked(**sliced(args, slice(0, 9), None), **common, token_ids=token_ids[:, :9],
+                                            output_final_state=True, memory_format=fmt)
+        for i in range(9, T):
+            o, state = window_attention_recurrent(**sliced(args, slice(i, i + 1), None), **common,
+                                                  token_ids=token_ids[:, i : i + 1], state=state)
+            close(o, expected[:, :, i : i + 1])
+        memory_state_equal(state, s_rec)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_rows_round_trip_within_a_step(fmt):
+    torch.manual_seed(26)
+    x = torch.randn(3, 5, 16) * torch.rand(3, 5, 1) * 10
+    codes, params = memory.encode(x, fmt)
+    assert codes.dtype == torch.uint8 and codes.shape[-1] == (8 if fmt == "int4" else 16)
+    step = (x.amax(-1) - x.amin(-1)) / memory.LEVELS[fmt]
+    error = (memory.decode(codes, params, fmt) - x).abs().amax(-1)
+    assert (error <= step * 0.51 + x.abs().amax(-1) / 256).all()  # half a step, plus bf16's rounding of the params
+    y = x.clone().requires_grad_()
+    memory.round_trip(y, fmt).sum().backward()
+    assert torch.equal(y.grad, torch.ones_like(x))  # straight through
+
+
+def test_memory_format_auto_is_the_full_precision_path():
+    """Quantization off: the same output, bit for bit, as without the argument, and a table of the keys'
+    own values."""
+    torch.manual_seed(27)
+    args = window_args("gated", 6, 2)
+    token_ids = torch.randint(0, 3, (B, T))
+    common = {"window": 4, "sink_tokens": 2, "memory_buckets": 5, "memory_ngram": (2, 1), "token_ids": token_ids,
+              "output_final_state": True}
+    o, state = window_attention_chunked(**args, **common)
+    o_auto, state_auto = window_attention_chunked(**args, **common, memory_format="auto")
+    assert torch.equal(o, o_auto) and torch.equal(state.memory_keys, state_auto.memory_keys)
+    assert state_auto.memory_key_params is None and state_auto.memory_keys.dtype == torch.float32
 
 
 def test_memory_copies_beyond_the_window():

@@ -60,6 +60,8 @@ class Settings(WindowSettings):
     memory_layers: list[int] | str | None = "upper-half"  # layers with a memory: a list, "upper-half", null = all
     # the memory is keyed by the last n tokens (1: the token itself); a list: one recalled key per order
     memory_ngram: int | list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    # how the table stores an entry: auto (the model's dtype) | bfloat16 | int8 | int4 (per-row step + offset)
+    memory_format: str = "auto"
 
     def validate(self) -> None:
         super().validate()
@@ -77,6 +79,7 @@ class Settings(WindowSettings):
             raise LinearizeError(f"attention.memory_ngram must be an integer >= 1 (the tokens a memory entry is "
                                  f"keyed by) or a list of distinct ones (one recalled key each), got "
                                  f"{self.memory_ngram!r}")
+        check_choice("memory_format", self.memory_format, list(memory.FORMATS))
         layers = self.memory_layers
         if not (layers is None or layers == "upper-half" or (
                 isinstance(layers, list) and all(isinstance(i, int) and i >= 0 for i in layers))):
@@ -99,6 +102,7 @@ class HybridMixer(Mixer):
         self.memory_buckets = memory_buckets
         self.branches = ("linear", "sinks") + (("memory",) if memory_buckets else ())
         self.memory_ngram = memory.orders(settings.memory_ngram)  # a tuple, once: not at every decoding step
+        self.memory_format = settings.memory_format
         self.window_size = settings.window_size
         self.sink_tokens = settings.sink_tokens
         self.linear_rope = settings.linear_rope
@@ -151,7 +155,8 @@ class HybridMixer(Mixer):
                 "this layer's recall memory is keyed by token ids: call the model with input_ids (not only "
                 "inputs_embeds)"
             )
-        return {"token_ids": x.token_ids, "memory_buckets": self.memory_buckets, "memory_ngram": self.memory_ngram}
+        return {"token_ids": x.token_ids, "memory_buckets": self.memory_buckets, "memory_ngram": self.memory_ngram,
+                "memory_format": self.memory_format}
 
 
 class Hybrid(Method):

@@ -22,6 +22,14 @@ that collide share an entry, the more recent one wins. Order i of the list owns 
 real (not padding, not before the row). Bigrams recall better than single tokens on code, where single
 tokens repeat too often; the last 1, 2, 3 and 4 tokens together better than any one (docs/results.md, "What we
 tried").
+
+Table formats (`memory_format`): "auto" keeps entries in the keys' own dtype; "bfloat16" in bf16; "int8" and
+"int4" quantize each stored key and value row (one head's D numbers) to 256 or 16 levels between its own
+minimum and maximum (asymmetric, a step and an offset per row in bf16, as KIVI and transformers' quantized
+caches quantize per token), int4 packing two codes in a byte. The fresh-sequence forms recall through the
+same round trip (`round_trip`, straight-through gradient), so perplexity, training and decoding all see the
+entries a decoding table holds. Library quantizers (quanto, HQQ) quantize whole tensors; the table is
+written one row at a time in place, so the few lines below do it.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from functools import cache
 
 import torch
 
+FORMATS = ("auto", "bfloat16", "int8", "int4")
+LEVELS = {"int8": 255, "int4": 15}
 HASH_MULTIPLIER = 2654435761
 FOLD = 1 << 31  # n-gram ids are folded modulo 2^31, so every product stays inside int64
 
@@ -50,6 +60,43 @@ def fold_weights(grams_of: tuple[int, ...], device=None) -> tuple[torch.Tensor, 
     weights = [[p if j >= longest - n else 0 for j, p in enumerate(powers)] for n in grams_of]
     shift = [sum(row) % FOLD if n > 1 else 0 for n, row in zip(grams_of, weights)]
     return torch.tensor(weights, dtype=torch.long, device=device), torch.tensor(shift, dtype=torch.long, device=device)
+
+
+def encode(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x [..., D] -> (codes [..., D] uint8, or [..., D / 2] for int4: two codes per byte, the even
+    element's in the low half; params [..., 2] bf16: step and offset, x ~ code * step + offset)."""
+    levels = LEVELS[fmt]
+    x = x.float()
+    low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    params = torch.cat([(high - low) / levels, low], dim=-1).to(torch.bfloat16)
+    step, offset = params.float().unbind(-1)
+    codes = ((x - offset[..., None]) / step.clamp(min=1e-30)[..., None]).round_().clamp_(0, levels).to(torch.uint8)
+    if fmt == "int4":
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, params
+
+
+def decode(codes: torch.Tensor, params: torch.Tensor, fmt: str) -> torch.Tensor:
+    """`encode`'s rows back, float32 [..., D]."""
+    if fmt == "int4":
+        codes = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)
+    step, offset = params.float().unbind(-1)
+    return codes.float() * step[..., None] + offset[..., None]
+
+
+def round_trip(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """x as a table in format `fmt` gives it back (x itself for "auto"); the gradient passes straight through."""
+    if fmt == "auto":
+        return x
+    y = x.to(torch.bfloat16).to(x.dtype) if fmt == "bfloat16" else decode(*encode(x, fmt), fmt).to(x.dtype)
+    return x + (y - x).detach() if x.requires_grad else y
+
+
+def stored_format(table: torch.Tensor, params: torch.Tensor | None, head_dim: int) -> str:
+    """The format of a decoding table: "auto" (entries as they are), "int8" or "int4" (codes + params)."""
+    if params is None:
+        return "auto"
+    return "int4" if table.shape[-1] < head_dim else "int8"
 
 
 def key_buckets(
@@ -112,10 +159,11 @@ def lookup(query_bucket: torch.Tensor, key_bucket: torch.Tensor, window: int, ta
 
 
 def final_table(k: torch.Tensor, v: torch.Tensor, key_bucket: torch.Tensor, positions: torch.Tensor, window: int,
-                table_size: int, dtype: torch.dtype | None = None):
+                table_size: int, dtype: torch.dtype | None = None, fmt: str = "auto"):
     """The memory after a fresh sequence (for decoding on from it): per table row the most recent key that
-    has left the window (j <= T - window). -> keys, values [B, Hk, M, D] (in `dtype`, default k's), position
-    [B, M] (the stored key's real position in its row, -1: empty), M = `table_size`."""
+    has left the window (j <= T - window). -> keys, values [B, Hk, M, D] (in `dtype`, default k's; bf16 for
+    "bfloat16"; codes for "int8" / "int4"), position [B, M] (the stored key's real position in its row, -1:
+    empty), key and value params [B, Hk, M, 2] (None unless quantized), M = `table_size`."""
     batch, kv_heads, t, head_dim = k.shape
     index = torch.arange(t, device=k.device)[None, :, None].expand_as(key_bucket)
     stored = (key_bucket >= 0) & (index <= t - window)
@@ -127,13 +175,25 @@ def final_table(k: torch.Tensor, v: torch.Tensor, key_bucket: torch.Tensor, posi
     gather = at[:, None, :, None].expand(batch, kv_heads, table_size, head_dim)
     keep = found[:, None, :, None]
     position = torch.where(found, positions.gather(1, at), -1)
-    dtype = dtype or k.dtype
-    return (k.gather(2, gather) * keep).to(dtype), (v.gather(2, gather) * keep).to(dtype), position
+    keys, values = k.gather(2, gather) * keep, v.gather(2, gather) * keep
+    if fmt in LEVELS:
+        (keys, key_params), (values, value_params) = encode(keys, fmt), encode(values, fmt)
+        return keys, values, position, key_params, value_params
+    dtype = torch.bfloat16 if fmt == "bfloat16" else dtype or k.dtype
+    return keys.to(dtype), values.to(dtype), position, None, None
 
 
-def empty_table(batch: int, kv_heads: int, table_size: int, head_dim: int, device=None):
-    keys = torch.zeros(batch, kv_heads, table_size, head_dim, device=device)
-    return keys, keys.clone(), torch.full((batch, table_size), -1, dtype=torch.long, device=device)
+def empty_table(batch: int, kv_heads: int, table_size: int, head_dim: int, device=None, fmt: str = "auto"):
+    """An empty memory: keys, values, position (-1), key and value params, as `final_table` returns them."""
+    position = torch.full((batch, table_size), -1, dtype=torch.long, device=device)
+    if fmt in LEVELS:
+        width = head_dim // 2 if fmt == "int4" else head_dim
+        keys = torch.zeros(batch, kv_heads, table_size, width, dtype=torch.uint8, device=device)
+        params = torch.zeros(batch, kv_heads, table_size, 2, dtype=torch.bfloat16, device=device)
+        return keys, keys.clone(), position, params, params.clone()
+    dtype = torch.bfloat16 if fmt == "bfloat16" else torch.float32
+    keys = torch.zeros(batch, kv_heads, table_size, head_dim, dtype=dtype, device=device)
+    return keys, keys.clone(), position, None, None
 
 
 def _rows(table: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -145,24 +205,35 @@ def _rows(table: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return rows, torch.arange(kv_heads, device=slot.device)[None, :, None], slot[:, None, :]
 
 
-def read(keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, bucket: torch.Tensor):
+def read(keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, bucket: torch.Tensor,
+         key_params: torch.Tensor | None = None, value_params: torch.Tensor | None = None, fmt: str = "auto"):
     """One query per row, its table rows `bucket` [B, K] -> keys, values [B, Hk, K, D] float32, use [B, K] (an
-    entry that holds a key, not already recalled by an earlier order)."""
+    entry that holds a key, not already recalled by an earlier order). `fmt`: the table's `stored_format`."""
     index = _rows(keys, bucket)
-    return keys[index].float(), values[index].float(), first_of_equal(position[index[0][:, 0], bucket])
+    use = first_of_equal(position[index[0][:, 0], bucket])
+    if fmt in LEVELS:
+        return decode(keys[index], key_params[index], fmt), decode(values[index], value_params[index], fmt), use
+    return keys[index].float(), values[index].float(), use
 
 
 def write_(keys, values, position, bucket: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-           key_position: torch.Tensor) -> None:
+           key_position: torch.Tensor, key_params: torch.Tensor | None = None,
+           value_params: torch.Tensor | None = None) -> None:
     """In place: one key, value [B, Hk, 1, D] at real position `key_position` [B] per row, stored at each of
-    its table rows `bucket` [B, K] that is >= 0 (the other entries stay)."""
+    its table rows `bucket` [B, K] that is >= 0 (the other entries stay); quantized first when the table is
+    (params given)."""
     table_size = keys.shape[2]
     store = bucket >= 0
     orders_ = bucket.shape[1]  # an order that stores nothing rewrites the first row of its own part, so no
     own = torch.arange(orders_, device=bucket.device) * (table_size // orders_)  # two writes share a row
     slot = torch.where(store, bucket, own)
     index, keep = _rows(keys, slot), store[:, None, :, None]
-    keys.index_put_(index, torch.where(keep, key.to(keys.dtype), keys[index]))
-    values.index_put_(index, torch.where(keep, value.to(values.dtype), values[index]))
+    pairs = [(keys, key), (values, value)]
+    if key_params is not None:
+        fmt = stored_format(keys, key_params, key.shape[-1])
+        (key_codes, k_params), (value_codes, v_params) = encode(key, fmt), encode(value, fmt)
+        pairs = [(keys, key_codes), (values, value_codes), (key_params, k_params), (value_params, v_params)]
+    for table, row in pairs:
+        table.index_put_(index, torch.where(keep, row.to(table.dtype), table[index]))
     at = (index[0][:, 0], slot)
     position.index_put_(at, torch.where(store, key_position[:, None], position[at]))

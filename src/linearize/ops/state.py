@@ -35,7 +35,8 @@ class DecodeState:
     [B, W'] and window_position [B, W'] (real position of each slot, -1 where invalid); sink_keys /
     sink_values [B, Hk, S, D] with sink_valid [B, S] (slot j holds the row's real token j once it left the
     window); recurrent [B, Hk, F, D + 1] float32 or None; seen [B] real tokens so far; memory_keys /
-    memory_values [B, Hk, M, D] with memory_position [B, M] (the stored key's real position, -1: empty),
+    memory_values [B, Hk, M, D] with memory_position [B, M] (the stored key's real position, -1: empty) and,
+    for a quantized table, uint8 codes with memory_key_params / memory_value_params [B, Hk, M, 2],
     window_buckets [B, W', K] (the table rows each window token goes to, one per n-gram order, -1: never
     stored) and recent_tokens [B, n] (the last n token ids, -1: none) for a recall memory of M table rows
     keyed by n-grams of up to n tokens."""
@@ -54,6 +55,8 @@ class DecodeState:
     memory_keys: torch.Tensor | None = None
     memory_values: torch.Tensor | None = None
     memory_position: torch.Tensor | None = None
+    memory_key_params: torch.Tensor | None = None
+    memory_value_params: torch.Tensor | None = None
     window_buckets: torch.Tensor | None = None
     recent_tokens: torch.Tensor | None = None
 

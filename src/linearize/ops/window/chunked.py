@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import memory
 from ..linear import append_ones, chunks, group_heads, readout, unchunk
 from ..state import DecodeState, real_positions
 from .common import _check, _inputs, _memory_inputs, _recalled, final_state
@@ -58,6 +59,7 @@ def window_attention_chunked(
     token_ids: torch.Tensor | None = None,
     memory_buckets: int = 0,
     memory_ngram: int | tuple[int, ...] = 1,
+    memory_format: str = "auto",
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Linear in T: chunks of size `window`. Query chunk i reaches its window in chunks i - 1 and i (one
     [C, 2C] softmax block); the linear terms of chunk i - 1's keys that already left the window are one
@@ -87,8 +89,10 @@ def window_attention_chunked(
     if memory_buckets > 0:
         index, has, memory_state = _memory_inputs(token_ids, mask, positions, window, sink_tokens, memory_buckets,
                                                   memory_ngram, n_chunks * chunk)
-        mem_kc = _recalled(k, index).unflatten(2, (n_chunks, chunk))  # [B, Hk, N, C, K, D]
-        mem_vc = _recalled(vc.flatten(2, 3), index).unflatten(2, (n_chunks, chunk))  # [B, Hk, N, C, K, D + 1]
+        # recalled as the table holds them (memory_format)
+        mem_k, mem_v = memory.round_trip(k, memory_format), append_ones(memory.round_trip(v, memory_format))
+        mem_kc = _recalled(mem_k, index).unflatten(2, (n_chunks, chunk))  # [B, Hk, N, C, K, D]
+        mem_vc = _recalled(mem_v, index).unflatten(2, (n_chunks, chunk))  # [B, Hk, N, C, K, D + 1]
         mem_hidden = ~has.view(batch, 1, n_chunks, 1, chunk, -1)  # [B, 1, N, 1, C, K]
 
     if sink_tokens > 0:
@@ -170,5 +174,5 @@ def window_attention_chunked(
     state = None
     if output_final_state:
         state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens, memory_state=memory_state,
-                            table_dtype=out_dtype)
+                            table_dtype=out_dtype, memory_format=memory_format)
     return o, state

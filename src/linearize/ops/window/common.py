@@ -25,13 +25,13 @@ def _inputs(q, k, v, fq, fk, log_gate, key_mask):
 
 def final_state(
     k, v, fk, log_gate, mask, positions, window: int, sink_tokens: int, seen: torch.Tensor | None = None,
-    memory_state: tuple | None = None, table_dtype: torch.dtype | None = None,
+    memory_state: tuple | None = None, table_dtype: torch.dtype | None = None, memory_format: str = "auto",
 ) -> DecodeState:
     """The DecodeState after processing a whole sequence from scratch (float32 inputs as from `_inputs`):
     the last window - 1 tokens stay in the window, sinks that left it go to the sink slots, and the
     other real tokens that left it are summed into the linear state (when features are given). The recall
-    memory's table is kept in `table_dtype`, the dtype the keys and values came in (bf16 keys lose nothing
-    in a bf16 table)."""
+    memory's table is kept in `memory_format` ("auto": `table_dtype`, the dtype the keys and values came in:
+    bf16 keys lose nothing in a bf16 table)."""
     batch, kv_heads, t, head_dim = k.shape
     keep = window - 1
     start, pad = max(t - keep, 0), max(keep - t, 0)
@@ -68,8 +68,9 @@ def final_state(
         state.recurrent = (fk * weight[..., None]).transpose(-1, -2) @ append_ones(v)
     if memory_state is not None:
         key_bucket, recent, table_size = memory_state
-        state.memory_keys, state.memory_values, state.memory_position = memory.final_table(
-            k, v, key_bucket, positions, window, table_size, table_dtype)
+        (state.memory_keys, state.memory_values, state.memory_position, state.memory_key_params,
+         state.memory_value_params) = memory.final_table(k, v, key_bucket, positions, window, table_size,
+                                                         table_dtype, memory_format)
         state.window_buckets = F.pad(key_bucket[:, start:], (0, 0, pad, 0), value=-1)
         state.recent_tokens = recent
     return state

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import memory
 from ..linear import append_ones, group_heads, readout
 from ..state import DecodeState, real_positions
 from .common import _check, _inputs, _memory_inputs, _recalled, final_state
@@ -27,6 +28,7 @@ def window_attention_parallel(
     token_ids: torch.Tensor | None = None,
     memory_buckets: int = 0,
     memory_ngram: int | tuple[int, ...] = 1,
+    memory_format: str = "auto",
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Quadratic reference: every [T, T] weight materialised."""
     _check(window, sink_tokens, fq, fk)
@@ -49,7 +51,8 @@ def window_attention_parallel(
     if memory_buckets > 0:
         index, has, memory_state = _memory_inputs(token_ids, mask, positions, window, sink_tokens, memory_buckets,
                                                   memory_ngram, t)
-        mem_k, mem_v = _recalled(k, index), _recalled(append_ones(v), index)  # [B, Hk, T, K, D (+ 1)]
+        mem_k = _recalled(memory.round_trip(k, memory_format), index)  # [B, Hk, T, K, D]: as the table holds it
+        mem_v = _recalled(append_ones(memory.round_trip(v, memory_format)), index)  # [B, Hk, T, K, D + 1]
         mem_scores = torch.einsum("bkgtd,bktmd->bkgtm", group_heads(q, kv_heads), mem_k) * scale
         mem_scores = mem_scores.masked_fill(~has[:, None, None], float("-inf"))  # [B, Hk, G, T, K]
         row_max = torch.maximum(row_max, mem_scores.amax(-1, keepdim=True))
@@ -69,5 +72,5 @@ def window_attention_parallel(
     state = None
     if output_final_state:
         state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens, memory_state=memory_state,
-                            table_dtype=out_dtype)
+                            table_dtype=out_dtype, memory_format=memory_format)
     return o, state

@@ -30,11 +30,13 @@ def window_attention_recurrent(
     token_ids: torch.Tensor | None = None,
     memory_buckets: int = 0,
     memory_ngram: int | tuple[int, ...] = 1,
+    memory_format: str = "auto",
 ) -> tuple[torch.Tensor, DecodeState]:
     """Token by token from `state` (decoding; T is usually 1). Each new token joins the window; the oldest
     window token leaves it: into its sink slot if it is one of the row's first `sink_tokens` real tokens,
     else into the linear state (with features), else it is dropped; with a recall memory, it is also
-    written to the memory (in place; see `DecodeState`)."""
+    written to the memory (in place; see `DecodeState`), in the format its table has (`memory_format` is
+    taken for the same arguments as the fresh-sequence forms; the state's table decides)."""
     _check(window, sink_tokens, fq, fk)
     if memory_buckets > 0 and token_ids is None:
         raise ValueError("a recall memory (memory_buckets > 0) needs the token ids (token_ids)")
@@ -53,8 +55,8 @@ def window_attention_recurrent(
     sink_keys, sink_values, sink_valid = s.sink_keys, s.sink_values, s.sink_valid
     seen = s.seen
     if memory_buckets > 0:  # copies: this general path leaves the caller's state as it was
-        mem_keys, mem_values, mem_position = (s.memory_keys.clone(), s.memory_values.clone(),
-                                              s.memory_position.clone())
+        table = [None if x is None else x.clone() for x in memory_tensors(s)]
+        table_format = memory.stored_format(s.memory_keys, s.memory_key_params, head_dim)
         w_buckets = s.window_buckets
         query_bucket, key_bucket, recent = memory.key_buckets(
             token_ids, mask, real_positions(mask, seen), sink_tokens, memory_buckets, s.recent_tokens, memory_ngram)
@@ -71,7 +73,7 @@ def window_attention_recurrent(
             values = torch.cat([sink_values, values], dim=2)
             visible = torch.cat([sink_valid, visible], dim=1)
         if memory_buckets > 0:
-            mem_k, mem_v, has = memory.read(mem_keys, mem_values, mem_position, query_bucket[:, i])
+            mem_k, mem_v, has = memory.read(*table[:3], query_bucket[:, i], *table[3:], table_format)
             keys, values = torch.cat([mem_k, keys], dim=2), torch.cat([mem_v, values], dim=2)
             visible = torch.cat([has, visible], dim=1)
         scores = torch.einsum("bkgd,bksd->bkgs", q[:, :, :, i], keys) * scale
@@ -94,8 +96,8 @@ def window_attention_recurrent(
         leaving_valid, leaving_position = w_valid_all[:, 0], w_position_all[:, 0]
         if memory_buckets > 0:  # the leaving token's buckets (-1: not to be stored, or not a real token)
             buckets_all = torch.cat([w_buckets, key_bucket[:, i : i + 1]], dim=1)
-            memory.write_(mem_keys, mem_values, mem_position, buckets_all[:, 0], keys[:, :, :1], values[:, :, :1],
-                          leaving_position)
+            memory.write_(*table[:3], buckets_all[:, 0], keys[:, :, :1], values[:, :, :1], leaving_position,
+                          *table[3:])
             w_buckets = buckets_all[:, 1:]
         leaving_k, leaving_v = keys[:, :, 0], values[:, :, 0]
         w_keys, w_values = keys[:, :, 1:], values[:, :, 1:]
@@ -131,7 +133,7 @@ def window_attention_recurrent(
         recurrent=recurrent,
     )
     if memory_buckets > 0:
-        new_state.memory_keys, new_state.memory_values, new_state.memory_position = mem_keys, mem_values, mem_position
+        set_memory(new_state, table)
         new_state.window_buckets, new_state.recent_tokens = w_buckets, recent
     return o, new_state
 
@@ -161,7 +163,9 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
     if memory_buckets > 0:
         query_bucket, key_bucket, recent = memory.key_buckets(token_ids, ones, s.seen[:, None], sink_tokens,
                                                               memory_buckets, s.recent_tokens, memory_ngram)
-        mem_k, mem_v, has = memory.read(s.memory_keys, s.memory_values, s.memory_position, query_bucket[:, 0])
+        table = memory_tensors(s)
+        mem_k, mem_v, has = memory.read(*table[:3], query_bucket[:, 0], *table[3:],
+                                        memory.stored_format(s.memory_keys, s.memory_key_params, head_dim))
         keys, values = torch.cat([mem_k, keys], dim=2), torch.cat([mem_v, values], dim=2)
         visible = torch.cat([has, visible], dim=1)
         recalled = has.shape[1]
@@ -214,7 +218,7 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
     if memory_buckets > 0:  # the leaving token goes into the memory, the new one's bucket is kept
         if not _caller_writes_memory:  # our compiled step writes it after its graph (store_leaving)
             store_leaving(s)
-        new.memory_keys, new.memory_values, new.memory_position = s.memory_keys, s.memory_values, s.memory_position
+        set_memory(new, memory_tensors(s))
         new.window_buckets = torch.cat([s.window_buckets[:, 1:], key_bucket], dim=1)
         new.recent_tokens = recent
     return o, new
@@ -242,8 +246,21 @@ def store_leaving(state: DecodeState) -> None:
     into the recall memory under each of its buckets (-1: not stored). `_one_token` does it itself, except
     within `caller_writes_memory`, whose caller calls this on the state it passed in, after the step (the
     step reads the table before it writes, so the order is the same)."""
-    memory.write_(state.memory_keys, state.memory_values, state.memory_position, state.window_buckets[:, 0],
-                  state.window_keys[:, :, :1], state.window_values[:, :, :1], state.window_position[:, 0])
+    table = memory_tensors(state)
+    memory.write_(*table[:3], state.window_buckets[:, 0], state.window_keys[:, :, :1], state.window_values[:, :, :1],
+                  state.window_position[:, 0], *table[3:])
+
+
+def memory_tensors(state: DecodeState) -> list:
+    """The recall memory's table of `state`: keys, values, position, key params, value params (None: not
+    quantized)."""
+    return [state.memory_keys, state.memory_values, state.memory_position, state.memory_key_params,
+            state.memory_value_params]
+
+
+def set_memory(state: DecodeState, table: list) -> None:
+    (state.memory_keys, state.memory_values, state.memory_position, state.memory_key_params,
+     state.memory_value_params) = table
 
 
 def empty_window_state(
@@ -257,6 +274,7 @@ def empty_window_state(
     device=None,
     memory_buckets: int = 0,
     memory_ngram: int | tuple[int, ...] = 1,
+    memory_format: str = "auto",
 ) -> DecodeState:
     """The state before the first token: every window and sink slot invalid, a zero linear state, an
     empty memory."""
@@ -280,8 +298,8 @@ def empty_window_state(
             state.window_log_gates = torch.zeros(batch, kv_heads, keep, device=device)
     if memory_buckets > 0:
         grams = memory.orders(memory_ngram)
-        state.memory_keys, state.memory_values, state.memory_position = memory.empty_table(
-            batch, kv_heads, memory_buckets * len(grams), head_dim, device)
+        set_memory(state, memory.empty_table(batch, kv_heads, memory_buckets * len(grams), head_dim, device,
+                                             memory_format))
         state.window_buckets = torch.full((batch, keep, len(grams)), -1, dtype=torch.long, device=device)
         state.recent_tokens = torch.full((batch, max(grams)), -1, dtype=torch.long, device=device)
     return state
