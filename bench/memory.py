@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+
 def variants(gains: list[int] | None) -> dict[str, dict]:
     rows = {
         "as trained (upper half, 1024 x 4 orders)": {},
