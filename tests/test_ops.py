@@ -629,6 +629,28 @@ def test_quantized_memory_forms_agree_and_continue(fmt, padded):
         memory_state_equal(state, s_rec)
 
 
+def test_a_bf16_state_keeps_its_window_in_bf16_and_loses_nothing():
+    """A bf16 model's window, sinks and features are kept in bf16 (half the bytes; the linear state stays
+    float32): decoding on from it gives the same outputs, bit for bit, as from the same state widened to
+    float32, since every stored number came in as bf16."""
+    torch.manual_seed(28)
+    args = {name: x.bfloat16() for name, x in window_args("gated", 6, 2).items()}
+    token_ids = torch.randint(0, 3, (B, T))
+    common = {"window": 4, "sink_tokens": 2, "memory_buckets": 5, "memory_ngram": (2, 1)}
+    _, state = window_attention_chunked(**sliced(args, slice(0, 20), None), **common, token_ids=token_ids[:, :20],
+                                        output_final_state=True)
+    assert state.window_keys.dtype == state.window_features.dtype == state.sink_keys.dtype == torch.bfloat16
+    assert state.recurrent.dtype == torch.float32
+    wide = state.map_batch(lambda t: t.float() if t.dtype == torch.bfloat16 else t.clone())
+    assert state.nbytes() < wide.nbytes()
+    for i in range(20, T):
+        step = {"token_ids": token_ids[:, i : i + 1], **sliced(args, slice(i, i + 1), None), **common}
+        (o, state), (o_wide, wide) = (window_attention_recurrent(**step, state=state),
+                                      window_attention_recurrent(**step, state=wide))
+        assert torch.equal(o, o_wide)
+    assert state.window_keys.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quantized_rows_round_trip_within_a_step(fmt):
     torch.manual_seed(26)

@@ -29,15 +29,16 @@ def final_state(
 ) -> DecodeState:
     """The DecodeState after processing a whole sequence from scratch (float32 inputs as from `_inputs`):
     the last window - 1 tokens stay in the window, sinks that left it go to the sink slots, and the
-    other real tokens that left it are summed into the linear state (when features are given). The recall
-    memory's table is kept in `memory_format` ("auto": `table_dtype`, the dtype the keys and values came in:
-    bf16 keys lose nothing in a bf16 table)."""
+    other real tokens that left it are summed into the linear state (when features are given). Window and
+    sinks are kept in `table_dtype`, the dtype the keys and values came in (bf16 keys lose nothing in bf16),
+    the linear state in float32, the recall memory's table in `memory_format` ("auto": `table_dtype`)."""
     batch, kv_heads, t, head_dim = k.shape
+    dtype = table_dtype or k.dtype
     keep = window - 1
     start, pad = max(t - keep, 0), max(keep - t, 0)
 
-    def last(x, fill=0.0):  # [B, Hk, T, X] -> [B, Hk, keep, X]
-        return F.pad(x[:, :, start:], (0, 0, pad, 0), value=fill)
+    def last(x, fill=0.0):  # [B, Hk, T, X] -> [B, Hk, keep, X], in the keys' dtype
+        return F.pad(x[:, :, start:], (0, 0, pad, 0), value=fill).to(dtype)
 
     state = DecodeState(
         seen=mask.sum(-1) if seen is None else seen + mask.sum(-1),
@@ -56,8 +57,9 @@ def final_state(
     if sink_tokens > 0:
         slot = torch.where(is_sink, positions, sink_tokens)  # slot `sink_tokens` collects the rest
         index = slot[:, None, :, None].expand(batch, kv_heads, t, head_dim)
-        state.sink_keys = k.new_zeros(batch, kv_heads, sink_tokens + 1, head_dim).scatter(2, index, k)[:, :, :-1]
-        state.sink_values = v.new_zeros(batch, kv_heads, sink_tokens + 1, head_dim).scatter(2, index, v)[:, :, :-1]
+        slots = k.new_zeros(batch, kv_heads, sink_tokens + 1, head_dim)
+        state.sink_keys = slots.scatter(2, index, k)[:, :, :-1].to(dtype)
+        state.sink_values = slots.scatter(2, index, v)[:, :, :-1].to(dtype)
         valid = torch.zeros(batch, sink_tokens + 1, dtype=torch.long, device=k.device)
         state.sink_valid = valid.scatter(1, slot, is_sink.long())[:, :-1].bool()
     if fk is not None:

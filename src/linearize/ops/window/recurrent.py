@@ -50,9 +50,10 @@ def window_attention_recurrent(
     q = group_heads(q, kv_heads)
     fq = None if fq is None else group_heads(fq, kv_heads)
     s = state
-    w_keys, w_values, w_valid, w_position = s.window_keys, s.window_values, s.window_valid, s.window_position
-    w_features, w_gates, recurrent = s.window_features, s.window_log_gates, s.recurrent
-    sink_keys, sink_values, sink_valid = s.sink_keys, s.sink_values, s.sink_valid
+    w_keys, w_values, w_valid, w_position = _float(s.window_keys), _float(s.window_values), s.window_valid, \
+        s.window_position
+    w_features, w_gates, recurrent = _float(s.window_features), s.window_log_gates, s.recurrent
+    sink_keys, sink_values, sink_valid = _float(s.sink_keys), _float(s.sink_values), s.sink_valid
     seen = s.seen
     if memory_buckets > 0:  # copies: this general path leaves the caller's state as it was
         table = [None if x is None else x.clone() for x in memory_tensors(s)]
@@ -121,14 +122,14 @@ def window_attention_recurrent(
     o = readout(torch.stack(outputs, dim=3), eps).flatten(1, 2).to(out_dtype)
     new_state = DecodeState(
         seen=seen,
-        window_keys=w_keys,
-        window_values=w_values,
-        window_features=w_features,
+        window_keys=_stored(w_keys, out_dtype),
+        window_values=_stored(w_values, out_dtype),
+        window_features=_stored(w_features, out_dtype),
         window_log_gates=w_gates,
         window_valid=w_valid,
         window_position=w_position,
-        sink_keys=sink_keys,
-        sink_values=sink_values,
+        sink_keys=_stored(sink_keys, out_dtype),
+        sink_values=_stored(sink_values, out_dtype),
         sink_valid=sink_valid,
         recurrent=recurrent,
     )
@@ -151,12 +152,12 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
     k, v = k.float(), v.float()  # [B, Hk, 1, D]
     ones = torch.ones(batch, 1, dtype=torch.bool, device=k.device)
     if sink_tokens > 0:
-        keys = torch.cat([s.sink_keys, s.window_keys, k], dim=2)
-        values = torch.cat([s.sink_values, s.window_values, v], dim=2)
+        keys = torch.cat([_float(s.sink_keys), _float(s.window_keys), k], dim=2)
+        values = torch.cat([_float(s.sink_values), _float(s.window_values), v], dim=2)
         visible = torch.cat([s.sink_valid, s.window_valid, ones], dim=1)
     else:
-        keys = torch.cat([s.window_keys, k], dim=2)
-        values = torch.cat([s.window_values, v], dim=2)
+        keys = torch.cat([_float(s.window_keys), k], dim=2)
+        values = torch.cat([_float(s.window_values), v], dim=2)
         visible = torch.cat([s.window_valid, ones], dim=1)
     first = sink_tokens + 1  # index of window slot 1 in keys / values / visible
     recalled = 0  # memory keys, first in each row
@@ -188,8 +189,8 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
     leaving_valid, leaving_position = s.window_valid[:, 0], s.window_position[:, 0]
     new = DecodeState(
         seen=s.seen + 1,
-        window_keys=keys[:, :, first:],
-        window_values=values[:, :, first:],
+        window_keys=_stored(keys[:, :, first:], out_dtype),
+        window_values=_stored(values[:, :, first:], out_dtype),
         window_valid=visible[:, first:],
         window_position=torch.cat([s.window_position[:, 1:], s.seen[:, None]], dim=1),
         sink_keys=s.sink_keys,
@@ -201,19 +202,19 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
     # traced by torch.compile, no data-dependent branch
     if sink_tokens > 0 and (k.device.type != "cpu" or torch.compiler.is_compiling() or bool(leaving_sink.any())):
         into = (torch.arange(sink_tokens, device=k.device) == leaving_position[:, None]) & leaving_sink[:, None]
-        new.sink_keys = torch.where(into[:, None, :, None], s.window_keys[:, :, :1], s.sink_keys)
-        new.sink_values = torch.where(into[:, None, :, None], s.window_values[:, :, :1], s.sink_values)
+        new.sink_keys = torch.where(into[:, None, :, None], s.window_keys[:, :, :1], s.sink_keys).to(out_dtype)
+        new.sink_values = torch.where(into[:, None, :, None], s.window_values[:, :, :1], s.sink_values).to(out_dtype)
         new.sink_valid = s.sink_valid | into
     if fk is not None:
-        features = torch.cat([s.window_features, fk.float()], dim=2)
-        new.window_features = features[:, :, 1:]
+        features = torch.cat([_float(s.window_features), fk.float()], dim=2)
+        new.window_features = _stored(features[:, :, 1:], out_dtype)
         weight = (leaving_valid & ~leaving_sink).float()[:, None, None]  # [B, 1, 1]
         if log_gate is not None:
             gates = torch.cat([s.window_log_gates, log_gate.float()], dim=2)
             new.window_log_gates = gates[:, :, 1:]
             weight = weight * new.window_log_gates.sum(-1, keepdim=True).exp()  # decay since it left
         leaving = features[:, :, :1].transpose(-1, -2) * weight[..., None]  # [B, Hk, F, 1]
-        update = torch.cat([leaving * s.window_values[:, :, :1], leaving], dim=-1)  # fk^T [v, 1]
+        update = torch.cat([leaving * values[:, :, first - 1 : first], leaving], dim=-1)  # fk^T [v, 1]
         new.recurrent = recurrent + update
     if memory_buckets > 0:  # the leaving token goes into the memory, the new one's bucket is kept
         if not _caller_writes_memory:  # our compiled step writes it after its graph (store_leaving)
@@ -222,6 +223,16 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         new.window_buckets = torch.cat([s.window_buckets[:, 1:], key_bucket], dim=1)
         new.recent_tokens = recent
     return o, new
+
+
+def _float(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.float()
+
+
+def _stored(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A window or sink part as the state keeps it: in the model's dtype (its keys, values and features came
+    in that dtype, so a bf16 model's window loses nothing in bf16; float32 leaves the tensor as it is)."""
+    return None if x is None else x.to(dtype)
 
 
 _caller_writes_memory = False
