@@ -10,8 +10,10 @@ greedy single-token steps, cache size, and the process's peak resident memory; u
 student's step compiled (`compile_decoding`) and the teacher at its own best: its cache copied into a
 StaticCache (written in place, not concatenated), stepped eager and compiled the same way, the student's
 compiled speed divided by the fastest of the teacher's three. Then batched decoding at
-`--batch-context` tokens of context for batch sizes 1, 8, 32 (the prompt's cache repeated across the
-batch), and the largest batch each model fits in `--memory-gib` next to its weights. Then the op-level
+each of `--batch-contexts` for batch sizes 1, 8, 32 and the largest in `--fit-gib` (the prompt's cache
+repeated across the batch; batches over that budget not run), and the largest batch each model fits in
+`--memory-gib` next to its weights: the student, the teacher, and the teacher with transformers'
+QuantizedCache (int4 KV cache, optimum-quanto), what a user would try first instead of linearizing. Then the op-level
 table (the hybrid's chunked window + linear op, the same with the default's recall memory, and plain
 chunked linear attention against SDPA causal,
 forward only, 9 heads / 3 KV heads / head dim 64 / 128 features, as SmolLM2 and Hedgehog), and decode as a
@@ -39,12 +41,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def load_model(which: str, student_dir: str | None, dtype: str = "float32", teacher: str | None = None):
-    """The teacher, or the student saved in `student_dir` (the untrained hybrid if there is none)."""
+    """The teacher ("teacher", "teacher-int4"), or the student saved in `student_dir` (the untrained hybrid if
+    there is none)."""
     from linearize import linearize
     from linearize.teacher import DEFAULT_TEACHER, load_teacher
 
     teacher = teacher or DEFAULT_TEACHER
-    if which == "teacher":
+    if which.startswith("teacher"):
         model = load_teacher(teacher)[0]
     elif student_dir and Path(student_dir).exists():
         from linearize import load
@@ -70,14 +73,45 @@ def weight_stream_tok_s(model) -> float:
     return 5 / (time.perf_counter() - start)
 
 
+def tensor_bytes(t: torch.Tensor | None) -> int:
+    """Bytes of a tensor, or of the tensors inside a tensor subclass (a quanto packed tensor: codes, scales,
+    shifts)."""
+    if t is None:
+        return 0
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
 def cache_bytes(cache) -> int:
     total = 0
     for layer in cache.layers:
         if hasattr(layer, "nbytes") and callable(layer.nbytes):
             total += layer.nbytes()
-        else:
-            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+        else:  # softmax keys and values, plus a quantized cache's packed part
+            parts = (layer.keys, layer.values, getattr(layer, "_quantized_keys", None),
+                     getattr(layer, "_quantized_values", None))
+            total += sum(tensor_bytes(t) for t in parts)
     return total
+
+
+def quantized_cache(model, batch_of=None):
+    """transformers' QuantizedCache (quanto backend, int4 per group of 64, the newest 128 tokens kept in full
+    precision): what a user tries first instead of linearizing. `batch_of`: a prefilled DynamicCache whose
+    keys and values it starts from, repeated to `batch_of[1]` rows."""
+    from transformers import QuantizedCache
+
+    cache = QuantizedCache(backend="quanto", config=model.config, nbits=KV_BITS)
+    if batch_of is not None:
+        base, batch = batch_of
+        for index, layer in enumerate(base.layers):
+            cache.update(layer.keys.repeat_interleave(batch, 0), layer.values.repeat_interleave(batch, 0), index)
+    return cache
+
+
+KV_BITS = 4
+MODELS = ("student", "teacher", "teacher-int4")  # the teacher-int4 rows: its KV cache quantized (QuantizedCache)
 
 
 def timed_steps(step, token: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
@@ -99,7 +133,7 @@ def measure_one(which: str, context: int, steps: int, student_dir: str | None, d
 
     model = load_model(which, student_dir, dtype, teacher)
     ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(0))
-    cache = DynamicCache(config=model.config)
+    cache = quantized_cache(model) if which == "teacher-int4" else DynamicCache(config=model.config)
 
     def greedy(token: torch.Tensor) -> tuple[torch.Tensor, float]:
         return timed_steps(lambda token: model(input_ids=token, past_key_values=cache, use_cache=True)
@@ -175,28 +209,41 @@ def teacher_static(model, dynamic, token: torch.Tensor, context: int, steps: int
 
 @torch.no_grad()
 def measure_batches(which: str, context: int, batches: list[int], steps: int, student_dir: str | None,
-                    dtype: str, teacher: str | None = None) -> dict:
-    """Decode throughput (sequences x steps / s) at each batch size, the prompt's cache repeated."""
+                    dtype: str, teacher: str | None = None, fit_gib: float = 2.0) -> dict:
+    """Decode throughput (sequences x steps / s) at each batch size, the prompt's cache repeated; batch 0
+    stands for the largest batch whose caches fit in `fit_gib` beside the weights."""
+    import copy
+
     from transformers import DynamicCache
 
     model = load_model(which, student_dir, dtype, teacher)
     ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(0))
     base = DynamicCache(config=model.config)
     model(input_ids=ids, past_key_values=base, use_cache=True, logits_to_keep=1)
-    per_sequence = cache_bytes(base)
-    result = {"cache_mib_per_sequence": per_sequence / 2**20,
-              "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20}
-    import copy
-
+    weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    per_sequence = cache_bytes(quantized_cache(model, (base, 1)) if which == "teacher-int4" else base) / 2**20
+    result = {"cache_mib_per_sequence": per_sequence, "weights_mib": weights_mib}
+    fitting = max(1, int((fit_gib * 1024 - weights_mib) // per_sequence))
     for batch in batches:
-        cache = copy.deepcopy(base)
-        cache.batch_repeat_interleave(batch)
+        if batch == 0:
+            batch = result["largest_fitting"] = fitting
+            name = "largest"
+        elif batch > fitting:
+            continue
+        else:
+            name = f"batch {batch}"
+        if which == "teacher-int4":
+            cache = quantized_cache(model, (base, batch))
+        else:
+            cache = copy.deepcopy(base)
+            cache.batch_repeat_interleave(batch)
 
         def step(token, cache=cache):  # the same token each step: the cache grows as in decoding
             model(input_ids=token, past_key_values=cache, use_cache=True)
             return token
 
-        result[f"batch {batch}"] = batch * timed_steps(step, torch.full((batch, 1), 1000), steps)[1]
+        result[name] = batch * timed_steps(step, torch.full((batch, 1), 1000), steps)[1]
+        del cache
     return result
 
 
@@ -255,8 +302,51 @@ def child(args) -> None:
                              compile_step=not args.no_compile, teacher=args.teacher)
     else:
         result = measure_batches(args.which, args.context, args.batches, args.steps, args.student, args.dtype,
-                                 args.teacher)
+                                 args.teacher, args.fit_gib)
     print(json.dumps(result))
+
+
+def batch_table(args, teacher: str) -> list[str]:
+    """Serving capacity: per context, decode throughput at each batch that fits `--fit-gib` and at the largest
+    one, the cache per sequence and the largest batch in `--memory-gib`, for the student, the teacher and the
+    teacher with an int4 KV cache."""
+    import importlib.util
+
+    models = list(MODELS)
+    lines = []
+    if importlib.util.find_spec("optimum.quanto") is None:
+        models.remove("teacher-int4")
+        lines += ["(The teacher with a quantized KV cache is left out: `pip install optimum-quanto` for those rows.)",
+                  ""]
+    for context in args.batch_contexts:
+        rows = {}
+        for which in models:
+            rows[which] = run_child("--child", "batches", "--which", which, "--context", str(context),
+                                    "--steps", str(max(4, args.steps // 4)), "--student", args.student,
+                                    "--dtype", args.dtype, "--teacher", teacher, "--fit-gib", str(args.fit_gib),
+                                    "--batches", *map(str, [b for b in args.batches]), "0")
+            print(which, context, "batches", rows[which], flush=True)
+        def largest_in_budget(row):
+            return int((args.memory_gib * 1024 - row["weights_mib"]) // row["cache_mib_per_sequence"])
+
+        lines += [f"Batched decoding at {context:,} tokens of context (sequences x tokens / s; a batch whose caches "
+                  f"exceed {args.fit_gib:g} GiB is not run), the largest batch in {args.fit_gib:g} GiB decoded, and "
+                  f"the largest batch whose caches fit in {args.memory_gib:g} GiB beside the weights. teacher-int4: "
+                  f"the teacher with transformers' QuantizedCache (quanto, int{KV_BITS}, groups of 64, the newest 128 "
+                  "tokens in full precision):", "",
+                  "| model | " + " | ".join(f"batch {b}" for b in args.batches)
+                  + f" | largest in {args.fit_gib:g} GiB | cache MiB / sequence | largest batch in "
+                  f"{args.memory_gib:g} GiB | x the teacher's |",
+                  "|---|" + "---:|" * (len(args.batches) + 4)]
+        for which, row in rows.items():
+            largest, teacher_largest = largest_in_budget(row), largest_in_budget(rows["teacher"])
+            cells = [f"{row[f'batch {b}']:.1f}" if f"batch {b}" in row else "-" for b in args.batches]
+            lines.append(f"| {which} | " + " | ".join(cells)
+                         + f" | {row['largest']:.1f} (batch {row['largest_fitting']:,}) | "
+                         f"{row['cache_mib_per_sequence']:.1f} | {largest:,} | "
+                         f"{largest / max(teacher_largest, 1):.1f}x |")
+        lines.append("")
+    return lines
 
 
 def run_child(*extra: str) -> dict:
@@ -274,15 +364,18 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights and activations")
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--batch-context", type=int, default=4096)
+    parser.add_argument("--batch-contexts", type=int, nargs="*", default=[4096, 16384],
+                        help="contexts of the batched-decoding table (none: no table)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--memory-gib", type=float, default=16.0, help="memory budget for the largest-batch column")
+    parser.add_argument("--fit-gib", type=float, default=2.0, help="the budget whose largest batch is decoded "
+                        "(and batches whose caches exceed it are not)")
     parser.add_argument("--op-lengths", type=int, nargs="*", default=[4096, 8192, 16384, 32768],
                         help="lengths of the op-level table (none: no table)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled steps (student and teacher)")
     parser.add_argument("--output", default=None)
     parser.add_argument("--child", choices=["one", "batches"], help=argparse.SUPPRESS)
-    parser.add_argument("--which", choices=["student", "teacher"], help=argparse.SUPPRESS)
+    parser.add_argument("--which", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--context", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -357,22 +450,7 @@ def main() -> None:
               f"(this machine's GEMV floor for either model) runs at {stream:.1f} tok/s = {stream / limit:.0%} of "
               "that limit.", ""]
 
-    batch_rows = {}
-    for which in ("student", "teacher"):
-        batch_rows[which] = run_child("--child", "batches", "--which", which, "--context", str(args.batch_context),
-                                      "--steps", str(max(4, args.steps // 4)), "--student", args.student,
-                                      "--dtype", args.dtype, "--teacher", teacher, "--batches", *map(str, args.batches))
-        print(which, "batches", batch_rows[which], flush=True)
-    lines += [f"Batched decoding at {args.batch_context:,} tokens of context (sequences x tokens / s); largest "
-              f"batch whose caches fit in {args.memory_gib:g} GiB beside the weights:", "",
-              "| model | " + " | ".join(f"batch {b}" for b in args.batches)
-              + " | cache MiB / sequence | largest batch |",
-              "|---|" + "---:|" * (len(args.batches) + 2)]
-    for which, row in batch_rows.items():
-        room = args.memory_gib * 1024 - row["weights_mib"]
-        largest = int(room // row["cache_mib_per_sequence"])
-        lines.append(f"| {which} | " + " | ".join(f"{row[f'batch {b}']:.1f}" for b in args.batches)
-                     + f" | {row['cache_mib_per_sequence']:.1f} | {largest:,} |")
+    lines += batch_table(args, teacher)
     lines += ["", "Ops alone (forward, one sequence; ms, speed-up over SDPA causal):", "",
               "| tokens | SDPA causal | hybrid window+sinks+linear | x SDPA | the same + recall memory | x SDPA "
               "| chunked linear attention | x SDPA |",
