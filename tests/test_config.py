@@ -60,6 +60,9 @@ def test_method_stage_defaults_sit_between_base_defaults_and_the_user():
         ({"attention": {"memory_ngram": 0}}, "attention.memory_ngram must be an integer >= 1"),
         ({"attention": {"memory_ngram": [2, 2]}}, "attention.memory_ngram must be an integer >= 1 .* or a list"),
         ({"attention": {"memory_ngram": []}}, "attention.memory_ngram must be an integer >= 1"),
+        ({"attention": {"memory_format": "int3"}}, "attention.memory_format must be one of auto, bfloat16, int8, int4"),
+        ({"attention": {"memory_buckets": 2, "memory_ngram": [1, 2, 3]}}, "memory_buckets .2. must be at least the "
+                                                                           "number of memory orders .3"),
         ({"attention": {"window_size": "wide"}}, "attention.window_size' must be a int"),
         ({"baselines": {"w": {"method": "window", "attention": {"sink_tokens": -2}}}}, "sink_tokens must be >= 0"),
         ({"baselines": {"w": {"attention": {}}}}, "baselines.w must be a mapping with a 'method'"),
@@ -99,3 +102,14 @@ def test_a_printed_full_config_loads_back_unchanged(method, tmp_path):
     config = build_config({"method": method})
     config.save(tmp_path / "full.yaml")
     assert load_config(tmp_path / "full.yaml").to_dict() == config.to_dict()
+
+
+def test_measured_memory_layers_resolve_per_teacher():
+    """`memory_layers: measured` is the embedded teacher's measured list, else the upper half; an explicit
+    list stays as given."""
+    from linearize.teacher.loading import EMBEDDED_TEACHERS
+
+    assert build_config({}).attention.memory_layers == list(EMBEDDED_TEACHERS["smollm2-135m-instruct"].memory_layers)
+    assert build_config({"model": "gemma3-270m"}).attention.memory_layers == "upper-half"
+    assert build_config({"model": "some/hub-model"}).attention.memory_layers == "upper-half"
+    assert build_config({"attention": {"memory_layers": [1, 2]}}).attention.memory_layers == [1, 2]

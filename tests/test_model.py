@@ -253,6 +253,22 @@ def test_a_compiled_step_without_a_cpp_compiler_says_what_to_do():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_quantized_memory_decodes_like_its_parallel_forward(fmt):
+    """The table quantized: prefill + decoding steps through the model's cache = one parallel forward (which
+    recalls through the same round trip), and the format changed the logits."""
+    model = convert("llama", "hybrid+memory", memory_format=fmt)
+    assert_decoding_matches_parallel(model, tokens(), prefill=19)
+    full = convert("llama", "hybrid+memory")
+    with torch.no_grad():
+        assert not torch.equal(model(tokens()).logits, full(tokens()).logits)
+
+
+def test_memory_layers_beyond_the_model_are_an_error_naming_the_key():
+    with pytest.raises(LinearizeError, match=r"attention.memory_layers lists \[9\], but the model has 2 layers"):
+        convert("llama", "hybrid+memory", memory_layers=[1, 9])
+
+
 def test_a_memory_layer_needs_token_ids_and_says_so():
     model = convert("llama", "hybrid+memory")
     x = tokens()

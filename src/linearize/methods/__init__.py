@@ -42,6 +42,15 @@ def settings_dict(settings: Any) -> dict[str, Any]:
     return dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(settings)
 
 
+def measured_memory_layers(model: str) -> list[int] | str:
+    """What `memory_layers: measured` means for this teacher: the layers measured for an embedded teacher
+    (its registry entry), else the upper half."""
+    from linearize.teacher.loading import EMBEDDED_TEACHERS
+
+    teacher = EMBEDDED_TEACHERS.get(model)
+    return list(teacher.memory_layers) if teacher is not None and teacher.memory_layers else "upper-half"
+
+
 def build_config(user: dict[str, Any]) -> RunConfig:
     """Base defaults <- the method's stage defaults <- user settings; every section checked."""
     method_name = user.get("method", RunConfig.method)
@@ -49,6 +58,8 @@ def build_config(user: dict[str, Any]) -> RunConfig:
     merged = deep_merge(impl.stage_defaults, user)
     config = from_dict(RunConfig, merged)
     config.attention = method_settings(method_name, config.attention)
+    if getattr(config.attention, "memory_layers", None) == "measured":
+        config.attention.memory_layers = measured_memory_layers(config.model)
     for stage in ("transfer", "finetune"):
         if stage not in impl.stages:
             if (user.get(stage) or {}).get("enabled"):

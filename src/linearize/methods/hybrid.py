@@ -57,11 +57,13 @@ class Settings(WindowSettings):
     decay: float | None = 0.999  # initial per-head decay of the linear terms, in (0, 1]; null = no decay
     linear_rope: bool = False  # feature maps read q and k after RoPE (as LoLCATS) or before it (as Liger)
     memory_buckets: int = 1024  # recall memory (linearize.ops.memory): buckets per n-gram order; 0 = none
-    memory_layers: list[int] | str | None = "upper-half"  # layers with a memory: a list, "upper-half", null = all
+    # layers with a memory: a list, "measured" (the teacher's measured list, else the upper half), "upper-half",
+    # null = all
+    memory_layers: list[int] | str | None = "measured"
     # the memory is keyed by the last n tokens (1: the token itself); a list: one recalled key per order
     memory_ngram: int | list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     # how the table stores an entry: auto (the model's dtype) | bfloat16 | int8 | int4 (per-row step + offset)
-    memory_format: str = "auto"
+    memory_format: str = "int4"
 
     def validate(self) -> None:
         super().validate()
@@ -74,21 +76,33 @@ class Settings(WindowSettings):
         if not isinstance(self.memory_buckets, int) or self.memory_buckets < 0:
             raise LinearizeError(f"attention.memory_buckets must be an integer >= 0 (0 = no memory), got "
                                  f"{self.memory_buckets!r}")
-        grams = memory.orders(self.memory_ngram) if isinstance(self.memory_ngram, (int, list)) else ()
+        grams = memory.orders(self.memory_ngram) if isinstance(self.memory_ngram, (int, list, tuple)) else ()
         if not (grams and all(isinstance(n, int) and n >= 1 for n in grams) and len(set(grams)) == len(grams)):
             raise LinearizeError(f"attention.memory_ngram must be an integer >= 1 (the tokens a memory entry is "
                                  f"keyed by) or a list of distinct ones (one recalled key each), got "
                                  f"{self.memory_ngram!r}")
+        if 0 < self.memory_buckets < len(grams):
+            raise LinearizeError(f"attention.memory_buckets ({self.memory_buckets}) must be at least the number of "
+                                 f"memory orders ({len(grams)}, attention.memory_ngram {self.memory_ngram})")
         check_choice("memory_format", self.memory_format, list(memory.FORMATS))
         layers = self.memory_layers
-        if not (layers is None or layers == "upper-half" or (
+        if not (layers is None or layers in ("upper-half", "measured") or (
                 isinstance(layers, list) and all(isinstance(i, int) and i >= 0 for i in layers))):
-            raise LinearizeError(f"attention.memory_layers must be a list of layer indices, \"upper-half\" or "
-                                 f"null (every converted layer), got {layers!r}")
+            raise LinearizeError(f"attention.memory_layers must be a list of layer indices, \"measured\", "
+                                 f"\"upper-half\" or null (every converted layer), got {layers!r}")
 
     def memory_at(self, layer_index: int, num_layers: int) -> int:
-        """The memory buckets of layer `layer_index` of `num_layers` (0: none)."""
-        if self.memory_layers == "upper-half":
+        """The memory buckets of layer `layer_index` of `num_layers` (0: none). A listed layer the model does
+        not have is an error (raised while the model is planned, before any weight loads)."""
+        if isinstance(self.memory_layers, list) and self.memory_buckets:
+            beyond = [i for i in self.memory_layers if i >= num_layers]
+            if beyond:
+                raise LinearizeError(
+                    f"attention.memory_layers lists {beyond}, but the model has {num_layers} layers (0-"
+                    f"{num_layers - 1}): list this model's layers, or set attention.memory_layers=measured (the "
+                    "layers measured for an embedded teacher, else the upper half); bench/memory.py --gains "
+                    "measures them")
+        if self.memory_layers in ("upper-half", "measured"):  # measured, unresolved (no run config): upper half
             chosen = layer_index >= num_layers // 2
         else:
             chosen = self.memory_layers is None or layer_index in self.memory_layers

