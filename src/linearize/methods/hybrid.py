@@ -16,12 +16,14 @@ softmax keys: most of a small model's attention mass sits on them), and changes 
   change with its position, so maps trained on 1024-token blocks misjudge keys at 4096; without RoPE
   the linear terms carry content, the window carries position;
 - a learned per-head decay on the linear terms (0.999 at the start) bounds their mass at long range;
-- a recall memory (`linearize.ops.memory`) in the upper half of the layers: four more softmax keys per
-  query, the most recent keys (out of the window) that followed an earlier occurrence of the query's last
-  token, of its last two, three and four tokens, kept in a table of 1024 buckets per n-gram order. It is
-  what the teacher's copying (induction) heads attend to, and what no feature map of the state's size
-  singles out among hundreds of old keys (bench/recall.py); the window shrinks to 60 so a query still sees
-  68 softmax keys at most, as a 64-token window with 4 sinks.
+- a recall memory (`linearize.ops.memory`) in the layers where it measurably carries the most
+  (`memory_layers: measured`: for SmolLM2-135M layers 17, 18, 20 and 23 of 30, by bench/memory.py --gains;
+  the upper half for a teacher not measured): four more softmax keys per query, the most recent keys (out
+  of the window) that followed an earlier occurrence of the query's last token, of its last two, three and
+  four tokens, kept in a table of 1024 buckets per n-gram order, each entry in int4 with a step and an
+  offset per row. It is what the teacher's copying (induction) heads attend to, and what no feature map of
+  the state's size singles out among hundreds of old keys (bench/recall.py); the window shrinks to 60 so a
+  query still sees 68 softmax keys at most, as a 64-token window with 4 sinks.
 
     y_t = (sum_{window, sinks, memory keys} exp(q_t.k_s / sqrt(d) - c_t) [v_s, 1]
            + sum_{older} a^{t-s} m_q(q_t) m_k(k_s) phi(q_t).phi(k_s) [v_s, 1])  -> num / den
