@@ -23,6 +23,15 @@ class FeatureMap(nn.Module):
         self.feature_dim = feature_dim or head_dim
 
 
+def per_head_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [B, h, T, D] times each head's weight [h, D, F] -> [B, h, T, F]. One token (a decoding step) as a
+    product and a sum, which a compiled step fuses with the softmax around it (a batched matmul would be
+    a library call of its own, one per map and layer); longer inputs as a batched matmul."""
+    if x.shape[-2] == 1:
+        return (x.transpose(-1, -2) * weight).sum(-2, keepdim=True)
+    return torch.einsum("bhtd,hdf->bhtf", x, weight)
+
+
 def _identity_projection(num_heads: int, head_dim: int, feature_dim: int) -> torch.Tensor:
     """Per-head [D, F] (rectangular) identity, so a fresh map starts from the raw query/key features."""
     return torch.eye(head_dim, feature_dim).unsqueeze(0).repeat(num_heads, 1, 1)
@@ -36,7 +45,7 @@ class Hedgehog(FeatureMap):
         self.weight = nn.Parameter(_identity_projection(num_heads, head_dim, self.feature_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        proj = torch.einsum("bhtd,hdf->bhtf", x, self.weight.to(x.dtype))
+        proj = per_head_projection(x, self.weight.to(x.dtype))
         return torch.cat([proj.softmax(dim=-1), (-proj).softmax(dim=-1)], dim=-1)
 
 
@@ -49,7 +58,7 @@ class T2R(FeatureMap):
         self.bias = nn.Parameter(torch.zeros(num_heads, 1, self.feature_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(torch.einsum("bhtd,hdf->bhtf", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype))
+        return F.relu(per_head_projection(x, self.weight.to(x.dtype)) + self.bias.to(x.dtype))
 
 
 class EluPlusOne(FeatureMap):

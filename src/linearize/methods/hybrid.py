@@ -144,8 +144,9 @@ class HybridMixer(Mixer):
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
         log_q = self.log_scale[:, None].to(fq.dtype)  # [H, 1]
         if self.magnitude_q is not None:
-            log_q = torch.einsum("bhtd,hd->bht", q, self.magnitude_q.to(q.dtype)) + log_q
-            log_k = torch.einsum("bhtd,hd->bht", k, self.magnitude_k.to(k.dtype))
+            # per head a dot product with u: a product and a sum (fused when compiled; no matmul call)
+            log_q = (q * self.magnitude_q[:, None].to(q.dtype)).sum(-1) + log_q
+            log_k = (k * self.magnitude_k[:, None].to(k.dtype)).sum(-1)
             fk = fk * log_k.clamp(max=MAX_LOG_MAGNITUDE).exp()[..., None]
         return fq * log_q.clamp(max=MAX_LOG_MAGNITUDE).exp()[..., None], fk
 
