@@ -10,7 +10,9 @@ training budget, served with a different memory. Rows that drop the memory from 
 are a lower bound for a student trained that way (`linearize run` with the row's settings gives the other
 side). Per row: the decode state of one sequence, measured on the model's own cache after a 1,024-token
 prompt in float32 and in bfloat16 (the state has this size at any length); held-out perplexity ratios to the
-teacher on the run's held-out blocks (the teacher's scores as the run stored them); the copy test at L = 256.
+teacher on the run's held-out blocks (the teacher's scores as the run stored them); the copy test at L = 256;
+with `--long`, the ratio over positions [1024, 4096) of the run's long held-out documents (the teacher's
+profile as the run stored it).
 
 `--gains`: the student served with a memory in every converted layer, then each layer's memory switched off
 alone: the rise of held-out loss (nats per token, mean over the domains, on `--gain-blocks` blocks each) is
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -113,13 +114,14 @@ def main() -> None:
     parser.add_argument("--gains", action="store_true", help="measure each layer's gain, add top-k rows")
     parser.add_argument("--gain-blocks", type=int, default=1, help="held-out blocks per domain for the gains")
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
+    parser.add_argument("--long", action="store_true", help="add the [1024, 4096) ratio on long documents")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
 
     from linearize.api import load_config
     from linearize.checkpoint import CONFIG_FILE
     from linearize.data.blocks import build_blocks
-    from linearize.evaluate import copy_sequences, copy_test, score
+    from linearize.evaluate import bucket_ratios, copy_sequences, copy_test, position_profile, score
     from linearize.teacher import load_tokenizer
 
     run = Path(args.run)
@@ -128,10 +130,13 @@ def main() -> None:
     if teacher is None or not (run / "model" / "config.json").is_file():
         raise SystemExit(f"{run} is not a finished run (no model/ or no teacher scores): `linearize run` it first")
     config = load_config(run / CONFIG_FILE)
+    long_tokens, long_documents = (config.data.long_context, config.data.long_documents) if args.long else (0, 0)
     data = build_blocks(load_tokenizer(config.model), config.data.source, seq_len=config.data.seq_len, train_tokens=0,
                         eval_tokens_per_domain=config.data.eval_blocks * config.data.eval_seq_len, seed=config.seed,
-                        eval_seq_len=config.data.eval_seq_len, text_field=config.data.text_field, long_tokens=0,
-                        long_documents_per_domain=0)
+                        eval_seq_len=config.data.eval_seq_len, text_field=config.data.text_field,
+                        long_tokens=long_tokens, long_documents_per_domain=long_documents)
+    long_docs = {d: docs for d, docs in data.long.items() if len(docs)} if args.long else {}
+    teacher_profiles = (progress.get("long_range.teacher") or {}).get("profiles", {})
     blocks = {d: b for d, b in data.eval.items() if len(b)}
     torch.manual_seed(config.seed)
     gains = None
@@ -156,31 +161,37 @@ def main() -> None:
     copy_teacher = (progress.get("long_range.teacher") or {}).get("copy", {}).get("L=256")
     baseline = progress.get("baseline.window+sinks", {})
     header = ("| memory | layers | buckets x orders | format | state MiB fp32 | state MiB bf16 | "
-              + " | ".join(f"{d} ratio" for d in domains) + " | copy L=256 | seconds |")
+              + " | ".join(f"{d} ratio" for d in domains) + "".join(f" | {d} [1024, 4096)" for d in long_docs)
+              + " | copy L=256 |")
     lines += [f"Student: {run} ({config.method} on {config.model}); teacher copy L=256: {copy_teacher}; "
               f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}.", "", header,
-              "|---|---|---|---|" + "---:|" * (len(domains) + 4)]
+              "|---|---|---|---|" + "---:|" * (len(domains) + len(long_docs) + 3)]
     print("\n".join(lines), flush=True)
     for name, changes in rows.items():
-        start = time.perf_counter()
         settings = {"memory_format": "auto", **trained.attention, **changes}
         model = load_with(run / "model", changes)
         ratios = []
         for d in domains:
             s = score(model, blocks[d], desc=f"{name} ({d})")
             ratios.append(math.exp(s.nll / s.tokens - teacher[d]["nll"] / teacher[d]["tokens"]))
+        for d, docs in long_docs.items():
+            profile = position_profile(model, docs, f"{name} ({d}, long)")
+            ratios.append(bucket_ratios(profile, torch.tensor(teacher_profiles[d]))["[1024, 4096)"])
         copy = copy_test(model, sequences)["L=256"]
         fp32, bf16 = state_mib(model, torch.float32), state_mib(model, torch.bfloat16)
         buckets = settings["memory_buckets"]
         line = (f"| {name} | {settings['memory_layers']} | {buckets} x {len(settings['memory_ngram'])} | "
                 f"{settings['memory_format']} | {fp32:.1f} | {bf16:.1f} | "
-                + " | ".join(f"{r:.3f}" for r in ratios) + f" | {copy:.3f} | {time.perf_counter() - start:.0f} |")
+                + " | ".join(f"{r:.3f}" for r in ratios) + f" | {copy:.3f} |")
         lines.append(line)
         print(line, flush=True)
     if baseline:
         ratios = [baseline["eval"].get("finetune", {}).get(d, {}).get("ppl_ratio") for d in domains]
+        buckets = [baseline.get("long_range", {}).get("finetune", {}).get("buckets", {}).get(d, {}).get("[1024, 4096)")
+                   for d in long_docs]
         lines.append("| window + sinks (trained baseline, from the run) | - | - | - | - | - | "
-                     + " | ".join("-" if r is None else f"{r:.3f}" for r in ratios) + " | - | - |")
+                     + " | ".join("-" if r is None else f"{r:.3f}" for r in ratios + buckets)
+                     + f" | {baseline.get('long_range', {}).get('finetune', {}).get('copy', {}).get('L=256', '-')} |")
     text = "\n".join(lines) + "\n"
     output = Path(args.output) if args.output else run / "memory.md"
     output.write_text(text)
