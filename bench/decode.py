@@ -324,10 +324,10 @@ def batch_table(args, teacher: str) -> list[str]:
             rows[which] = run_child("--child", "batches", "--which", which, "--context", str(context),
                                     "--steps", str(max(4, args.steps // 4)), "--student", args.student,
                                     "--dtype", args.dtype, "--teacher", teacher, "--fit-gib", str(args.fit_gib),
-                                    "--batches", *map(str, [b for b in args.batches]), "0")
+                                    "--batches", *map(str, args.batches), "0")
             print(which, context, "batches", rows[which], flush=True)
-        def largest_in_budget(row):
-            return int((args.memory_gib * 1024 - row["weights_mib"]) // row["cache_mib_per_sequence"])
+        largest = {which: int((args.memory_gib * 1024 - row["weights_mib"]) // row["cache_mib_per_sequence"])
+                   for which, row in rows.items()}
 
         lines += [f"Batched decoding at {context:,} tokens of context (sequences x tokens / s; a batch whose caches "
                   f"exceed {args.fit_gib:g} GiB is not run), the largest batch in {args.fit_gib:g} GiB decoded, and "
@@ -339,12 +339,11 @@ def batch_table(args, teacher: str) -> list[str]:
                   f"{args.memory_gib:g} GiB | x the teacher's |",
                   "|---|" + "---:|" * (len(args.batches) + 4)]
         for which, row in rows.items():
-            largest, teacher_largest = largest_in_budget(row), largest_in_budget(rows["teacher"])
             cells = [f"{row[f'batch {b}']:.1f}" if f"batch {b}" in row else "-" for b in args.batches]
             lines.append(f"| {which} | " + " | ".join(cells)
                          + f" | {row['largest']:.1f} (batch {row['largest_fitting']:,}) | "
-                         f"{row['cache_mib_per_sequence']:.1f} | {largest:,} | "
-                         f"{largest / max(teacher_largest, 1):.1f}x |")
+                         f"{row['cache_mib_per_sequence']:.1f} | {largest[which]:,} | "
+                         f"{largest[which] / max(largest['teacher'], 1):.1f}x |")
         lines.append("")
     return lines
 

@@ -30,6 +30,7 @@ import math
 from pathlib import Path
 
 import torch
+from decode import cache_bytes  # bench/decode.py: a run from bench/ or the repository root finds it
 
 
 def variants(gains: list[int] | None) -> dict[str, dict]:
@@ -72,11 +73,8 @@ def state_mib(model, dtype: torch.dtype) -> float:
     cache = DynamicCache(config=model.config)
     ids = torch.randint(100, 40000, (1, 1024), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    total = sum(layer.nbytes() if hasattr(layer, "nbytes") else
-                sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
-                for layer in cache.layers)
     model.to(torch.float32)
-    return total / 2**20
+    return cache_bytes(cache) / 2**20
 
 
 def mean_nll(model, blocks: dict) -> float:
