@@ -214,7 +214,7 @@ def test_two_compiled_models_of_one_shape_each_decode_with_their_own_weights():
 
 
 def test_a_bf16_model_keeps_its_memory_table_in_bf16_and_loses_nothing_by_it():
-    model = convert("llama", "hybrid+memory").to(torch.bfloat16)
+    model = convert("llama", "hybrid+memory", memory_format="auto").to(torch.bfloat16)  # the model's dtype
     x = tokens()
     caches = [DynamicCache(config=model.config) for _ in range(2)]
     with torch.no_grad():
@@ -259,7 +259,7 @@ def test_a_quantized_memory_decodes_like_its_parallel_forward(fmt):
     recalls through the same round trip), and the format changed the logits."""
     model = convert("llama", "hybrid+memory", memory_format=fmt)
     assert_decoding_matches_parallel(model, tokens(), prefill=19)
-    full = convert("llama", "hybrid+memory")
+    full = convert("llama", "hybrid+memory", memory_format="auto")
     with torch.no_grad():
         assert not torch.equal(model(tokens()).logits, full(tokens()).logits)
 
