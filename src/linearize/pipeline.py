@@ -181,6 +181,7 @@ class Recipe:
             eval_tokens_per_domain=config.data.eval_blocks * config.data.eval_seq_len, seed=config.seed,
             eval_seq_len=config.data.eval_seq_len, text_field=config.data.text_field,
             long_tokens=config.data.long_context, long_documents_per_domain=config.data.long_documents,
+            recall_fraction=config.data.recall_fraction,
         )
         self.data.eval = {d: blocks for d, blocks in self.data.eval.items() if len(blocks)}  # eval_blocks: 0
         self.log(f"data: {data_summary(self.data)}")
@@ -497,6 +498,7 @@ def data_summary(data) -> dict[str, Any]:
         "train_documents": {d: len(ids) for d, ids in data.train_documents.items()},
         "eval_tokens": {d: int(b.numel()) for d, b in data.eval.items()},
         "eval_documents": {d: len(ids) for d, ids in data.eval_documents.items()},
+        **({"recall_blocks": data.recall_blocks} if data.recall_blocks else {}),
     }
 
 

@@ -12,12 +12,13 @@ import hashlib
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from linearize.data.recall import with_recall
 from linearize.data.sources import Document, load_texts
 from linearize.errors import LinearizeError
 
@@ -49,6 +50,7 @@ class Blocks:
     eval_documents: dict[str, list[str]]
     long: dict[str, torch.Tensor] = field(default_factory=dict)
     long_documents: dict[str, list[str]] = field(default_factory=dict)
+    recall_blocks: int = 0  # training blocks made recall blocks (facts stated and asked for)
 
 
 # --- splitting and packing -----------------------------------------------------------------------------
@@ -87,6 +89,7 @@ def build_blocks(
     text_field: str = "text",
     long_tokens: int = 0,
     long_documents_per_domain: int = 1,
+    recall_fraction: float = 0.0,
 ) -> Blocks:
     """Tokenize `source` and pack it into fixed-length blocks.
 
@@ -170,6 +173,7 @@ def build_blocks(
 
     order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
     train = _stack([block for _, block in train_blocks], seq_len)[order]
+    train, recall_blocks = with_recall(train, recall_fraction, start, _tokenize(tokenizer), seed)
     train_counts = {domain: 0 for domain in domains}
     for domain, _ in train_blocks:
         train_counts[domain] += seq_len
@@ -181,7 +185,12 @@ def build_blocks(
         eval_documents={domain: stream.used_ids for domain, stream in eval_streams.items()},
         long=long_blocks,
         long_documents=long_documents,
+        recall_blocks=recall_blocks,
     )
+
+
+def _tokenize(tokenizer: Any) -> Callable[[str], list[int]]:
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def start_tokens(tokenizer: Any) -> list[int]:
