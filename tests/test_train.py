@@ -43,3 +43,25 @@ def test_targets_are_computed_once_and_read_back(tmp_path):
     expected = F.log_softmax(teacher[1], -1).topk(3, -1)
     torch.testing.assert_close(again[1][2], expected.values)
     assert torch.equal(again[0][2], expected.indices)
+
+
+def test_answer_weights_weigh_the_positions_that_predict_an_answer():
+    """finetune.answer_weight: the prediction of each answer token (made one position earlier) counts `weight`
+    times in both losses; with weight 1, or rows without answers, the losses are the unweighted ones."""
+    from linearize.train.finetune import answer_weights
+
+    answers = torch.zeros(3, 6, dtype=torch.bool)
+    answers[1, 3:5] = True
+    weights = answer_weights(answers, [1, 0], 10.0, "cpu")
+    assert weights.tolist() == [[1, 1, 10, 10, 1, 1], [1] * 6]
+    assert answer_weights(answers, [0, 2], 10.0, "cpu") is None and answer_weights(answers, [1], 1.0, "cpu") is None
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 6, 50), torch.randn(2, 6, 50)
+    indices = teacher.topk(8, dim=-1).indices
+    logprobs = teacher.log_softmax(-1).gather(-1, indices)
+    ones = torch.ones(2, 6)
+    torch.testing.assert_close(top_k_kl(student, indices, logprobs, ones), top_k_kl(student, indices, logprobs))
+    torch.testing.assert_close(distillation_loss(student, teacher, ones), distillation_loss(student, teacher))
+    per_position = distillation_loss(student, teacher, torch.eye(6)[[2, 2]] * 6.0)  # position 2 alone: x 6 of 12
+    log_s, log_t = student[:, 2].log_softmax(-1), teacher[:, 2].log_softmax(-1)
+    torch.testing.assert_close(per_position, (log_t.exp() * (log_t - log_s)).sum(-1).mean())

@@ -85,6 +85,8 @@ class FinetuneConfig:
     # fraction, then everything else unfreezes too; null = everything trains from the start
     unfreeze_window: int = 8
     grad_clip: float = 1.0
+    # the loss at the answers of recall blocks (data.recall_fraction) counts this many times a token's
+    answer_weight: float = 1.0
     # with several processes (torchrun): ddp (a whole model per process) | fsdp (PyTorch FSDP2: weights,
     # gradients and optimizer state sharded over the processes) | auto (ddp when the model fits one device)
     parallel: str = "auto"

@@ -383,7 +383,8 @@ class Recipe:
         if not config.finetune.enabled:
             return
         model, result = finetune(self.model, self.data.train, config.finetune, self.out / "stage2",
-                                 config.checkpoint_every, config.seed, self.targets, engine=self.engine)
+                                 config.checkpoint_every, config.seed, self.targets, engine=self.engine,
+                                 answers=self.data.answers)
         trainable = count_parameters(model)["trainable"]
         self.result["stages"]["finetune"] = self.progress.once(
             "stage.finetune", lambda: stage_summary(result, trainable, distinct=config.finetune.tokens))
@@ -536,7 +537,7 @@ def run_baseline(recipe: Recipe, name: str, baseline: dict) -> dict[str, Any] | 
     if config.finetune.enabled and "finetune" in get_method(baseline["method"]).stages:
         work = recipe.out / "baselines" / slug(name)
         model, result = finetune(model, data.train, config.finetune, work, config.checkpoint_every, config.seed,
-                                 recipe.targets, engine=recipe.engine)
+                                 recipe.targets, engine=recipe.engine, answers=data.answers)
         summary["finetune"] = stage_summary(result, count_parameters(model)["trainable"], config.finetune.tokens)
         model.eval()
         if evaluates:

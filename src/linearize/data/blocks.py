@@ -50,7 +50,12 @@ class Blocks:
     eval_documents: dict[str, list[str]]
     long: dict[str, torch.Tensor] = field(default_factory=dict)
     long_documents: dict[str, list[str]] = field(default_factory=dict)
-    recall_blocks: int = 0  # training blocks made recall blocks (facts stated and asked for)
+    answers: torch.Tensor | None = None  # [N, seq_len] bool: the answers' tokens in recall blocks (data.recall)
+
+    @property
+    def recall_blocks(self) -> int:
+        """Training blocks made recall blocks (facts stated and asked for)."""
+        return 0 if self.answers is None else int(self.answers.any(-1).sum())
 
 
 # --- splitting and packing -----------------------------------------------------------------------------
@@ -173,7 +178,7 @@ def build_blocks(
 
     order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
     train = _stack([block for _, block in train_blocks], seq_len)[order]
-    train, recall_blocks = with_recall(train, recall_fraction, start, _tokenize(tokenizer), seed)
+    train, answers = with_recall(train, recall_fraction, start, _tokenize(tokenizer), seed)
     train_counts = {domain: 0 for domain in domains}
     for domain, _ in train_blocks:
         train_counts[domain] += seq_len
@@ -185,7 +190,7 @@ def build_blocks(
         eval_documents={domain: stream.used_ids for domain, stream in eval_streams.items()},
         long=long_blocks,
         long_documents=long_documents,
-        recall_blocks=recall_blocks,
+        answers=answers,
     )
 
 

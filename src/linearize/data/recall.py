@@ -47,9 +47,10 @@ def _value(rng: random.Random) -> str:
 
 
 def recall_block(text: list[int], seq_len: int, start: list[int], tokenize: Callable[[str], list[int]],
-                 rng: random.Random) -> torch.Tensor:
+                 rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
     """One block of `seq_len` tokens: `start`, then `text` (corpus token ids, at least what is needed) with
-    2-5 facts inserted and asked for at the end."""
+    2-5 facts inserted and asked for at the end -> (the block, [seq_len] bool: its answers' tokens, the
+    value after each question)."""
     count = rng.randint(*FACTS)
     names: list[str] = []
     while len(names) < count:
@@ -60,10 +61,11 @@ def recall_block(text: list[int], seq_len: int, start: list[int], tokenize: Call
     for name in names:
         statement, question = rng.choice(PHRASINGS)
         value = _value(rng)
+        asked = question[: question.rindex(" {v}")].format(k=name, v=value)  # every question ends " {v}."
         facts.append((tokenize(" " + statement.format(k=name, v=value)),
-                      tokenize("\n" + question.format(k=name, v=value))))
+                      (tokenize("\n" + asked), tokenize(" " + value) + tokenize("."))))
     while True:
-        budget = seq_len - len(start) - sum(len(s) + len(q) for s, q in facts)
+        budget = seq_len - len(start) - sum(len(s) + len(q) + len(a) for s, (q, a) in facts)
         if budget >= MIN_TEXT * seq_len or len(facts) == 1:
             break
         facts.pop()
@@ -75,23 +77,27 @@ def recall_block(text: list[int], seq_len: int, start: list[int], tokenize: Call
         out += body[at:place] + facts[i][0]
         at = place
     out += body[at:]
+    answers = [False] * len(out)
     for i in rng.sample(range(len(facts)), len(facts)):
-        out += facts[i][1]
-    return torch.tensor(out[:seq_len], dtype=torch.long)
+        asked, answer = facts[i][1]
+        out += asked + answer
+        answers += [False] * len(asked) + [True] * (len(answer) - 1) + [False]  # the value, not its period
+    return torch.tensor(out[:seq_len], dtype=torch.long), torch.tensor(answers[:seq_len])
 
 
 def with_recall(train: torch.Tensor, fraction: float, start: list[int], tokenize: Callable[[str], list[int]],
-                seed: int) -> tuple[torch.Tensor, int]:
+                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`train` [N, seq_len] with round(fraction * N) of its blocks, spread by `seed`, made recall blocks (from
-    their own text) -> (blocks, how many were changed)."""
+    their own text) -> (blocks, [N, seq_len] bool: the answers' tokens, none outside recall blocks)."""
+    answers = torch.zeros(train.shape, dtype=torch.bool)
     count = round(fraction * len(train))
     if count == 0:
-        return train, 0
+        return train, answers
     rng = random.Random(f"recall/{seed}")
     rows = sorted(rng.sample(range(len(train)), count))
     train = train.clone()
     seq_len = train.shape[1]
     for row in rows:
         text = train[row, len(start):].tolist()
-        train[row] = recall_block(text, seq_len, start, tokenize, rng)
-    return train, count
+        train[row], answers[row] = recall_block(text, seq_len, start, tokenize, rng)
+    return train, answers

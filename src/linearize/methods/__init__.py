@@ -108,6 +108,8 @@ def _check_run(config: RunConfig) -> None:
         )
     if config.data.seq_len < 1 or config.data.eval_seq_len < 1 or config.data.eval_blocks < 0:
         raise LinearizeError("data.seq_len and data.eval_seq_len must be >= 1, data.eval_blocks >= 0")
+    if tune.answer_weight < 0:
+        raise LinearizeError(f"finetune.answer_weight must be >= 0, got {tune.answer_weight}")
     if not 0 <= config.data.recall_fraction <= 1:
         raise LinearizeError(f"data.recall_fraction must be a fraction in [0, 1], got {config.data.recall_fraction}")
     _check_evaluate(config.evaluate)

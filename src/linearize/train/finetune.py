@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 import linearize.distributed as distributed
@@ -60,6 +61,19 @@ def fill_targets_in_step(targets: TeacherTargets, ids: list[int], teacher_logits
     distributed.barrier()
 
 
+def answer_weights(answers: torch.Tensor | None, rows: list[int], weight: float, device) -> torch.Tensor | None:
+    """[B, T] weight of each position's prediction (of the next token): `weight` where the next token is an
+    answer's, else 1; None where no weighting applies (the model's own loss is used then)."""
+    if answers is None or weight == 1.0:
+        return None
+    marked = answers[rows]
+    if not bool(marked.any()):
+        return None
+    predicts = torch.zeros_like(marked)
+    predicts[:, :-1] = marked[:, 1:]
+    return torch.where(predicts, weight, 1.0).to(device)
+
+
 def training_blocks(config: FinetuneConfig, blocks: torch.Tensor, seed: int) -> list[int]:
     """The block indices stage 2 trains on, in order (the same on every resume)."""
     steps = max(1, min(len(blocks), config.tokens // blocks.shape[1]) // config.batch_size)
@@ -106,6 +120,7 @@ def finetune(
     seed: int = 0,
     targets: TeacherTargets | None = None,
     engine=None,
+    answers: torch.Tensor | None = None,
 ) -> tuple[torch.nn.Module, TrainResult]:
     """Train on `config.tokens` tokens of `blocks` ([N, T]): LoRA adapters (and, with `config.train_mixers`,
     the mixers' own parameters), or with `config.full` every weight. With `targets`, the teacher's top-k
@@ -113,7 +128,8 @@ def finetune(
     fine-tuning changes the teacher's own weights, so its targets must all be stored before it starts.
     `engine` (`linearize.train.parallel`): how the work spreads over processes (default: one); each global
     batch of `config.batch_size` sequences is split over the ranks. A model already wrapped by peft (the
-    sharded path builds it so) is trained as it is."""
+    sharded path builds it so) is trained as it is. `answers` [N, T] bool: tokens whose prediction counts
+    `config.answer_weight` times in both losses (recall blocks' answers)."""
     from peft import PeftModel
 
     from linearize.train.parallel import Local
@@ -161,15 +177,21 @@ def finetune(
         whole = ids[step * config.batch_size : (step + 1) * config.batch_size]
         batch = engine.share(whole)  # this rank's rows of the global batch
         inputs = blocks[batch].to(device)
-        out = trained(input_ids=inputs, labels=inputs, use_cache=False)
-        metrics = {"ce": out.loss.item()}
-        loss = out.loss
+        weights = answer_weights(answers, batch, config.answer_weight, device)
+        if weights is None:
+            out = trained(input_ids=inputs, labels=inputs, use_cache=False)
+            loss = out.loss
+        else:  # the next-token loss per position, weighted
+            out = trained(input_ids=inputs, use_cache=False)
+            ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), inputs[:, 1:].flatten(), reduction="none")
+            loss = (ce * weights[:, :-1].flatten()).mean()
+        metrics = {"ce": loss.item()}
         if config.distill_weight > 0:
             if targets is None:
-                kd = distillation_loss(out.logits, teacher_logits(batch))
+                kd = distillation_loss(out.logits, teacher_logits(batch), weights)
             else:
                 indices, logprobs = targets.get(batch, teacher_logits)
-                kd = top_k_kl(out.logits, indices.to(device), logprobs.to(device))
+                kd = top_k_kl(out.logits, indices.to(device), logprobs.to(device), weights)
             loss = loss + config.distill_weight * kd
             metrics["kd"] = kd.item()
         loss.backward()

@@ -73,16 +73,24 @@ class TeacherTargets:
         return torch.stack([s["indices"].long() for s in stored]), torch.stack([s["logprobs"] for s in stored])
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per token over the whole vocabulary, averaged over positions."""
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) per token over the whole vocabulary, averaged over positions (`weights` [B, T]:
+    each position's weight in that mean)."""
     log_student = F.log_softmax(student_logits.float(), dim=-1)
     log_teacher = F.log_softmax(teacher_logits.float(), dim=-1)
-    return F.kl_div(log_student.flatten(0, -2), log_teacher.flatten(0, -2), log_target=True, reduction="batchmean")
+    if weights is None:
+        return F.kl_div(log_student.flatten(0, -2), log_teacher.flatten(0, -2), log_target=True,
+                        reduction="batchmean")
+    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
+    return (kl * weights).mean()
 
 
-def top_k_kl(student_logits: torch.Tensor, indices: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+def top_k_kl(student_logits: torch.Tensor, indices: torch.Tensor, teacher_logprobs: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
     """KL(teacher || student) over the teacher's top-k tokens plus one outcome for all others, averaged
-    over positions. student_logits [B, T, V]; indices, teacher_logprobs [B, T, k]."""
+    over positions (`weights` [B, T]: each position's weight in that mean). student_logits [B, T, V];
+    indices, teacher_logprobs [B, T, k]."""
     student = F.log_softmax(student_logits.float(), dim=-1).gather(-1, indices)  # [B, T, k]
     teacher = teacher_logprobs.float()
     p = teacher.exp()
@@ -90,4 +98,4 @@ def top_k_kl(student_logits: torch.Tensor, indices: torch.Tensor, teacher_logpro
     rest_teacher = (1 - p.sum(-1)).clamp(min=1e-12)
     rest_student = (1 - student.exp().sum(-1)).clamp(min=1e-12)
     kl = kl + rest_teacher * (rest_teacher.log() - rest_student.log())
-    return kl.mean()
+    return kl.mean() if weights is None else (kl * weights).mean()
