@@ -307,7 +307,7 @@ def window_args(variant: str, heads: int, kv_heads: int, t: int = T, batch: int 
 
 
 def sliced(args: dict, part: slice, mask: torch.Tensor | None) -> dict:
-    out = {name: value[:, :, part] for name, value in args.items()}
+    out = {name: value[:, :, part] if isinstance(value, torch.Tensor) else value for name, value in args.items()}
     if mask is not None:
         out["key_mask"] = mask[:, part]
     return out
@@ -374,6 +374,47 @@ def test_window_forms_agree_and_continue(window, sink_tokens, variant, padded, h
                                                    sink_tokens=sink_tokens, state=state)
         close(masked(o_rest, None if mask is None else mask[:, rest]), masked(expected, mask)[:, :, rest])
         assert_same_state(s_end, s_rec)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("variant", ["hybrid", "gated"])
+def test_window_keeps_feature_inputs_and_maps_keys_as_they_leave(variant, padded):
+    """`key_features`: the op is given what the key feature map reads (D numbers per key) and the map; every
+    form gives what it gives for the mapped features, the window keeps the inputs (D wide, not F), and
+    decoding maps each key as it leaves the window: the same outputs and linear state, step by step."""
+    torch.manual_seed(13)
+    window, sink_tokens, kv_heads = 5, 2, 2
+    args = window_args(variant, 6, kv_heads)
+    mask = left_padding([0, 9]) if padded else None
+    weight = torch.randn(kv_heads, D, FEAT)
+
+    def key_features(x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bhtd,hdf->bhtf", x, weight.to(x.dtype)).softmax(-1)
+
+    inputs = torch.randn(B, kv_heads, T, D)
+    mapped = {**args, "fk": key_features(inputs)}
+    given = {**args, "fk": inputs, "key_features": key_features}
+    common = {"window": window, "sink_tokens": sink_tokens, "key_mask": mask}
+    expected, s_mapped = window_attention_parallel(**mapped, **common, output_final_state=True)
+    for form in (window_attention_parallel, window_attention_chunked):
+        o, state = form(**given, **common, output_final_state=True)
+        close(masked(o, mask), masked(expected, mask))
+        assert state.window_features.shape[-1] == D and s_mapped.window_features.shape[-1] == FEAT
+        close(state.recurrent, s_mapped.recurrent)
+    empty = empty_window_state(B, kv_heads, D, window, sink_tokens, FEAT, gated=variant == "gated",
+                               feature_inputs=D)
+    o_rec, s_rec = window_attention_recurrent(**given, **common, state=empty)
+    close(masked(o_rec, mask), masked(expected, mask))
+    close(s_rec.recurrent, s_mapped.recurrent)
+    if mask is None:  # one token per call (the lean step) from a short prefill
+        _, state = window_attention_chunked(**sliced(given, slice(0, 2), None), window=window,
+                                            sink_tokens=sink_tokens, output_final_state=True)
+        for i in range(2, T):
+            o, state = window_attention_recurrent(**sliced(given, slice(i, i + 1), None), window=window,
+                                                  sink_tokens=sink_tokens, state=state)
+            close(o, expected[:, :, i : i + 1])
+        close(state.recurrent, s_mapped.recurrent)
+        close(state.window_features, s_rec.window_features)
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -137,21 +137,36 @@ class HybridMixer(Mixer):
             logit = math.log(settings.decay / (1 - settings.decay))
             self.decay_logit = nn.Parameter(torch.full((num_kv_heads,), logit))
 
+    def linear_inputs(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the linear terms' feature maps read: q, k with RoPE (`linear_rope`) or without."""
+        return (x.q, x.k) if self.linear_rope else (x.q_nope, x.k_nope)
+
     def linear_features(self, x) -> tuple[torch.Tensor, torch.Tensor]:
         """The linear terms' query and key features, magnitudes included: fq [B, H, T, F], fk [B, Hk, T, F];
         an older key s weighs a^{t-s} fq_t.fk_s against the window's exp(q_t.k_s / sqrt(d) - c_t)."""
-        q, k = (x.q, x.k) if self.linear_rope else (x.q_nope, x.k_nope)
-        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        q, k = self.linear_inputs(x)
+        return self.query_features(q), self.key_features(k)
+
+    def query_features(self, q: torch.Tensor) -> torch.Tensor:
+        fq = self.feature_map_q(q)
         log_q = self.log_scale[:, None].to(fq.dtype)  # [H, 1]
         if self.magnitude_q is not None:
             # per head a dot product with u: a product and a sum (fused when compiled; no matmul call)
             log_q = (q * self.magnitude_q[:, None].to(q.dtype)).sum(-1) + log_q
+        return fq * log_q.clamp(max=MAX_LOG_MAGNITUDE).exp()[..., None]
+
+    def key_features(self, k: torch.Tensor) -> torch.Tensor:
+        """[B, Hk, T, D] -> [B, Hk, T, F]. The window op calls it on a key as it leaves the window: the window
+        keeps k (D numbers per key), not its F features (2D for Hedgehog)."""
+        fk = self.feature_map_k(k)
+        if self.magnitude_k is not None:
             log_k = (k * self.magnitude_k[:, None].to(k.dtype)).sum(-1)
             fk = fk * log_k.clamp(max=MAX_LOG_MAGNITUDE).exp()[..., None]
-        return fq * log_q.clamp(max=MAX_LOG_MAGNITUDE).exp()[..., None], fk
+        return fk
 
     def forward(self, x, state, output_state):
-        fq, fk = self.linear_features(x)
+        q, k = self.linear_inputs(x)
+        fq = self.query_features(q)
         if "linear" in self.off:  # no weight on any older key: the window, sinks and memory alone
             fq = torch.zeros_like(fq)
         log_gate = None
@@ -160,8 +175,8 @@ class HybridMixer(Mixer):
             log_gate = F.logsigmoid(self.decay_logit)[None, :, None].expand(batch, kv_heads, length)
         return self.window_op(
             x.q, x.k, x.v, self.window_size, state, output_state,
-            sink_tokens=0 if "sinks" in self.off else self.sink_tokens, fq=fq, fk=fk, log_gate=log_gate,
-            key_mask=x.key_mask, scale=self.scale, **self.memory_inputs(x),
+            sink_tokens=0 if "sinks" in self.off else self.sink_tokens, fq=fq, fk=k, key_features=self.key_features,
+            log_gate=log_gate, key_mask=x.key_mask, scale=self.scale, **self.memory_inputs(x),
         )
 
     def memory_inputs(self, x) -> dict:

@@ -4,13 +4,15 @@ prefill run."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from .. import memory
 from ..linear import append_ones, chunks, group_heads, readout, unchunk
 from ..state import DecodeState, real_positions
-from .common import _check, _inputs, _memory_inputs, _recalled, final_state
+from .common import _check, _inputs, _memory_inputs, _recalled, final_state, key_features_of
 
 
 def _block_masks(chunk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +62,7 @@ def window_attention_chunked(
     memory_buckets: int = 0,
     memory_ngram: int | tuple[int, ...] = 1,
     memory_format: str = "auto",
+    key_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Linear in T: chunks of size `window`. Query chunk i reaches its window in chunks i - 1 and i (one
     [C, 2C] softmax block); the linear terms of chunk i - 1's keys that already left the window are one
@@ -69,6 +72,7 @@ def window_attention_chunked(
     a time: memory and time grow linearly in T."""
     _check(window, sink_tokens, fq, fk)
     out_dtype = v.dtype
+    fk, kept = key_features_of(fk, key_features)
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
     batch, kv_heads, t, head_dim = k.shape
     groups = q.shape[1] // kv_heads
@@ -174,5 +178,5 @@ def window_attention_chunked(
     state = None
     if output_final_state:
         state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens, memory_state=memory_state,
-                            table_dtype=out_dtype, memory_format=memory_format)
+                            table_dtype=out_dtype, memory_format=memory_format, kept=kept)
     return o, state

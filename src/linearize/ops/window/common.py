@@ -23,15 +23,26 @@ def _inputs(q, k, v, fq, fk, log_gate, key_mask):
     return q.float(), k.float(), v.float(), fq, fk, log_gate, mask
 
 
+def key_features_of(fk, key_features):
+    """-> (the keys' features, what the state keeps of each window key): with `key_features`, `fk` holds the
+    inputs of the keys' feature map (the state keeps those, and maps a key when it leaves the window), else
+    the features themselves (kept as they are)."""
+    if fk is None or key_features is None:
+        return fk, None
+    return key_features(fk), fk
+
+
 def final_state(
     k, v, fk, log_gate, mask, positions, window: int, sink_tokens: int, seen: torch.Tensor | None = None,
     memory_state: tuple | None = None, table_dtype: torch.dtype | None = None, memory_format: str = "auto",
+    kept: torch.Tensor | None = None,
 ) -> DecodeState:
     """The DecodeState after processing a whole sequence from scratch (float32 inputs as from `_inputs`):
     the last window - 1 tokens stay in the window, sinks that left it go to the sink slots, and the
     other real tokens that left it are summed into the linear state (when features are given). Window and
     sinks are kept in `table_dtype`, the dtype the keys and values came in (bf16 keys lose nothing in bf16),
-    the linear state in float32, the recall memory's table in `memory_format` ("auto": `table_dtype`)."""
+    the linear state in float32, the recall memory's table in `memory_format` ("auto": `table_dtype`). `kept`:
+    what the window keeps of each key in place of its features (the feature map's inputs, `key_features_of`)."""
     batch, kv_heads, t, head_dim = k.shape
     dtype = table_dtype or k.dtype
     keep = window - 1
@@ -48,7 +59,7 @@ def final_state(
         window_position=F.pad(positions[:, start:], (pad, 0), value=-1),
     )
     if fk is not None:
-        state.window_features = last(fk)
+        state.window_features = last(fk if kept is None else kept.masked_fill(~mask[:, None, :, None], 0.0))
     if log_gate is not None:
         state.window_log_gates = F.pad(log_gate[:, :, start:], (pad, 0), value=0.0)
     left = mask.clone()

@@ -3,12 +3,14 @@ the chunked and recurrent forms are tested against (O(T^2) memory: for tests and
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .. import memory
 from ..linear import append_ones, group_heads, readout
 from ..state import DecodeState, real_positions
-from .common import _check, _inputs, _memory_inputs, _recalled, final_state
+from .common import _check, _inputs, _memory_inputs, _recalled, final_state, key_features_of
 
 
 def window_attention_parallel(
@@ -29,10 +31,12 @@ def window_attention_parallel(
     memory_buckets: int = 0,
     memory_ngram: int | tuple[int, ...] = 1,
     memory_format: str = "auto",
+    key_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Quadratic reference: every [T, T] weight materialised."""
     _check(window, sink_tokens, fq, fk)
     out_dtype = v.dtype
+    fk, kept = key_features_of(fk, key_features)
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
     kv_heads, t, head_dim = k.shape[1:]
     scale = head_dim**-0.5 if scale is None else scale
@@ -72,5 +76,5 @@ def window_attention_parallel(
     state = None
     if output_final_state:
         state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens, memory_state=memory_state,
-                            table_dtype=out_dtype, memory_format=memory_format)
+                            table_dtype=out_dtype, memory_format=memory_format, kept=kept)
     return o, state

@@ -3,6 +3,7 @@ and the state of an empty sequence."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -31,18 +32,21 @@ def window_attention_recurrent(
     memory_buckets: int = 0,
     memory_ngram: int | tuple[int, ...] = 1,
     memory_format: str = "auto",
+    key_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, DecodeState]:
     """Token by token from `state` (decoding; T is usually 1). Each new token joins the window; the oldest
     window token leaves it: into its sink slot if it is one of the row's first `sink_tokens` real tokens,
     else into the linear state (with features), else it is dropped; with a recall memory, it is also
     written to the memory (in place; see `DecodeState`), in the format its table has (`memory_format` is
-    taken for the same arguments as the fresh-sequence forms; the state's table decides)."""
+    taken for the same arguments as the fresh-sequence forms; the state's table decides). With `key_features`,
+    `fk` holds the inputs of the keys' feature map, as the window keeps them: a key is mapped when it leaves
+    the window (the same features, computed once, without keeping them beside the key)."""
     _check(window, sink_tokens, fq, fk)
     if memory_buckets > 0 and token_ids is None:
         raise ValueError("a recall memory (memory_buckets > 0) needs the token ids (token_ids)")
     if q.shape[2] == 1 and key_mask is None and window > 1:
         return _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids,
-                          memory_buckets, memory_ngram)
+                          memory_buckets, memory_ngram, key_features)
     out_dtype = v.dtype
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
     batch, kv_heads, t, head_dim = k.shape
@@ -112,6 +116,8 @@ def window_attention_recurrent(
         if fk is not None:
             features = torch.cat([w_features, fk[:, :, i : i + 1]], dim=2)
             leaving_fk, w_features = features[:, :, 0], features[:, :, 1:]
+            if key_features is not None:  # mapped from the stored input, in the dtype it was stored in
+                leaving_fk = key_features(leaving_fk[:, :, None].to(out_dtype)).float()[:, :, 0]
             weight = (leaving_valid & ~leaving_sink).float()[:, None].expand(batch, kv_heads)
             if log_gate is not None:
                 gates = torch.cat([w_gates, log_gate[:, :, i : i + 1]], dim=2)
@@ -140,7 +146,7 @@ def window_attention_recurrent(
 
 
 def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids, memory_buckets,
-               memory_ngram):
+               memory_ngram, key_features=None):
     """`window_attention_recurrent` for one real token per row (the decoding step), in as few ops as the
     math allows: per-step dispatch, not arithmetic, is what a decoding step costs on a CPU. The same
     result as the general loop (tests hold them equal)."""
@@ -208,6 +214,8 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
     if fk is not None:
         features = torch.cat([_float(s.window_features), fk.float()], dim=2)
         new.window_features = _stored(features[:, :, 1:], out_dtype)
+        if key_features is not None:  # the window keeps the feature map's inputs: map the leaving key
+            features = key_features(s.window_features[:, :, :1].to(out_dtype)).float()
         weight = (leaving_valid & ~leaving_sink).float()[:, None, None]  # [B, 1, 1]
         if log_gate is not None:
             gates = torch.cat([s.window_log_gates, log_gate.float()], dim=2)
@@ -286,9 +294,11 @@ def empty_window_state(
     memory_buckets: int = 0,
     memory_ngram: int | tuple[int, ...] = 1,
     memory_format: str = "auto",
+    feature_inputs: int | None = None,
 ) -> DecodeState:
     """The state before the first token: every window and sink slot invalid, a zero linear state, an
-    empty memory."""
+    empty memory. `feature_inputs`: the width of what the window keeps of each key for the linear state,
+    when it keeps the feature map's inputs (`key_features`) rather than `feature_dim` features."""
     keep = window - 1
     zeros = torch.zeros(batch, kv_heads, keep, head_dim, device=device)
     state = DecodeState(
@@ -303,7 +313,7 @@ def empty_window_state(
         state.sink_values = state.sink_keys.clone()
         state.sink_valid = torch.zeros(batch, sink_tokens, dtype=torch.bool, device=device)
     if feature_dim is not None:
-        state.window_features = torch.zeros(batch, kv_heads, keep, feature_dim, device=device)
+        state.window_features = torch.zeros(batch, kv_heads, keep, feature_inputs or feature_dim, device=device)
         state.recurrent = torch.zeros(batch, kv_heads, feature_dim, head_dim + 1, device=device)
         if gated:
             state.window_log_gates = torch.zeros(batch, kv_heads, keep, device=device)
