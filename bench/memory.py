@@ -35,7 +35,7 @@ from decode import cache_bytes  # bench/decode.py: a run from bench/ or the repo
 
 def variants(gains: list[int] | None) -> dict[str, dict]:
     rows = {
-        "as trained (upper half, 1024 x 4 orders)": {},
+        "as trained": {},
         "bf16 table": {"memory_format": "bfloat16"},
         "int8 table": {"memory_format": "int8"},
         "int4 table": {"memory_format": "int4"},
@@ -43,6 +43,7 @@ def variants(gains: list[int] | None) -> dict[str, dict]:
         "256 buckets": {"memory_buckets": 256},
         "orders [1, 2]": {"memory_ngram": [1, 2]},
         "orders [2, 4]": {"memory_ngram": [2, 4]},
+        "longest order's key only": {"memory_recall": "longest"},
         "no memory": {"memory_buckets": 0},
     }
     if gains:

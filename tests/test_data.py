@@ -230,10 +230,3 @@ def test_recall_blocks_state_facts_in_the_text_and_ask_for_them_at_the_end(tmp_p
             assert line.rstrip().endswith(value + ".")
             first = text.find(value)
             assert first < text.find(line) - 200, (value, line)
-
-
-def test_recall_fraction_must_be_a_fraction():
-    from linearize.methods import load_config
-
-    with pytest.raises(LinearizeError, match="data.recall_fraction"):
-        load_config(None, ["data.recall_fraction=1.5"])

@@ -630,6 +630,47 @@ def test_memory_forms_agree_and_continue(window, variant, padded, heads, ngram):
         memory_state_equal(state, s_rec)
 
 
+def test_longest_recall_keeps_only_the_longest_orders_key():
+    """memory_recall "longest": of the keys a query's orders recall, only the longest order's (orders in any
+    listed order); "all": each distinct key once."""
+    from linearize.ops.memory import recalled
+
+    index = torch.tensor([[4, 9, -1], [4, 4, 4], [-1, -1, -1], [7, -1, -1]])  # orders n = 1, 3, 2
+    assert recalled(index, (1, 3, 2), "longest").tolist() == [[False, True, False], [False, True, False],
+                                                             [False, False, False], [True, False, False]]
+    assert recalled(index, (1, 3, 2), "all").tolist() == [[True, True, False], [True, False, False],
+                                                         [False, False, False], [True, False, False]]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_longest_recall_forms_agree_and_continue(padded):
+    """With memory_recall "longest", parallel = chunked = recurrent = chunked prefill + single-token steps,
+    and it differs from recalling every order's key."""
+    torch.manual_seed(23)
+    args = window_args("hybrid", 6, 2)
+    mask = left_padding([0, 13]) if padded else None
+    token_ids = torch.randint(0, 3, (B, T))
+    common = {"window": 5, "sink_tokens": 3, "memory_buckets": 5, "memory_ngram": (2, 1), "memory_recall": "longest"}
+    expected, s_par = window_attention_parallel(**args, **common, key_mask=mask, token_ids=token_ids,
+                                                output_final_state=True)
+    every, _ = window_attention_parallel(**args, **{**common, "memory_recall": "all"}, key_mask=mask,
+                                         token_ids=token_ids)
+    assert (masked(expected - every, mask)).abs().max() > 1e-3
+    close(masked(window_attention_chunked(**args, **common, key_mask=mask, token_ids=token_ids)[0], mask),
+          masked(expected, mask))
+    empty = empty_window_state(B, 2, D, 5, 3, FEAT, memory_buckets=5, memory_ngram=(2, 1))
+    o_rec, s_rec = window_attention_recurrent(**args, **common, key_mask=mask, token_ids=token_ids, state=empty)
+    close(masked(o_rec, mask), masked(expected, mask))
+    memory_state_equal(s_par, s_rec)
+    if mask is None:
+        _, state = window_attention_chunked(**sliced(args, slice(0, 2), None), **common,
+                                            token_ids=token_ids[:, :2], output_final_state=True)
+        for i in range(2, T):
+            o, state = window_attention_recurrent(**sliced(args, slice(i, i + 1), None), **common,
+                                                  token_ids=token_ids[:, i : i + 1], state=state)
+            close(o, expected[:, :, i : i + 1])
+
+
 def memory_table(state: DecodeState) -> list[torch.Tensor]:
     return [state.memory_keys, state.memory_values, state.memory_key_params, state.memory_value_params]
 

@@ -66,6 +66,8 @@ class Settings(WindowSettings):
     memory_ngram: int | list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     # how the table stores an entry: auto (the model's dtype) | bfloat16 | int8 | int4 (per-row step + offset)
     memory_format: str = "int4"
+    # which recalled keys a query sees: all (one per order, each key once) | longest (only the longest order's)
+    memory_recall: str = "all"
 
     def validate(self) -> None:
         super().validate()
@@ -87,6 +89,7 @@ class Settings(WindowSettings):
             raise LinearizeError(f"attention.memory_buckets ({self.memory_buckets}) must be at least the number of "
                                  f"memory orders ({len(grams)}, attention.memory_ngram {self.memory_ngram})")
         check_choice("memory_format", self.memory_format, list(memory.FORMATS))
+        check_choice("memory_recall", self.memory_recall, list(memory.RECALLS))
         layers = self.memory_layers
         if not (layers is None or layers in ("upper-half", "measured") or (
                 isinstance(layers, list) and all(isinstance(i, int) and i >= 0 for i in layers))):
@@ -119,6 +122,7 @@ class HybridMixer(Mixer):
         self.branches = ("linear", "sinks") + (("memory",) if memory_buckets else ())
         self.memory_ngram = memory.orders(settings.memory_ngram)  # a tuple, once: not at every decoding step
         self.memory_format = settings.memory_format
+        self.memory_recall = settings.memory_recall
         self.window_size = settings.window_size
         self.sink_tokens = settings.sink_tokens
         self.linear_rope = settings.linear_rope
@@ -188,7 +192,7 @@ class HybridMixer(Mixer):
                 "inputs_embeds)"
             )
         return {"token_ids": x.token_ids, "memory_buckets": self.memory_buckets, "memory_ngram": self.memory_ngram,
-                "memory_format": self.memory_format}
+                "memory_format": self.memory_format, "memory_recall": self.memory_recall}
 
 
 class Hybrid(Method):

@@ -139,10 +139,26 @@ def first_of_equal(index: torch.Tensor) -> torch.Tensor:
     return (index >= 0) & ~repeated
 
 
-def lookup(query_bucket: torch.Tensor, key_bucket: torch.Tensor, window: int, table_size: int) -> torch.Tensor:
+RECALLS = ("all", "longest")
+
+
+def recalled(index: torch.Tensor, grams: Sequence[int] = (), select: str = "all") -> torch.Tensor:
+    """[..., K] indices of recalled keys per order (-1: none) -> [..., K] bool: the keys to use. "all": every
+    order's key, each key once (`first_of_equal`); "longest": only the key recalled by the longest order
+    that recalled one (`grams`: each order's n), as a back-off n-gram model uses its longest matching context."""
+    if select == "all":
+        return first_of_equal(index)
+    found = index >= 0
+    size = torch.tensor(grams, device=index.device)
+    best = torch.where(found, size, 0).argmax(-1, keepdim=True)
+    return found & (torch.arange(index.shape[-1], device=index.device) == best)
+
+
+def lookup(query_bucket: torch.Tensor, key_bucket: torch.Tensor, window: int, table_size: int,
+           grams: Sequence[int] = (), select: str = "all") -> torch.Tensor:
     """For a fresh sequence: index [B, T, K] of query t's memory key per order (the most recent
-    j <= t - window with key_bucket[j, k] == query_bucket[t, k]; -1: none, or already recalled by an earlier
-    order). One sort and a binary search: O(K T log(K T))."""
+    j <= t - window with key_bucket[j, k] == query_bucket[t, k]; -1: none, or not used: `recalled`). One sort
+    and a binary search: O(K T log(K T))."""
     batch, t, orders_ = key_bucket.shape
     index = torch.arange(t, device=key_bucket.device)[:, None]  # [T, 1]
     slots = table_size + 1  # table row b sorts in slot b + 1 of its batch row
@@ -154,8 +170,8 @@ def lookup(query_bucket: torch.Tensor, key_bucket: torch.Tensor, window: int, ta
     found = torch.searchsorted(keys, wanted.flatten(), right=True).view(batch, t, orders_) - 1
     candidate = keys[found.clamp(min=0)]
     ok = (found >= 0) & (candidate // t == wanted // t) & (limit >= 0)
-    recalled = torch.where(ok, candidate % t, -1)
-    return torch.where(first_of_equal(recalled), recalled, -1)
+    index = torch.where(ok, candidate % t, -1)
+    return torch.where(recalled(index, grams, select), index, -1)
 
 
 def final_table(k: torch.Tensor, v: torch.Tensor, key_bucket: torch.Tensor, positions: torch.Tensor, window: int,
@@ -206,11 +222,12 @@ def _rows(table: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def read(keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, bucket: torch.Tensor,
-         key_params: torch.Tensor | None = None, value_params: torch.Tensor | None = None, fmt: str = "auto"):
+         key_params: torch.Tensor | None = None, value_params: torch.Tensor | None = None, fmt: str = "auto",
+         grams: Sequence[int] = (), select: str = "all"):
     """One query per row, its table rows `bucket` [B, K] -> keys, values [B, Hk, K, D] float32, use [B, K] (an
-    entry that holds a key, not already recalled by an earlier order). `fmt`: the table's `stored_format`."""
+    entry that holds a key and is used: `recalled`). `fmt`: the table's `stored_format`."""
     index = _rows(keys, bucket)
-    use = first_of_equal(position[index[0][:, 0], bucket])
+    use = recalled(position[index[0][:, 0], bucket], grams, select)
     if fmt in LEVELS:
         return decode(keys[index], key_params[index], fmt), decode(values[index], value_params[index], fmt), use
     return keys[index].float(), values[index].float(), use

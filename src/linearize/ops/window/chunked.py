@@ -62,6 +62,7 @@ def window_attention_chunked(
     memory_buckets: int = 0,
     memory_ngram: int | tuple[int, ...] = 1,
     memory_format: str = "auto",
+    memory_recall: str = "all",
     key_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Linear in T: chunks of size `window`. Query chunk i reaches its window in chunks i - 1 and i (one
@@ -92,7 +93,7 @@ def window_attention_chunked(
     memory_state = None
     if memory_buckets > 0:
         index, has, memory_state = _memory_inputs(token_ids, mask, positions, window, sink_tokens, memory_buckets,
-                                                  memory_ngram, n_chunks * chunk)
+                                                  memory_ngram, n_chunks * chunk, memory_recall)
         # recalled as the table holds them (memory_format)
         mem_k, mem_v = memory.round_trip(k, memory_format), append_ones(memory.round_trip(v, memory_format))
         mem_kc = _recalled(mem_k, index).unflatten(2, (n_chunks, chunk))  # [B, Hk, N, C, K, D]

@@ -89,7 +89,8 @@ def final_state(
     return state
 
 
-def _memory_inputs(token_ids, mask, positions, window: int, sink_tokens: int, buckets: int, ngram, length: int):
+def _memory_inputs(token_ids, mask, positions, window: int, sink_tokens: int, buckets: int, ngram, length: int,
+                   select: str = "all"):
     """A fresh sequence's memory keys: per query and order the index of its recalled key [B, length, K] (0
     where it has none; queries past T, padding up to `length`, have none), whether it has one, and what
     `final_state` needs to build the table."""
@@ -98,7 +99,7 @@ def _memory_inputs(token_ids, mask, positions, window: int, sink_tokens: int, bu
     query_bucket, key_bucket, recent = memory.key_buckets(token_ids, mask, positions, sink_tokens, buckets,
                                                           ngram=ngram)
     table_size = buckets * len(memory.orders(ngram))
-    index = memory.lookup(query_bucket, key_bucket, window, table_size)  # [B, T, K]
+    index = memory.lookup(query_bucket, key_bucket, window, table_size, memory.orders(ngram), select)  # [B, T, K]
     index = F.pad(index, (0, 0, 0, length - index.shape[1]), value=-1)
     return index.clamp(min=0), index >= 0, (key_bucket, recent, table_size)
 

@@ -31,6 +31,7 @@ def window_attention_parallel(
     memory_buckets: int = 0,
     memory_ngram: int | tuple[int, ...] = 1,
     memory_format: str = "auto",
+    memory_recall: str = "all",
     key_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Quadratic reference: every [T, T] weight materialised."""
@@ -54,7 +55,7 @@ def window_attention_parallel(
     memory_state = None
     if memory_buckets > 0:
         index, has, memory_state = _memory_inputs(token_ids, mask, positions, window, sink_tokens, memory_buckets,
-                                                  memory_ngram, t)
+                                                  memory_ngram, t, memory_recall)
         mem_k = _recalled(memory.round_trip(k, memory_format), index)  # [B, Hk, T, K, D]: as the table holds it
         mem_v = _recalled(append_ones(memory.round_trip(v, memory_format)), index)  # [B, Hk, T, K, D + 1]
         mem_scores = torch.einsum("bkgtd,bktmd->bkgtm", group_heads(q, kv_heads), mem_k) * scale

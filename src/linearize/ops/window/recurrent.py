@@ -32,6 +32,7 @@ def window_attention_recurrent(
     memory_buckets: int = 0,
     memory_ngram: int | tuple[int, ...] = 1,
     memory_format: str = "auto",
+    memory_recall: str = "all",
     key_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, DecodeState]:
     """Token by token from `state` (decoding; T is usually 1). Each new token joins the window; the oldest
@@ -46,7 +47,7 @@ def window_attention_recurrent(
         raise ValueError("a recall memory (memory_buckets > 0) needs the token ids (token_ids)")
     if q.shape[2] == 1 and key_mask is None and window > 1:
         return _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids,
-                          memory_buckets, memory_ngram, key_features)
+                          memory_buckets, memory_ngram, key_features, memory_recall)
     out_dtype = v.dtype
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
     batch, kv_heads, t, head_dim = k.shape
@@ -78,7 +79,8 @@ def window_attention_recurrent(
             values = torch.cat([sink_values, values], dim=2)
             visible = torch.cat([sink_valid, visible], dim=1)
         if memory_buckets > 0:
-            mem_k, mem_v, has = memory.read(*table[:3], query_bucket[:, i], *table[3:], table_format)
+            mem_k, mem_v, has = memory.read(*table[:3], query_bucket[:, i], *table[3:], table_format,
+                                            memory.orders(memory_ngram), memory_recall)
             keys, values = torch.cat([mem_k, keys], dim=2), torch.cat([mem_v, values], dim=2)
             visible = torch.cat([has, visible], dim=1)
         scores = torch.einsum("bkgd,bksd->bkgs", q[:, :, :, i], keys) * scale
@@ -146,7 +148,7 @@ def window_attention_recurrent(
 
 
 def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids, memory_buckets,
-               memory_ngram, key_features=None):
+               memory_ngram, key_features=None, memory_recall="all"):
     """`window_attention_recurrent` for one real token per row (the decoding step), in as few ops as the
     math allows: per-step dispatch, not arithmetic, is what a decoding step costs on a CPU. The same
     result as the general loop (tests hold them equal)."""
@@ -172,7 +174,8 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
                                                               memory_buckets, s.recent_tokens, memory_ngram)
         table = memory_tensors(s)
         mem_k, mem_v, has = memory.read(*table[:3], query_bucket[:, 0], *table[3:],
-                                        memory.stored_format(s.memory_keys, s.memory_key_params, head_dim))
+                                        memory.stored_format(s.memory_keys, s.memory_key_params, head_dim),
+                                        memory.orders(memory_ngram), memory_recall)
         keys, values = torch.cat([mem_k, keys], dim=2), torch.cat([mem_v, values], dim=2)
         visible = torch.cat([has, visible], dim=1)
         recalled = has.shape[1]
