@@ -47,10 +47,12 @@ def variants(gains: list[int] | None) -> dict[str, dict]:
         "no memory": {"memory_buckets": 0},
     }
     if gains:
-        for k in (2, 4, 6):
+        for k in (2, 4, 5, 6):
             chosen = sorted(gains[:k])
             rows[f"top {k} layers by gain {chosen}"] = {"memory_layers": chosen}
             rows[f"top {k} layers, int8"] = {"memory_layers": chosen, "memory_format": "int8"}
+        rows["top 6 layers, 512 buckets, int4"] = {"memory_layers": sorted(gains[:6]), "memory_buckets": 512,
+                                                   "memory_format": "int4"}
         chosen = sorted(gains[:4])
         rows["top 4 layers, int4"] = {"memory_layers": chosen, "memory_format": "int4"}
         rows["top 4 layers, 512 buckets, int8"] = {"memory_layers": chosen, "memory_buckets": 512,
