@@ -58,7 +58,7 @@ class Settings(WindowSettings):
     linear_scale_init: float = 0.05  # initial weight of the linear terms (0 < x <= 1): near window + sinks
     decay: float | None = 0.999  # initial per-head decay of the linear terms, in (0, 1]; null = no decay
     linear_rope: bool = False  # feature maps read q and k after RoPE (as LoLCATS) or before it (as Liger)
-    memory_buckets: int = 512  # recall memory (linearize.ops.memory): buckets per n-gram order; 0 = none
+    memory_buckets: int = 1024  # recall memory (linearize.ops.memory): buckets per n-gram order; 0 = none
     # layers with a memory: a list, "measured" (the teacher's measured list, else the upper half), "upper-half",
     # null = all
     memory_layers: list[int] | str | None = "measured"
