@@ -621,13 +621,19 @@ def test_memory_forms_agree_and_continue(window, variant, padded, heads, ngram):
         close(masked(o_rest, None if mask is None else mask[:, rest]), masked(expected, mask)[:, :, rest])
         memory_state_equal(s_end, s_rec)
     if mask is None and window > 1:  # the lean single-token step
-        _, state = window_attention_chunked(**sliced(args, slice(0, 2), None), **common,
-                                            token_ids=token_ids[:, :2], output_final_state=True)
-        for i in range(2, T):
-            o, state = window_attention_recurrent(**sliced(args, slice(i, i + 1), None), **common,
-                                                  token_ids=token_ids[:, i : i + 1], state=state)
-            close(o, expected[:, :, i : i + 1])
-        memory_state_equal(state, s_rec)
+        memory_state_equal(stepped_with_memory(args, common, token_ids, expected), s_rec)
+
+
+def stepped_with_memory(args: dict, common: dict, token_ids: torch.Tensor, expected: torch.Tensor) -> DecodeState:
+    """A 2-token chunked prefill continued one token per call (the lean step), each output checked against
+    `expected`; -> the final state."""
+    _, state = window_attention_chunked(**sliced(args, slice(0, 2), None), **common, token_ids=token_ids[:, :2],
+                                        output_final_state=True)
+    for i in range(2, T):
+        o, state = window_attention_recurrent(**sliced(args, slice(i, i + 1), None), **common,
+                                              token_ids=token_ids[:, i : i + 1], state=state)
+        close(o, expected[:, :, i : i + 1])
+    return state
 
 
 def test_longest_recall_keeps_only_the_longest_orders_key():
@@ -663,12 +669,7 @@ def test_longest_recall_forms_agree_and_continue(padded):
     close(masked(o_rec, mask), masked(expected, mask))
     memory_state_equal(s_par, s_rec)
     if mask is None:
-        _, state = window_attention_chunked(**sliced(args, slice(0, 2), None), **common,
-                                            token_ids=token_ids[:, :2], output_final_state=True)
-        for i in range(2, T):
-            o, state = window_attention_recurrent(**sliced(args, slice(i, i + 1), None), **common,
-                                                  token_ids=token_ids[:, i : i + 1], state=state)
-            close(o, expected[:, :, i : i + 1])
+        memory_state_equal(stepped_with_memory(args, common, token_ids, expected), s_rec)
 
 
 def memory_table(state: DecodeState) -> list[torch.Tensor]:
