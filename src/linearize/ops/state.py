@@ -4,8 +4,9 @@ A sequence is continued from a `DecodeState`; every op form returns `(output, st
 is a `DecodeState` (or None when the caller did not ask for one). Its parts:
 
 - the window: the most recent tokens, which are still softmax keys for the next query, with their
-  key features and log-gates (a hybrid moves a token from the window into the linear state when it
-  leaves the window, and needs its features and the decay it has accumulated since);
+  key features (or what the key feature map reads, mapped when the key leaves: `key_features`) and
+  log-gates (a hybrid moves a token from the window into the linear state when it leaves the window, and
+  needs its features and the decay it has accumulated since);
 - the sinks: the first `sink_tokens` tokens of each row that have already left the window; they stay
   softmax keys for every later query (StreamingLLM);
 - the recurrent linear-attention state [B, Hk, F, D + 1] float32, last column the normaliser;

@@ -23,6 +23,8 @@ meaningless.
 
 Shapes: q [B, H, T, D], k, v [B, Hk, T, D], fq [B, H, T, F], fk [B, Hk, T, F], log_gate [B, Hk, T]
 (one decay per key/value head and token, <= 0), H % Hk == 0: query head h reads kv head h // (H // Hk).
+With `key_features` (a function [B, Hk, T, X] -> [B, Hk, T, F]), fk holds what it reads instead (X numbers per
+key): every form maps the keys itself, and the window keeps the inputs, not the features.
 
 One module per form, as in `linearize.ops.linear`: `parallel` (the reference, every query against every
 key), `chunked` (a fresh sequence: training and prefill), `recurrent` (decoding from a state); `common`
