@@ -76,6 +76,8 @@ def test_report_holds_every_row_and_stage(finished_run):
             entry = report["eval"][row][domain]
             assert entry["tokens"] == 2 * 63 and 0 <= entry["agreement"] <= 1 and entry["perplexity"] > 1
     assert report["baselines"]["window+sinks"]["eval"]["finetune"]["code"]["perplexity"] > 1
+    # the trained baseline's long-range and retrieval probes, not the untrained one's (its held-out ratios only)
+    assert set(report["baselines"]["window+sinks"]["long_range"]) == {"finetune"}
     for entry in (report["long_range"]["hybrid"], *report["baselines"]["window+sinks"]["long_range"].values()):
         assert set(entry["buckets"]) == {"code", "prose"}
         assert set(entry["buckets"]["code"]) == {"[0, 64)", "[64, 256)"}
@@ -97,13 +99,18 @@ def test_report_holds_every_row_and_stage(finished_run):
     assert keys == attention["window_size"] + attention["sink_tokens"] + (
         len(attention["memory_ngram"]) if attention["memory_buckets"] else 0)
     assert f"at most: {keys} (baselines: window+sinks 10)." in text
+    # where the time went: every step that ran, the training steps taking at least their stages' own time
+    steps = report["seconds_by_step"]
+    assert {"transfer", "convert", "finetune", "evaluate_student", "baselines"} <= set(steps)
+    assert steps["transfer"] >= transfer["seconds"] and steps["finetune"] >= finetune["seconds"]
+    assert sum(steps.values()) <= report["seconds_total"] and "stage 2 and its evaluation" in text
 
 
 def test_report_holds_retrieval_for_every_model_and_the_branch_ablation(finished_run):
     out, report = finished_run
     rows = [report["retrieval"]["teacher"], report["retrieval"]["hybrid"],
             *report["baselines"]["window+sinks"]["retrieval"].values()]
-    assert len(rows) == 4
+    assert len(rows) == 3
     for records in rows:
         assert [(r["task"], r["length"], r["depth"]) for r in records] == [
             (task, 512, depth) for task in ("passkey", "quote") for depth in (0.25, 0.75)]
@@ -112,7 +119,10 @@ def test_report_holds_retrieval_for_every_model_and_the_branch_ablation(finished
     assert list(ablation) == ["all", "without linear", "without memory", "without sinks"]
     for entry in ablation.values():
         assert set(entry["ratios"]) == set(report["eval"]["teacher"]) and all(r > 0 for r in entry["ratios"].values())
-        assert set(entry["retrieval"]) == {"passkey", "quote"}
+    # a branch switched off is asked only the tasks the whole student answered at least once
+    solved = {r["task"] for r in report["retrieval"]["hybrid"] if r["correct"]}
+    assert set(ablation["all"]["retrieval"]) == {"passkey", "quote"}
+    assert all(set(ablation[f"without {b}"]["retrieval"]) == solved for b in ("linear", "memory", "sinks"))
     # switching a branch off changes the student's held-out ratio (the tiny student uses all three)
     assert all(ablation[f"without {b}"]["ratios"] != ablation["all"]["ratios"] for b in ("linear", "memory", "sinks"))
     text = (out / "report.md").read_text()
@@ -354,7 +364,7 @@ def test_a_run_saved_before_a_section_existed_resumes_and_measures_only_what_is_
     before = json.loads(json.dumps(before))  # as saved: tuples become lists
     assert after["eval"] == before["eval"] and after["stages"] == before["stages"]
     assert after["baselines"]["window+sinks"]["eval"] == before["baselines"]["window+sinks"]["eval"]
-    assert set(after["baselines"]["window+sinks"]["retrieval"]) == {"untrained", "finetune"}
+    assert set(after["baselines"]["window+sinks"]["retrieval"]) == {"finetune"}
     assert len(after["retrieval"]["hybrid"]) == 4 and "without memory" in after["ablation"]
     assert (tmp_path / "model" / ADAPTER_FILE).read_bytes() == adapter
 

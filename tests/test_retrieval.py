@@ -9,7 +9,8 @@ import torch
 from helpers import assert_decoding_matches_parallel, make_byte_tokenizer, make_tiny_model, tokens
 
 from linearize import LinearizeError, linearize
-from linearize.layers.attention import branches_off
+from linearize.layers.attention import branches_off, linearized_attentions
+from linearize.report import ablation_table
 from linearize.retrieval import (
     Prompt,
     accuracy,
@@ -154,6 +155,31 @@ def test_a_branch_switched_off_stays_off_while_decoding(name):
     model = linearize(make_tiny_model("llama"), "hybrid", HYBRID)
     with branches_off(model, [name]):
         assert_decoding_matches_parallel(model, tokens(length=48), prefill=20)
+
+
+def test_a_branch_switched_off_answers_only_the_tasks_the_whole_student_answered():
+    from linearize.probes import ablate
+
+    model = linearize(make_tiny_model("llama"), "hybrid", HYBRID)
+    blocks = {"text": tokens(length=32)}
+    asked = []
+
+    def answer(m, label, tasks):  # the whole student answers passkey once, quote never
+        asked.append((label, tasks, sorted(layer.mixer.off for layer in linearized_attentions(m))[0]))
+        chosen = [t for t in ("passkey", "quote") if tasks is None or t in tasks]
+        return [{"task": t, "length": 512, "correct": label == "student" and t == "passkey"} for t in chosen]
+
+    out = ablate(model, ["memory", "sinks"], blocks, {"text": 0.0}, answer)
+    assert asked == [("student", None, frozenset()), ("without memory", {"passkey"}, frozenset({"memory"})),
+                     ("without sinks", {"passkey"}, frozenset({"sinks"}))]
+    assert out["all"]["retrieval"] == {"passkey": {"512": 1.0}, "quote": {"512": 0.0}}
+    assert out["without memory"]["retrieval"] == {"passkey": {"512": 0.0}}  # quote: not measured
+    # a student that answers nothing: no branch is asked anything
+    asked.clear()
+    out = ablate(model, ["memory"], blocks, {"text": 0.0}, answer, records=[{"task": "quote", "length": 512,
+                                                                              "correct": False}])
+    assert asked == [] and out["without memory"]["retrieval"] == {}
+    assert ablation_table(out)[-1].endswith("| – |")
 
 
 def test_a_quote_is_unique_in_its_context_and_its_answer_stays_on_one_line():

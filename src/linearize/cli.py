@@ -195,7 +195,7 @@ def ablation(model, teacher, tokenizer, prompts, records, args: argparse.Namespa
     """Held-out ratios (--data, else the default corpus's held-out blocks) and retrieval accuracy with each
     branch switched off (all the model has, unless --ablate names them)."""
     from linearize.data import build_blocks, file_blocks
-    from linearize.probes import ablate, mean_nll, present_branches
+    from linearize.probes import ablate, mean_nll, of_tasks, present_branches
     from linearize.retrieval import run_retrieval
 
     if args.data:
@@ -206,8 +206,8 @@ def ablation(model, teacher, tokenizer, prompts, records, args: argparse.Namespa
         blocks = {d: b for d, b in data.eval.items() if len(b)}
     branches = sorted(present_branches(model)) if args.ablate == "all" else _items(args.ablate)
 
-    def answer(m, label):
-        return run_retrieval(m, tokenizer, prompts, f"retrieval {label}")
+    def answer(m, label, tasks):
+        return run_retrieval(m, tokenizer, of_tasks(prompts, tasks), f"retrieval {label}")
 
     return ablate(model, branches, blocks, mean_nll(teacher, blocks, "teacher"),
                   answer if prompts is not None else None, records)

@@ -141,7 +141,7 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
              recipe.evaluate_teacher, recipe.convert, recipe.finetune, recipe.evaluate_student, recipe.save,
              recipe.baselines, recipe.report)
     for step in steps:
-        step()
+        recipe.timed(step)
     return recipe.result
 
 
@@ -156,6 +156,16 @@ class Recipe:
         self.result: dict[str, Any] = {}
         self.model = self.teacher_model = self.tokenizer = None
         self.table: list[dict] = []
+
+    def timed(self, step: Callable[[], None]) -> None:
+        """Run one step and add its wall time to the run's record (summed over resumed runs): the report's
+        `seconds_by_step` says where a whole run's time went."""
+        began = time.perf_counter()
+        step()
+        if not hasattr(self, "progress"):  # `prepare` makes the record it is kept in
+            return
+        name = step.__name__
+        self.progress.put(f"time.{name}", (self.progress.get(f"time.{name}") or 0.0) + time.perf_counter() - began)
 
     # --- prepare and plan ------------------------------------------------------------------------------------
 
@@ -459,6 +469,8 @@ class Recipe:
     def report(self) -> None:
         elapsed = (self.progress.get("seconds") or 0) + time.perf_counter() - self.started
         self.result["seconds_total"] = self.progress.put("seconds", elapsed)
+        self.result["seconds_by_step"] = {key.removeprefix("time."): round(value, 1)
+                                          for key, value in self.progress.data.items() if key.startswith("time.")}
         if distributed.is_main():
             try:
                 write_report(self.result, self.out)
@@ -518,8 +530,12 @@ def stage_summary(result, trainable: int, distinct: int) -> dict[str, Any]:
 
 
 def run_baseline(recipe: Recipe, name: str, baseline: dict) -> dict[str, Any] | None:
-    """A constant-memory baseline, untrained and after the same budget of stage 2 as the student."""
+    """A constant-memory baseline, untrained and after the same budget of stage 2 as the student: held-out
+    ratios at both, the long-range and retrieval probes once, on the baseline as it ends (the trained one
+    where it trains: its window bounds what either can recall, and the probes are a run's costliest
+    evaluations)."""
     config, data, probes, evaluates = recipe.config, recipe.data, recipe.probes, recipe.evaluates
+    trains = config.finetune.enabled and "finetune" in get_method(baseline["method"]).stages
     settings = method_settings(baseline["method"], baseline.get("attention") or {})
     if recipe.engine.sharded:
         model, _ = recipe.sharded_student(baseline["method"], settings)
@@ -530,11 +546,11 @@ def run_baseline(recipe: Recipe, name: str, baseline: dict) -> dict[str, Any] | 
                                "softmax_keys": get_method(baseline["method"]).softmax_keys(settings)}
     if evaluates:
         summary["eval"]["untrained"] = evaluate_domains(model, data.eval, recipe.teacher, f"{name} untrained")
-        if probes.enabled:
+        if probes.enabled and not trains:
             summary["long_range"] = {"untrained": probes.measure(model, f"{name} untrained")}
-        if recipe.retrieval.enabled:
+        if recipe.retrieval.enabled and not trains:
             summary["retrieval"] = {"untrained": recipe.retrieval.measure(model, f"{name} untrained")}
-    if config.finetune.enabled and "finetune" in get_method(baseline["method"]).stages:
+    if trains:
         work = recipe.out / "baselines" / slug(name)
         model, result = finetune(model, data.train, config.finetune, work, config.checkpoint_every, config.seed,
                                  recipe.targets, engine=recipe.engine, answers=data.answers)
@@ -543,9 +559,9 @@ def run_baseline(recipe: Recipe, name: str, baseline: dict) -> dict[str, Any] | 
         if evaluates:
             summary["eval"]["finetune"] = evaluate_domains(model, data.eval, recipe.teacher, name)
             if probes.enabled:
-                summary["long_range"]["finetune"] = probes.measure(model, name)
+                summary["long_range"] = {"finetune": probes.measure(model, name)}
             if recipe.retrieval.enabled:
-                summary["retrieval"]["finetune"] = recipe.retrieval.measure(model, name)
+                summary["retrieval"] = {"finetune": recipe.retrieval.measure(model, name)}
     return summary if distributed.is_main() else None
 
 

@@ -71,8 +71,14 @@ class Retrieval:
         if self.enabled and evaluates:
             self.teacher = progress.once("retrieval.teacher", lambda: self.measure(teacher_model, "teacher"))
 
-    def measure(self, model, label: str) -> list[dict]:
-        return run_retrieval(model, self.tokenizer, self.prompts, f"retrieval {label}")
+    def measure(self, model, label: str, tasks: set[str] | None = None) -> list[dict]:
+        """`model`'s answers to the run's prompts (of `tasks` only, when given)."""
+        return run_retrieval(model, self.tokenizer, of_tasks(self.prompts, tasks), f"retrieval {label}")
+
+
+def of_tasks(prompts: list, tasks: set[str] | None) -> list:
+    """The prompts of `tasks` (all of them for None)."""
+    return list(prompts) if tasks is None else [p for p in prompts if p.task in tasks]
 
 
 def mean_nll(model, blocks: dict[str, torch.Tensor], label: str) -> dict[str, float]:
@@ -85,20 +91,27 @@ def mean_nll(model, blocks: dict[str, torch.Tensor], label: str) -> dict[str, fl
 
 
 def ablate(model, branches: list[str], blocks: dict[str, torch.Tensor], teacher_nll: dict[str, float],
-           answer: Callable[[Any, str], list[dict]] | None = None, records: list[dict] | None = None
-           ) -> dict[str, Any]:
+           answer: Callable[[Any, str, set[str] | None], list[dict]] | None = None,
+           records: list[dict] | None = None) -> dict[str, Any]:
     """{"all": ..., "without BRANCH": ...}: held-out ratios to the teacher ({domain: ratio}) and, given
-    `answer` (model, label) -> retrieval records, retrieval accuracy, with all branches and with each of
-    `branches` switched off. `records`: the answers with all branches on, when already measured."""
+    `answer` (model, label, tasks: None for all) -> retrieval records, retrieval accuracy, with all branches
+    and with each of `branches` switched off. `records`: the answers with all branches on, when already
+    measured. A branch switched off answers only the tasks the whole student answered at least once: what a
+    branch carries is what the student loses without it, and a task it never answers has nothing to lose
+    (its cells are left out: not measured)."""
     out = {}
+    solved: set[str] = set()
     for branch in [None, *branches]:
         label = f"without {branch}" if branch else "student"
         with branches_off(model, [branch] if branch else []):
             nll = mean_nll(model, blocks, label)
             entry: dict[str, Any] = {"ratios": {d: math.exp(nll[d] - teacher_nll[d]) for d in nll}}
-            if answer is not None:
-                entry["retrieval"] = accuracy(records if branch is None and records is not None else
-                                              answer(model, label))
+            if answer is not None and branch is None:
+                records = records if records is not None else answer(model, label, None)
+                solved = {r["task"] for r in records if r["correct"]}
+                entry["retrieval"] = accuracy(records)
+            elif answer is not None:
+                entry["retrieval"] = accuracy(answer(model, label, solved)) if solved else {}
         out["all" if branch is None else f"without {branch}"] = entry
     return out
 

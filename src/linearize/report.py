@@ -46,13 +46,35 @@ def softmax_keys_line(report: dict[str, Any]) -> str:
         f" (baselines: {', '.join(baselines)})." if baselines else ".")
 
 
+def time_by_step(report: dict[str, Any]) -> str:
+    """" (stage 1 (teacher pass and training) 431 s, ...)": the steps that took 1% of the run or more, largest
+    first."""
+    total = report.get("seconds_total") or 0
+    steps = sorted(((seconds, STEP_NAMES.get(name, name)) for name, seconds in report.get("seconds_by_step", {}).items()
+                    if seconds >= total / 100), reverse=True)
+    return f" ({', '.join(f'{name} {seconds:.{0 if seconds >= 10 else 1}f} s' for seconds, name in steps)})" \
+        if steps else ""
+
+
+STEP_NAMES = {
+    "transfer": "stage 1 (teacher pass and training)",
+    "load_teacher": "loading the teacher",
+    "evaluate_teacher": "the teacher's evaluations and stage 2 targets",
+    "convert": "converting and evaluating the untrained and stage-1 students",
+    "finetune": "stage 2 and its evaluation",
+    "evaluate_student": "the student's long-range, retrieval and ablation evaluations",
+    "baselines": "baselines (stage 2 and evaluations)",
+    "read_data": "reading the corpus",
+}
+
+
 def markdown(report: dict[str, Any]) -> str:
     config = report["config"]
     attention = ", ".join(f"{k} {v}" for k, v in config["attention"].items() if k != "softmax_layers")
     lines = [
         f"# linearize report: {report['method']} on {report['teacher']}",
         "",
-        f"Machine: {report['machine']}. Total wall time: {report['seconds_total']:.0f} s."
+        f"Machine: {report['machine']}. Total wall time: {report['seconds_total']:.0f} s{time_by_step(report)}."
         + (f" The teacher's weights are under the {report['teacher_license']}." if report.get("teacher_license")
            else ""),
         f"Converted {report['model']['converted_layers']} of {report['model']['layers']} layers ({attention}); "
@@ -244,7 +266,8 @@ def ablation_section(report: dict[str, Any]) -> list[str]:
         "", "## Branch ablation", "",
         "The student with each branch of its state switched off at inference (the window always kept): held-out "
         f"perplexity ratio to the teacher on the first {blocks} block(s) of each domain"
-        + (", and retrieval accuracy." if with_retrieval else "."),
+        + (", and retrieval accuracy (–: not measured; with a branch off, the student answers only the tasks it "
+           "answered at least once with all of them)." if with_retrieval else "."),
         "",
         *ablation_table(ablation),
     ]
@@ -273,7 +296,8 @@ def ablation_table(ablation: dict[str, dict]) -> list[str]:
              + " |", "|---|" + "---:|" * (len(domains) + len(tasks))]
     for name, entry in ablation.items():
         cells = [f"{entry['ratios'][d]:.3f}" for d in domains]
-        cells += [f"{entry.get('retrieval', {}).get(t, {}).get(n, float('nan')):.2f}" for t, n in tasks]
+        cells += [f"{entry['retrieval'][t][n]:.2f}" if n in entry.get("retrieval", {}).get(t, {}) else "–"
+                  for t, n in tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
