@@ -638,13 +638,13 @@ def stepped_with_memory(args: dict, common: dict, token_ids: torch.Tensor, expec
 
 def test_longest_recall_keeps_only_the_longest_orders_key():
     """memory_recall "longest": of the keys a query's orders recall, only the longest order's (orders in any
-    listed order); "all": each distinct key once."""
+    listed order); "all": each distinct key once, as the longest order that recalled it."""
     from linearize.ops.memory import recalled
 
     index = torch.tensor([[4, 9, -1], [4, 4, 4], [-1, -1, -1], [7, -1, -1]])  # orders n = 1, 3, 2
     assert recalled(index, (1, 3, 2), "longest").tolist() == [[False, True, False], [False, True, False],
                                                              [False, False, False], [True, False, False]]
-    assert recalled(index, (1, 3, 2), "all").tolist() == [[True, True, False], [True, False, False],
+    assert recalled(index, (1, 3, 2), "all").tolist() == [[True, True, False], [False, True, False],
                                                          [False, False, False], [True, False, False]]
 
 
@@ -670,6 +670,47 @@ def test_longest_recall_forms_agree_and_continue(padded):
     memory_state_equal(s_par, s_rec)
     if mask is None:
         memory_state_equal(stepped_with_memory(args, common, token_ids, expected), s_rec)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_memory_bias_forms_agree_and_continue(padded):
+    """memory_bias adds its order's number to a recalled key's score in every form: parallel = chunked =
+    recurrent from the empty state = chunked prefill + single-token steps; it changes the output, and a key
+    recalled by two orders takes the longer one's bias (a bias on the shorter order alone changes nothing
+    where the longer order recalls the same key)."""
+    torch.manual_seed(24)
+    args = window_args("hybrid", 6, 2)
+    mask = left_padding([0, 13]) if padded else None
+    token_ids = torch.randint(0, 3, (B, T))
+    common = {"window": 5, "sink_tokens": 3, "memory_buckets": 5, "memory_ngram": (2, 1), "memory_bias": (1.5, -0.5)}
+    expected, s_par = window_attention_parallel(**args, **common, key_mask=mask, token_ids=token_ids,
+                                                output_final_state=True)
+    plain, _ = window_attention_parallel(**args, **{**common, "memory_bias": ()}, key_mask=mask, token_ids=token_ids)
+    assert (masked(expected - plain, mask)).abs().max() > 1e-3
+    close(masked(window_attention_chunked(**args, **common, key_mask=mask, token_ids=token_ids)[0], mask),
+          masked(expected, mask))
+    empty = empty_window_state(B, 2, D, 5, 3, FEAT, memory_buckets=5, memory_ngram=(2, 1))
+    o_rec, s_rec = window_attention_recurrent(**args, **common, key_mask=mask, token_ids=token_ids, state=empty)
+    close(masked(o_rec, mask), masked(expected, mask))
+    memory_state_equal(s_par, s_rec)
+    if mask is None:
+        memory_state_equal(stepped_with_memory(args, common, token_ids, expected), s_rec)
+
+
+def test_a_key_recalled_by_two_orders_takes_the_longer_orders_bias():
+    """One token id repeated: from the first query whose both orders recall a key (t >= window + 2), the last
+    1 and the last 2 tokens recall the same key, so only the bias of the longer order (2) changes the output
+    there; a bias on order 1 alone changes nothing."""
+    torch.manual_seed(26)
+    args = window_args("hybrid", 6, 2)
+    token_ids = torch.zeros(B, T, dtype=torch.long)
+    common = {"window": 5, "sink_tokens": 1, "memory_buckets": 5, "memory_ngram": (2, 1)}
+    plain, _ = window_attention_parallel(**args, **common, token_ids=token_ids)
+    longer, _ = window_attention_parallel(**args, **common, token_ids=token_ids, memory_bias=(2.0, 0.0))
+    shorter, _ = window_attention_parallel(**args, **common, token_ids=token_ids, memory_bias=(0.0, 2.0))
+    both = slice(5 + 2, None)
+    close(shorter[:, :, both], plain[:, :, both])
+    assert (longer - plain)[:, :, both].abs().max() > 1e-3
 
 
 def memory_table(state: DecodeState) -> list[torch.Tensor]:

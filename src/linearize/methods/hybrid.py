@@ -68,6 +68,9 @@ class Settings(WindowSettings):
     memory_format: str = "int4"
     # which recalled keys a query sees: all (one per order, each key once) | longest (only the longest order's)
     memory_recall: str = "all"
+    # added to a recalled key's score (a prior for keys found by a long match): one number for every order, or
+    # one per memory_ngram order
+    memory_bias: float | list[float] = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -90,11 +93,25 @@ class Settings(WindowSettings):
                                  f"memory orders ({len(grams)}, attention.memory_ngram {self.memory_ngram})")
         check_choice("memory_format", self.memory_format, list(memory.FORMATS))
         check_choice("memory_recall", self.memory_recall, list(memory.RECALLS))
+        self.order_biases(grams)
         layers = self.memory_layers
         if not (layers is None or layers in ("upper-half", "measured") or (
                 isinstance(layers, list) and all(isinstance(i, int) and i >= 0 for i in layers))):
             raise LinearizeError(f"attention.memory_layers must be a list of layer indices, \"measured\", "
                                  f"\"upper-half\" or null (every converted layer), got {layers!r}")
+
+    def order_biases(self, grams: tuple[int, ...] | None = None) -> tuple[float, ...]:
+        """`memory_bias` as one number per order (() where every one is 0: nothing to add)."""
+        grams = memory.orders(self.memory_ngram) if grams is None else grams
+        bias = self.memory_bias
+        numbers = [bias] if isinstance(bias, (int, float)) else bias if isinstance(bias, list) else None
+        if numbers is None or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+                                      for b in numbers) or len(numbers) not in (1, len(grams)):
+            raise LinearizeError(f"attention.memory_bias must be a number (every order) or a list of "
+                                 f"{len(grams)} numbers (one per attention.memory_ngram order {list(grams)}), "
+                                 f"got {bias!r}")
+        numbers = [float(b) for b in numbers] * (len(grams) if len(numbers) == 1 else 1)
+        return tuple(numbers) if any(numbers) else ()
 
     def memory_at(self, layer_index: int, num_layers: int) -> int:
         """The memory buckets of layer `layer_index` of `num_layers` (0: none). A listed layer the model does
@@ -123,6 +140,7 @@ class HybridMixer(Mixer):
         self.memory_ngram = memory.orders(settings.memory_ngram)  # a tuple, once: not at every decoding step
         self.memory_format = settings.memory_format
         self.memory_recall = settings.memory_recall
+        self.memory_bias = settings.order_biases()
         self.window_size = settings.window_size
         self.sink_tokens = settings.sink_tokens
         self.linear_rope = settings.linear_rope
@@ -192,7 +210,8 @@ class HybridMixer(Mixer):
                 "inputs_embeds)"
             )
         return {"token_ids": x.token_ids, "memory_buckets": self.memory_buckets, "memory_ngram": self.memory_ngram,
-                "memory_format": self.memory_format, "memory_recall": self.memory_recall}
+                "memory_format": self.memory_format, "memory_recall": self.memory_recall,
+                "memory_bias": self.memory_bias}
 
 
 class Hybrid(Method):

@@ -7,9 +7,12 @@ occurrence of what the query is reading. The memory keeps, for each n-gram order
 the last two token ids, and the last one) and each of `buckets` hash buckets of such n-grams, the key and
 value of the most recent token (already out of the window) that *followed* an n-gram hashing there; a query
 adds the entry of the n-gram ending at its own token, one per order, to its softmax keys, weighted by the
-teacher's own q.k like any window key. A token recalled by two orders is one key, counted once. Constant
-size (orders x buckets x 2 x head_dim per key/value head), constant work per token, no new parameters;
-where the teacher does not want an entry, its q.k gives it little weight.
+teacher's own q.k like any window key. A token recalled by two orders is one key, counted once (as the
+longest order's). Constant size (orders x buckets x 2 x head_dim per key/value head), constant work per
+token, no new parameters; where the teacher does not want an entry, its q.k gives it little weight.
+`memory_bias` (one number per order, 0: none) adds to a recalled key's score: a prior that a key found
+by a long match is wanted, where the teacher found it among thousands of keys and q.k alone, against a
+window of recent keys, under-weighs it (docs/results.md: a passkey's first token).
 
     query t's extra key of order n: the most recent key j <= t - window, j not a sink, with
     hash(token[j - n .. j - 1]) == hash(token[t - n + 1 .. t]) (none if there is no such key or the bucket
@@ -38,6 +41,7 @@ from collections.abc import Sequence
 from functools import cache
 
 import torch
+import torch.nn.functional as F
 
 FORMATS = ("auto", "bfloat16", "int8", "int4")
 LEVELS = {"int8": 255, "int4": 15}
@@ -131,12 +135,25 @@ def key_buckets(
     return bucket[:, 1:], torch.where(storable, bucket[:, :-1], -1), context[:, -longest:]
 
 
-def first_of_equal(index: torch.Tensor) -> torch.Tensor:
-    """[..., K] indices of recalled keys (-1: none) -> [..., K] bool: a key to use, each key once."""
+def first_of_equal(index: torch.Tensor, grams: Sequence[int] = ()) -> torch.Tensor:
+    """[..., K] indices of recalled keys (-1: none) -> [..., K] bool: a key to use, each key once: where
+    several orders recall one key, the longest order's entry (`grams`: each order's n; without them, the
+    first entry), so a per-order `memory_bias` gives it the longest match's bias."""
     orders_ = index.shape[-1]
-    earlier = torch.ones(orders_, orders_, dtype=torch.bool, device=index.device).tril(-1)  # [i, j]: j < i
-    repeated = ((index[..., :, None] == index[..., None, :]) & earlier).any(-1)
+    if grams:
+        size = torch.tensor(grams, device=index.device)
+        preferred = size[None, :] > size[:, None]  # [i, j]: order j is longer than order i
+    else:
+        preferred = torch.ones(orders_, orders_, dtype=torch.bool, device=index.device).tril(-1)  # j < i
+    repeated = ((index[..., :, None] == index[..., None, :]) & preferred).any(-1)
     return (index >= 0) & ~repeated
+
+
+def bias_of(scores: torch.Tensor, memory_bias: Sequence[float], width: int | None = None) -> torch.Tensor:
+    """`memory_bias` (one number per order) as a row to add to `scores` [..., width]: the orders' biases
+    first, zeros after them (the window's keys, where a row holds both); width defaults to the orders'."""
+    bias = torch.tensor(memory_bias, dtype=scores.dtype, device=scores.device)
+    return bias if width is None else F.pad(bias, (0, width - len(memory_bias)))
 
 
 RECALLS = ("all", "longest")
@@ -147,7 +164,7 @@ def recalled(index: torch.Tensor, grams: Sequence[int] = (), select: str = "all"
     order's key, each key once (`first_of_equal`); "longest": only the key recalled by the longest order
     that recalled one (`grams`: each order's n), as a back-off n-gram model uses its longest matching context."""
     if select == "all":
-        return first_of_equal(index)
+        return first_of_equal(index, grams)
     found = index >= 0
     size = torch.tensor(grams, device=index.device)
     best = torch.where(found, size, 0).argmax(-1, keepdim=True)

@@ -63,6 +63,7 @@ def window_attention_chunked(
     memory_ngram: int | tuple[int, ...] = 1,
     memory_format: str = "auto",
     memory_recall: str = "all",
+    memory_bias: tuple[float, ...] = (),
     key_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Linear in T: chunks of size `window`. Query chunk i reaches its window in chunks i - 1 and i (one
@@ -158,6 +159,8 @@ def window_attention_chunked(
             # heads of a group as the rows of one small matmul (no copy of the keys per head)
             mem_scores = torch.einsum("bkngcd,bkncmd->bkngcm", qc[:, :, n].view(*shape, head_dim), mem_kc[:, :, n])
             mem_scores = mem_scores.mul_(scale).masked_fill_(mem_hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, K]
+            if memory_bias:
+                mem_scores = mem_scores + memory.bias_of(mem_scores, memory_bias)
             row_max = torch.maximum(row_max, mem_scores.amax(-1, keepdim=True))
         weights = (scores - row_max).exp_().flatten(3, 4)
         o = weights @ values[:, :, n]

@@ -32,6 +32,7 @@ def window_attention_parallel(
     memory_ngram: int | tuple[int, ...] = 1,
     memory_format: str = "auto",
     memory_recall: str = "all",
+    memory_bias: tuple[float, ...] = (),
     key_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Quadratic reference: every [T, T] weight materialised."""
@@ -60,6 +61,8 @@ def window_attention_parallel(
         mem_v = _recalled(append_ones(memory.round_trip(v, memory_format)), index)  # [B, Hk, T, K, D + 1]
         mem_scores = torch.einsum("bkgtd,bktmd->bkgtm", group_heads(q, kv_heads), mem_k) * scale
         mem_scores = mem_scores.masked_fill(~has[:, None, None], float("-inf"))  # [B, Hk, G, T, K]
+        if memory_bias:
+            mem_scores = mem_scores + memory.bias_of(mem_scores, memory_bias)
         row_max = torch.maximum(row_max, mem_scores.amax(-1, keepdim=True))
     weights = (scores - row_max).exp()
     if fk is not None:

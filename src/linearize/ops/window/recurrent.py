@@ -34,6 +34,7 @@ def window_attention_recurrent(
     memory_format: str = "auto",
     memory_recall: str = "all",
     key_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    memory_bias: tuple[float, ...] = (),
 ) -> tuple[torch.Tensor, DecodeState]:
     """Token by token from `state` (decoding; T is usually 1). Each new token joins the window; the oldest
     window token leaves it: into its sink slot if it is one of the row's first `sink_tokens` real tokens,
@@ -47,7 +48,7 @@ def window_attention_recurrent(
         raise ValueError("a recall memory (memory_buckets > 0) needs the token ids (token_ids)")
     if q.shape[2] == 1 and key_mask is None and window > 1:
         return _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids,
-                          memory_buckets, memory_ngram, key_features, memory_recall)
+                          memory_buckets, memory_ngram, key_features, memory_recall, memory_bias)
     out_dtype = v.dtype
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
     batch, kv_heads, t, head_dim = k.shape
@@ -85,6 +86,8 @@ def window_attention_recurrent(
             visible = torch.cat([has, visible], dim=1)
         scores = torch.einsum("bkgd,bksd->bkgs", q[:, :, :, i], keys) * scale
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+        if recalled and memory_bias:
+            scores = scores + memory.bias_of(scores, memory_bias, scores.shape[-1])
         row_max = scores.amax(-1, keepdim=True)
         num = (scores - row_max).exp() @ append_ones(values)  # [B, Hk, G, D + 1]
         if recurrent is not None:
@@ -148,7 +151,7 @@ def window_attention_recurrent(
 
 
 def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids, memory_buckets,
-               memory_ngram, key_features=None, memory_recall="all"):
+               memory_ngram, key_features=None, memory_recall="all", memory_bias=()):
     """`window_attention_recurrent` for one real token per row (the decoding step), in as few ops as the
     math allows: per-step dispatch, not arithmetic, is what a decoding step costs on a CPU. The same
     result as the general loop (tests hold them equal)."""
@@ -181,6 +184,8 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         recalled = has.shape[1]
         first += recalled
     scores = (q @ keys.transpose(-1, -2)).mul_(scale).masked_fill_(~visible[:, None, None], float("-inf"))
+    if recalled and memory_bias:
+        scores = scores + memory.bias_of(scores, memory_bias, scores.shape[-1])
     row_max = scores.amax(-1, keepdim=True)
     weights = (scores - row_max).exp_()  # a new tensor: `scores` stays for c_t
     num, den = weights @ values, weights.sum(-1, keepdim=True)  # [B, Hk, G, D], [B, Hk, G, 1]
