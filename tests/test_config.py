@@ -62,8 +62,8 @@ def test_method_stage_defaults_sit_between_base_defaults_and_the_user():
         ({"attention": {"memory_ngram": []}}, "attention.memory_ngram must be an integer >= 1"),
         ({"attention": {"memory_format": "int3"}}, "attention.memory_format must be one of auto, bfloat16, int8, int4"),
         ({"attention": {"memory_recall": "best"}}, "attention.memory_recall must be one of all, longest"),
-        ({"attention": {"memory_bias": [0, 2]}}, r"attention.memory_bias must be a number \(every order\) or a list "
-                                                  r"of 4 numbers"),
+        ({"attention": {"memory_bias": [0, 2]}}, r"attention.memory_bias must be a number \(the bias of every order of "
+                                                  r"2 or more tokens\) or a list of 4 numbers"),
         ({"attention": {"memory_bias": "high"}}, "attention.memory_bias must be a number"),
         ({"data": {"recall_fraction": 1.5}}, "data.recall_fraction must be a fraction"),
         ({"finetune": {"answer_weight": -1}}, "finetune.answer_weight must be >= 0"),

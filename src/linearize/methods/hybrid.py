@@ -68,9 +68,9 @@ class Settings(WindowSettings):
     memory_format: str = "int4"
     # which recalled keys a query sees: all (one per order, each key once) | longest (only the longest order's)
     memory_recall: str = "all"
-    # added to a recalled key's score (a prior for keys found by a long match): one number for every order, or
-    # one per memory_ngram order
-    memory_bias: float | list[float] = 0.0
+    # added to a recalled key's score (a prior for keys found by a long match): a number for every order of 2
+    # or more tokens (a single token recurs too often to trust), or a list: one per memory_ngram order
+    memory_bias: float | list[float] = 2.0
 
     def validate(self) -> None:
         super().validate()
@@ -101,17 +101,21 @@ class Settings(WindowSettings):
                                  f"\"upper-half\" or null (every converted layer), got {layers!r}")
 
     def order_biases(self, grams: tuple[int, ...] | None = None) -> tuple[float, ...]:
-        """`memory_bias` as one number per order (() where every one is 0: nothing to add)."""
+        """`memory_bias` as one number per order (() where every one is 0: nothing to add). A number is every
+        order's of 2 or more tokens; a single token's order gets 0."""
         grams = memory.orders(self.memory_ngram) if grams is None else grams
         bias = self.memory_bias
-        numbers = [bias] if isinstance(bias, (int, float)) else bias if isinstance(bias, list) else None
-        if numbers is None or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
-                                      for b in numbers) or len(numbers) not in (1, len(grams)):
-            raise LinearizeError(f"attention.memory_bias must be a number (every order) or a list of "
-                                 f"{len(grams)} numbers (one per attention.memory_ngram order {list(grams)}), "
-                                 f"got {bias!r}")
-        numbers = [float(b) for b in numbers] * (len(grams) if len(numbers) == 1 else 1)
-        return tuple(numbers) if any(numbers) else ()
+        if isinstance(bias, (int, float)) and not isinstance(bias, bool):
+            bias_list = [0.0 if n == 1 else bias for n in grams]
+        else:
+            bias_list = bias if isinstance(bias, list) and len(bias) == len(grams) else None
+        if bias_list is None or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+                                        for b in bias_list):
+            raise LinearizeError(f"attention.memory_bias must be a number (the bias of every order of 2 or more "
+                                 f"tokens) or a list of {len(grams)} numbers (one per attention.memory_ngram order "
+                                 f"{list(grams)}), got {bias!r}")
+        numbers = tuple(float(b) for b in bias_list)
+        return numbers if any(numbers) else ()
 
     def memory_at(self, layer_index: int, num_layers: int) -> int:
         """The memory buckets of layer `layer_index` of `num_layers` (0: none). A listed layer the model does
