@@ -180,3 +180,24 @@ def test_peft_trains_a_loaded_student(saved):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_a_student_saved_before_memory_bias_existed_is_served_without_it(saved, tmp_path):
+    """A saved hybrid's config lacking `memory_bias` (written before it existed) loads with bias 0, as the
+    student was trained; one that holds it keeps it."""
+    import json
+    import shutil
+
+    from linearize.models.configuration import LinearizedConfig
+
+    _, _, full, _ = saved
+    assert LinearizedConfig.from_pretrained(full).attention["memory_bias"] == 2.0  # the default, saved
+    old = tmp_path / "old"
+    shutil.copytree(full, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["attention"]["memory_bias"]
+    (old / "config.json").write_text(json.dumps(config))
+    model, _ = linearize.load(old, device="cpu")
+    assert model.config.attention["memory_bias"] == 0.0
+    mixers = [m.mixer for m in model.modules() if hasattr(m, "mixer") and hasattr(m.mixer, "memory_bias")]
+    assert mixers and all(m.memory_bias == () for m in mixers)

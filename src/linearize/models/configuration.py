@@ -39,6 +39,9 @@ class LinearizedConfig(PreTrainedConfig):
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         if self.attention is None:
             self.attention = {}
+        if self.method == "hybrid" and "memory_ngram" in self.attention and "memory_bias" not in self.attention:
+            # a hybrid's whole settings, saved before memory_bias existed: served as it was trained, without
+            self.attention["memory_bias"] = 0.0
         if getattr(self.text_config, "_attn_implementation", None) is None:
             self.text_config._attn_implementation = "sdpa"
 
