@@ -649,44 +649,21 @@ def test_longest_recall_keeps_only_the_longest_orders_key():
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_longest_recall_forms_agree_and_continue(padded):
-    """With memory_recall "longest", parallel = chunked = recurrent = chunked prefill + single-token steps,
-    and it differs from recalling every order's key."""
+@pytest.mark.parametrize("option, value, plain", [("memory_recall", "longest", "all"),
+                                                  ("memory_bias", (1.5, -0.5), ())])
+def test_memory_reading_options_forms_agree_and_continue(padded, option, value, plain):
+    """memory_recall "longest" (only the longest order's key) and memory_bias (a number per order added to a
+    recalled key's score): parallel = chunked = recurrent from the empty state = chunked prefill +
+    single-token steps, states equal; and each changes the output."""
     torch.manual_seed(23)
     args = window_args("hybrid", 6, 2)
     mask = left_padding([0, 13]) if padded else None
     token_ids = torch.randint(0, 3, (B, T))
-    common = {"window": 5, "sink_tokens": 3, "memory_buckets": 5, "memory_ngram": (2, 1), "memory_recall": "longest"}
+    common = {"window": 5, "sink_tokens": 3, "memory_buckets": 5, "memory_ngram": (2, 1), option: value}
     expected, s_par = window_attention_parallel(**args, **common, key_mask=mask, token_ids=token_ids,
                                                 output_final_state=True)
-    every, _ = window_attention_parallel(**args, **{**common, "memory_recall": "all"}, key_mask=mask,
-                                         token_ids=token_ids)
-    assert (masked(expected - every, mask)).abs().max() > 1e-3
-    close(masked(window_attention_chunked(**args, **common, key_mask=mask, token_ids=token_ids)[0], mask),
-          masked(expected, mask))
-    empty = empty_window_state(B, 2, D, 5, 3, FEAT, memory_buckets=5, memory_ngram=(2, 1))
-    o_rec, s_rec = window_attention_recurrent(**args, **common, key_mask=mask, token_ids=token_ids, state=empty)
-    close(masked(o_rec, mask), masked(expected, mask))
-    memory_state_equal(s_par, s_rec)
-    if mask is None:
-        memory_state_equal(stepped_with_memory(args, common, token_ids, expected), s_rec)
-
-
-@pytest.mark.parametrize("padded", [False, True])
-def test_memory_bias_forms_agree_and_continue(padded):
-    """memory_bias adds its order's number to a recalled key's score in every form: parallel = chunked =
-    recurrent from the empty state = chunked prefill + single-token steps; it changes the output, and a key
-    recalled by two orders takes the longer one's bias (a bias on the shorter order alone changes nothing
-    where the longer order recalls the same key)."""
-    torch.manual_seed(24)
-    args = window_args("hybrid", 6, 2)
-    mask = left_padding([0, 13]) if padded else None
-    token_ids = torch.randint(0, 3, (B, T))
-    common = {"window": 5, "sink_tokens": 3, "memory_buckets": 5, "memory_ngram": (2, 1), "memory_bias": (1.5, -0.5)}
-    expected, s_par = window_attention_parallel(**args, **common, key_mask=mask, token_ids=token_ids,
-                                                output_final_state=True)
-    plain, _ = window_attention_parallel(**args, **{**common, "memory_bias": ()}, key_mask=mask, token_ids=token_ids)
-    assert (masked(expected - plain, mask)).abs().max() > 1e-3
+    without, _ = window_attention_parallel(**args, **{**common, option: plain}, key_mask=mask, token_ids=token_ids)
+    assert (masked(expected - without, mask)).abs().max() > 1e-3
     close(masked(window_attention_chunked(**args, **common, key_mask=mask, token_ids=token_ids)[0], mask),
           masked(expected, mask))
     empty = empty_window_state(B, 2, D, 5, 3, FEAT, memory_buckets=5, memory_ngram=(2, 1))
