@@ -3,8 +3,9 @@ model loads."""
 
 import pytest
 import yaml
+from helpers import make_tiny_model
 
-from linearize import LinearizeError
+from linearize import LinearizeError, linearize
 from linearize.cli import shipped_configs
 from linearize.config import RunConfig, parse_overrides
 from linearize.methods import METHODS, build_config, load_config
@@ -65,6 +66,11 @@ def test_method_stage_defaults_sit_between_base_defaults_and_the_user():
         ({"attention": {"memory_bias": [0, 2]}}, r"attention.memory_bias must be a number \(the bias of every order of "
                                                   r"2 or more tokens\) or a list of 4 numbers"),
         ({"attention": {"memory_bias": "high"}}, "attention.memory_bias must be a number"),
+        ({"attention": {"sink_distance": 32}}, r"attention.sink_distance must be null .* >= attention.window_size "
+                                                 r"\(60\), got 32"),
+        ({"attention": {"sink_distance": "far"}}, "attention.sink_distance must be null"),
+        ({"data": {"seq_len": 32}}, r"attention.sink_distance must be null .* got 32"),
+        ({"baselines": {"w": {"method": "window", "attention": {"sink_distance": -1}}}}, "sink_distance must be null"),
         ({"data": {"recall_fraction": 1.5}}, "data.recall_fraction must be a fraction"),
         ({"finetune": {"answer_weight": -1}}, "finetune.answer_weight must be >= 0"),
         ({"attention": {"memory_buckets": 2, "memory_ngram": [1, 2, 3]}}, "memory_buckets .2. must be at least the "
@@ -85,8 +91,9 @@ def test_shipped_default_config_is_the_built_in_default():
     shipped = load_config(shipped_configs()["default"])
     assert shipped.to_dict() == build_config({}).to_dict()
     assert shipped.method == RunConfig.method == "hybrid"
-    window_sinks = {"method": "window", "attention": {"window_size": 64, "sink_tokens": 4}}
+    window_sinks = {"method": "window", "attention": {"window_size": 64, "sink_tokens": 4, "sink_distance": 1024}}
     assert shipped.baselines == {"window+sinks": window_sinks}
+    assert shipped.attention.sink_distance == shipped.data.seq_len == 1024
 
 
 @pytest.mark.parametrize("name", sorted(shipped_configs()))
@@ -108,6 +115,17 @@ def test_a_printed_full_config_loads_back_unchanged(method, tmp_path):
     config = build_config({"method": method})
     config.save(tmp_path / "full.yaml")
     assert load_config(tmp_path / "full.yaml").to_dict() == config.to_dict()
+
+
+def test_sink_distance_seq_len_resolves_to_the_runs_block_length():
+    """`sink_distance: seq_len` is data.seq_len, for the student and a baseline; a number stays as given; the
+    layers refuse it unresolved (outside a run config)."""
+    config = build_config({"data": {"seq_len": 512}, "attention": {"sink_distance": "seq_len"},
+                           "baselines": {"w": {"method": "window", "attention": {"sink_distance": "seq_len"}}}})
+    assert config.attention.sink_distance == 512 and config.baselines["w"]["attention"]["sink_distance"] == 512
+    assert build_config({"attention": {"sink_distance": 2048}}).attention.sink_distance == 2048
+    with pytest.raises(LinearizeError, match="sink_distance: seq_len means the run's data.seq_len"):
+        linearize(make_tiny_model("llama"), "window", {"sink_tokens": 2, "sink_distance": "seq_len"})
 
 
 def test_measured_memory_layers_resolve_per_teacher():

@@ -23,6 +23,8 @@ METHODS = {
     "window": {"window_size": 8, "sink_tokens": 2},
     "hybrid+rope": {"window_size": 8, "sink_tokens": 2, "decay": 0.95, "linear_rope": True},
     "hybrid+memory": {"window_size": 8, "sink_tokens": 2, "decay": 0.95, "memory_buckets": 16},
+    "hybrid+far-sinks": {"window_size": 8, "sink_tokens": 2, "decay": 0.95, "memory_buckets": 16, "sink_distance": 12},
+    "window+far-sinks": {"window_size": 8, "sink_tokens": 2, "sink_distance": 12},
     "xatl": {"mixer": "gla", "chunk_size": 8, "output_norm_init": 1.0},
     "xatl+retnet": {"mixer": "retnet", "window_size": 8, "sink_tokens": 2, "output_norm_init": 1.0},
 }
@@ -36,6 +38,32 @@ def convert(family: str, method: str, **attention):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_prefill_then_decode_matches_one_parallel_forward(family, method):
     assert_decoding_matches_parallel(convert(family, method), tokens(), prefill=19)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("method", ["hybrid", "window", "lolcats", "liger"])
+def test_sink_distance_changes_only_the_queries_farther_from_the_sinks(family, method):
+    """sink_distance 12: the first 13 positions (a query at most 12 from the first sink) give the logits of
+    true distances, every later one others; each query reads the sinks rotated to 12, as the teacher's
+    rotary places a query at position 12."""
+    attention = {**METHODS.get(method, {}), "window_size": 8}
+    if method in ("lolcats", "liger") or "sink_tokens" not in attention:
+        attention["sink_tokens"] = 2
+    x = tokens()
+    with torch.no_grad():
+        plain = linearize(make_tiny_model(family), method, attention)(x).logits
+        far_model = linearize(make_tiny_model(family), method, {**attention, "sink_distance": 12})
+        far = far_model(x).logits
+    torch.testing.assert_close(far[:, :13], plain[:, :13], rtol=0, atol=0)
+    assert (far[:, 13:] - plain[:, 13:]).abs().amax(-1).min() > 1e-6, "every farther query must read the sinks anew"
+    layer = next(m for m in far_model.modules() if isinstance(m, LinearizedAttention))
+    q_nope = torch.randn(1, 4, 3, 16)
+    rotary, args = layer.rotary
+    cos, sin = rotary(q_nope, torch.arange(13)[None], *args)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    expected, _ = apply_rotary_pos_emb(q_nope, q_nope, cos[:, 12:13], sin[:, 12:13])
+    torch.testing.assert_close(layer.sink_query(q_nope), expected)
 
 
 @pytest.mark.parametrize("method", ["lolcats", "liger"])
@@ -153,7 +181,7 @@ def test_right_padding_is_harmless():
     torch.testing.assert_close(padded[1, :8], single[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["hybrid", "xatl", "hybrid+memory"])
+@pytest.mark.parametrize("method", ["hybrid", "xatl", "hybrid+memory", "hybrid+far-sinks"])
 def test_a_compiled_decoding_step_gives_the_eager_logits(method):
     model = convert("llama", method)
     x = tokens(length=41)

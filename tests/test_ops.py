@@ -674,6 +674,44 @@ def test_memory_reading_options_forms_agree_and_continue(padded, option, value, 
         memory_state_equal(stepped_with_memory(args, common, token_ids, expected), s_rec)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("memory_buckets", [0, 5])
+def test_far_sinks_forms_agree_and_change_only_the_farther_queries(padded, memory_buckets):
+    """sink_q / sink_distance (a query beyond sink_distance scores the sinks with sink_q): parallel = chunked
+    = recurrent from the empty state = chunked prefill + single-token steps, states equal; queries at real
+    positions up to sink_distance give the outputs without it, every later one others."""
+    torch.manual_seed(27)
+    args = window_args("hybrid", 6, 2)
+    mask = left_padding([0, 13]) if padded else None
+    token_ids = torch.randint(0, 3, (B, T))
+    far = {"sink_q": torch.randn(B, 6, T, D), "sink_distance": 9}
+    common = {"window": 5, "sink_tokens": 3, "memory_buckets": memory_buckets, "memory_ngram": (2, 1),
+              "memory_bias": (1.0, 0.0), "token_ids": token_ids, "key_mask": mask}
+    expected, s_par = window_attention_parallel(**args, **common, **far, output_final_state=True)
+    plain, _ = window_attention_parallel(**args, **common)
+    positions = torch.arange(T).expand(B, T) if mask is None else mask.long().cumsum(-1) - 1
+    near, beyond = positions <= 9, (positions > 9) & (torch.ones(B, T, dtype=torch.bool) if mask is None else mask)
+    close(expected.transpose(1, 2)[near], plain.transpose(1, 2)[near])
+    assert (expected - plain).transpose(1, 2)[beyond].abs().amax(-1).min() > 1e-4
+    close(masked(window_attention_chunked(**args, **common, **far)[0], mask), masked(expected, mask))
+    empty = empty_window_state(B, 2, D, 5, 3, FEAT, memory_buckets=memory_buckets, memory_ngram=(2, 1))
+    o_rec, s_rec = window_attention_recurrent(**args, **common, **far, state=empty)
+    close(masked(o_rec, mask), masked(expected, mask))
+    same_state = memory_state_equal if memory_buckets else assert_same_state
+    same_state(s_par, s_rec)
+    if mask is None:
+        steps = {**common, "sink_distance": far["sink_distance"]}
+        _, state = window_attention_chunked(**sliced(args, slice(0, 2), None),
+                                            **{**steps, "token_ids": token_ids[:, :2]},
+                                            sink_q=far["sink_q"][:, :, :2], output_final_state=True)
+        for i in range(2, T):
+            o, state = window_attention_recurrent(**sliced(args, slice(i, i + 1), None),
+                                                  **{**steps, "token_ids": token_ids[:, i : i + 1]},
+                                                  sink_q=far["sink_q"][:, :, i : i + 1], state=state)
+            close(o, expected[:, :, i : i + 1])
+        same_state(state, s_rec)
+
+
 def test_a_key_recalled_by_two_orders_takes_the_longer_orders_bias():
     """One token id repeated: from the first query whose both orders recall a key (t >= window + 2), the last
     1 and the last 2 tokens recall the same key, so only the bias of the longer order (2) changes the output
@@ -770,7 +808,7 @@ def test_memory_format_auto_is_the_full_precision_path():
     """Quantization off: the same output, bit for bit, as without the argument, and a table of the keys'
     own values."""
     torch.manual_seed(27)
-    args = window_args("gated", 6, 2)
+    args = window_args("hybrid", 6, 2)
     token_ids = torch.randint(0, 3, (B, T))
     common = {"window": 4, "sink_tokens": 2, "memory_buckets": 5, "memory_ngram": (2, 1), "token_ids": token_ids,
               "output_final_state": True}

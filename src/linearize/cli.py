@@ -185,8 +185,9 @@ def retrieval_side_by_side(model, teacher, tokenizer, prompts, records) -> dict:
     from linearize.retrieval import accuracy, run_retrieval
 
     answers = {"student": records, "teacher": run_retrieval(teacher, tokenizer, prompts, "retrieval teacher")}
-    window = LinearizedForCausalLM.from_teacher(teacher, WINDOW_SINKS_BASELINE["method"],
-                                                WINDOW_SINKS_BASELINE["attention"])
+    # the baseline reads its sinks from as far as the student does (the student's trained block length)
+    attention = {**WINDOW_SINKS_BASELINE["attention"], "sink_distance": model.config.attention.get("sink_distance")}
+    window = LinearizedForCausalLM.from_teacher(teacher, WINDOW_SINKS_BASELINE["method"], attention)
     answers["window+sinks (untrained)"] = run_retrieval(window, tokenizer, prompts, "retrieval window+sinks")
     return {"accuracy": {name: accuracy(r) for name, r in answers.items()}, "answers": answers}
 

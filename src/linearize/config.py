@@ -23,7 +23,8 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 # StreamingLLM's constant-memory model: a 64-token window plus the first 4 tokens, no linear state
-WINDOW_SINKS_BASELINE = {"method": "window", "attention": {"window_size": 64, "sink_tokens": 4}}
+WINDOW_SINKS_BASELINE = {"method": "window",
+                         "attention": {"window_size": 64, "sink_tokens": 4, "sink_distance": "seq_len"}}
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 from linearize.layers.cache import adopt_cache_layer
 from linearize.ops import DecodeState, backend
@@ -39,7 +39,8 @@ class MixerInput:
     """What a mixer sees of one layer call. q: [B, H, T, D] and k: [B, Hk, T, D] after RoPE; q_nope, k_nope:
     the same before RoPE; v: [B, Hk, T, D]; hidden: the layer input [B, T, C]; key_mask: [B, T] bool
     (True = real token) or None (no padding); token_ids: [B, T] the input token ids, for mixers that
-    remember by token (None where the model was called without input_ids)."""
+    remember by token (None where the model was called without input_ids); sink_q: [B, H, T, D] the queries
+    rotated to position `mixer.sink_distance`, for mixers that have one (None otherwise)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -49,6 +50,7 @@ class MixerInput:
     hidden: torch.Tensor
     key_mask: torch.Tensor | None = None
     token_ids: torch.Tensor | None = None
+    sink_q: torch.Tensor | None = None
 
 
 class Mixer(nn.Module):
@@ -64,6 +66,15 @@ class Mixer(nn.Module):
 
     branches: tuple[str, ...] = ()
     off: frozenset[str] = frozenset()
+    # a query farther than this from the sinks (the first real tokens) scores them as if from this distance:
+    # positions the student trained on (StreamingLLM's positions in the cache); None = their true distance
+    sink_distance: int | None = None
+
+    def sink_inputs(self, x: MixerInput) -> dict:
+        """The window op's arguments for `sink_distance` (none without it)."""
+        if self.sink_distance is None:
+            return {}
+        return {"sink_q": x.sink_q, "sink_distance": self.sink_distance}
 
     def window_op(self, q, k, v, window: int, state: DecodeState | None, output_state: bool, **kwargs):
         """Sliding-window softmax (+ sinks, + linear terms for older keys): chunked for a fresh sequence,
@@ -119,7 +130,9 @@ class LinearizedAttention(nn.Module):
     head before o_proj [B, H, T, D]) for attention transfer, which recomputes the heads with `mix`.
     """
 
-    def __init__(self, teacher_attention: nn.Module, mixer: Mixer, layer_idx: int):
+    def __init__(self, teacher_attention: nn.Module, mixer: Mixer, layer_idx: int, rotary=None):
+        """`rotary`: (the model's rotary embedding module, its extra arguments for this layer), which
+        `sink_distance` needs to rotate queries to that position."""
         super().__init__()
         config = teacher_attention.config
         self.config = config
@@ -139,6 +152,8 @@ class LinearizedAttention(nn.Module):
         self.mixer = mixer
         self.mode = "linear"
         self.recorded: tuple[torch.Tensor, ...] | None = None
+        self.rotary = rotary  # a tuple: the module is the model's, not a submodule of this layer
+        self._far_rotary: dict = {}  # (cos, sin) at the sink distance, per device and dtype
 
     def project(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
@@ -156,6 +171,27 @@ class LinearizedAttention(nn.Module):
         q_rope, k_rope = apply_rotary_pos_emb(q, k, cos, sin)
         return q_rope, k_rope, v, q, k
 
+    def sink_query(self, q_nope: torch.Tensor) -> torch.Tensor | None:
+        """q before RoPE [B, H, T, D] rotated to position `mixer.sink_distance` (None without one)."""
+        distance = self.mixer.sink_distance
+        if distance is None:
+            return None
+        key = (q_nope.device, q_nope.dtype)
+        if key not in self._far_rotary:
+            if self.rotary is None:
+                raise ValueError("attention.sink_distance needs the model's rotary embedding: build the layer with "
+                                 "swap_attention")
+            module, args = self.rotary
+            position = torch.tensor([[distance]], device=q_nope.device)
+            cos, sin = module(q_nope, position, *args)  # [1, 1, D]
+            self._far_rotary[key] = (cos[:, None].to(q_nope.dtype), sin[:, None].to(q_nope.dtype))
+        cos, sin = self._far_rotary[key]
+        return q_nope * cos + rotate_half(q_nope) * sin
+
+    def mixer_input(self, hidden_states, position_embeddings, key_mask=None, token_ids=None) -> MixerInput:
+        q, k, v, q_nope, k_nope = self.project(hidden_states, position_embeddings)
+        return MixerInput(q, k, v, q_nope, k_nope, hidden_states, key_mask, token_ids, self.sink_query(q_nope))
+
     def mix(
         self,
         hidden_states: torch.Tensor,
@@ -164,9 +200,8 @@ class LinearizedAttention(nn.Module):
     ) -> torch.Tensor:
         """The mixer's per-head output [B, H, T, D] for a fresh sequence, without decoding state (what
         attention transfer compares with the teacher's output)."""
-        q, k, v, q_nope, k_nope = self.project(hidden_states, position_embeddings)
-        inputs = MixerInput(q, k, v, q_nope, k_nope, hidden_states, token_ids=token_ids)
-        return self.mixer(inputs, None, output_state=False)[0]
+        return self.mixer(self.mixer_input(hidden_states, position_embeddings, token_ids=token_ids), None,
+                          output_state=False)[0]
 
     def forward(
         self,
@@ -177,19 +212,19 @@ class LinearizedAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         batch, length, _ = hidden_states.shape
-        q, k, v, q_nope, k_nope = self.project(hidden_states, position_embeddings)
         if self.mode == "linear" and STEP_STATES in kwargs:  # inside a compiled step: no padding, no cache
             states = kwargs[STEP_STATES]
-            inputs = MixerInput(q, k, v, q_nope, k_nope, hidden_states, token_ids=kwargs.get(TOKEN_IDS))
+            inputs = self.mixer_input(hidden_states, position_embeddings, token_ids=kwargs.get(TOKEN_IDS))
             out, states[self.layer_idx] = self.mixer(inputs, states[self.layer_idx], output_state=True)
         elif self.mode == "linear":
             cache = None if past_key_values is None else adopt_cache_layer(past_key_values, self.layer_idx)
-            inputs = MixerInput(q, k, v, q_nope, k_nope, hidden_states, key_mask_from(attention_mask, length),
-                                kwargs.get(TOKEN_IDS))
+            inputs = self.mixer_input(hidden_states, position_embeddings, key_mask_from(attention_mask, length),
+                                      kwargs.get(TOKEN_IDS))
             out, state = self.mixer(inputs, None if cache is None else cache.state, output_state=cache is not None)
             if cache is not None:
                 cache.advance(state, length)
         else:
+            q, k, v, _, _ = self.project(hidden_states, position_embeddings)
             if past_key_values is not None:
                 k, v = past_key_values.update(k, v, self.layer_idx)
             out = softmax_attention(q, k, v, self.scaling, attention_mask, self.teacher_window)

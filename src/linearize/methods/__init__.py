@@ -11,7 +11,7 @@ from typing import Any
 
 from linearize.config import RunConfig, deep_merge, from_dict
 from linearize.errors import LinearizeError
-from linearize.methods.base import Method, Shapes
+from linearize.methods.base import SEQ_LEN, Method, Shapes
 from linearize.methods.hybrid import Hybrid
 from linearize.methods.liger import Liger
 from linearize.methods.lolcats import Lolcats
@@ -60,6 +60,9 @@ def build_config(user: dict[str, Any]) -> RunConfig:
     config.attention = method_settings(method_name, config.attention)
     if getattr(config.attention, "memory_layers", None) == "measured":
         config.attention.memory_layers = measured_memory_layers(config.model)
+    if getattr(config.attention, "sink_distance", None) == SEQ_LEN:
+        config.attention.sink_distance = config.data.seq_len
+        config.attention.validate()
     for stage in ("transfer", "finetune"):
         if stage not in impl.stages:
             if (user.get(stage) or {}).get("enabled"):
@@ -73,6 +76,8 @@ def build_config(user: dict[str, Any]) -> RunConfig:
         unknown = set(baseline) - {"method", "attention"}
         if unknown:
             raise LinearizeError(f"baselines.{name} has unknown keys {sorted(unknown)}: use 'method' and 'attention'")
+        if (baseline.get("attention") or {}).get("sink_distance") == SEQ_LEN:
+            baseline["attention"] = {**baseline["attention"], "sink_distance": config.data.seq_len}
         method_settings(baseline["method"], baseline.get("attention") or {}, f"baselines.{name}.attention.")
     _check_run(config)
     return config

@@ -52,12 +52,18 @@ class SwapSettings:
         check_choice("local_layers", self.local_layers, LOCAL_LAYERS)
 
 
+SEQ_LEN = "seq_len"  # sink_distance: the run's data.seq_len
+
+
 @dataclass
 class WindowSettings(SwapSettings):
     """A softmax window with attention sinks: the part every hybrid shares."""
 
     window_size: int = 64  # softmax keys per query (itself included)
     sink_tokens: int = 0  # the first N real tokens of a row stay softmax keys for every query
+    # a query farther than this from the sinks scores them as if from this distance (the positions it trained
+    # on): null = their true distance; "seq_len" = data.seq_len (resolved by the run's config)
+    sink_distance: int | str | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -65,6 +71,19 @@ class WindowSettings(SwapSettings):
             raise LinearizeError(f"attention.window_size must be >= 1, got {self.window_size}")
         if self.sink_tokens < 0:
             raise LinearizeError(f"attention.sink_tokens must be >= 0, got {self.sink_tokens}")
+        distance = self.sink_distance
+        if not (distance is None or distance == SEQ_LEN or (
+                isinstance(distance, int) and not isinstance(distance, bool) and distance >= self.window_size)):
+            raise LinearizeError(f"attention.sink_distance must be null (the sinks' true distance), \"{SEQ_LEN}\" "
+                                 f"(data.seq_len) or a number of positions >= attention.window_size "
+                                 f"({self.window_size}), got {distance!r}")
+
+    def resolved_sink_distance(self) -> int | None:
+        """`sink_distance` as the layers take it: "seq_len" left unresolved (no run config) is an error."""
+        if self.sink_distance == SEQ_LEN:
+            raise LinearizeError("attention.sink_distance: seq_len means the run's data.seq_len; outside a run "
+                                 "config give a number of positions (e.g. the length the student trains on)")
+        return self.sink_distance
 
 
 def check_choice(key: str, value: Any, choices) -> None:

@@ -147,6 +147,7 @@ class HybridMixer(Mixer):
         self.memory_bias = settings.order_biases()
         self.window_size = settings.window_size
         self.sink_tokens = settings.sink_tokens
+        self.sink_distance = settings.resolved_sink_distance()
         self.linear_rope = settings.linear_rope
         self.scale = head_dim**-0.5 if scale is None else scale
         self.feature_map_q = build_feature_map(settings.feature_map, num_heads, head_dim, settings.feature_dim)
@@ -203,6 +204,7 @@ class HybridMixer(Mixer):
             x.q, x.k, x.v, self.window_size, state, output_state,
             sink_tokens=0 if "sinks" in self.off else self.sink_tokens, fq=fq, fk=k, key_features=self.key_features,
             log_gate=log_gate, key_mask=x.key_mask, scale=self.scale, **self.memory_inputs(x),
+            **self.sink_inputs(x),
         )
 
     def memory_inputs(self, x) -> dict:
@@ -223,7 +225,8 @@ class Hybrid(Method):
     summary = "window + sink softmax, plus a learned linear state grown from zero (ours): transfer, then LoRA"
     Settings = Settings
     stages = ("transfer", "finetune")
-    stage_defaults = {"finetune": {"lora_alpha": 16.0}}
+    # a run's student reads its sinks from no farther than it trained (the Python API's default: true distances)
+    stage_defaults = {"finetune": {"lora_alpha": 16.0}, "attention": {"sink_distance": "seq_len"}}
 
     def build_mixer(self, settings, shapes):
         return HybridMixer(settings, shapes.num_heads, shapes.num_kv_heads, shapes.head_dim,

@@ -47,6 +47,7 @@ class LigerMixer(Mixer):
     def __init__(self, settings: Settings, head_dim: int, scale: float | None = None):
         super().__init__()
         self.settings = settings
+        self.sink_distance = settings.resolved_sink_distance()
         self.scale = head_dim**-0.5 if scale is None else scale
 
     def recurrence_inputs(self, q_nope, k_nope):
@@ -71,7 +72,7 @@ class LigerMixer(Mixer):
         window_state = None if state is None else replace(state, recurrent=None)
         window, window_state = self.window_op(
             x.q, x.k, x.v, s.window_size, window_state, output_state,
-            sink_tokens=s.sink_tokens, key_mask=x.key_mask, scale=self.scale,
+            sink_tokens=s.sink_tokens, key_mask=x.key_mask, scale=self.scale, **self.sink_inputs(x),
         )
         out = s.mix[0] * window + s.mix[1] * recurrent
         if window_state is not None:

@@ -54,6 +54,7 @@ class LolcatsMixer(Mixer):
         super().__init__()
         self.window_size = settings.window_size
         self.sink_tokens = settings.sink_tokens
+        self.sink_distance = settings.resolved_sink_distance()
         self.chunk_size = settings.chunk_size
         self.scale = head_dim**-0.5 if scale is None else scale
         self.groups = num_heads // num_kv_heads
@@ -75,6 +76,7 @@ class LolcatsMixer(Mixer):
         return self.window_op(
             x.q, k, v, self.window_size, state, output_state, sink_tokens=self.sink_tokens,
             fq=fq / g[:, None, None].to(fq.dtype), fk=fk, key_mask=x.key_mask, scale=self.scale,
+            **self.sink_inputs(x),
         )
 
 

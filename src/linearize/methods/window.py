@@ -23,12 +23,13 @@ class WindowMixer(Mixer):
         super().__init__()
         self.window_size = settings.window_size
         self.sink_tokens = settings.sink_tokens
+        self.sink_distance = settings.resolved_sink_distance()
         self.scale = head_dim**-0.5 if scale is None else scale
 
     def forward(self, x, state, output_state):
         return self.window_op(
             x.q, x.k, x.v, self.window_size, state, output_state,
-            sink_tokens=self.sink_tokens, key_mask=x.key_mask, scale=self.scale,
+            sink_tokens=self.sink_tokens, key_mask=x.key_mask, scale=self.scale, **self.sink_inputs(x),
         )
 
 

@@ -36,7 +36,7 @@ from linearize.models.saving import (
     save_adapter,
     save_full,
 )
-from linearize.teacher.families import check_supported, local_layers
+from linearize.teacher.families import check_supported, layer_rotary, local_layers
 
 
 class LinearizedPreTrainedModel(PreTrainedModel):
@@ -266,4 +266,4 @@ def swap_attention(model: nn.Module, method: str, settings: Any, device: torch.d
         mixer = impl.build_mixer(settings, dataclasses.replace(shapes, layer_index=index, num_layers=len(layers)))
         if device is not None:
             mixer.to(device=device)
-        layer.self_attn = LinearizedAttention(layer.self_attn, mixer, index)
+        layer.self_attn = LinearizedAttention(layer.self_attn, mixer, index, layer_rotary(model, index))

@@ -68,13 +68,20 @@ class LayerRotary:
         self.model, self.hidden = model, hidden
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
-        self._by_type: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._by_type: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rotary = self.model.model.rotary_emb
-        layer_type = self.config.layer_types[index] if hasattr(rotary, "layer_types") else None
-        if layer_type not in self._by_type:
-            args = (layer_type,) if layer_type is not None else ()
-            self._by_type[layer_type] = rotary(self.hidden, self.positions, *args)
-        return self._by_type[layer_type]
+        rotary, args = layer_rotary(self.model, index)
+        if args not in self._by_type:
+            self._by_type[args] = rotary(self.hidden, self.positions, *args)
+        return self._by_type[args]
+
+
+def layer_rotary(model: nn.Module, index: int) -> tuple[nn.Module, tuple]:
+    """(the model's rotary embedding module, its extra arguments for layer `index`): Gemma 3's module takes
+    the layer's type (local layers have their own base)."""
+    rotary = model.model.rotary_emb
+    config = getattr(model.config, "text_config", None) or model.config  # a student's config holds its teacher's
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return rotary, ((config.layer_types[index],) if hasattr(rotary, "layer_types") else ())
 

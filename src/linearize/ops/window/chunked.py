@@ -65,14 +65,18 @@ def window_attention_chunked(
     memory_recall: str = "all",
     memory_bias: tuple[float, ...] = (),
     key_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sink_q: torch.Tensor | None = None,
+    sink_distance: int | None = None,
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Linear in T: chunks of size `window`. Query chunk i reaches its window in chunks i - 1 and i (one
     [C, 2C] softmax block); the linear terms of chunk i - 1's keys that already left the window are one
     [C, C] block, chunks <= i - 2 enter through their summed (decayed) state, carried by a short scan over
     chunks; sinks add a [C, S] block against each row's first real tokens, counted where they lie
     outside the window. No [N, N] or [C, C, F] tensor, and the blocks are built `GROUP_TOKENS` queries at
-    a time: memory and time grow linearly in T."""
-    _check(window, sink_tokens, fq, fk)
+    a time: memory and time grow linearly in T. `sink_q` [B, H, T, D]: each query rotated to position
+    `sink_distance`, what a query farther than that from the sinks scores them with (the attention layer's
+    `sink_distance`)."""
+    _check(window, sink_tokens, fq, fk, sink_q, sink_distance)
     out_dtype = v.dtype
     fk, kept = key_features_of(fk, key_features)
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
@@ -112,6 +116,10 @@ def window_attention_chunked(
         query_index = torch.arange(n_chunks * chunk, device=k.device).view(n_chunks, chunk, 1)
         sink_hidden = ~((where[:, None, None, :] >= 0) & (where[:, None, None, :] <= query_index - window))
         sink_hidden = sink_hidden[:, None, :, None]  # [B, 1, N, 1, C, S]
+        if sink_q is not None:  # queries beyond sink_distance read the sinks from there
+            far_qc = _query_chunks(sink_q.float(), kv_heads, chunk)
+            reads_far = F.pad(positions, (0, n_chunks * chunk - t), value=-1) > sink_distance
+            reads_far = reads_far.view(batch, 1, n_chunks, 1, chunk, 1)  # [B, 1, N, 1, C, 1]
 
     if fk is not None:
         # linear terms: query t of chunk i reads chunk i - 1's keys s <= t (local index) directly, and
@@ -150,8 +158,11 @@ def window_attention_chunked(
             hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, 2C]
         row_max = scores.amax(-1, keepdim=True)
         if sink_tokens > 0:
-            sink_scores = (qc[:, :, n] @ sink_keys_t).mul_(scale).view(*shape, sink_tokens).masked_fill_(
-                sink_hidden[:, :, n], float("-inf"))
+            sink_scores = (qc[:, :, n] @ sink_keys_t).mul_(scale).view(*shape, sink_tokens)
+            if sink_q is not None:
+                far = (far_qc[:, :, n] @ sink_keys_t).mul_(scale).view(*shape, sink_tokens)
+                sink_scores = torch.where(reads_far[:, :, n], far, sink_scores)
+            sink_scores = sink_scores.masked_fill_(sink_hidden[:, :, n], float("-inf"))
             row_max = torch.maximum(row_max, sink_scores.amax(-1, keepdim=True))
         window_max = row_max  # c_t
         if memory_buckets > 0:

@@ -113,7 +113,11 @@ def _recalled(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, width).index_select(0, rows).view(batch, kv_heads, *index.shape[1:], width)
 
 
-def _check(window: int, sink_tokens: int, fq, fk) -> None:
+def _check(window: int, sink_tokens: int, fq, fk, sink_q=None, sink_distance: int | None = None) -> None:
+    if (sink_q is None) != (sink_distance is None):
+        raise ValueError("give both sink_q and sink_distance, or neither")
+    if sink_distance is not None and sink_distance < window:
+        raise ValueError(f"sink_distance ({sink_distance}) must be >= window ({window})")
     if window < 1:
         raise ValueError(f"window ({window}) must be >= 1")
     if sink_tokens < 0:

@@ -34,9 +34,11 @@ def window_attention_parallel(
     memory_recall: str = "all",
     memory_bias: tuple[float, ...] = (),
     key_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sink_q: torch.Tensor | None = None,
+    sink_distance: int | None = None,
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Quadratic reference: every [T, T] weight materialised."""
-    _check(window, sink_tokens, fq, fk)
+    _check(window, sink_tokens, fq, fk, sink_q, sink_distance)
     out_dtype = v.dtype
     fk, kept = key_features_of(fk, key_features)
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
@@ -50,6 +52,10 @@ def window_attention_parallel(
     soft = visible & ((age < window)[None] | is_sink[:, None, :])
     soft = soft | torch.eye(t, dtype=torch.bool, device=k.device)  # a padded query sees itself: no NaN
     scores = torch.einsum("bkgtd,bksd->bkgts", group_heads(q, kv_heads), k) * scale
+    if sink_q is not None and sink_tokens > 0:  # a query beyond sink_distance reads the sinks from there
+        far = torch.einsum("bkgtd,bksd->bkgts", group_heads(sink_q.float(), kv_heads), k) * scale
+        reads_far = (positions > sink_distance)[:, :, None] & is_sink[:, None, :]  # [B, T, T]
+        scores = torch.where(reads_far[:, None, None], far, scores)
     scores = scores.masked_fill(~soft[:, None, None], float("-inf"))
     row_max = scores.amax(-1, keepdim=True)
     window_max = row_max  # c_t

@@ -35,6 +35,8 @@ def window_attention_recurrent(
     memory_recall: str = "all",
     key_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
     memory_bias: tuple[float, ...] = (),
+    sink_q: torch.Tensor | None = None,
+    sink_distance: int | None = None,
 ) -> tuple[torch.Tensor, DecodeState]:
     """Token by token from `state` (decoding; T is usually 1). Each new token joins the window; the oldest
     window token leaves it: into its sink slot if it is one of the row's first `sink_tokens` real tokens,
@@ -42,19 +44,22 @@ def window_attention_recurrent(
     written to the memory (in place; see `DecodeState`), in the format its table has (`memory_format` is
     taken for the same arguments as the fresh-sequence forms; the state's table decides). With `key_features`,
     `fk` holds the inputs of the keys' feature map, as the window keeps them: a key is mapped when it leaves
-    the window (the same features, computed once, without keeping them beside the key)."""
-    _check(window, sink_tokens, fq, fk)
+    the window (the same features, computed once, without keeping them beside the key). `sink_q`: the
+    queries a query beyond `sink_distance` scores the sinks with (as the chunked form)."""
+    _check(window, sink_tokens, fq, fk, sink_q, sink_distance)
     if memory_buckets > 0 and token_ids is None:
         raise ValueError("a recall memory (memory_buckets > 0) needs the token ids (token_ids)")
     if q.shape[2] == 1 and key_mask is None and window > 1:
         return _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids,
-                          memory_buckets, memory_ngram, key_features, memory_recall, memory_bias)
+                          memory_buckets, memory_ngram, key_features, memory_recall, memory_bias, sink_q,
+                          sink_distance)
     out_dtype = v.dtype
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
     batch, kv_heads, t, head_dim = k.shape
     scale = head_dim**-0.5 if scale is None else scale
     q = group_heads(q, kv_heads)
     fq = None if fq is None else group_heads(fq, kv_heads)
+    far_q = None if sink_q is None or sink_tokens == 0 else group_heads(sink_q.float(), kv_heads)
     s = state
     w_keys, w_values, w_valid, w_position = _float(s.window_keys), _float(s.window_values), s.window_valid, \
         s.window_position
@@ -85,6 +90,8 @@ def window_attention_recurrent(
             keys, values = torch.cat([mem_k, keys], dim=2), torch.cat([mem_v, values], dim=2)
             visible = torch.cat([has, visible], dim=1)
         scores = torch.einsum("bkgd,bksd->bkgs", q[:, :, :, i], keys) * scale
+        if far_q is not None:  # the sink columns follow the recalled ones
+            scores = _far_sinks(scores, far_q[:, :, :, i], sink_keys, recalled, position_i, sink_distance, scale)
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
         if recalled and memory_bias:
             scores = scores + memory.bias_of(scores, memory_bias, scores.shape[-1])
@@ -150,8 +157,18 @@ def window_attention_recurrent(
     return o, new_state
 
 
+def _far_sinks(scores, far_q, sink_keys, first: int, position, sink_distance: int, scale: float) -> torch.Tensor:
+    """scores [B, Hk, G, S'] with its sink columns [first, first + sinks) scored by `far_q` [B, Hk, G, D]
+    where the query's real position [B] lies beyond `sink_distance`."""
+    sinks = sink_keys.shape[2]
+    far = (far_q @ sink_keys.transpose(-1, -2)).mul_(scale)
+    near = scores[..., first : first + sinks]
+    chosen = torch.where((position > sink_distance)[:, None, None, None], far, near)
+    return torch.cat([scores[..., :first], chosen, scores[..., first + sinks :]], dim=-1)
+
+
 def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids, memory_buckets,
-               memory_ngram, key_features=None, memory_recall="all", memory_bias=()):
+               memory_ngram, key_features=None, memory_recall="all", memory_bias=(), sink_q=None, sink_distance=None):
     """`window_attention_recurrent` for one real token per row (the decoding step), in as few ops as the
     math allows: per-step dispatch, not arithmetic, is what a decoding step costs on a CPU. The same
     result as the general loop (tests hold them equal)."""
@@ -183,7 +200,12 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         visible = torch.cat([has, visible], dim=1)
         recalled = has.shape[1]
         first += recalled
-    scores = (q @ keys.transpose(-1, -2)).mul_(scale).masked_fill_(~visible[:, None, None], float("-inf"))
+    scores = (q @ keys.transpose(-1, -2)).mul_(scale)
+    if sink_q is not None and sink_tokens > 0:  # the sink columns follow the recalled ones
+        far_q = sink_q.float().view(batch, kv_heads, -1, head_dim)
+        scores = _far_sinks(scores, far_q, keys[:, :, recalled : recalled + sink_tokens], recalled, s.seen,
+                            sink_distance, scale)
+    scores = scores.masked_fill_(~visible[:, None, None], float("-inf"))
     if recalled and memory_bias:
         scores = scores + memory.bias_of(scores, memory_bias, scores.shape[-1])
     row_max = scores.amax(-1, keepdim=True)
