@@ -69,7 +69,6 @@ def test_method_stage_defaults_sit_between_base_defaults_and_the_user():
         ({"attention": {"sink_distance": 32}}, r"attention.sink_distance must be null .* >= attention.window_size "
                                                  r"\(60\), got 32"),
         ({"attention": {"sink_distance": "far"}}, "attention.sink_distance must be null"),
-        ({"data": {"seq_len": 32}}, r"attention.sink_distance must be null .* got 32"),
         ({"baselines": {"w": {"method": "window", "attention": {"sink_distance": -1}}}}, "sink_distance must be null"),
         ({"data": {"recall_fraction": 1.5}}, "data.recall_fraction must be a fraction"),
         ({"finetune": {"answer_weight": -1}}, "finetune.answer_weight must be >= 0"),
@@ -118,12 +117,13 @@ def test_a_printed_full_config_loads_back_unchanged(method, tmp_path):
 
 
 def test_sink_distance_seq_len_resolves_to_the_runs_block_length():
-    """`sink_distance: seq_len` is data.seq_len, for the student and a baseline; a number stays as given; the
-    layers refuse it unresolved (outside a run config)."""
+    """`sink_distance: seq_len` is data.seq_len (the window size if larger), for the student and a baseline; a
+    number stays as given; the layers refuse it unresolved (outside a run config)."""
     config = build_config({"data": {"seq_len": 512}, "attention": {"sink_distance": "seq_len"},
                            "baselines": {"w": {"method": "window", "attention": {"sink_distance": "seq_len"}}}})
     assert config.attention.sink_distance == 512 and config.baselines["w"]["attention"]["sink_distance"] == 512
     assert build_config({"attention": {"sink_distance": 2048}}).attention.sink_distance == 2048
+    assert build_config({"data": {"seq_len": 32}}).attention.sink_distance == 60  # never inside the window
     with pytest.raises(LinearizeError, match="sink_distance: seq_len means the run's data.seq_len"):
         linearize(make_tiny_model("llama"), "window", {"sink_tokens": 2, "sink_distance": "seq_len"})
 

@@ -60,9 +60,8 @@ def build_config(user: dict[str, Any]) -> RunConfig:
     config.attention = method_settings(method_name, config.attention)
     if getattr(config.attention, "memory_layers", None) == "measured":
         config.attention.memory_layers = measured_memory_layers(config.model)
-    if getattr(config.attention, "sink_distance", None) == SEQ_LEN:
-        config.attention.sink_distance = config.data.seq_len
-        config.attention.validate()
+    if getattr(config.attention, "sink_distance", None) == SEQ_LEN:  # never inside the window
+        config.attention.sink_distance = max(config.data.seq_len, config.attention.window_size)
     for stage in ("transfer", "finetune"):
         if stage not in impl.stages:
             if (user.get(stage) or {}).get("enabled"):
@@ -76,8 +75,10 @@ def build_config(user: dict[str, Any]) -> RunConfig:
         unknown = set(baseline) - {"method", "attention"}
         if unknown:
             raise LinearizeError(f"baselines.{name} has unknown keys {sorted(unknown)}: use 'method' and 'attention'")
-        if (baseline.get("attention") or {}).get("sink_distance") == SEQ_LEN:
-            baseline["attention"] = {**baseline["attention"], "sink_distance": config.data.seq_len}
+        attention = baseline.get("attention") or {}
+        if attention.get("sink_distance") == SEQ_LEN:
+            window = method_settings(baseline["method"], attention, f"baselines.{name}.attention.").window_size
+            baseline["attention"] = {**attention, "sink_distance": max(config.data.seq_len, window)}
         method_settings(baseline["method"], baseline.get("attention") or {}, f"baselines.{name}.attention.")
     _check_run(config)
     return config
