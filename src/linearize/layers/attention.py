@@ -153,7 +153,7 @@ class LinearizedAttention(nn.Module):
         self.mode = "linear"
         self.recorded: tuple[torch.Tensor, ...] | None = None
         self.rotary = rotary  # a tuple: the module is the model's, not a submodule of this layer
-        self._far_rotary: dict = {}  # (cos, sin) at the sink distance, per device and dtype
+        self._far_rotary: dict = {}  # (cos, sin) at the sink distance, per device, dtype and distance
 
     def project(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
@@ -176,7 +176,7 @@ class LinearizedAttention(nn.Module):
         distance = self.mixer.sink_distance
         if distance is None:
             return None
-        key = (q_nope.device, q_nope.dtype)
+        key = (q_nope.device, q_nope.dtype, distance)
         if key not in self._far_rotary:
             if self.rotary is None:
                 raise ValueError("attention.sink_distance needs the model's rotary embedding: build the layer with "
