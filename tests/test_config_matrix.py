@@ -80,6 +80,7 @@ CASES = {
     "no_held_out_blocks": {"data": {"eval_blocks": 0}},
     "no_stored_targets": {"finetune": {"distill_top_k": 0}},
     "no_decay": {"attention": {"window_size": 8, "sink_tokens": 2, "decay": None}},
+    "sinks_at_their_true_distance": {"attention": {"window_size": 8, "sink_tokens": 2, "sink_distance": None}},
     "a_softmax_layer_kept": {"attention": {"window_size": 8, "sink_tokens": 2, "softmax_layers": [0]}},
     "blocks_of_one_layer": {"transfer": {"layers_per_block": 1, "store": "blocks"}},
     "no_retrieval": {"evaluate": {"retrieval": []}},
