@@ -76,10 +76,9 @@ def build_config(user: dict[str, Any]) -> RunConfig:
         if unknown:
             raise LinearizeError(f"baselines.{name} has unknown keys {sorted(unknown)}: use 'method' and 'attention'")
         attention = baseline.get("attention") or {}
-        if attention.get("sink_distance") == SEQ_LEN:
-            window = method_settings(baseline["method"], attention, f"baselines.{name}.attention.").window_size
-            baseline["attention"] = {**attention, "sink_distance": max(config.data.seq_len, window)}
-        method_settings(baseline["method"], baseline.get("attention") or {}, f"baselines.{name}.attention.")
+        settings = method_settings(baseline["method"], attention, f"baselines.{name}.attention.")
+        if getattr(settings, "sink_distance", None) == SEQ_LEN:  # as the student's: never inside the window
+            baseline["attention"] = {**attention, "sink_distance": max(config.data.seq_len, settings.window_size)}
     _check_run(config)
     return config
 
