@@ -73,6 +73,7 @@ def window_attention_recurrent(
         query_bucket, key_bucket, recent = memory.key_buckets(
             token_ids, mask, real_positions(mask, seen), sink_tokens, memory_buckets, s.recent_tokens, memory_ngram)
     recalled = query_bucket.shape[-1] if memory_buckets > 0 else 0  # memory keys, first in each row
+    bias = None  # the memory bias as a row of scores: the same for every token, built at the first
     outputs = []
     for i in range(t):
         valid_i = mask[:, i]
@@ -94,7 +95,8 @@ def window_attention_recurrent(
             scores = _far_sinks(scores, far_q[:, :, :, i], sink_keys, recalled, position_i, sink_distance, scale)
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
         if recalled and memory_bias:
-            scores = scores + memory.bias_of(scores, memory_bias, scores.shape[-1])
+            bias = memory.bias_of(scores, memory_bias, scores.shape[-1]) if bias is None else bias
+            scores = scores + bias
         row_max = scores.amax(-1, keepdim=True)
         num = (scores - row_max).exp() @ append_ones(values)  # [B, Hk, G, D + 1]
         if recurrent is not None:
@@ -159,12 +161,12 @@ def window_attention_recurrent(
 
 def _far_sinks(scores, far_q, sink_keys, first: int, position, sink_distance: int, scale: float) -> torch.Tensor:
     """scores [B, Hk, G, S'] with its sink columns [first, first + sinks) scored by `far_q` [B, Hk, G, D]
-    where the query's real position [B] lies beyond `sink_distance`."""
+    where the query's real position [B] lies beyond `sink_distance` (written into `scores`, returned)."""
     sinks = sink_keys.shape[2]
     far = (far_q @ sink_keys.transpose(-1, -2)).mul_(scale)
     near = scores[..., first : first + sinks]
-    chosen = torch.where((position > sink_distance)[:, None, None, None], far, near)
-    return torch.cat([scores[..., :first], chosen, scores[..., first + sinks :]], dim=-1)
+    near.copy_(torch.where((position > sink_distance)[:, None, None, None], far, near))  # in place: no copy of the row
+    return scores
 
 
 def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids, memory_buckets,
