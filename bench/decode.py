@@ -312,9 +312,11 @@ def batch_table(args, teacher: str) -> list[str]:
     teacher with an int4 KV cache."""
     import importlib.util
 
+    if not args.batch_contexts:
+        return []
     models = list(MODELS)
     lines = []
-    if importlib.util.find_spec("optimum.quanto") is None:
+    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
         models.remove("teacher-int4")
         lines += ["(The teacher with a quantized KV cache is left out: `pip install optimum-quanto` for those rows.)",
                   ""]
