@@ -102,11 +102,9 @@ def test_report_holds_every_row_and_stage(finished_run):
     # where the time went: every step that ran, the training steps taking at least their stages' own time
     steps = report["seconds_by_step"]
     assert {"transfer", "convert", "finetune", "evaluate_student", "baselines"} <= set(steps)
-    # each step is rounded to 0.1 s: allow that rounding (0.05 s a step), no more
-    slack = 0.05 + 1e-9
-    assert steps["transfer"] >= transfer["seconds"] - slack and steps["finetune"] >= finetune["seconds"] - 2 * slack
-    assert sum(steps.values()) <= report["seconds_total"] + slack * len(steps)
-    assert "stage 2 and its evaluation" in text
+    # the steps as measured; a stage's summary rounds its own time to 0.1 s (stage_summary)
+    assert steps["transfer"] >= transfer["seconds"] and steps["finetune"] >= finetune["seconds"] - 0.05
+    assert sum(steps.values()) <= report["seconds_total"] and "stage 2 and its evaluation" in text
 
 
 def test_report_holds_retrieval_for_every_model_and_the_branch_ablation(finished_run):

@@ -469,7 +469,7 @@ class Recipe:
     def report(self) -> None:
         elapsed = (self.progress.get("seconds") or 0) + time.perf_counter() - self.started
         self.result["seconds_total"] = self.progress.put("seconds", elapsed)
-        self.result["seconds_by_step"] = {key.removeprefix("time."): round(value, 1)
+        self.result["seconds_by_step"] = {key.removeprefix("time."): value  # as measured: the report rounds them
                                           for key, value in self.progress.data.items() if key.startswith("time.")}
         if distributed.is_main():
             try:
