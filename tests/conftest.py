@@ -4,6 +4,9 @@
 machine de-quantises the GGUF into the teacher cache (about 20 s); later sessions load it in under a
 second. Set LINEARIZE_CACHE to keep that cache somewhere else.
 
+`@pytest.mark.cuda` marks a test that needs a CUDA GPU: `pytest -m cuda` selects them (bench/gpu.sh runs them
+on a GPU), and without a GPU each is skipped, saying so.
+
 transformers is imported inside the fixtures, so test modules that do not use them collect quickly.
 """
 
@@ -16,6 +19,18 @@ from helpers import make_byte_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    cuda_tests = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_tests:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU; none here (on one: `pytest -m cuda`, or bench/gpu.sh)")
+        for item in cuda_tests:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

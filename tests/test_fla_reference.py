@@ -294,7 +294,7 @@ def test_fla_backend_registers_for_cuda_only_where_it_can_run(monkeypatch):
     assert backend.get("linear_attention_chunked", "cpu") is linear_attention_chunked
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernels run on a CUDA GPU; none here")
+@pytest.mark.cuda  # fla's Triton kernels run on a CUDA GPU only
 @pytest.mark.parametrize("heads,kv_heads", HEADS)
 @pytest.mark.parametrize("gate", ["none", "scalar", "feature"])
 @pytest.mark.parametrize("continued", [False, True])

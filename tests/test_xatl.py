@@ -258,7 +258,7 @@ def test_what_fla_cannot_express_is_refused(family, attention, message):
 
 
 @needs_fla
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's GLA kernels run on a CUDA GPU; none here")
+@pytest.mark.cuda  # fla's GLA kernels run on a CUDA GPU only
 def test_fla_export_gives_the_same_logits_on_gpu():
     from linearize.models.fla_export import to_fla
 
