@@ -21,7 +21,14 @@ fraction of the machine's bandwidth limit: weight bytes read per token over a me
 the speed of a step that only streams the weights through one single-token matmul per linear layer.
 Without a trained student directory the untrained hybrid is timed (speed does not depend on training).
 Writes OUTPUT (default runs/default/decode.md, or decode-bfloat16.md; the run's report.html includes
-decode.md when present).
+decode.md when present), and with `--json PATH` every number measured.
+
+On a GPU (`--device cuda`; bench/gpu.py runs it so): the models and inputs live on it, every timing waits
+for its work to finish, memory is the peak the GPU's allocator held, the bandwidth limit is the GPU's own
+copy bandwidth, and the largest batch halves until its step fits when its activations do not (the batches
+tried are kept). `--in-process` measures everything in this one process instead of one process per model
+and context (a GPU's peak memory is reset for each; seconds of start-up saved per measurement; the CPU's
+peak RSS is then the process's so far); `--compile-contexts` limits the compiled steps to some contexts.
 """
 
 from __future__ import annotations
@@ -37,12 +44,15 @@ from pathlib import Path
 
 import torch
 
+from linearize.generation import cache_bytes
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def load_model(which: str, student_dir: str | None, dtype: str = "float32", teacher: str | None = None):
+def load_model(which: str, student_dir: str | None, dtype: str = "float32", teacher: str | None = None,
+               device: str = "cpu"):
     """The teacher ("teacher", "teacher-int4"), or the student saved in `student_dir` (the untrained hybrid if
-    there is none)."""
+    there is none), on `device`."""
     from linearize import linearize
     from linearize.teacher import DEFAULT_TEACHER, load_teacher
 
@@ -55,7 +65,19 @@ def load_model(which: str, student_dir: str | None, dtype: str = "float32", teac
         model = load(student_dir, device="cpu")[0]
     else:
         model = linearize(load_teacher(teacher)[0], "hybrid")
-    return model.to(DTYPES[dtype]).eval()
+    return model.to(DTYPES[dtype]).to(device).eval()
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for a GPU's queued work, so that a clock read after it counts it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_ids(model, shape: tuple[int, ...], device) -> torch.Tensor:
+    """Seeded random token ids of the model's vocabulary (the same ids on any device)."""
+    high = min(40000, model.get_input_embeddings().num_embeddings)
+    return torch.randint(min(100, high - 1), high, shape, generator=torch.Generator().manual_seed(0)).to(device)
 
 
 @torch.no_grad()
@@ -63,37 +85,17 @@ def weight_stream_tok_s(model) -> float:
     """Tokens/s if a decoding step did nothing but one single-token matmul per linear layer (every weight
     read once, as a step must): the floor set by this machine's GEMV speed, for any model."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    x = {m.in_features: torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in linears}
+    device = linears[0].weight.device
+    x = {m.in_features: torch.randn(1, m.in_features, dtype=m.weight.dtype, device=device) for m in linears}
     for m in linears:
         m(x[m.in_features])
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(5):
         for m in linears:
             m(x[m.in_features])
+    synchronize(device)
     return 5 / (time.perf_counter() - start)
-
-
-def tensor_bytes(t: torch.Tensor | None) -> int:
-    """Bytes of a tensor, or of the tensors inside a tensor subclass (a quanto packed tensor: codes, scales,
-    shifts)."""
-    if t is None:
-        return 0
-    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, name)) for name in names)
-    return t.numel() * t.element_size()
-
-
-def cache_bytes(cache) -> int:
-    total = 0
-    for layer in cache.layers:
-        if hasattr(layer, "nbytes") and callable(layer.nbytes):
-            total += layer.nbytes()
-        else:  # softmax keys and values, plus a quantized cache's packed part
-            parts = (layer.keys, layer.values, getattr(layer, "_quantized_keys", None),
-                     getattr(layer, "_quantized_values", None))
-            total += sum(tensor_bytes(t) for t in parts)
-    return total
 
 
 def quantized_cache(model, batch_of=None):
@@ -117,30 +119,37 @@ MODELS = ("student", "teacher", "teacher-int4")  # the teacher-int4 rows: its KV
 def timed_steps(step, token: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
     """`step` (token -> next token) once untimed, then `steps` timed times: (last token, steps per second)."""
     token = step(token)
+    synchronize(token.device)
     start = time.perf_counter()
     for _ in range(steps):
         token = step(token)
+    synchronize(token.device)
     return token, steps / (time.perf_counter() - start)
 
 
 @torch.no_grad()
 def measure_one(which: str, context: int, steps: int, student_dir: str | None, dtype: str,
-                compile_step: bool = False, teacher: str | None = None) -> dict:
+                compile_step: bool = False, teacher: str | None = None, device: str = "cpu") -> dict:
     """Prefill `context` random tokens, then `steps` greedy decode steps; in this process. `compile_step`:
     then three eager and three compiled blocks of `steps`, alternating, from the same cache (medians); for
     the teacher, the same from its cache copied into a StaticCache (`teacher_static`)."""
     from transformers import DynamicCache
 
-    model = load_model(which, student_dir, dtype, teacher)
-    ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(0))
+    model = load_model(which, student_dir, dtype, teacher, device)
+    ids = random_ids(model, (1, context), device)
     cache = quantized_cache(model) if which == "teacher-int4" else DynamicCache(config=model.config)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
 
     def greedy(token: torch.Tensor) -> tuple[torch.Tensor, float]:
         return timed_steps(lambda token: model(input_ids=token, past_key_values=cache, use_cache=True)
                            .logits[:, -1:].argmax(-1), token, steps)
 
+    synchronize(device)
     start = time.perf_counter()
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    synchronize(device)
     prefill = time.perf_counter() - start
     token, decode_tok_s = greedy(out.logits[:, -1:].argmax(-1))
     result = {
@@ -149,6 +158,8 @@ def measure_one(which: str, context: int, steps: int, student_dir: str | None, d
         "cache_mib": cache_bytes(cache) / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if cuda:
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if compile_step and which == "student":
         model.compile_decoding()
         start = time.perf_counter()
@@ -164,6 +175,8 @@ def measure_one(which: str, context: int, steps: int, student_dir: str | None, d
         result["decode_eager_rounds_tok_s"] = statistics.median(speeds[False])
         result["decode_compiled_tok_s"] = statistics.median(speeds[True])
         result["peak_rss_compiled_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if cuda:
+            result["peak_cuda_compiled_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if compile_step and which == "teacher":
         result.update(teacher_static(model, cache, token, context, steps))
     return result
@@ -179,8 +192,10 @@ def teacher_static(model, dynamic, token: torch.Tensor, context: int, steps: int
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=context + 16 * (steps + 1))
+    device = token.device
     for index, layer in enumerate(dynamic.layers):
-        cache.update(layer.keys, layer.values, index, {"cache_position": torch.arange(layer.keys.shape[-2])})
+        cache.update(layer.keys, layer.values, index,
+                     {"cache_position": torch.arange(layer.keys.shape[-2], device=device)})
     position = dynamic.get_seq_length()
     compiled = torch.compile(model.forward, dynamic=False)
 
@@ -188,7 +203,7 @@ def teacher_static(model, dynamic, token: torch.Tensor, context: int, steps: int
         def step(token):
             nonlocal position
             logits = forward(input_ids=token, past_key_values=cache, use_cache=True,
-                             cache_position=torch.tensor([position])).logits
+                             cache_position=torch.tensor([position], device=device)).logits
             position += 1
             return logits[:, -1:].argmax(-1)
 
@@ -209,45 +224,61 @@ def teacher_static(model, dynamic, token: torch.Tensor, context: int, steps: int
 
 @torch.no_grad()
 def measure_batches(which: str, context: int, batches: list[int], steps: int, student_dir: str | None,
-                    dtype: str, teacher: str | None = None, fit_gib: float = 2.0) -> dict:
+                    dtype: str, teacher: str | None = None, fit_gib: float = 2.0, device: str = "cpu") -> dict:
     """Decode throughput (sequences x steps / s) at each batch size, the prompt's cache repeated; batch 0
-    stands for the largest batch whose caches fit in `fit_gib` beside the weights."""
+    stands for the largest batch whose caches fit in `fit_gib` beside the weights (on a GPU halved until its
+    step fits: "largest_out_of_memory" lists the batches that did not)."""
     import copy
 
     from transformers import DynamicCache
 
-    model = load_model(which, student_dir, dtype, teacher)
-    ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(0))
+    model = load_model(which, student_dir, dtype, teacher, device)
+    ids = random_ids(model, (1, context), device)
     base = DynamicCache(config=model.config)
     model(input_ids=ids, past_key_values=base, use_cache=True, logits_to_keep=1)
     weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     per_sequence = cache_bytes(quantized_cache(model, (base, 1)) if which == "teacher-int4" else base) / 2**20
     result = {"cache_mib_per_sequence": per_sequence, "weights_mib": weights_mib}
     fitting = max(1, int((fit_gib * 1024 - weights_mib) // per_sequence))
-    for batch in batches:
-        if batch == 0:
-            batch = result["largest_fitting"] = fitting
-            name = "largest"
-        elif batch > fitting:
-            continue
-        else:
-            name = f"batch {batch}"
+    token_id = int(ids[0, -1])
+
+    def throughput(batch: int) -> float:
         if which == "teacher-int4":
             cache = quantized_cache(model, (base, batch))
         else:
             cache = copy.deepcopy(base)
             cache.batch_repeat_interleave(batch)
 
-        def step(token, cache=cache):  # the same token each step: the cache grows as in decoding
+        def step(token):  # the same token each step: the cache grows as in decoding
             model(input_ids=token, past_key_values=cache, use_cache=True)
             return token
 
-        result[name] = batch * timed_steps(step, torch.full((batch, 1), 1000), steps)[1]
-        del cache
+        return batch * timed_steps(step, torch.full((batch, 1), token_id, device=device), steps)[1]
+
+    for batch in batches:
+        if batch == 0:
+            batch, name = fitting, "largest"
+        elif batch > fitting:
+            continue
+        else:
+            name = f"batch {batch}"
+        while name not in result:
+            try:
+                result[name] = throughput(batch)
+            except torch.cuda.OutOfMemoryError:
+                if name != "largest" or batch == 1:
+                    raise
+                # the caches fit the budget, the step's own activations did not
+                result.setdefault("largest_out_of_memory", []).append(batch)
+            if name not in result:  # outside the handler, which holds the failed step's tensors
+                torch.cuda.empty_cache()
+                batch //= 2
+        if name == "largest":
+            result["largest_fitting"] = batch
     return result
 
 
-def op_table(lengths: list[int], dtype: str = "float32") -> list[dict]:
+def op_table(lengths: list[int], dtype: str = "float32", device: str = "cpu") -> list[dict]:
     import torch.nn.functional as F
 
     from linearize.methods.hybrid import Settings
@@ -257,9 +288,11 @@ def op_table(lengths: list[int], dtype: str = "float32") -> list[dict]:
 
     def timed(fn, *inputs, repeat=3, **kwargs):
         fn(*inputs, **kwargs)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(repeat):
             fn(*inputs, **kwargs)
+        synchronize(device)
         return (time.perf_counter() - start) / repeat
 
     rows = []
@@ -271,11 +304,11 @@ def op_table(lengths: list[int], dtype: str = "float32") -> list[dict]:
         fq = torch.rand(1, heads, t, features, generator=g)
         fk = torch.rand(1, kv_heads, t, features, generator=g)
         gate = torch.full((1, kv_heads, t), -0.001)
-        q, k, v, fq, fk, gate = (x.to(DTYPES[dtype]) for x in (q, k, v, fq, fk, gate))
+        q, k, v, fq, fk, gate = (x.to(device, DTYPES[dtype]) for x in (q, k, v, fq, fk, gate))
         with torch.no_grad():
             sdpa = timed(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True)
             hybrid = timed(window_attention_chunked, q, k, v, 64, sink_tokens=4, fq=fq, fk=fk, log_gate=gate)
-            ids = torch.randint(0, 49152, (1, t), generator=g)  # the default window and recall memory
+            ids = torch.randint(0, 49152, (1, t), generator=g).to(device)  # the default window and recall memory
             memory = timed(window_attention_chunked, q, k, v, hybrid_default.window_size, sink_tokens=4, fq=fq, fk=fk,
                            log_gate=gate, token_ids=ids, memory_buckets=hybrid_default.memory_buckets,
                            memory_ngram=hybrid_default.memory_ngram)
@@ -285,31 +318,101 @@ def op_table(lengths: list[int], dtype: str = "float32") -> list[dict]:
     return rows
 
 
-def copy_bandwidth_gb_s() -> float:
-    a = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB, written first: untouched pages read as zeros
-    b = torch.zeros_like(a)
+def copy_bandwidth_gb_s(device: str = "cpu") -> float:
+    a = torch.ones(64 * 2**20, dtype=torch.float32, device=device)  # 256 MiB, written first: untouched pages
+    b = torch.zeros_like(a)  # read as zeros
     b.copy_(a)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(5):
         b.copy_(a)
+    synchronize(device)
     seconds = (time.perf_counter() - start) / 5
     return 2 * a.numel() * 4 / seconds / 1e9  # read + write
 
 
-def child(args) -> None:
+def measure(args) -> dict:
+    """One child's measurement (`--child`), in this process."""
     if args.child == "one":
-        result = measure_one(args.which, args.context, args.steps, args.student, args.dtype,
-                             compile_step=not args.no_compile, teacher=args.teacher)
-    else:
-        result = measure_batches(args.which, args.context, args.batches, args.steps, args.student, args.dtype,
-                                 args.teacher, args.fit_gib)
-    print(json.dumps(result))
+        return measure_one(args.which, args.context, args.steps, args.student, args.dtype,
+                           compile_step=not args.no_compile, teacher=args.teacher, device=args.device)
+    return measure_batches(args.which, args.context, args.batches, args.steps, args.student, args.dtype,
+                           args.teacher, args.fit_gib, args.device)
 
 
-def batch_table(args, teacher: str) -> list[str]:
+def single_sequence_table(args, teacher: str, measured: dict) -> list[str]:
+    """Batch 1 at each of `--contexts`: prefill and decode, student against teacher (compiled at
+    `--compile-contexts`), and decode against the bandwidth limit; the numbers go into `measured`."""
+    cuda = torch.device(args.device).type == "cuda"
+    results = {}
+    for context in args.contexts:
+        no_compile = args.no_compile or (args.compile_contexts is not None and context not in args.compile_contexts)
+        for which in ("student", "teacher"):
+            common = ["--which", which, "--context", str(context), "--steps", str(args.steps),
+                      "--student", args.student, "--dtype", args.dtype, "--teacher", teacher,
+                      "--device", args.device] + ["--no-compile"] * no_compile
+            results[which, context] = run_child(args, "--child", "one", *common)
+            print(which, context, results[which, context], flush=True)
+    measured["contexts"] = {context: {"student": results["student", context], "teacher": results["teacher", context]}
+                            for context in args.contexts}
+    bandwidth = copy_bandwidth_gb_s(args.device)
+    student = load_model("student", args.student, args.dtype, teacher, args.device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
+    limit = bandwidth * 1e9 / weight_bytes
+    stream = weight_stream_tok_s(student)
+    del student
+    measured.update(copy_bandwidth_gb_s=bandwidth, weight_bytes=weight_bytes, bandwidth_limit_tok_s=limit,
+                    weight_stream_tok_s=stream)
+    peak, memory = ("peak_cuda_mib", "peak GPU memory") if cuda else ("peak_rss_mib", "peak RSS")
+    lines = [
+        "| context | student decode tok/s | teacher decode tok/s | decode speed-up | student prefill tok/s | "
+        f"teacher prefill tok/s | prefill speed-up | cache MiB student / teacher | {memory} MiB student / teacher | "
+        "student decode / bandwidth limit |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    compiled_rows = []
+    for context in args.contexts:
+        s, t = results["student", context], results["teacher", context]
+        if "decode_compiled_tok_s" in s:
+            best = max(t["decode_tok_s"], t["static_eager_tok_s"], t["static_compiled_tok_s"])
+            compiled_rows.append(
+                f"| {context:,} | {s['decode_eager_rounds_tok_s']:.1f} | {s['decode_compiled_tok_s']:.1f} | "
+                f"{t['decode_tok_s']:.1f} | {s['decode_compiled_tok_s'] / t['decode_tok_s']:.2f}x | "
+                f"{t['static_eager_tok_s']:.1f} | {t['static_compiled_tok_s']:.1f} | "
+                f"{s['decode_compiled_tok_s'] / best:.2f}x | {s['compile_s']:.0f} / {t['static_compile_s']:.0f} | "
+                f"{s[peak.replace('_mib', '_compiled_mib')]:.0f} |")
+        lines.append(
+            f"| {context:,} | {s['decode_tok_s']:.1f} | {t['decode_tok_s']:.1f} | "
+            f"{s['decode_tok_s'] / t['decode_tok_s']:.2f}x | {s['prefill_tok_s']:.0f} | {t['prefill_tok_s']:.0f} | "
+            f"{s['prefill_tok_s'] / t['prefill_tok_s']:.2f}x | {s['cache_mib']:.1f} / {t['cache_mib']:.1f} | "
+            f"{s[peak]:.0f} / {t[peak]:.0f} | {s['decode_tok_s'] / limit:.0%} |"
+        )
+    if compiled_rows:
+        lines += ["", "The student's decoding step compiled (`model.compile_decoding()`: the whole step one "
+                  "torch.compile graph, weights packed by inductor's freezing) against the teacher as above "
+                  "(eager, its DynamicCache) and against the teacher at its own best: its cache copied into a "
+                  "StaticCache (written in place), stepped eager and compiled the same way (torch.compile of its "
+                  "forward, freezing). Each in the same process and from the same cache as above, three blocks of "
+                  f"steps of each kind alternating after the first compilation, medians; {memory} of the student's "
+                  "process after them:", "",
+                  "| context | student eager tok/s | student compiled tok/s | teacher tok/s | compiled speed-up | "
+                  "teacher static-cache tok/s | teacher static-cache compiled tok/s | speed-up over the teacher's "
+                  f"best | compile s student / teacher | {memory} MiB compiled |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *compiled_rows]
+    first, last = args.contexts[0], args.contexts[-1]
+    flat = results["student", last]["decode_tok_s"] / results["student", first]["decode_tok_s"]
+    lines += ["", f"Student decode at {last:,} is {flat:.0%} of its speed at {first:,}. Bandwidth limit: "
+              f"{weight_bytes / 2**20:.0f} MiB of {args.dtype} weights per token at a measured {bandwidth:.1f} GB/s "
+              f"copy bandwidth = {limit:.1f} tok/s. One single-token matmul per linear layer and nothing else "
+              f"(this machine's GEMV floor for either model) runs at {stream:.1f} tok/s = {stream / limit:.0%} of "
+              "that limit.", ""]
+    return lines
+
+
+def batch_table(args, teacher: str, measured: dict) -> list[str]:
     """Serving capacity: per context, decode throughput at each batch that fits `--fit-gib` and at the largest
     one, the cache per sequence and the largest batch in `--memory-gib`, for the student, the teacher and the
-    teacher with an int4 KV cache."""
+    teacher with an int4 KV cache; the numbers go into `measured`."""
     import importlib.util
 
     if not args.batch_contexts:
@@ -323,13 +426,15 @@ def batch_table(args, teacher: str) -> list[str]:
     for context in args.batch_contexts:
         rows = {}
         for which in models:
-            rows[which] = run_child("--child", "batches", "--which", which, "--context", str(context),
+            rows[which] = run_child(args, "--child", "batches", "--which", which, "--context", str(context),
                                     "--steps", str(max(4, args.steps // 4)), "--student", args.student,
                                     "--dtype", args.dtype, "--teacher", teacher, "--fit-gib", str(args.fit_gib),
-                                    "--batches", *map(str, args.batches), "0")
+                                    "--device", args.device, "--batches", *map(str, args.batches), "0")
             print(which, context, "batches", rows[which], flush=True)
         largest = {which: int((args.memory_gib * 1024 - row["weights_mib"]) // row["cache_mib_per_sequence"])
                    for which, row in rows.items()}
+        measured.setdefault("batches", {})[context] = {
+            which: {**row, f"largest_in_{args.memory_gib:g}_gib": largest[which]} for which, row in rows.items()}
 
         lines += [f"Batched decoding at {context:,} tokens of context (sequences x tokens / s; a batch whose caches "
                   f"exceed {args.fit_gib:g} GiB is not run), the largest batch in {args.fit_gib:g} GiB decoded, and "
@@ -350,19 +455,30 @@ def batch_table(args, teacher: str) -> list[str]:
     return lines
 
 
-def run_child(*extra: str) -> dict:
+def run_child(args, *extra: str) -> dict:
+    """One measurement in a fresh process (its peak memory its own), or in this one with `--in-process`."""
+    if args.in_process:
+        import gc
+
+        result = measure(parser().parse_args(extra))
+        torch._dynamo.reset()  # the compiled graphs hold their models' weights
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return result
     out = subprocess.run([sys.executable, __file__, *extra], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", default="runs/default")
     parser.add_argument("--teacher", default=None, help="the teacher to time (default: the embedded default); a "
                         "trained --student brings its own")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    parser.add_argument("--contexts", type=int, nargs="*", default=[1024, 4096, 16384, 32768],
+                        help="contexts of the batch-1 table (none: no table)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights and activations")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--batch-contexts", type=int, nargs="*", default=[4096, 16384],
@@ -374,13 +490,24 @@ def main() -> None:
     parser.add_argument("--op-lengths", type=int, nargs="*", default=[4096, 8192, 16384, 32768],
                         help="lengths of the op-level table (none: no table)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled steps (student and teacher)")
+    parser.add_argument("--compile-contexts", type=int, nargs="*", default=None,
+                        help="the contexts whose steps are also compiled (default: every one of --contexts)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the models run")
+    parser.add_argument("--in-process", action="store_true",
+                        help="every measurement in this process (default: a fresh process for each)")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--json", help="also write every number measured to this JSON file")
     parser.add_argument("--child", choices=["one", "batches"], help=argparse.SUPPRESS)
     parser.add_argument("--which", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--context", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.child:
-        return child(args)
+        print(json.dumps(measure(args)))
+        return
 
     from linearize.checkpoint import CONFIG_FILE
     from linearize.teacher import DEFAULT_TEACHER
@@ -392,75 +519,28 @@ def main() -> None:
 
         args.teacher = yaml.safe_load(run_config.read_text()).get("model")
     teacher = args.teacher or DEFAULT_TEACHER
-    lines = [f"Machine: {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}, "
-             f"batch 1 unless said; teacher: {teacher}; student: {student_name}.", ""]
-    results = {}
-    for context in args.contexts:
-        for which in ("student", "teacher"):
-            common = ["--which", which, "--context", str(context), "--steps", str(args.steps),
-                      "--student", args.student, "--dtype", args.dtype, "--teacher", teacher] + [
-                          "--no-compile"] * args.no_compile
-            results[which, context] = run_child("--child", "one", *common)
-            print(which, context, results[which, context], flush=True)
-    bandwidth = copy_bandwidth_gb_s()
-    student = load_model("student", args.student, args.dtype, teacher)
-    weight_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
-    limit = bandwidth * 1e9 / weight_bytes
-    stream = weight_stream_tok_s(student)
-    del student
-    lines += [
-        "| context | student decode tok/s | teacher decode tok/s | decode speed-up | student prefill tok/s | "
-        "teacher prefill tok/s | prefill speed-up | cache MiB student / teacher | peak RSS MiB student / teacher | "
-        "student decode / bandwidth limit |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    compiled, compiled_rows = not args.no_compile, []
-    for context in args.contexts:
-        s, t = results["student", context], results["teacher", context]
-        if compiled:
-            best = max(t["decode_tok_s"], t["static_eager_tok_s"], t["static_compiled_tok_s"])
-            compiled_rows.append(
-                f"| {context:,} | {s['decode_eager_rounds_tok_s']:.1f} | {s['decode_compiled_tok_s']:.1f} | "
-                f"{t['decode_tok_s']:.1f} | {s['decode_compiled_tok_s'] / t['decode_tok_s']:.2f}x | "
-                f"{t['static_eager_tok_s']:.1f} | {t['static_compiled_tok_s']:.1f} | "
-                f"{s['decode_compiled_tok_s'] / best:.2f}x | {s['compile_s']:.0f} / {t['static_compile_s']:.0f} | "
-                f"{s['peak_rss_compiled_mib']:.0f} |")
-        lines.append(
-            f"| {context:,} | {s['decode_tok_s']:.1f} | {t['decode_tok_s']:.1f} | "
-            f"{s['decode_tok_s'] / t['decode_tok_s']:.2f}x | {s['prefill_tok_s']:.0f} | {t['prefill_tok_s']:.0f} | "
-            f"{s['prefill_tok_s'] / t['prefill_tok_s']:.2f}x | {s['cache_mib']:.1f} / {t['cache_mib']:.1f} | "
-            f"{s['peak_rss_mib']:.0f} / {t['peak_rss_mib']:.0f} | {s['decode_tok_s'] / limit:.0%} |"
-        )
-    if compiled:
-        lines += ["", "The student's decoding step compiled (`model.compile_decoding()`: the whole step one "
-                  "torch.compile graph, weights packed by inductor's freezing) against the teacher as above "
-                  "(eager, its DynamicCache) and against the teacher at its own best: its cache copied into a "
-                  "StaticCache (written in place), stepped eager and compiled the same way (torch.compile of its "
-                  "forward, freezing). Each in the same process and from the same cache as above, three blocks of "
-                  "steps of each kind alternating after the first compilation, medians; peak RSS of the student's "
-                  "process after them:", "",
-                  "| context | student eager tok/s | student compiled tok/s | teacher tok/s | compiled speed-up | "
-                  "teacher static-cache tok/s | teacher static-cache compiled tok/s | speed-up over the teacher's "
-                  "best | compile s student / teacher | peak RSS MiB compiled |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *compiled_rows]
-    first, last = args.contexts[0], args.contexts[-1]
-    flat = results["student", last]["decode_tok_s"] / results["student", first]["decode_tok_s"]
-    lines += ["", f"Student decode at {last:,} is {flat:.0%} of its speed at {first:,}. Bandwidth limit: "
-              f"{weight_bytes / 2**20:.0f} MiB of {args.dtype} weights per token at a measured {bandwidth:.1f} GB/s "
-              f"copy bandwidth = {limit:.1f} tok/s. One single-token matmul per linear layer and nothing else "
-              f"(this machine's GEMV floor for either model) runs at {stream:.1f} tok/s = {stream / limit:.0%} of "
-              "that limit.", ""]
-
-    lines += batch_table(args, teacher)
+    cuda = torch.device(args.device).type == "cuda"
+    machine = (f"{torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda})" if cuda
+               else f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    lines = [f"Machine: {machine}, {args.dtype}, batch 1 unless said; teacher: {teacher}; student: {student_name}.",
+             ""]
+    measured = {"machine": machine, "device": args.device, "dtype": args.dtype, "teacher": teacher,
+                "student": student_name}
+    if args.contexts:
+        lines += single_sequence_table(args, teacher, measured)
+    lines += batch_table(args, teacher, measured)
     lines += ["", "Ops alone (forward, one sequence; ms, speed-up over SDPA causal):", "",
               "| tokens | SDPA causal | hybrid window+sinks+linear | x SDPA | the same + recall memory | x SDPA "
               "| chunked linear attention | x SDPA |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|"] if args.op_lengths else []
-    for row in op_table(args.op_lengths, args.dtype):
+    measured["ops"] = op_table(args.op_lengths, args.dtype, args.device)
+    for row in measured["ops"]:
         lines.append(f"| {row['tokens']:,} | {row['sdpa_ms']:.1f} | {row['hybrid_ms']:.1f} | "
                      f"{row['sdpa_ms'] / row['hybrid_ms']:.2f}x | {row['memory_ms']:.1f} | "
                      f"{row['sdpa_ms'] / row['memory_ms']:.2f}x | {row['linear_ms']:.1f} | "
                      f"{row['sdpa_ms'] / row['linear_ms']:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(measured, indent=1))
     text = "\n".join(lines) + "\n"
     print(text)
     name = "decode.md" if args.dtype == "float32" else f"decode-{args.dtype}.md"

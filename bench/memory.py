@@ -30,7 +30,8 @@ import math
 from pathlib import Path
 
 import torch
-from decode import cache_bytes  # bench/decode.py: a run from bench/ or the repository root finds it
+
+from linearize.generation import cache_bytes
 
 
 def variants(gains: list[int] | None) -> dict[str, dict]:

@@ -132,6 +132,37 @@ def test_report_holds_retrieval_for_every_model_and_the_branch_ablation(finished
     assert (out / "retrieval.png").is_file()
 
 
+def test_the_run_ends_with_a_summary_table_read_in_ten_seconds(finished_run):
+    """Teacher, untrained, stage 1, student and the baseline: held-out ratios, passkey answers and decode state
+    per sequence, the wall time, where the report and the model are; within 30 lines."""
+    import re
+
+    from linearize.report import summary
+
+    out, report = finished_run
+    lines = summary(report, out).splitlines()
+    assert len(lines) <= 30 and f"{report['seconds_total']:.0f} s" in lines[0]
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in lines) if len(cells) > 2}
+    domains = list(report["eval"]["teacher"])
+    assert list(rows) == ["model", "teacher", "untrained", "stage 1", "student (hybrid)", "window+sinks"]
+    assert rows["model"] == [*domains, "passkey", "state MiB"]
+    baseline = report["baselines"]["window+sinks"]
+    models = {"teacher": (None, report["retrieval"]["teacher"]),
+              "untrained": (report["eval"]["untrained"], None), "stage 1": (report["eval"]["transfer"], None),
+              "student (hybrid)": (report["eval"]["finetune"], report["retrieval"]["hybrid"]),
+              "window+sinks": (baseline["eval"]["finetune"], baseline["retrieval"]["finetune"])}
+    student_state = f"{max(r['state_bytes'] for r in report['retrieval']['hybrid']) / 2**20:.1f}"
+    for name, (held_out, records) in models.items():
+        ratios = [f"{held_out[d]['ppl_ratio']:.3f}" for d in domains] if held_out else ["1"] * len(domains)
+        passkey = [r["correct"] for r in records or [] if r["task"] == "passkey"]
+        assert rows[name][: len(domains) + 1] == [*ratios, f"{sum(passkey)}/{len(passkey)}" if records else "-"]
+        # the untrained and stage-1 student have the trained student's architecture, so its state
+        state = f"{max(r['state_bytes'] for r in records) / 2**20:.1f}" if records else student_state
+        assert rows[name][-1] == state, name
+    assert lines[-2:] == [f"report: {out / 'report.html'}", f"model:  {out / 'model'}"]
+    assert (out / "report.html").is_file() and (out / "model").is_dir()
+
+
 # appended to a copy of report.html: once the page has loaded, record what the browser shows
 PROBE = """<script>window.addEventListener("load", () => {
   const sizes = [...document.images].map(i => i.naturalWidth + "x" + i.naturalHeight);
@@ -332,6 +363,11 @@ def test_a_killed_run_resumes_to_the_same_result(teacher_dir, tmp_path):
 
     result = cli("run", "--config", str(config_file))
     assert result.returncode == 0, result.stderr
+    # the last screen is the summary table, not JSON; --json prints the report (here: the run, resumed once more)
+    assert result.stdout.splitlines()[2].startswith("model ") and len(result.stdout.splitlines()) <= 30
+    printed = cli("run", "--config", str(config_file), "--json")
+    assert printed.returncode == 0, printed.stderr
+    assert json.loads(printed.stdout) == json.loads((killed / "report.json").read_text())
     from safetensors.torch import load_file
 
     resumed = load_file(str(killed / "model" / ADAPTER_FILE))

@@ -125,6 +125,19 @@ def test_answers_are_generated_through_the_cache_and_scored_per_cell():
     assert depths == [0.2, 0.8] and lengths == [512] and grid[0] == [1.0]
 
 
+def test_a_record_holds_the_decode_state_constant_for_the_student_growing_with_the_prompt_for_the_teacher():
+    tokenizer = make_byte_tokenizer()
+    teacher = make_tiny_model("llama")
+    prompts = build_prompts(tokenizer, ["passkey"], [256, 512], [0.5])
+    # keys and values of every token fed (the last generated one is not): 2 layers x 2 KV heads x 16 dims, fp32
+    fed = [len(p.input_ids) + len(answer(teacher, p)) - 1 for p in prompts]
+    assert [r["state_bytes"] for r in run_retrieval(teacher, tokenizer, prompts)] == [n * 2 * 2 * 2 * 16 * 4
+                                                                                      for n in fed]
+    student = linearize(teacher, "hybrid", HYBRID)
+    states = [r["state_bytes"] for r in run_retrieval(student, tokenizer, prompts)]
+    assert states[0] == states[1] > 0
+
+
 def forward(model, x, names=()):
     with torch.no_grad(), branches_off(model, list(names)):
         return model(x).logits

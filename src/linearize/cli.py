@@ -1,6 +1,6 @@
 """The `linearize` command.
 
-    linearize run [--config FILE|NAME] [--fresh] [key.sub=value ...]
+    linearize run [--config FILE|NAME] [--fresh] [--json] [key.sub=value ...]   (ends with a summary table)
     linearize eval MODEL_DIR [--data FILE] [--tasks T1,T2|PATH] [--long-range] [--retrieval] [--ablate] [--teacher]
     linearize generate MODEL_DIR --prompt TEXT [--max-new-tokens 64] [--compile]   (streams to stdout)
     linearize export MODEL_DIR OUT_DIR [--format fla]
@@ -42,12 +42,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     import linearize.distributed as distributed
     from linearize.api import load_config
     from linearize.pipeline import run
+    from linearize.report import summary
 
     config = load_config(resolve_config_path(args.config), args.overrides)
     try:
         report = run(config, fresh=args.fresh, log=lambda msg: print(f"[linearize] {msg}", file=sys.stderr))
         if distributed.is_main():
-            print(json.dumps({k: report[k] for k in ("method", "teacher", "eval", "seconds_total")}))
+            print(json.dumps(report) if args.json else summary(report, Path(config.output_dir)))
     finally:
         distributed.shutdown()
 
@@ -379,6 +380,8 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="convert, train, evaluate, save and report (the whole recipe)")
     run.add_argument("--config", help="YAML file or shipped config name (default: the built-in defaults)")
     run.add_argument("--fresh", action="store_true", help="discard a previous run in output_dir instead of resuming")
+    run.add_argument("--json", action="store_true",
+                     help="print the whole report (report.json) to stdout instead of the summary table")
     run.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. transfer.tokens=8192")
     run.set_defaults(func=cmd_run)
 

@@ -1,4 +1,5 @@
-"""Text generation helpers shared by `linearize generate` and the report's sample generations."""
+"""Text generation helpers shared by `linearize generate` and the report's sample generations, and the size of a
+decode cache (what one sequence's state costs)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,27 @@ def continue_text(model, tokenizer, text: str, max_new_tokens: int = 48, tempera
 def sample_generations(model, tokenizer, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 40) -> list[str]:
     with torch.no_grad():
         return [generate_text(model, tokenizer, p, max_new_tokens=max_new_tokens) for p in prompts]
+
+
+def tensor_bytes(t: torch.Tensor | None) -> int:
+    """Bytes of a tensor, or of the tensors inside a tensor subclass (a quanto packed tensor: codes, scales,
+    shifts)."""
+    if t is None:
+        return 0
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
+def cache_bytes(cache) -> int:
+    """Bytes a transformers cache holds: a linearized layer's state, a softmax layer's keys and values."""
+    total = 0
+    for layer in cache.layers:
+        if hasattr(layer, "nbytes") and callable(layer.nbytes):
+            total += layer.nbytes()
+        else:  # softmax keys and values, plus a quantized cache's packed part
+            parts = (layer.keys, layer.values, getattr(layer, "_quantized_keys", None),
+                     getattr(layer, "_quantized_values", None))
+            total += sum(tensor_bytes(t) for t in parts)
+    return total

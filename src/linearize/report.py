@@ -130,6 +130,57 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SUMMARY_ROWS = {"untrained": "untrained", "transfer": "stage 1", "finetune": "student"}
+
+
+def summary(report: dict[str, Any], out: Path) -> str:
+    """The last screen of a run, read in ten seconds: the held-out ratio per domain, the passkey answers and
+    the decode state per sequence of the teacher, the untrained, stage-1 and trained student and each
+    baseline as it ends; the wall time; where the report and the model are."""
+    domains = list(report["eval"]["teacher"])
+    retrieval = report.get("retrieval") or {}
+    teacher, student = retrieval.get("teacher"), retrieval.get(report["method"])
+    rows = [("teacher", ["1"] * len(domains), teacher, teacher)]
+    steps = list(report["eval"])[1:]
+    for key in steps:
+        # one architecture at every step: the untrained and stage-1 student keep the trained one's state
+        rows.append((SUMMARY_ROWS[key] + (f" ({report['method']})" if key == "finetune" else ""),
+                     ratio_cells(report["eval"][key], domains), student if key == steps[-1] else None, student))
+    for name, baseline in report.get("baselines", {}).items():
+        key = "finetune" if "finetune" in baseline["eval"] else "untrained"
+        records = (baseline.get("retrieval") or {}).get(key)
+        rows.append((name + ("" if key == "finetune" else ", untrained"), ratio_cells(baseline["eval"][key], domains),
+                     records, records))
+    passkey = [r for r in teacher or [] if r["task"] == "passkey"]
+    measured = any("state_bytes" in r for _, _, _, records in rows for r in records or [])
+    table = [["model", *domains, *(["passkey"] if passkey else []), *(["state MiB"] if measured else [])]]
+    for name, cells, answered, states in rows:
+        asked = [r for r in answered or [] if r["task"] == "passkey"]
+        sizes = [r["state_bytes"] for r in states or [] if "state_bytes" in r]
+        table.append([name, *cells, *([f"{sum(r['correct'] for r in asked)}/{len(asked)}" if asked else "-"]
+                                      if passkey else []),
+                      *([f"{max(sizes) / 2**20:.1f}" if sizes else "-"] if measured else [])])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = [f"{report['method']} from {report['teacher']}: {report.get('seconds_total', 0):.0f} s "
+             f"({report['machine']})", ""]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+              for row in table]
+    lines += ["", f"held-out perplexity / the teacher's on {report['config']['data']['eval_seq_len']}-token blocks"]
+    if passkey:
+        lengths = ", ".join(str(n) for n in sorted({r["length"] for r in passkey}))
+        lines.append(f"passkey: right answers of {len(passkey)} prompt(s) of {lengths} tokens")
+    if measured:
+        longest = max(r["length"] for _, _, _, records in rows for r in records or [] if "state_bytes" in r)
+        lines.append(f"state: the decode cache of one sequence after a {longest}-token prompt (the teacher's grows "
+                     "with the prompt)")
+    lines += ["", f"report: {out / 'report.html'}", f"model:  {out / 'model'}"]
+    return "\n".join(lines)
+
+
+def ratio_cells(values: dict[str, dict], domains: list[str]) -> list[str]:
+    return [f"{values[d]['ppl_ratio']:.3f}" if "ppl_ratio" in values.get(d, {}) else "-" for d in domains]
+
+
 def moving_mean(values, window: int) -> list[float]:
     """Mean of each value and the (up to) window - 1 before it."""
     return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])

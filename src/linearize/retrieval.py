@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from linearize.data.blocks import start_tokens
 from linearize.errors import LinearizeError
+from linearize.generation import cache_bytes
 
 TASKS = ("passkey", "multikey", "multivalue", "quote")
 LENGTHS = (1024, 2048, 4096, 8192)
@@ -260,25 +261,33 @@ def is_correct(prompt: Prompt, generated: str) -> bool:
 
 
 @torch.no_grad()
-def answer(model, prompt: Prompt, pad_token_id: int | None = None) -> list[int]:
-    """The new token ids of a greedy continuation of the prompt through the model's own cache (`generate()`)."""
+def _generate(model, prompt: Prompt, pad_token_id: int | None = None) -> tuple[list[int], int]:
+    """(the new token ids of a greedy continuation of the prompt through the model's own cache (`generate()`),
+    the bytes that cache holds at the end: the model's decode state for one sequence of this length)."""
     device = next(model.parameters()).device
     input_ids = prompt.input_ids[None].to(device)
     output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                             max_new_tokens=prompt.max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                            top_k=None, pad_token_id=pad_token_id)
-    return output[0, input_ids.shape[1] :].tolist()
+                            top_k=None, pad_token_id=pad_token_id, return_dict_in_generate=True)
+    return output.sequences[0, input_ids.shape[1] :].tolist(), cache_bytes(output.past_key_values)
+
+
+def answer(model, prompt: Prompt, pad_token_id: int | None = None) -> list[int]:
+    """The new token ids of a greedy continuation of the prompt through the model's own cache (`generate()`)."""
+    return _generate(model, prompt, pad_token_id)[0]
 
 
 def run_retrieval(model, tokenizer, prompts: Sequence[Prompt], desc: str = "retrieval") -> list[dict]:
-    """One record per prompt: {"task", "length", "depth", "correct", "generated", "expected"}."""
+    """One record per prompt: {"task", "length", "depth", "correct", "generated", "expected", "state_bytes"}
+    (state_bytes: the model's decode cache after answering, prompt and answer in it)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     records = []
     for prompt in tqdm(prompts, desc=desc, unit="prompt", leave=False, dynamic_ncols=True):
-        generated = tokenizer.decode(answer(model, prompt, pad), skip_special_tokens=True)
+        ids, state = _generate(model, prompt, pad)
+        generated = tokenizer.decode(ids, skip_special_tokens=True)
         records.append({"task": prompt.task, "length": prompt.length, "depth": prompt.depth,
                         "correct": is_correct(prompt, generated), "generated": generated,
-                        "expected": " ".join(prompt.answers)})
+                        "expected": " ".join(prompt.answers), "state_bytes": state})
     return records
 
 
