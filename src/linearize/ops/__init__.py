@@ -6,7 +6,7 @@ returns `(output, state)`: the state is a `DecodeState` (or None when not asked 
 forms continue from one. `key_mask` [B, T] takes padding out of every form.
 """
 
-from . import backend, fla_backend
+from . import backend, fla_backend, memory, sparse
 from .linear import (
     append_ones,
     group_heads,
@@ -34,7 +34,9 @@ __all__ = [
     "linear_attention_chunked",
     "linear_attention_parallel",
     "linear_attention_recurrent",
+    "memory",
     "real_positions",
+    "sparse",
     "window_attention_chunked",
     "window_attention_parallel",
     "window_attention_recurrent",

@@ -12,6 +12,9 @@ is a `DecodeState` (or None when the caller did not ask for one). Its parts:
 - the recurrent linear-attention state [B, Hk, F, D + 1] float32, last column the normaliser;
 - per row, the number of real (non-padding) tokens seen so far: sinks are the first real tokens of a
   row, whatever its left padding;
+- with a sparse cache (`linearize.ops.sparse`): per key/value head the exact keys kept beyond the window
+  and the tokens that left it since the last update, with their values, what the linear state would read
+  of them (key features or their inputs), positions and decays;
 - with a recall memory (`linearize.ops.memory`): its table of keys and values by n-gram bucket, the
   buckets each window token will be stored under when it leaves the window, and the last token ids. Decoding
   steps update the table in place: to continue one state twice, copy it first
@@ -40,7 +43,10 @@ class DecodeState:
     for a quantized table, uint8 codes with memory_key_params / memory_value_params [B, Hk, M, 2],
     window_buckets [B, W', K] (the table rows each window token goes to, one per n-gram order, -1: never
     stored) and recent_tokens [B, n] (the last n token ids, -1: none) for a recall memory of M table rows
-    keyed by n-grams of up to n tokens."""
+    keyed by n-grams of up to n tokens. sparse_keys / sparse_values [B, Hk, size + W, D], sparse_features
+    [B, Hk, size + W, X], sparse_position [B, Hk, size + W] (-1: empty) and sparse_log_decay [B, Hk, size + W]
+    (log-decay since the token's position): the sparse cache's `size` slots, then W slots for the current
+    group's tokens that left the window (slot j: position g W + j)."""
 
     seen: torch.Tensor
     window_keys: torch.Tensor | None = None
@@ -60,6 +66,11 @@ class DecodeState:
     memory_value_params: torch.Tensor | None = None
     window_buckets: torch.Tensor | None = None
     recent_tokens: torch.Tensor | None = None
+    sparse_keys: torch.Tensor | None = None
+    sparse_values: torch.Tensor | None = None
+    sparse_features: torch.Tensor | None = None
+    sparse_position: torch.Tensor | None = None
+    sparse_log_decay: torch.Tensor | None = None
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> DecodeState:
         """Apply `fn` (e.g. index_select on dim 0) to every tensor: beam reordering, batch selection."""

@@ -9,10 +9,20 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import memory
+from .. import memory, sparse
 from ..linear import append_ones, chunks, group_heads, readout, unchunk
 from ..state import DecodeState, real_positions
-from .common import _check, _inputs, _memory_inputs, _recalled, final_state, key_features_of
+from .common import (
+    _check,
+    _inputs,
+    _memory_inputs,
+    _recalled,
+    compaction,
+    final_state,
+    key_features_of,
+    reorder,
+    sparse_final,
+)
 
 
 def _block_masks(chunk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +77,9 @@ def window_attention_chunked(
     key_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
     sink_q: torch.Tensor | None = None,
     sink_distance: int | None = None,
+    sparse_keys: int = 0,
+    sparse_heads: torch.Tensor | None = None,
+    sparse_score: str = "recall-error",
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Linear in T: chunks of size `window`. Query chunk i reaches its window in chunks i - 1 and i (one
     [C, 2C] softmax block); the linear terms of chunk i - 1's keys that already left the window are one
@@ -75,11 +88,25 @@ def window_attention_chunked(
     outside the window. No [N, N] or [C, C, F] tensor, and the blocks are built `GROUP_TOKENS` queries at
     a time: memory and time grow linearly in T. `sink_q` [B, H, T, D]: each query rotated to position
     `sink_distance`, what a query farther than that from the sinks scores them with (the attention layer's
-    `sink_distance`)."""
+    `sink_distance`).
+
+    A sparse cache (`sparse_keys` > 0 exact keys per key/value head in `sparse_heads` [Hk] bool, None = all;
+    `linearize.ops.sparse`) follows the chunks: chunk = group, so query chunk i reads chunk i - 1's keys that
+    left the window exactly (its pending group) and the cache after update i - 2 ([C, size] more scores);
+    the state read for chunks <= i - 2 holds every key, so the cached ones' linear terms are taken out again
+    (the same sum, without a second state). Rows with left padding are first moved to start at index 0."""
     _check(window, sink_tokens, fq, fk, sink_q, sink_distance)
     out_dtype = v.dtype
     fk, kept = key_features_of(fk, key_features)
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
+    final_inputs = (k, v, fk, log_gate, mask, kept)  # the final state is built in the caller's layout
+    order = None
+    if sparse_keys > 0:  # groups follow real positions: rows start at index 0
+        sparse.check_score(sparse_score, fk is not None)
+        order = compaction(mask)
+        q, fq, sink_q, k, v, fk, log_gate, kept = (reorder(x, order, 2) for x in (q, fq, sink_q, k, v, fk, log_gate,
+                                                                                   kept))
+        mask, token_ids = reorder(mask, order, 1), reorder(token_ids, order, 1)
     batch, kv_heads, t, head_dim = k.shape
     groups = q.shape[1] // kv_heads
     scale = head_dim**-0.5 if scale is None else scale
@@ -104,6 +131,34 @@ def window_attention_chunked(
         mem_kc = _recalled(mem_k, index).unflatten(2, (n_chunks, chunk))  # [B, Hk, N, C, K, D]
         mem_vc = _recalled(mem_v, index).unflatten(2, (n_chunks, chunk))  # [B, Hk, N, C, K, D + 1]
         mem_hidden = ~has.view(batch, 1, n_chunks, 1, chunk, -1)  # [B, 1, N, 1, C, K]
+
+    if sparse_keys > 0:
+        chosen = (torch.ones(kv_heads, dtype=torch.bool, device=k.device) if sparse_heads is None
+                  else sparse_heads.to(device=k.device, dtype=torch.bool))
+        eligible = (mask & ~is_sink)[:, None, :] & chosen[None, :, None]  # [B, Hk, T]
+        cumulative = None if log_gate is None else log_gate.cumsum(-1)  # A, [B, Hk, T]
+        updates = sparse.chunk_updates(sparse_score, fk, v, cumulative, eligible, chunk, sparse_keys, eps)
+        reads = F.pad(updates, (0, 0, 2, 0), value=-1)[:, :, :n_chunks]  # chunk i: the cache after update i - 2
+        cache_k = sparse.rows_at(k, reads)  # [B, Hk, N, size, D]
+        cache_v = append_ones(sparse.rows_at(v, reads))  # [B, Hk, N, size, D + 1]
+        cache_hidden = (reads < 0)[:, :, :, None, None, :]  # [B, Hk, N, 1, 1, size]
+        # chunk i - 1's real, non-sink keys that left the window of query t (local j <= t): exact, in chosen heads
+        sinks_c = _with_previous_chunk(chunks(is_sink[..., None].float(), chunk), 1)[..., 0].bool()  # [B, N, 2C]
+        left = torch.arange(2 * chunk, device=k.device)[None, :] <= torch.arange(chunk, device=k.device)[:, None]
+        pending = (left & (valid & ~sinks_c)[:, :, None, :])[:, None, :, None] & chosen[:, None, None, None, None]
+        if fk is not None:
+            cache_fk_t = sparse.rows_at(fk, reads).transpose(-1, -2)  # [B, Hk, N, F, size]
+            if cumulative is not None:  # exp(A_t - A_s) of query t and cached key s
+                cache_total = cumulative.gather(-1, reads.clamp(min=0).flatten(2)).view_as(reads)
+                query_total = chunks(cumulative[..., None], chunk)[..., 0]  # [B, Hk, N, C]
+                # <= 0 for every real pair; clamped so the padding after the last chunk stays finite
+                cache_decay = (query_total[..., :, None] - cache_total[..., None, :]).clamp(max=0).exp()[:, :, :, None]
+        if memory_buckets > 0:  # a recalled key the cache or the pending group holds is read there, once
+            recalled_at = index.view(batch, n_chunks, chunk, -1)  # [B, N, C, K]
+            chunk_of = torch.arange(n_chunks, device=k.device)[None, :, None, None]
+            held = (recalled_at // chunk == chunk_of - 1)[:, None] | (
+                recalled_at[:, None, :, :, :, None] == reads[:, :, :, None, None, :]).any(-1)  # [B, Hk, N, C, K]
+            mem_hidden = mem_hidden | (held & chosen[:, None, None, None])[:, :, :, None]
 
     if sink_tokens > 0:
         # slot j = the row's real token j; visible to query t when it lies outside t's window
@@ -154,8 +209,10 @@ def window_attention_chunked(
     def block(n: slice) -> torch.Tensor:
         """Outputs [B, Hk, n, G C, D + 1] (numerator and normaliser) of query chunks n."""
         shape = (batch, kv_heads, -1, groups, chunk)
-        scores = (qc[:, :, n] @ keys_t[:, :, n]).mul_(scale).view(*shape, 2 * chunk).masked_fill_(
-            hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, 2C]
+        scores = (qc[:, :, n] @ keys_t[:, :, n]).mul_(scale).view(*shape, 2 * chunk)  # [B, Hk, n, G, C, 2C]
+        if sparse_keys > 0:  # the pending group, scored apart: it does not set c_t
+            pending_scores = scores.masked_fill(~pending[:, :, n], float("-inf"))
+        scores = scores.masked_fill_(hidden[:, :, n], float("-inf"))
         row_max = scores.amax(-1, keepdim=True)
         if sink_tokens > 0:
             sink_scores = (qc[:, :, n] @ sink_keys_t).mul_(scale).view(*shape, sink_tokens)
@@ -173,8 +230,16 @@ def window_attention_chunked(
             if memory_bias:
                 mem_scores = mem_scores + memory.bias_of(mem_scores, memory_bias)
             row_max = torch.maximum(row_max, mem_scores.amax(-1, keepdim=True))
+        if sparse_keys > 0:
+            cache_scores = (qc[:, :, n] @ cache_k[:, :, n].transpose(-1, -2)).mul_(scale).view(*shape, sparse_keys)
+            cache_scores = cache_scores.masked_fill_(cache_hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, size]
+            row_max = torch.maximum(row_max, torch.maximum(pending_scores.amax(-1, keepdim=True),
+                                                           cache_scores.amax(-1, keepdim=True)))
         weights = (scores - row_max).exp_().flatten(3, 4)
         o = weights @ values[:, :, n]
+        if sparse_keys > 0:
+            o = o + (pending_scores - row_max).exp_().flatten(3, 4) @ values[:, :, n]
+            o = o + (cache_scores - row_max).exp_().flatten(3, 4) @ cache_v[:, :, n]
         if sink_tokens > 0:
             o = o + (sink_scores - row_max).exp_().flatten(3, 4) @ sink_values
         if memory_buckets > 0:
@@ -182,16 +247,35 @@ def window_attention_chunked(
         if fk is not None:
             lin = (fqc[:, :, n] @ previous_fk_t[:, :, n]).view(*shape, chunk)  # [B, Hk, n, G, C, C]
             lin = lin.masked_fill(not_older, 0.0) if log_gate is None else lin * older_decay[:, :, n]
+            if sparse_keys > 0:  # a chosen head reads its pending group exactly
+                lin = lin * ~chosen[:, None, None, None, None]
             linear = lin.flatten(3, 4) @ previous_v[:, :, n] + from_state[:, :, n] @ state_before[:, :, n]
-            o = o + (linear if memory_buckets == 0 else linear * (window_max - row_max).exp().flatten(3, 4))
+            if sparse_keys > 0:  # the state holds the cached keys too: their linear terms out again
+                cached = (fqc[:, :, n] @ cache_fk_t[:, :, n]).view(*shape, sparse_keys)  # [B, Hk, n, G, C, size]
+                cached = cached if log_gate is None else cached * cache_decay[:, :, n]
+                linear = linear - cached.masked_fill(cache_hidden[:, :, n], 0.0).flatten(3, 4) @ cache_v[:, :, n]
+            if memory_buckets > 0 or sparse_keys > 0:  # the extra keys are weighed against c_t, the window's max
+                linear = linear * (window_max - row_max).exp().flatten(3, 4)
+            o = o + linear
         return o
 
     per_block = max(1, GROUP_TOKENS // chunk)
     o = torch.cat([block(slice(i, i + per_block)) for i in range(0, n_chunks, per_block)], dim=2)
     o = readout(o, eps).view(batch, kv_heads, n_chunks, groups, chunk, head_dim).transpose(2, 3)
-    o = unchunk(o, t).flatten(1, 2).to(out_dtype)
+    o = reorder(unchunk(o, t).flatten(1, 2), order, 2, inverse=True).to(out_dtype)
     state = None
     if output_final_state:
-        state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens, memory_state=memory_state,
-                            table_dtype=out_dtype, memory_format=memory_format, kept=kept)
+        fields, exclude = {}, None
+        if sparse_keys > 0:
+            fields, exclude = sparse_final(updates, k, v, kept if kept is not None else fk, cumulative, mask,
+                                           eligible, window, out_dtype)
+            exclude = reorder(exclude, order, 2, inverse=True)
+        if memory_state is not None:
+            memory_state = (reorder(memory_state[0], order, 1, inverse=True), *memory_state[1:])
+        k, v, fk, log_gate, mask, kept = final_inputs
+        state = final_state(k, v, fk, log_gate, mask, real_positions(mask), window, sink_tokens,
+                            memory_state=memory_state, table_dtype=out_dtype, memory_format=memory_format, kept=kept,
+                            exclude=exclude)
+        for name, value in fields.items():
+            setattr(state, name, value)
     return o, state

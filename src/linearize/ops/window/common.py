@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import memory
+from .. import memory, sparse
 from ..linear import append_ones
 from ..state import DecodeState, full_mask
 
@@ -35,14 +35,15 @@ def key_features_of(fk, key_features):
 def final_state(
     k, v, fk, log_gate, mask, positions, window: int, sink_tokens: int, seen: torch.Tensor | None = None,
     memory_state: tuple | None = None, table_dtype: torch.dtype | None = None, memory_format: str = "auto",
-    kept: torch.Tensor | None = None,
+    kept: torch.Tensor | None = None, exclude: torch.Tensor | None = None,
 ) -> DecodeState:
     """The DecodeState after processing a whole sequence from scratch (float32 inputs as from `_inputs`):
     the last window - 1 tokens stay in the window, sinks that left it go to the sink slots, and the
     other real tokens that left it are summed into the linear state (when features are given). Window and
     sinks are kept in `table_dtype`, the dtype the keys and values came in (bf16 keys lose nothing in bf16),
     the linear state in float32, the recall memory's table in `memory_format` ("auto": `table_dtype`). `kept`:
-    what the window keeps of each key in place of its features (the feature map's inputs, `key_features_of`)."""
+    what the window keeps of each key in place of its features (the feature map's inputs, `key_features_of`).
+    `exclude` [B, Hk, T]: tokens the sparse cache holds, kept out of the linear state (`SparseFinal`)."""
     batch, kv_heads, t, head_dim = k.shape
     dtype = table_dtype or k.dtype
     keep = window - 1
@@ -75,6 +76,8 @@ def final_state(
         state.sink_valid = valid.scatter(1, slot, is_sink.long())[:, :-1].bool()
     if fk is not None:
         weight = (left & ~is_sink).float()[:, None, :].expand(batch, kv_heads, t)
+        if exclude is not None:
+            weight = weight * ~exclude
         if log_gate is not None:
             total = log_gate.cumsum(-1)
             weight = weight * (total[..., -1:] - total).exp()
@@ -124,3 +127,49 @@ def _check(window: int, sink_tokens: int, fq, fk, sink_q=None, sink_distance: in
         raise ValueError(f"sink_tokens ({sink_tokens}) must be >= 0")
     if (fq is None) != (fk is None):
         raise ValueError("give both fq and fk, or neither")
+
+
+def compaction(mask: torch.Tensor) -> torch.Tensor | None:
+    """[B, T] validity -> the order [B, T] that puts each row's real tokens first, in their order (None when
+    they already are): the sparse cache's groups follow real positions, which a chunk then holds from its
+    start, whatever a row's left padding."""
+    first = torch.arange(mask.shape[1], device=mask.device) < mask.sum(-1, keepdim=True)
+    if bool((mask == first).all()):
+        return None
+    return (~mask).long().argsort(dim=-1, stable=True)
+
+
+def reorder(x: torch.Tensor | None, order: torch.Tensor | None, dim: int, inverse: bool = False):
+    """x's time axis `dim` in `order` [B, T] (`compaction`), or (inverse) back from it."""
+    if x is None or order is None:
+        return x
+    index = order.view(order.shape[0], *([1] * (dim - 1)), order.shape[1], *([1] * (x.dim() - dim - 1)))
+    index = index.expand(*x.shape[:dim], order.shape[1], *x.shape[dim + 1 :])
+    return x.new_empty(x.shape).scatter_(dim, index, x) if inverse else x.gather(dim, index)
+
+
+def sparse_final(kept: torch.Tensor, k, v, inputs, total, mask, eligible, window: int, dtype: torch.dtype
+                 ) -> tuple[dict, torch.Tensor]:
+    """The sparse cache after a fresh sequence whose rows start at index 0 (`compaction`): the cache after the
+    last update done (`kept` [B, Hk, N, size] from `sparse.chunk_updates`) and the tokens of the current group
+    that left the window (`eligible` ones). -> the DecodeState fields (keys, values and `inputs`, what the
+    window keeps for the linear state or None, in `dtype`; positions; with `total`, the cumulative log-gates,
+    their decay since their position), and the tokens it holds [B, Hk, T], which the linear state must not."""
+    length = mask.sum(-1)
+    done = sparse.updates_done(length, window)  # [B]
+    last = (done - 1).clamp(min=0)[:, None, None, None].expand(*kept.shape[:2], 1, kept.shape[-1])
+    cache = torch.where((done > 0)[:, None, None], kept.gather(2, last)[:, :, 0], -1)  # [B, Hk, size]
+    pending = sparse.pending_positions(length, window)[:, None].expand(-1, k.shape[1], -1)  # [B, Hk, W]
+    pending = torch.where(eligible.gather(-1, pending.clamp(min=0)) & (pending >= 0), pending, -1)
+    position = torch.cat([cache, pending], dim=-1)  # [B, Hk, size + W]
+    held = (position >= 0)[..., None]
+    fields = {"sparse_keys": (sparse.rows_at(k, position) * held).to(dtype),
+              "sparse_values": (sparse.rows_at(v, position) * held).to(dtype), "sparse_position": position}
+    if inputs is not None:
+        fields["sparse_features"] = (sparse.rows_at(inputs, position) * held).to(dtype)
+    if total is not None:
+        end = total.gather(-1, (length - 1).clamp(min=0)[:, None, None].expand(-1, k.shape[1], 1))
+        fields["sparse_log_decay"] = (end - total.gather(-1, position.clamp(min=0))).masked_fill(position < 0, 0.0)
+    length_t = eligible.shape[-1]  # an empty slot writes the extra column
+    exclude = torch.zeros(*eligible.shape[:2], length_t + 1, dtype=torch.bool, device=k.device)
+    return fields, exclude.scatter(-1, torch.where(position >= 0, position, length_t), True)[..., :length_t]

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .. import memory
+from .. import memory, sparse
 from ..linear import append_ones, group_heads, readout
 from ..state import DecodeState, real_positions
 from .common import _check, _inputs
@@ -37,6 +37,9 @@ def window_attention_recurrent(
     memory_bias: tuple[float, ...] = (),
     sink_q: torch.Tensor | None = None,
     sink_distance: int | None = None,
+    sparse_keys: int = 0,
+    sparse_heads: torch.Tensor | None = None,
+    sparse_score: str = "recall-error",
 ) -> tuple[torch.Tensor, DecodeState]:
     """Token by token from `state` (decoding; T is usually 1). Each new token joins the window; the oldest
     window token leaves it: into its sink slot if it is one of the row's first `sink_tokens` real tokens,
@@ -45,14 +48,23 @@ def window_attention_recurrent(
     taken for the same arguments as the fresh-sequence forms; the state's table decides). With `key_features`,
     `fk` holds the inputs of the keys' feature map, as the window keeps them: a key is mapped when it leaves
     the window (the same features, computed once, without keeping them beside the key). `sink_q`: the
-    queries a query beyond `sink_distance` scores the sinks with (as the chunked form)."""
+    queries a query beyond `sink_distance` scores the sinks with (as the chunked form). With a sparse
+    cache (`sparse_keys` > 0 in the heads `sparse_heads`), a leaving token of such a head joins its group's
+    pending slots instead of the linear state, and the step whose leaving token starts a new group first lets
+    the cache and the full group compete (`linearize.ops.sparse`)."""
     _check(window, sink_tokens, fq, fk, sink_q, sink_distance)
     if memory_buckets > 0 and token_ids is None:
         raise ValueError("a recall memory (memory_buckets > 0) needs the token ids (token_ids)")
+    sparse_args = None
+    if sparse_keys > 0:
+        sparse.check_score(sparse_score, fk is not None)
+        chosen = (torch.ones(k.shape[1], dtype=torch.bool, device=k.device) if sparse_heads is None
+                  else sparse_heads.to(device=k.device, dtype=torch.bool))
+        sparse_args = (sparse_keys, chosen, sparse_score)
     if q.shape[2] == 1 and key_mask is None and window > 1:
         return _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids,
                           memory_buckets, memory_ngram, key_features, memory_recall, memory_bias, sink_q,
-                          sink_distance)
+                          sink_distance, sparse_args)
     out_dtype = v.dtype
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
     batch, kv_heads, t, head_dim = k.shape
@@ -73,6 +85,8 @@ def window_attention_recurrent(
         query_bucket, key_bucket, recent = memory.key_buckets(
             token_ids, mask, real_positions(mask, seen), sink_tokens, memory_buckets, s.recent_tokens, memory_ngram)
     recalled = query_bucket.shape[-1] if memory_buckets > 0 else 0  # memory keys, first in each row
+    slots = None if sparse_args is None else sparse_tensors(s)  # out of place below: the caller's state stays
+    extra = recalled + (0 if slots is None else slots[0].shape[2])  # memory and sparse keys, before the sinks
     bias = None  # the memory bias as a row of scores: the same for every token, built at the first
     outputs = []
     for i in range(t):
@@ -85,15 +99,19 @@ def window_attention_recurrent(
             keys = torch.cat([sink_keys, keys], dim=2)
             values = torch.cat([sink_values, values], dim=2)
             visible = torch.cat([sink_valid, visible], dim=1)
+        keys, values, visible = _with_sparse(slots, keys, values, visible)
         if memory_buckets > 0:
             mem_k, mem_v, has = memory.read(*table[:3], query_bucket[:, i], *table[3:], table_format,
                                             memory.orders(memory_ngram), memory_recall)
             keys, values = torch.cat([mem_k, keys], dim=2), torch.cat([mem_v, values], dim=2)
             visible = torch.cat([has, visible], dim=1)
         scores = torch.einsum("bkgd,bksd->bkgs", q[:, :, :, i], keys) * scale
-        if far_q is not None:  # the sink columns follow the recalled ones
-            scores = _far_sinks(scores, far_q[:, :, :, i], sink_keys, recalled, position_i, sink_distance, scale)
+        if far_q is not None:  # the sink columns follow the recalled and sparse ones
+            scores = _far_sinks(scores, far_q[:, :, :, i], sink_keys, extra, position_i, sink_distance, scale)
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+        if slots is not None:
+            _hide_sparse(scores, slots, recalled, table[2] if memory_buckets > 0 else None,
+                         query_bucket[:, i] if memory_buckets > 0 else None)
         if recalled and memory_bias:
             bias = memory.bias_of(scores, memory_bias, scores.shape[-1]) if bias is None else bias
             scores = scores + bias
@@ -103,8 +121,8 @@ def window_attention_recurrent(
             if log_gate is not None:
                 recurrent = recurrent * log_gate[:, :, i].exp()[..., None, None]
             linear = fq[:, :, :, i] @ recurrent
-            if memory_buckets > 0:  # the memory keys are weighed against c_t, the window's max
-                linear = linear * (scores[..., recalled:].amax(-1, keepdim=True) - row_max).exp()
+            if extra:  # the memory and sparse keys are weighed against c_t, the window's max
+                linear = linear * (scores[..., extra:].amax(-1, keepdim=True) - row_max).exp()
             num = num + linear
         outputs.append(num)
 
@@ -127,17 +145,27 @@ def window_attention_recurrent(
             sink_keys = torch.where(into[:, None, :, None], leaving_k[:, :, None], sink_keys)
             sink_values = torch.where(into[:, None, :, None], leaving_v[:, :, None], sink_values)
             sink_valid = sink_valid | into
+        leaving_input = leaving_decay = None  # what the linear state reads of the leaving token; its decay
         if fk is not None:
             features = torch.cat([w_features, fk[:, :, i : i + 1]], dim=2)
             leaving_fk, w_features = features[:, :, 0], features[:, :, 1:]
+            leaving_input = leaving_fk
             if key_features is not None:  # mapped from the stored input, in the dtype it was stored in
                 leaving_fk = key_features(leaving_fk[:, :, None].to(out_dtype)).float()[:, :, 0]
             weight = (leaving_valid & ~leaving_sink).float()[:, None].expand(batch, kv_heads)
+            if slots is not None:  # a head with a sparse cache keeps the token as a pending exact key
+                weight = weight * ~sparse_args[1]
             if log_gate is not None:
                 gates = torch.cat([w_gates, log_gate[:, :, i : i + 1]], dim=2)
                 w_gates = gates[:, :, 1:]
-                weight = weight * w_gates.sum(-1).exp()  # decay from the leaving token to the new one
+                leaving_decay = w_gates.sum(-1)  # from the leaving token to the new one
+                weight = weight * leaving_decay.exp()
             recurrent = recurrent + (weight[..., None] * leaving_fk)[..., None] * append_ones(leaving_v)[..., None, :]
+        if slots is not None:
+            eligible = (leaving_valid & ~leaving_sink)[:, None] & sparse_args[1]
+            slots, recurrent = _sparse_leave(
+                slots, (leaving_k, leaving_v, leaving_input, leaving_position, eligible, leaving_decay), recurrent,
+                None if log_gate is None else log_gate[:, :, i], key_features, sparse_args, window, eps, out_dtype)
         seen = seen + valid_i.long()
     o = readout(torch.stack(outputs, dim=3), eps).flatten(1, 2).to(out_dtype)
     new_state = DecodeState(
@@ -156,6 +184,8 @@ def window_attention_recurrent(
     if memory_buckets > 0:
         set_memory(new_state, table)
         new_state.window_buckets, new_state.recent_tokens = w_buckets, recent
+    if slots is not None:
+        set_sparse(new_state, slots)
     return o, new_state
 
 
@@ -170,7 +200,8 @@ def _far_sinks(scores, far_q, sink_keys, first: int, position, sink_distance: in
 
 
 def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids, memory_buckets,
-               memory_ngram, key_features=None, memory_recall="all", memory_bias=(), sink_q=None, sink_distance=None):
+               memory_ngram, key_features=None, memory_recall="all", memory_bias=(), sink_q=None, sink_distance=None,
+               sparse_args=None):
     """`window_attention_recurrent` for one real token per row (the decoding step), in as few ops as the
     math allows: per-step dispatch, not arithmetic, is what a decoding step costs on a CPU. The same
     result as the general loop (tests hold them equal)."""
@@ -189,7 +220,9 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         keys = torch.cat([_float(s.window_keys), k], dim=2)
         values = torch.cat([_float(s.window_values), v], dim=2)
         visible = torch.cat([s.window_valid, ones], dim=1)
-    first = sink_tokens + 1  # index of window slot 1 in keys / values / visible
+    slots = None if sparse_args is None else sparse_tensors(s)
+    keys, values, visible = _with_sparse(slots, keys, values, visible)
+    first = sink_tokens + 1 + (0 if slots is None else slots[0].shape[2])  # index of window slot 1 in keys
     recalled = 0  # memory keys, first in each row
     if memory_buckets > 0:
         query_bucket, key_bucket, recent = memory.key_buckets(token_ids, ones, s.seen[:, None], sink_tokens,
@@ -202,12 +235,15 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         visible = torch.cat([has, visible], dim=1)
         recalled = has.shape[1]
         first += recalled
+    extra = first - sink_tokens - 1  # memory and sparse keys, before the sinks
     scores = (q @ keys.transpose(-1, -2)).mul_(scale)
-    if sink_q is not None and sink_tokens > 0:  # the sink columns follow the recalled ones
+    if sink_q is not None and sink_tokens > 0:  # the sink columns follow the recalled and sparse ones
         far_q = sink_q.float().view(batch, kv_heads, -1, head_dim)
-        scores = _far_sinks(scores, far_q, keys[:, :, recalled : recalled + sink_tokens], recalled, s.seen,
+        scores = _far_sinks(scores, far_q, keys[:, :, extra : extra + sink_tokens], extra, s.seen,
                             sink_distance, scale)
     scores = scores.masked_fill_(~visible[:, None, None], float("-inf"))
+    if slots is not None:
+        _hide_sparse(scores, slots, recalled, s.memory_position, query_bucket[:, 0] if memory_buckets > 0 else None)
     if recalled and memory_bias:
         scores = scores + memory.bias_of(scores, memory_bias, scores.shape[-1])
     row_max = scores.amax(-1, keepdim=True)
@@ -218,8 +254,8 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         if log_gate is not None:
             recurrent = recurrent * log_gate.float().exp()[..., None]  # [B, Hk, 1] -> [B, Hk, 1, 1]
         linear = fq.float().view(batch, kv_heads, -1, fq.shape[-1]) @ recurrent  # [B, Hk, G, D + 1]
-        if memory_buckets > 0:  # the memory keys are weighed against c_t, the window's max
-            linear = linear * (scores[..., recalled:].amax(-1, keepdim=True) - row_max).exp()
+        if extra:  # the memory and sparse keys are weighed against c_t, the window's max
+            linear = linear * (scores[..., extra:].amax(-1, keepdim=True) - row_max).exp()
         num, den = num + linear[..., :-1], den + linear[..., -1:]
     o = (num / (den + eps)).view(batch, -1, 1, head_dim).to(out_dtype)
 
@@ -249,13 +285,24 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         if key_features is not None:  # the window keeps the feature map's inputs: map the leaving key
             features = key_features(s.window_features[:, :, :1].to(out_dtype)).float()
         weight = (leaving_valid & ~leaving_sink).float()[:, None, None]  # [B, 1, 1]
+        if slots is not None:  # a head with a sparse cache keeps the token as a pending exact key
+            weight = weight * ~sparse_args[1][:, None]
         if log_gate is not None:
             gates = torch.cat([s.window_log_gates, log_gate.float()], dim=2)
             new.window_log_gates = gates[:, :, 1:]
-            weight = weight * new.window_log_gates.sum(-1, keepdim=True).exp()  # decay since it left
+            leaving_decay = new.window_log_gates.sum(-1)  # [B, Hk]: since the token's position
+            weight = weight * leaving_decay[..., None].exp()
         leaving = features[:, :, :1].transpose(-1, -2) * weight[..., None]  # [B, Hk, F, 1]
         update = torch.cat([leaving * values[:, :, first - 1 : first], leaving], dim=-1)  # fk^T [v, 1]
         new.recurrent = recurrent + update
+    if slots is not None:
+        eligible = (leaving_valid & ~leaving_sink)[:, None] & sparse_args[1]
+        leaving_input = None if fk is None else s.window_features[:, :, 0]
+        slots, new.recurrent = _sparse_leave(
+            slots, (s.window_keys[:, :, 0], s.window_values[:, :, 0], leaving_input, leaving_position, eligible,
+                    leaving_decay if log_gate is not None else None), new.recurrent,
+            None if log_gate is None else log_gate[:, :, 0], key_features, sparse_args, window, eps, out_dtype)
+        set_sparse(new, slots)
     if memory_buckets > 0:  # the leaving token goes into the memory, the new one's bucket is kept
         if not _caller_writes_memory:  # our compiled step writes it after its graph (store_leaving)
             store_leaving(s)
@@ -263,6 +310,86 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         new.window_buckets = torch.cat([s.window_buckets[:, 1:], key_bucket], dim=1)
         new.recent_tokens = recent
     return o, new
+
+
+def sparse_tensors(state: DecodeState) -> list:
+    """The sparse cache's slots of `state`: keys, values, features (or their inputs; None without a linear
+    state), position, log-decay (None without gates)."""
+    return [state.sparse_keys, state.sparse_values, state.sparse_features, state.sparse_position,
+            state.sparse_log_decay]
+
+
+def set_sparse(state: DecodeState, slots: list) -> None:
+    (state.sparse_keys, state.sparse_values, state.sparse_features, state.sparse_position,
+     state.sparse_log_decay) = slots
+
+
+def _with_sparse(slots: list | None, keys, values, visible):
+    """The sparse slots' keys and values before a step's others (their per-head validity: `_hide_sparse`)."""
+    if slots is None:
+        return keys, values, visible
+    count = slots[0].shape[2]
+    return (torch.cat([slots[0].float(), keys], dim=2), torch.cat([slots[1].float(), values], dim=2),
+            torch.cat([visible.new_ones(visible.shape[0], count), visible], dim=1))
+
+
+def _hide_sparse(scores, slots: list, recalled: int, memory_position=None, query_bucket=None) -> None:
+    """In place: scores [B, Hk, G, S'] of empty sparse slots (columns `recalled` on) and of recalled memory
+    keys (the first `recalled` columns) that a sparse slot of the same head holds (read there, once)."""
+    position = slots[3]  # [B, Hk, size + W]
+    columns = scores[..., recalled : recalled + position.shape[2]]
+    columns.masked_fill_((position < 0)[:, :, None], float("-inf"))
+    if query_bucket is not None:
+        found = memory_position.gather(1, query_bucket)  # [B, K]: the recalled keys' positions
+        held = (found[:, None, :, None] == position[:, :, None, :]).any(-1) & (found >= 0)[:, None]  # [B, Hk, K]
+        scores[..., :recalled].masked_fill_(held[:, :, None], float("-inf"))
+
+
+def _sparse_leave(slots: list, leaving: tuple, recurrent, log_gate, key_features, sparse_args: tuple, window: int,
+                  eps: float, out_dtype: torch.dtype) -> tuple[list, torch.Tensor | None]:
+    """The end of a step for the sparse cache: the slots' decays advance by this step's `log_gate` [B, Hk];
+    where the leaving token starts a new group (the previous one complete and read once), the cache and that
+    group compete and the losers enter the linear state `recurrent`; then the leaving token (key, value,
+    input [B, Hk, X], position [B], `eligible` [B, Hk], decay [B, Hk]) takes its pending slot in the heads
+    that keep it. -> the new slots and linear state."""
+    size, _, score = sparse_args
+    keys, values, features, position, log_decay = slots
+    key, value, feature, at, eligible, decay = leaving
+    if log_decay is not None:
+        log_decay = (log_decay + log_gate.float()[..., None]).masked_fill(position < 0, 0.0)
+    update = (at >= window) & (at.remainder(window) == 0)  # [B]
+    # on a CPU, only at the steps that update (one in W); traced by torch.compile, no data-dependent branch
+    if keys.device.type != "cpu" or torch.compiler.is_compiling() or bool(update.any()):
+        mapped = None
+        if features is not None:
+            mapped = key_features(features.to(out_dtype)).float() if key_features is not None else features.float()
+        pick = sparse.keep_best(sparse.scores(score, mapped, values, position, recurrent, eps), position, size)
+        if recurrent is not None:
+            evicted = ((position >= 0) & ~sparse.picked_mask(pick, position) & update[:, None, None]).float()
+            weight = evicted if log_decay is None else evicted * log_decay.exp()
+            recurrent = recurrent + sparse.evicted_state(mapped, values, weight)
+
+        def picked(x, fill):
+            if x is None:
+                return None
+            index = pick.view(*pick.shape, *([1] * (x.dim() - 3))).expand(*pick.shape, *x.shape[3:])
+            kept = torch.cat([x.gather(2, index), torch.full_like(x[:, :, size:], fill)], dim=2)
+            return torch.where(update.view(-1, *([1] * (x.dim() - 1))), kept, x)
+
+        keys, values, features = picked(keys, 0.0), picked(values, 0.0), picked(features, 0.0)
+        position, log_decay = picked(position, -1), picked(log_decay, 0.0)
+    slot = torch.arange(position.shape[2], device=position.device) == (size + at.remainder(window))[:, None]
+    write = slot[:, None, :] & eligible[:, :, None]  # [B, Hk, size + W]
+
+    def written(x, new):
+        if x is None:
+            return None
+        return torch.where(write.view(*write.shape, *([1] * (x.dim() - 3))), new.to(x.dtype), x)
+
+    return [written(keys.to(out_dtype), key[:, :, None]), written(values.to(out_dtype), value[:, :, None]),
+            None if features is None else written(features.to(out_dtype), feature[:, :, None]),
+            written(position, at[:, None, None]), written(log_decay, None if decay is None else decay[..., None])
+            ], recurrent
 
 
 def _float(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -327,10 +454,12 @@ def empty_window_state(
     memory_ngram: int | tuple[int, ...] = 1,
     memory_format: str = "auto",
     feature_inputs: int | None = None,
+    sparse_keys: int = 0,
 ) -> DecodeState:
     """The state before the first token: every window and sink slot invalid, a zero linear state, an
     empty memory. `feature_inputs`: the width of what the window keeps of each key for the linear state,
-    when it keeps the feature map's inputs (`key_features`) rather than `feature_dim` features."""
+    when it keeps the feature map's inputs (`key_features`) rather than `feature_dim` features. `sparse_keys`:
+    the sparse cache's size per key/value head (its slots: that many and `window` pending ones)."""
     keep = window - 1
     zeros = torch.zeros(batch, kv_heads, keep, head_dim, device=device)
     state = DecodeState(
@@ -355,4 +484,13 @@ def empty_window_state(
                                              memory_format))
         state.window_buckets = torch.full((batch, keep, len(grams)), -1, dtype=torch.long, device=device)
         state.recent_tokens = torch.full((batch, max(grams)), -1, dtype=torch.long, device=device)
+    if sparse_keys > 0:
+        slots = sparse_keys + window
+        state.sparse_keys = torch.zeros(batch, kv_heads, slots, head_dim, device=device)
+        state.sparse_values = state.sparse_keys.clone()
+        state.sparse_position = torch.full((batch, kv_heads, slots), -1, dtype=torch.long, device=device)
+        if feature_dim is not None:
+            state.sparse_features = torch.zeros(batch, kv_heads, slots, feature_inputs or feature_dim, device=device)
+            if gated:
+                state.sparse_log_decay = torch.zeros(batch, kv_heads, slots, device=device)
     return state
