@@ -8,7 +8,19 @@ import pytest
 
 from linearize import LinearizeError
 from linearize.methods import build_config
-from linearize.plan import GiB, choose_store, model_shape, stage1_plan, stage2_plan, suggest_layout
+from linearize.plan import (
+    GiB,
+    choose_store,
+    count_costs,
+    format_suggestion,
+    hardware,
+    model_shape,
+    stage1_plan,
+    stage2_plan,
+    suggest,
+)
+from linearize.plan.layout import HOUR
+from linearize.train.transfer import assign_blocks
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
          "max_position_embeddings": 131072, "rope_theta": 500000.0, "tie_word_embeddings": False,
@@ -99,19 +111,103 @@ def test_the_disk_budget_picks_the_fastest_store_that_fits_and_refuses_one_that_
         choose_store(plan, "layers", 1000 * GiB)
 
 
-def test_layouts_one_gpu_for_8b_a_node_for_70b_several_nodes_for_405b(shapes):
+def machine(kind="h100", devices=1, per_node=None, memory=None, disk=1000.0, **numbers):
+    return hardware(kind, devices, per_node, memory, disk, free_disk=0.0, dtype="bfloat16", **numbers)
+
+
+@pytest.fixture(scope="module")
+def costs():
     config = run_config()
-    small = suggest_layout(shapes["Llama-3.1-8B"], config, memory=80 * GiB, per_node=8)
-    assert small.parallel == "ddp" and small.stage2_nodes == 1
-    big = suggest_layout(shapes["Llama-3.1-70B"], config, memory=80 * GiB, per_node=8)
-    assert big.parallel == "fsdp" and big.stage2_processes <= 8 and big.stage1_nodes == 1
-    largest = suggest_layout(shapes["Llama-3.1-405B"], config, memory=80 * GiB, per_node=8)
-    assert largest.parallel == "fsdp" and largest.stage2_nodes >= 2 and largest.stage1_nodes >= 2
-    assert largest.layers_per_block <= 12  # LoLCATS used 9: 405 GB of bf16 weights need small blocks
-    for layout in (small, big, largest):
-        assert layout.stage1_memory <= 80 * GiB and layout.stage2_memory <= 80 * GiB
-    qwen = suggest_layout(shapes["Qwen2.5-72B"], config, memory=80 * GiB, per_node=8)
-    assert qwen.parallel == "fsdp"
+    return {name: count_costs(text_config(name), config, 1) for name in ("Llama-3.1-8B", "Llama-3.1-70B")}
+
+
+def test_8b_on_one_80gb_gpu_runs_one_process_with_the_whole_teacher_and_nothing_stored(shapes, costs):
+    """The issue's case: one teacher forward per step gives every layer's targets; no disk, no recomputation."""
+    suggestion = suggest(shapes["Llama-3.1-8B"], costs["Llama-3.1-8B"], run_config(), machine(disk=100))
+    best = suggestion.best
+    assert best.processes == 1 and best.stage2.parallel == "local"
+    assert best.stage1.store == "none" and best.stage1.blocks == 1 and best.disk == 0
+    assert best.stage1.collect_seconds == 0 and best.stage2.targets_seconds > 0  # stage 2 computes its targets
+    assert 1 * HOUR < best.seconds < 100 * HOUR
+    assert best.stage1.memory <= 80 * GiB and best.stage2.memory <= 80 * GiB
+    reasons = "\n".join(suggestion.others)
+    assert "transfer.store=layers: does not fit disk" in reasons
+    assert "transfer.store=blocks: slower" in reasons and "finetune.gradient_checkpointing=true: slower" in reasons
+    text = format_suggestion(suggestion, machine(disk=100))
+    assert "one process" in text and "| in all |" in text
+
+
+def test_hours_follow_the_tokens_and_the_device(shapes, costs):
+    shape, counted = shapes["Llama-3.1-8B"], costs["Llama-3.1-8B"]
+    base = suggest(shape, counted, run_config(), machine(disk=100)).best
+    double = suggest(shape, counted, run_config(transfer={"tokens": 40_000_000}, finetune={"tokens": 40_000_000}),
+                     machine(disk=100)).best
+    assert double.stage1.seconds == pytest.approx(2 * base.stage1.seconds, rel=0.01)
+    assert double.stage2.seconds == pytest.approx(2 * base.stage2.seconds, rel=0.01)
+    slower = suggest(shape, counted, run_config(), machine("a100-80", disk=100)).best
+    assert slower.seconds > 1.3 * base.seconds  # a third of the H100's FLOP/s, 0.6 of its bandwidth
+    eight = suggest(shape, counted, run_config(), machine(devices=8, disk=100)).best
+    assert eight.seconds < base.seconds / 3 and eight.processes == 8
+
+
+def test_70b_on_a_node_of_8_shards_stage_2_and_gives_each_process_its_blocks(shapes, costs):
+    suggestion = suggest(shapes["Llama-3.1-70B"], costs["Llama-3.1-70B"], run_config(),
+                         machine(devices=8, disk=20_000))
+    best = suggestion.best
+    assert best.stage2.parallel == "fsdp" and best.stage2.memory <= 80 * GiB
+    assert best.stage1.blocks >= 8 and best.stage1.memory <= 80 * GiB  # every process trains a block
+    assert any("finetune.parallel=ddp" in line and "does not fit memory" in line for line in suggestion.others)
+
+
+def test_blocks_go_to_ranks_by_cost_the_costliest_first():
+    assert assign_blocks([1.0] * 6, 2) == [0, 1, 0, 1, 0, 1]  # equal costs: round-robin
+    costs = [1.0, 1.0, 1.0, 3.0, 3.0, 3.0]  # the upper half with a recall memory
+    owners = assign_blocks(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
+    assert loads == [6.0, 6.0]  # round-robin would give 5 and 7
+    assert assign_blocks([5.0, 1.0, 1.0, 1.0, 1.0, 1.0], 2) == [0, 1, 1, 1, 1, 1]
+
+
+def test_the_costs_count_a_teacher_layer_as_two_flops_per_weight_and_token(shapes, costs):
+    shape, counted = shapes["Llama-3.1-8B"], costs["Llama-3.1-8B"][1]
+    tokens = counted.seq_len
+    weights = 2 * shape.layer_params[0] * tokens
+    attention = 4 * tokens * tokens * shape.heads * shape.head_dim  # q.k and the weighted values, not causal
+    assert counted.layers[0].teacher.total_flops == pytest.approx(weights + attention, rel=0.01)
+    # the student's step: forward and the backward to its input (no weight gradients but LoRA's), and more
+    assert 1.5 * weights < counted.layers[0].student.total_flops < 3 * weights
+    assert counted.layers[0].transfer.total_flops > 0
+    memory = [i for i in range(shape.layers) if counted.layers[i] is not counted.layers[0]]
+    assert memory == list(range(16, 32))  # the upper half keeps a recall memory: counted apart, costs more
+    assert len(counted.layers[16].transfer.flops) > len(counted.layers[0].transfer.flops)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"devices": 0}, "--devices must be greater than 0, got 0"),
+    ({"memory": -1}, "--memory must be greater than 0, got -1"),
+    ({"disk": 0}, "--disk must be greater than 0, got 0"),
+    ({"kind": "v100"}, "unknown device kind 'v100': known are h100, h200"),
+    ({"kind": None, "tflops": 100}, "needs all of"),
+])
+def test_bad_hardware_is_refused_naming_the_value(options, message):
+    with pytest.raises(LinearizeError, match=message):
+        machine(**options)
+
+
+def test_a_device_given_by_its_numbers_and_this_cpu_measured():
+    custom = machine("v100", memory=32, tflops=125, bandwidth_gbs=900)
+    assert custom.memory == 32 * GiB and custom.device.flops == 125e12 and custom.device.bandwidth == 900e9
+    cpu = machine("cpu", devices=2)
+    assert cpu.kind == "cpu" and 1e9 < cpu.device.flops < 1e14 and 1e8 < cpu.device.bandwidth < 1e12
+
+
+def test_a_layout_that_fits_nowhere_is_refused_naming_the_smallest_hardware_that_fits(shapes, costs):
+    shape, counted = shapes["Llama-3.1-70B"], costs["Llama-3.1-70B"]
+    with pytest.raises(LinearizeError, match=r"stage 2 needs at least .* per device on 1 device.*The smallest "
+                                             r"hardware that fits: .*\d+ devices of 80 GiB"):
+        suggest(shape, counted, run_config(), machine(disk=20_000))
+    with pytest.raises(LinearizeError, match=r"stage 1 needs at least .* of disk"):
+        suggest(shape, counted, run_config(), machine(devices=8, disk=10))
 
 
 def test_tied_embeddings_are_counted_once():
@@ -133,9 +229,7 @@ def test_fsdp_divides_the_weights_and_ddp_holds_them_whole(shapes):
     assert plan.ddp - plan.fsdp[8] > 0.8 * weights * (1 - 1 / 8)
 
 
-def test_a_layout_that_fits_nowhere_is_refused_with_the_reason(shapes):
-    with pytest.raises(LinearizeError, match="stage 1 does not fit a device of 4.00 GiB: a block of 1 layer"):
-        suggest_layout(shapes["Llama-3.1-405B"], run_config(), memory=4 * GiB, per_node=8)
+def test_layers_per_block_beyond_the_model_is_refused(shapes):
     with pytest.raises(LinearizeError, match=r"transfer.layers_per_block must lie in \[1, 32\]"):
         stage1_plan(shapes["Llama-3.1-8B"], run_config(transfer={"layers_per_block": 40}))
 
@@ -145,8 +239,12 @@ def test_the_plan_command_reads_a_bare_config_json(tmp_path, capsys):
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(CONFIGS["Llama-3.1-70B"]))
-    assert main(["plan", "--memory", "80", str(path), "dtype=bfloat16", "transfer.tokens=20000000"]) == 0
+    assert main(["plan", "--memory", "80", "--per-node", "8", "--disk", "20000", str(path), "dtype=bfloat16",
+                 "transfer.tokens=20000000"]) == 0
     printed = capsys.readouterr().out
     assert "parameters: 70.55 B" in printed and "finetune.parallel=fsdp" in printed
     assert "| layers |" in printed and "| blocks |" in printed and "| none |" in printed
+    assert "8 x H100" in printed and "| in all |" in printed
+    assert main(["plan", "--devices", "0", str(path)]) == 2
+    assert "--devices must be greater than 0" in capsys.readouterr().err
     assert main(["plan", str(tmp_path / "missing.json")]) == 2

@@ -8,7 +8,8 @@
     linearize report OUTPUT_DIR                 (regenerate report.md / report.html)
     linearize compare OUTPUT_DIR OUTPUT_DIR ... [--output DIR]
     linearize config [--config FILE|NAME] [key.sub=value ...]   (print the resolved config)
-    linearize plan MODEL [--memory GIB] [--per-node N] [key.sub=value ...]   (memory, disk, layout; no weights)
+    linearize plan MODEL [--gpu KIND] [--devices N] [--per-node N] [--memory GIB] [--disk GIB] [key.sub=value ...]
+                                                (memory, disk, the fastest layout and its hours; no weights)
     linearize methods                           (the methods, their stages and attention keys)
 """
 
@@ -54,33 +55,43 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    """What a run needs for a model, from its config alone, and a layout on the devices described."""
+    """What a run needs for a model, from its config alone, and the fastest layout on the hardware described."""
     from linearize.api import load_config
+    from linearize.checkpoint import free_disk
+    from linearize.methods import get_method
     from linearize.plan import (
-        GiB,
         Plan,
         choose_store,
+        count_costs,
         disk_budget,
         format_plan,
+        format_suggestion,
+        hardware,
         model_shape,
         stage1_plan,
         stage2_plan,
-        suggest_layout,
+        suggest,
     )
     from linearize.teacher import load_teacher_config
 
     config = load_config(resolve_config_path(args.config), [*args.overrides, f"model={args.model}"])
+    devices = args.devices if args.devices is not None else (args.per_node or 1)
+    machine = hardware(args.gpu, devices, args.per_node, args.memory, args.disk, free_disk(config.output_dir),
+                       config.dtype, args.tflops, args.bandwidth)
     text_config = load_teacher_config(args.model)
     shape = model_shape(text_config, config.method, config.attention, config.finetune.target_modules,
                         config.finetune.lora_r)
-    stage1 = stage1_plan(shape, config, args.device) if config.transfer.enabled else None
+    kind = "cpu" if machine.kind == "cpu" else "cuda"
+    stage1 = stage1_plan(shape, config, kind) if config.transfer.enabled else None
     if stage1 is not None and config.transfer.disk_budget is not None:
         stage1.budget = disk_budget(config)
         stage1.store = choose_store(stage1, config.transfer.store, stage1.budget)
-    stage2 = stage2_plan(shape, config, args.device) if config.finetune.enabled else None
-    plan = Plan(shape, config.dtype, stage1, stage2, args.device)
-    layout = suggest_layout(shape, config, args.memory * GiB, args.per_node, args.device)
-    print(format_plan(plan, layout))
+    stage2 = stage2_plan(shape, config, kind) if config.finetune.enabled else None
+    transfers = config.transfer.enabled and "transfer" in get_method(config.method).stages
+    suggestion = suggest(shape, count_costs(text_config, config, machine.devices), config, machine, transfers)
+    print(format_plan(Plan(shape, config.dtype, stage1, stage2, kind)))
+    print()
+    print(format_suggestion(suggestion, machine))
 
 
 def cmd_config(args: argparse.Namespace) -> None:
@@ -385,12 +396,19 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. transfer.tokens=8192")
     run.set_defaults(func=cmd_run)
 
-    plan = sub.add_parser("plan", help="the memory, disk and layout a run needs, from the model's config alone")
+    plan = sub.add_parser("plan", help="the memory, disk, layout and hours a run needs, from the model's config "
+                          "alone")
     plan.add_argument("model", help="a config.json, a model directory, a .gguf file, a hub id or the default")
     plan.add_argument("--config", help="YAML file or shipped config name whose settings to plan")
-    plan.add_argument("--memory", type=float, default=80.0, help="GiB of memory per device (default 80)")
-    plan.add_argument("--per-node", type=int, default=8, help="devices per node (default 8)")
-    plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="what the devices are (default cuda)")
+    plan.add_argument("--gpu", help="the device kind: h100 (default), h200, a100-40, a100-80, l40s, mi300x, or cpu "
+                      "(this machine, measured now)")
+    plan.add_argument("--devices", type=int, help="devices (processes) the run gets (default: --per-node, else 1)")
+    plan.add_argument("--per-node", type=int, help="devices per node (default: --devices, at most 8)")
+    plan.add_argument("--memory", type=float, help="GiB of memory per device (default: the kind's)")
+    plan.add_argument("--disk", type=float, help="GiB of disk free where the run writes (default: what output_dir's "
+                      "file system has)")
+    plan.add_argument("--tflops", type=float, help="peak TFLOP/s per device at the run's dtype (another device)")
+    plan.add_argument("--bandwidth", type=float, help="memory bandwidth per device in GB/s (another device)")
     plan.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. transfer.tokens=20000000")
     plan.set_defaults(func=cmd_plan)
 

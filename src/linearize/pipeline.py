@@ -27,7 +27,14 @@ import torch
 import yaml
 
 import linearize.distributed as distributed
-from linearize.checkpoint import CONFIG_FILE, atomic_save_tensors, atomic_write_text, load_params_strict, load_tensors
+from linearize.checkpoint import (
+    CONFIG_FILE,
+    atomic_save_tensors,
+    atomic_write_text,
+    free_disk,
+    load_params_strict,
+    load_tensors,
+)
 from linearize.config import RunConfig
 from linearize.data import build_blocks
 from linearize.devices import resolve_device, resolve_dtype
@@ -45,8 +52,12 @@ from linearize.plan import (
     choose_store,
     device_memory,
     disk_budget,
+    estimate_run,
+    format_estimate,
     format_plan,
     model_shape,
+    reference_hardware,
+    run_hardware,
     stage1_plan,
     stage2_plan,
 )
@@ -232,9 +243,21 @@ class Recipe:
         self.engine = engine_for(config.finetune, stage2 is None or stage2.ddp <= device_memory(self.device),
                                  self.device)
         plan = Plan(shape, config.dtype, stage1, stage2, kind)
+        world = distributed.world()
+        timing = estimate_run(self.text_config, config, shape, self.store, world,
+                              "fsdp" if self.engine.sharded else "ddp",
+                              run_hardware(self.device, world, config.dtype, free_disk(self.out)),
+                              reference_hardware(kind, world),
+                              stage1 is not None and "transfer" in get_method(config.method).stages)
+        self.block_costs = timing.block_costs  # stage 1 gives its blocks to ranks by them
+        text = format_plan(plan)
+        if timing.estimate is not None:
+            self.progress.put("plan.estimate", {"estimate_seconds": timing.estimate.stages(),
+                                                "hardware": timing.hardware.describe()})
+            text += f"\n\ntime estimate on {timing.hardware.describe()}:\n" + format_estimate(timing.estimate)
         if distributed.is_main():
-            atomic_write_text(self.out / "plan.md", format_plan(plan) + "\n")
-        self.log("plan:\n" + format_plan(plan))
+            atomic_write_text(self.out / "plan.md", text + "\n")
+        self.log("plan:\n" + text)
 
     # --- stage 1 -------------------------------------------------------------------------------------------
 
@@ -278,7 +301,7 @@ class Recipe:
         weights = FileWeights(directory, self.dtype, self.device, tied=tied_names(files_config))
         transfer = dataclass_replace(config.transfer, store=self.store)
         return AttentionTransfer(student, self.data.train, transfer, self.out / "stage1", config.checkpoint_every,
-                                 config.seed, self.targets, weights)
+                                 config.seed, self.targets, weights, self.block_costs)
 
     # --- the teacher -----------------------------------------------------------------------------------------
 
@@ -471,6 +494,8 @@ class Recipe:
         self.result["seconds_total"] = self.progress.put("seconds", elapsed)
         self.result["seconds_by_step"] = {key.removeprefix("time."): value  # as measured: the report rounds them
                                           for key, value in self.progress.data.items() if key.startswith("time.")}
+        if self.progress.get("plan.estimate") is not None:  # the plan's time estimate, beside the stages' seconds
+            self.result["plan"] = self.progress.get("plan.estimate")
         if distributed.is_main():
             try:
                 write_report(self.result, self.out)

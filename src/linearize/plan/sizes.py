@@ -1,4 +1,4 @@
-"""What a run needs, before it loads a weight: memory, disk and a layout, from the teacher's config.json alone.
+"""What a run needs, before it loads a weight: memory and disk, from the teacher's config.json alone.
 
 The teacher's module structure is built on the meta device (no memory, any size) and converted by the
 chosen method, so every count is the real one: the teacher's parameters per layer, the mixers' and the
@@ -7,8 +7,9 @@ LoRA adapter's. From them and the run config:
 - stage 1 (attention transfer, block by block): the disk each `transfer.store` needs for the token
   budget, and the memory of one process training one block (the block's weights, streamed, plus its
   activations);
-- stage 2 (LoRA): the memory per process replicated (DDP) and sharded over N processes (FSDP2);
-- a layout for devices of a given memory: layers per block, processes and nodes for each stage.
+- stage 2 (LoRA): the memory per process replicated (DDP) and sharded over N processes (FSDP2).
+
+`linearize.plan.layout` puts them together with the time each layout takes.
 
 Weights, stored activations and optimizer state are exact counts. Activation memory and the runtime's own
 share are estimates: constants measured on SmolLM2-135M on a CPU (bench/scale.py prints the plan beside
@@ -157,7 +158,7 @@ def stage1_plan(shape: ModelShape, config, device: str = "cpu") -> Stage1Plan:
     disk = {"layers": tokens * len(shape.converted) * pair * cache + boundaries, "blocks": boundaries, "none": 0.0}
     targets = 0.0
     if tune.enabled and tune.distill_weight > 0 and tune.distill_top_k > 0:
-        stage2_tokens = rows_of(tune.tokens, seq_len, tune.batch_size) * seq_len
+        stage2_tokens = rows_of(tune.tokens, seq_len, tune.batch_size or 1) * seq_len
         targets = max(tokens, stage2_tokens) * tune.distill_top_k * 8  # int32 index + fp32 log-probability
     head = (shape.final_params + (shape.head_params or shape.embed_params)) * weight
     memory, weights = {}, {}
@@ -193,7 +194,7 @@ def stage2_plan(shape: ModelShape, config, device: str = "cpu", processes: tuple
     weight = DTYPE_BYTES[config.dtype]
     mixers = sum(shape.mixer_params) if tune.train_mixers or tune.full else 0
     trainable = shape.teacher_params + mixers if tune.full else shape.lora_params + mixers
-    batch = per_process_batch or tune.batch_size
+    batch = per_process_batch or tune.batch_size or 1  # null: one sequence per process
     per_layer = shape.hidden + shape.intermediate + shape.heads * shape.head_dim
     if tune.gradient_checkpointing:
         saved = batch * seq_len * (shape.layers * shape.hidden + per_layer * STAGE2_LAYER_FLOATS) * weight
@@ -268,69 +269,7 @@ def gib(value: float) -> str:
     return f"{value / GiB:.2f} GiB" if value < 10 * GiB else f"{value / GiB:.0f} GiB"
 
 
-@dataclass
-class Layout:
-    """A suggested layout on devices of `memory` bytes, `per_node` to a node."""
-
-    layers_per_block: int
-    stage1_processes: int
-    stage1_nodes: int
-    parallel: str  # ddp | fsdp
-    stage2_processes: int
-    stage2_nodes: int
-    stage1_memory: float
-    stage2_memory: float
-    gradient_checkpointing: bool
-    stage1_store: str = "blocks"
-    stage1_disk: float = 0.0
-
-
-def suggest_layout(shape: ModelShape, config, memory: float, per_node: int, device: str = "cuda",
-                   max_processes: int = 4096) -> Layout:
-    """The layout that fits devices of `memory` bytes: the most layers per block whose stage-1 process fits
-    (one block per process), and for stage 2 DDP when the whole model fits one device, else FSDP over the
-    fewest processes that fit (whole nodes once past one), with gradient checkpointing only if nothing
-    fits without it. Refuses, with the reason, what fits nowhere."""
-    import dataclasses
-
-    store = config.transfer.store if config.transfer.store != "auto" else "blocks"
-    sizes = [config.transfer.layers_per_block] if config.transfer.layers_per_block else range(shape.layers, 0, -1)
-    stage1 = None
-    for size in sizes:
-        transfer = dataclasses.replace(config.transfer, layers_per_block=size)
-        plan = stage1_plan(shape, dataclasses.replace(config, transfer=transfer), device)
-        if plan.memory[store] <= memory:
-            stage1 = (size, plan)
-            break
-        smallest = plan
-    if stage1 is None:
-        raise LinearizeError(f"stage 1 does not fit a device of {gib(memory)}: a block of {sizes[-1]} layer(s) needs "
-                             f"{gib(smallest.memory[store])} per process (transfer.store={store})")
-    size, plan1 = stage1
-    if not config.transfer.layers_per_block:  # small enough blocks to give a node's devices one each
-        size = min(size, math.ceil(shape.layers / per_node))
-        transfer = dataclasses.replace(config.transfer, layers_per_block=size)
-        plan1 = stage1_plan(shape, dataclasses.replace(config, transfer=transfer), device)
-    processes1 = len(plan1.blocks)  # one block each; fewer processes take several blocks in turn
-    counts = [n for n in range(1, max_processes + 1) if n <= per_node or n % per_node == 0]
-    for checkpointing in dict.fromkeys((config.finetune.gradient_checkpointing, True)):
-        tune = dataclasses.replace(config.finetune, gradient_checkpointing=checkpointing)
-        run = dataclasses.replace(config, finetune=tune)
-        ddp = stage2_plan(shape, run, device, per_process_batch=1).ddp
-        if ddp <= memory:
-            return Layout(size, processes1, math.ceil(processes1 / per_node), "ddp", per_node, 1,
-                          plan1.memory[store], ddp, checkpointing, store, plan1.disk[store])
-        for n in counts:
-            need = stage2_plan(shape, run, device, (n,), 1).fsdp[n]
-            if need <= memory:
-                return Layout(size, processes1, math.ceil(processes1 / per_node), "fsdp", n,
-                              math.ceil(n / per_node), plan1.memory[store], need, checkpointing, store,
-                              plan1.disk[store])
-    raise LinearizeError(f"stage 2 does not fit devices of {gib(memory)} even sharded over {max_processes} processes "
-                         "with gradient checkpointing: use devices with more memory or shorter data.seq_len")
-
-
-def format_plan(plan: Plan, layout: Layout | None = None) -> str:
+def format_plan(plan: Plan) -> str:
     """The plan as a few readable lines and tables (what `linearize plan` and the start of a run print)."""
     s = plan.shape
     lines = [
@@ -361,14 +300,4 @@ def format_plan(plan: Plan, layout: Layout | None = None) -> str:
         p2 = plan.stage2
         lines += ["", f"stage 2: {p2.trainable:,} trainable parameters; memory per process: DDP {gib(p2.ddp)}; "
                       + ", ".join(f"FSDP x{n} {gib(m)}" for n, m in sorted(p2.fsdp.items()))]
-    if layout is not None:
-        lines += [
-            "",
-            f"suggested layout: stage 1 transfer.layers_per_block={layout.layers_per_block} "
-            f"transfer.store={layout.stage1_store} ({gib(layout.stage1_disk)} stored), "
-            f"{layout.stage1_processes} process(es) on {layout.stage1_nodes} node(s) "
-            f"({gib(layout.stage1_memory)} each); stage 2 finetune.parallel={layout.parallel} on "
-            f"{layout.stage2_processes} process(es), {layout.stage2_nodes} node(s) ({gib(layout.stage2_memory)} each"
-            + (", finetune.gradient_checkpointing=true)" if layout.gradient_checkpointing else ")"),
-        ]
     return "\n".join(lines)

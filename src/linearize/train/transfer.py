@@ -17,7 +17,9 @@ checkpoint, from the teacher's hidden state at the block's input:
    With teacher targets for stage 2, the last block's output also gives the teacher's next-token
    distributions (the teacher ran anyway).
 2. transfer: each block's mixers train for `epochs` passes over the sequences (the first in order, later
-   ones shuffled), resumable from the block's own checkpoint; with several ranks, blocks go round-robin.
+   ones shuffled), resumable from the block's own checkpoint; with several ranks, each block goes to a rank
+   by its estimated cost (`block_costs`, from the plan: a block whose layers keep a recall memory costs
+   more), the costliest first to the least loaded rank.
 3. stitch: every finished block's mixer weights are loaded into the student.
 
 The loss of a block is its share of one joint loss (each layer's MSE, divided by the number of converted
@@ -60,6 +62,19 @@ def block_ranges(num_layers: int, layers_per_block: int | None) -> list[range]:
     """The decoder layers in blocks of `layers_per_block` consecutive layers (None: one block of all)."""
     size = layers_per_block or num_layers
     return [range(start, min(start + size, num_layers)) for start in range(0, num_layers, size)]
+
+
+def assign_blocks(costs: list[float], world: int) -> list[int]:
+    """The rank that trains each block, given each block's estimated cost: the costliest block first, each to
+    the rank with the least work so far (longest processing time first: within 4/3 of the best possible
+    busiest rank). Equal costs go round-robin; every rank computes the same answer from the same costs."""
+    load = [0.0] * world
+    owners = [0] * len(costs)
+    for block in sorted(range(len(costs)), key=lambda b: (-costs[b], b)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[block] = rank
+        load[rank] += costs[block]
+    return owners
 
 
 def shard_rows(row_bytes: int, rows: int, world: int) -> int:
@@ -118,7 +133,8 @@ class AttentionTransfer:
     """Stage 1 on one rank: `run()` collects, trains this rank's blocks, waits for the others, stitches."""
 
     def __init__(self, model, sequences: torch.Tensor, config: TransferConfig, work_dir: Path, checkpoint_every: int,
-                 seed: int = 0, targets: TeacherTargets | None = None, weights=None):
+                 seed: int = 0, targets: TeacherTargets | None = None, weights=None,
+                 block_costs: list[float] | None = None):
         if config.store not in STORES + ("auto",):
             raise LinearizeError(f"transfer.store must be auto or one of {', '.join(STORES)}, got '{config.store}'")
         self.model, self.config, self.work_dir = model, config, work_dir
@@ -130,6 +146,10 @@ class AttentionTransfer:
         self.steps_per_epoch = rows // config.batch_size
         self.sequences = sequences[: self.steps_per_epoch * config.batch_size]
         self.layout = self._layout(block_ranges(len(self.layers), config.layers_per_block))
+        costs = block_costs if block_costs is not None else [1.0] * len(self.layout.blocks)
+        if len(costs) != len(self.layout.blocks):
+            raise ValueError(f"{len(costs)} block costs for {len(self.layout.blocks)} blocks")
+        self.owners = assign_blocks(costs, distributed.world())
         self.device = next(p for p in model.parameters() if not p.is_meta).device
         self.dtype = model.dtype
 
@@ -180,7 +200,7 @@ class AttentionTransfer:
         return self.work_dir / "blocks" / f"block_{block:02d}"
 
     def owner(self, block: int) -> int:
-        return block % distributed.world()
+        return self.owners[block]
 
     def prefixes(self, layers: range, attention_only: bool = False) -> list[str]:
         part = ".self_attn." if attention_only else "."
