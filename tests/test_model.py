@@ -25,6 +25,8 @@ METHODS = {
     "hybrid+memory": {"window_size": 8, "sink_tokens": 2, "decay": 0.95, "memory_buckets": 16},
     "hybrid+far-sinks": {"window_size": 8, "sink_tokens": 2, "decay": 0.95, "memory_buckets": 16, "sink_distance": 12},
     "window+far-sinks": {"window_size": 8, "sink_tokens": 2, "sink_distance": 12},
+    "hybrid+sparse": {"window_size": 4, "sink_tokens": 2, "decay": 0.95, "memory_buckets": 16, "sparse_keys": 3},
+    "window+sparse": {"window_size": 4, "sink_tokens": 2, "sparse_keys": 3, "sparse_score": "recency"},
     "xatl": {"mixer": "gla", "chunk_size": 8, "output_norm_init": 1.0},
     "xatl+retnet": {"mixer": "retnet", "window_size": 8, "sink_tokens": 2, "output_norm_init": 1.0},
 }
@@ -181,7 +183,7 @@ def test_right_padding_is_harmless():
     torch.testing.assert_close(padded[1, :8], single[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["hybrid", "xatl", "hybrid+memory", "hybrid+far-sinks"])
+@pytest.mark.parametrize("method", ["hybrid", "xatl", "hybrid+memory", "hybrid+far-sinks", "hybrid+sparse"])
 def test_a_compiled_decoding_step_gives_the_eager_logits(method):
     model = convert("llama", method)
     x = tokens(length=41)

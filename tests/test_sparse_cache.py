@@ -184,12 +184,14 @@ def test_sparse_cache_and_recall_memory_count_a_key_once_in_every_form(padded):
     o_rec, s_rec = window_attention_recurrent(**args, **common, state=empty)
     close(masked(o_rec, mask), masked(expected, mask))
     same_sparse_state(s_rec, s_par)
-    if mask is None:
-        state = empty
-        for i in range(T):
-            step = {**common, "token_ids": token_ids[:, i : i + 1], "key_mask": None}
-            o, state = window_attention_recurrent(**sliced(args, slice(i, i + 1), None), **step, state=state)
-            close(o, expected[:, :, i : i + 1])
+    # a chunked prefill of left-padded rows (its memory's last token ids as the rows lie), then one token a call
+    prefill = {**common, "token_ids": token_ids[:, :15], "key_mask": None if mask is None else mask[:, :15]}
+    _, state = window_attention_chunked(**sliced(args, slice(0, 15), None), **prefill, output_final_state=True)
+    for i in range(15, T):
+        step = {**common, "token_ids": token_ids[:, i : i + 1], "key_mask": None}
+        o, state = window_attention_recurrent(**sliced(args, slice(i, i + 1), None), **step, state=state)
+        close(o, expected[:, :, i : i + 1])
+    same_sparse_state(state, s_par)
 
 
 def test_sparse_chunked_gradients_match_parallel():

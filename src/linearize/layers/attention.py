@@ -70,6 +70,27 @@ class Mixer(nn.Module):
     # positions the student trained on (StreamingLLM's positions in the cache); None = their true distance
     sink_distance: int | None = None
 
+    sparse_keys: int = 0  # a sparse cache (`linearize.ops.sparse`): exact keys per chosen key/value head
+    sparse_score: str = "recall-error"
+    sparse_training: bool = True  # false: only where no gradient is taken (evaluation, generation), as LoLA
+
+    def keep_sparse(self, settings, chosen: list[bool] | None) -> None:
+        """Give this mixer a sparse cache in the key/value heads `chosen` (None: none), as `settings`
+        (`linearize.methods.base.SparseSettings`) say; it adds a branch, "sparse", and no parameter."""
+        if chosen is None:
+            return
+        self.sparse_keys, self.sparse_score = settings.sparse_keys, settings.sparse_score
+        self.sparse_training = settings.sparse_training
+        self.register_buffer("sparse_heads", torch.tensor(chosen), persistent=False)
+        self.branches = (*self.branches, "sparse")
+
+    def sparse_inputs(self) -> dict:
+        """The window op's arguments for the sparse cache (none without one, switched off, or while training a
+        mixer that keeps it for inference only)."""
+        if not self.sparse_keys or "sparse" in self.off or (not self.sparse_training and torch.is_grad_enabled()):
+            return {}
+        return {"sparse_keys": self.sparse_keys, "sparse_heads": self.sparse_heads, "sparse_score": self.sparse_score}
+
     def sink_inputs(self, x: MixerInput) -> dict:
         """The window op's arguments for `sink_distance` (none without it)."""
         if self.sink_distance is None:
@@ -234,7 +255,7 @@ class LinearizedAttention(nn.Module):
         return self.o_proj(out), None
 
 
-BRANCHES = ("linear", "memory", "sinks")  # every switchable branch any mixer has
+BRANCHES = ("linear", "memory", "sinks", "sparse")  # every switchable branch any mixer has
 
 
 @contextmanager

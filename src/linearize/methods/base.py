@@ -86,6 +86,57 @@ class WindowSettings(SwapSettings):
         return self.sink_distance
 
 
+SPARSE_SCORES = ("recall-error", "recency")  # linearize.ops.sparse.SCORES, named here for the config's checks
+SPARSE_HEADS = ("measured", "all")
+
+
+@dataclass
+class SparseSettings:
+    """A sparse cache (`linearize.ops.sparse`): exact keys kept beyond the window in chosen key/value heads.
+    No parameters: it can be set on a trained student (LoLA) as well as trained with."""
+
+    sparse_keys: int = 0  # exact keys kept per chosen key/value head (+ the window's worth pending); 0 = none
+    sparse_score: str = "recall-error"  # which keys stay: recall-error (the linear state's, LoLA) | recency
+    # which key/value heads keep them: "measured" (the run measures the teacher's heads that read far keys;
+    # without a run's measurement, every head) | "all" | a list of [layer, kv_head] pairs
+    sparse_heads: str | list = "measured"
+    sparse_budget: float = 4.0  # MiB per sequence (fp32) the measured heads' caches may take, best heads first
+    sparse_training: bool = True  # the training stages see the cache (false: only inference, as LoLA)
+
+    def validate_sparse(self, has_state: bool = True) -> None:
+        keys = self.sparse_keys
+        if not isinstance(keys, int) or isinstance(keys, bool) or keys < 0:
+            raise LinearizeError(f"attention.sparse_keys must be an integer >= 0 (0 = no sparse cache), got {keys!r}")
+        check_choice("sparse_score", self.sparse_score, SPARSE_SCORES)
+        if keys and self.sparse_score == "recall-error" and not has_state:
+            raise LinearizeError("attention.sparse_score recall-error scores keys by the linear state's recall, "
+                                 "and this method has no linear state: set attention.sparse_score=recency")
+        heads = self.sparse_heads
+        if not (heads in SPARSE_HEADS or (isinstance(heads, list) and all(
+                isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in pair) for pair in heads))):
+            raise LinearizeError(f"attention.sparse_heads must be \"measured\", \"all\" or a list of [layer, kv_head] "
+                                 f"pairs, got {heads!r}")
+        if not (isinstance(self.sparse_budget, (int, float)) and self.sparse_budget > 0):
+            raise LinearizeError(f"attention.sparse_budget must be a number of MiB > 0, got {self.sparse_budget!r}")
+
+    def sparse_at(self, layer_index: int, num_layers: int, kv_heads: int) -> list[bool] | None:
+        """Which key/value heads of layer `layer_index` keep a sparse cache (None: none of them). A listed layer
+        or head the model does not have is an error (raised while the model is planned, before any weight
+        loads)."""
+        if not self.sparse_keys:
+            return None
+        if isinstance(self.sparse_heads, list):
+            missing = [list(p) for p in self.sparse_heads if p[0] >= num_layers or p[1] >= kv_heads]
+            if missing:
+                raise LinearizeError(
+                    f"attention.sparse_heads lists {missing}, but the model has {num_layers} layers of {kv_heads} "
+                    f"key/value heads: list [layer, kv_head] pairs it has, or set attention.sparse_heads=measured")
+            chosen = [any(p[0] == layer_index and p[1] == h for p in self.sparse_heads) for h in range(kv_heads)]
+            return chosen if any(chosen) else None
+        return [True] * kv_heads  # "all", or "measured" with no measurement to resolve it
+
+
 def check_choice(key: str, value: Any, choices) -> None:
     if value not in choices:
         raise LinearizeError(f"attention.{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
@@ -136,5 +187,8 @@ class Method:
         re-initialises weights does it here."""
 
     def softmax_keys(self, settings: Any) -> int:
-        """Softmax keys a query sees at most (window + sinks): what recovery compares at equal cost."""
-        return getattr(settings, "window_size", 0) + getattr(settings, "sink_tokens", 0)
+        """Softmax keys a query sees at most (window + sinks; a sparse cache's keys and pending group where a
+        head has one): what recovery compares at equal cost."""
+        window = getattr(settings, "window_size", 0)
+        sparse = getattr(settings, "sparse_keys", 0)
+        return window + getattr(settings, "sink_tokens", 0) + (sparse + window if sparse else 0)

@@ -42,14 +42,14 @@ from torch import nn
 from linearize.errors import LinearizeError
 from linearize.layers.attention import Mixer
 from linearize.layers.feature_maps import FEATURE_MAPS, build_feature_map
-from linearize.methods.base import Method, WindowSettings, check_choice, check_fraction
+from linearize.methods.base import Method, SparseSettings, WindowSettings, check_choice, check_fraction
 from linearize.ops import memory
 
 MAX_LOG_MAGNITUDE = 20.0  # keeps exp() of the learned magnitudes finite in float32 and bfloat16
 
 
 @dataclass
-class Settings(WindowSettings):
+class Settings(SparseSettings, WindowSettings):
     window_size: int = 60  # + 4 sinks + 4 memory keys = the 68 softmax keys of a 64-token window + 4 sinks
     sink_tokens: int = 4
     feature_map: str = "hedgehog"  # hedgehog | t2r | elu | softmax
@@ -74,6 +74,7 @@ class Settings(WindowSettings):
 
     def validate(self) -> None:
         super().validate()
+        self.validate_sparse()
         check_choice("feature_map", self.feature_map, [m for m in FEATURE_MAPS if m != "identity"])
         check_fraction("linear_scale_init", self.linear_scale_init)
         if self.decay is not None:
@@ -204,7 +205,7 @@ class HybridMixer(Mixer):
             x.q, x.k, x.v, self.window_size, state, output_state,
             sink_tokens=0 if "sinks" in self.off else self.sink_tokens, fq=fq, fk=k, key_features=self.key_features,
             log_gate=log_gate, key_mask=x.key_mask, scale=self.scale, **self.memory_inputs(x),
-            **self.sink_inputs(x),
+            **self.sink_inputs(x), **self.sparse_inputs(),
         )
 
     def memory_inputs(self, x) -> dict:
@@ -229,8 +230,10 @@ class Hybrid(Method):
     stage_defaults = {"finetune": {"lora_alpha": 16.0}, "attention": {"sink_distance": "seq_len"}}
 
     def build_mixer(self, settings, shapes):
-        return HybridMixer(settings, shapes.num_heads, shapes.num_kv_heads, shapes.head_dim,
-                           settings.memory_at(shapes.layer_index, shapes.num_layers), scale=shapes.scale)
+        mixer = HybridMixer(settings, shapes.num_heads, shapes.num_kv_heads, shapes.head_dim,
+                            settings.memory_at(shapes.layer_index, shapes.num_layers), scale=shapes.scale)
+        mixer.keep_sparse(settings, settings.sparse_at(shapes.layer_index, shapes.num_layers, shapes.num_kv_heads))
+        return mixer
 
     def softmax_keys(self, settings) -> int:
         return super().softmax_keys(settings) + (len(memory.orders(settings.memory_ngram))

@@ -12,11 +12,11 @@ from torch import nn
 from linearize.errors import LinearizeError
 from linearize.layers.attention import Mixer
 from linearize.layers.feature_maps import FEATURE_MAPS, build_feature_map
-from linearize.methods.base import Method, WindowSettings, check_choice, check_fraction
+from linearize.methods.base import Method, SparseSettings, WindowSettings, check_choice, check_fraction
 
 
 @dataclass
-class Settings(WindowSettings):
+class Settings(SparseSettings, WindowSettings):
     feature_map: str = "hedgehog"  # hedgehog | t2r | elu | softmax (see layers/feature_maps.py)
     feature_dim: int | None = None  # hedgehog/t2r projection size per sign; None = head_dim
     window_factor_init: float = 0.1  # g = sigmoid(logit) weighs the window terms against the linear ones
@@ -32,6 +32,10 @@ class Settings(WindowSettings):
             self.window_size = 0
         else:
             super().validate()
+        self.validate_sparse()
+        if self.sparse_keys and self.window_size == 0:
+            raise LinearizeError("attention.sparse_keys keeps keys beyond a softmax window: set attention.window_size "
+                                 "> 0 (or attention.sparse_keys=0)")
         check_choice("feature_map", self.feature_map, [m for m in FEATURE_MAPS if m != "identity"])
         check_fraction("window_factor_init", self.window_factor_init, high_closed=False)
         check_choice("key_maps", self.key_maps, ("per_kv_head", "per_query_head"))
@@ -76,7 +80,7 @@ class LolcatsMixer(Mixer):
         return self.window_op(
             x.q, k, v, self.window_size, state, output_state, sink_tokens=self.sink_tokens,
             fq=fq / g[:, None, None].to(fq.dtype), fk=fk, key_mask=x.key_mask, scale=self.scale,
-            **self.sink_inputs(x),
+            **self.sink_inputs(x), **self.sparse_inputs(),
         )
 
 
@@ -88,4 +92,21 @@ class Lolcats(Method):
     stage_defaults = {"finetune": {"lora_alpha": 16.0}}
 
     def build_mixer(self, settings, shapes):
-        return LolcatsMixer(settings, shapes.num_heads, shapes.num_kv_heads, shapes.head_dim, scale=shapes.scale)
+        mixer = LolcatsMixer(settings, shapes.num_heads, shapes.num_kv_heads, shapes.head_dim, scale=shapes.scale)
+        key_heads = shapes.num_heads if mixer.expand_keys else shapes.num_kv_heads
+        mixer.keep_sparse(settings, settings.sparse_at(shapes.layer_index, shapes.num_layers, key_heads))
+        return mixer
+
+
+@dataclass
+class LolaSettings(Settings):
+    sparse_keys: int = 256  # LoLA's sparse cache, per key/value head
+    sparse_heads: str | list = "all"  # every head, as LoLA
+    sparse_training: bool = False  # trained as LoLCATS; the cache is added for inference only
+
+
+class Lola(Lolcats):
+    name = "lola"
+    summary = ("LoLCATS trained as LoLCATS, then a sparse cache of the keys its state recalls worst at inference "
+               "(LoLA, no training of its own)")
+    Settings = LolaSettings

@@ -10,12 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from linearize.layers.attention import Mixer
-from linearize.methods.base import Method, WindowSettings
+from linearize.methods.base import Method, SparseSettings, WindowSettings
 
 
 @dataclass
-class Settings(WindowSettings):
-    pass
+class Settings(SparseSettings, WindowSettings):
+    sparse_score: str = "recency"  # no linear state to score keys against: the most recent ones stay
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_sparse(has_state=False)
 
 
 class WindowMixer(Mixer):
@@ -30,6 +34,7 @@ class WindowMixer(Mixer):
         return self.window_op(
             x.q, x.k, x.v, self.window_size, state, output_state,
             sink_tokens=self.sink_tokens, key_mask=x.key_mask, scale=self.scale, **self.sink_inputs(x),
+            **self.sparse_inputs(),
         )
 
 
@@ -40,4 +45,6 @@ class Window(Method):
     stages = ("finetune",)
 
     def build_mixer(self, settings, shapes):
-        return WindowMixer(settings, shapes.head_dim, scale=shapes.scale)
+        mixer = WindowMixer(settings, shapes.head_dim, scale=shapes.scale)
+        mixer.keep_sparse(settings, settings.sparse_at(shapes.layer_index, shapes.num_layers, shapes.num_kv_heads))
+        return mixer

@@ -99,7 +99,7 @@ def window_attention_chunked(
     out_dtype = v.dtype
     fk, kept = key_features_of(fk, key_features)
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
-    final_inputs = (k, v, fk, log_gate, mask, kept)  # the final state is built in the caller's layout
+    final_inputs = (k, v, fk, log_gate, mask, kept, token_ids)  # the final state is built in the caller's layout
     order = None
     if sparse_keys > 0:  # groups follow real positions: rows start at index 0
         sparse.check_score(sparse_score, fk is not None)
@@ -270,9 +270,11 @@ def window_attention_chunked(
             fields, exclude = sparse_final(updates, k, v, kept if kept is not None else fk, cumulative, mask,
                                            eligible, window, out_dtype)
             exclude = reorder(exclude, order, 2, inverse=True)
-        if memory_state is not None:
-            memory_state = (reorder(memory_state[0], order, 1, inverse=True), *memory_state[1:])
-        k, v, fk, log_gate, mask, kept = final_inputs
+        k, v, fk, log_gate, mask, kept, token_ids = final_inputs
+        if memory_state is not None and order is not None:  # its buckets and last token ids, as the rows lie
+            key_bucket, recent, table_size = memory_state
+            recent = F.pad(torch.where(mask, token_ids, -1), (recent.shape[1], 0), value=-1)[:, -recent.shape[1]:]
+            memory_state = (reorder(key_bucket, order, 1, inverse=True), recent, table_size)
         state = final_state(k, v, fk, log_gate, mask, real_positions(mask), window, sink_tokens,
                             memory_state=memory_state, table_dtype=out_dtype, memory_format=memory_format, kept=kept,
                             exclude=exclude)
