@@ -14,11 +14,11 @@ from linearize.errors import LinearizeError
 from linearize.methods.base import SEQ_LEN, Method, Shapes
 from linearize.methods.hybrid import Hybrid
 from linearize.methods.liger import Liger
-from linearize.methods.lolcats import Lolcats
+from linearize.methods.lolcats import Lola, Lolcats
 from linearize.methods.window import Window
 from linearize.methods.xatl import Xatl
 
-METHODS: dict[str, Method] = {m.name: m for m in (Hybrid(), Lolcats(), Liger(), Window(), Xatl())}
+METHODS: dict[str, Method] = {m.name: m for m in (Hybrid(), Lolcats(), Lola(), Liger(), Window(), Xatl())}
 
 
 def get_method(name: str) -> Method:
