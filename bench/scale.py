@@ -43,6 +43,7 @@ def worker(args) -> None:
     recipe = Recipe(config, device, log=lambda msg: None, fresh=True)
     recipe.prepare()
     recipe.plan()
+    config = recipe.config  # its defaults that follow the number of processes resolved
     recipe.read_data()
     out: dict = {"rank": distributed.rank(), "world": distributed.world(), "threads": args.threads}
     if args.worker == "floor":  # the process with its libraries and data, no weight loaded

@@ -137,3 +137,22 @@ def test_measured_memory_layers_resolve_per_teacher():
     assert build_config({"model": "gemma3-270m"}).attention.memory_layers == "upper-half"
     assert build_config({"model": "some/hub-model"}).attention.memory_layers == "upper-half"
     assert build_config({"attention": {"memory_layers": [1, 2]}}).attention.memory_layers == [1, 2]
+
+
+def test_the_defaults_that_follow_the_number_of_processes():
+    """finetune.batch_size null = one sequence per process; transfer.layers_per_block null = at least as many
+    blocks as processes, as even as the layers allow; a number set stays as set."""
+    from linearize.config import for_processes
+    from linearize.train.transfer import block_ranges
+
+    config = build_config({})
+    assert config.finetune.batch_size is None and config.transfer.layers_per_block is None
+    one = for_processes(config, 1, 30)
+    assert one.finetune.batch_size == 1 and one.transfer.layers_per_block is None  # one block of all
+    for processes, size in ((2, 15), (4, 8), (7, 4), (30, 1), (64, 1)):
+        resolved = for_processes(config, processes, 30)
+        assert resolved.finetune.batch_size == processes and resolved.transfer.layers_per_block == size
+        assert len(block_ranges(30, size)) >= min(processes, 30)
+    chosen = build_config({"finetune": {"batch_size": 3}, "transfer": {"layers_per_block": 10}})
+    resolved = for_processes(chosen, 2, 30)
+    assert resolved.finetune.batch_size == 3 and resolved.transfer.layers_per_block == 10

@@ -1,8 +1,9 @@
 """Many processes on this CPU: torchrun with the gloo backend, two ranks, against one process.
 
 One tiny 4-layer Llama; stage 1 in 4 blocks of one layer (the ranks take two blocks each), stage 2 with a
-global batch of 2 sequences (one per rank). Each run is a whole `linearize run` in subprocesses, one
-thread per process, so the numbers compare exactly as far as the arithmetic allows (tolerances below).
+global batch of 2 sequences (one per rank); the killed run with the defaults that follow the number of
+processes instead. Each run is a whole `linearize run` in subprocesses, one thread per process, so the
+numbers compare exactly as far as the arithmetic allows (tolerances below).
 """
 
 from __future__ import annotations
@@ -114,14 +115,18 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_any
     config = settings(teacher, tmp_path / "odd", finetune={"batch_size": 3})
     result = launch(config, 2, tmp_path)
     assert result.returncode != 0
-    assert "finetune.batch_size is the global batch" in result.stderr and "multiple of 2" in result.stderr
+    assert result.stderr.count("finetune.batch_size is the global batch") == 1  # said once, by rank 0
+    assert "multiple of 2" in result.stderr
     assert not (tmp_path / "odd" / "stage1").exists()
 
 
 def test_a_rank_killed_mid_stage_resumes_to_the_same_result_even_on_another_number_of_ranks(teacher, runs, tmp_path):
     """SIGKILL one rank while blocks train: torchrun stops the other; the same command on one process
-    (a different number of ranks) picks up every finished block and shard, and each block at its checkpoint."""
+    (a different number of ranks) picks up every finished block and shard, and each block at its checkpoint.
+    Started with every default that follows the number of processes (2 blocks, a global batch of 2): resumed on
+    one process, it keeps them."""
     config = settings(teacher, tmp_path / "killed", transfer={"epochs": 6})
+    del config["transfer"]["layers_per_block"], config["finetune"]["batch_size"]
     process = launch(config, 2, tmp_path, wait=False)
     state = tmp_path / "killed" / "stage1" / "blocks" / "block_01" / "state" / "state.json"
     deadline = time.time() + 300
@@ -139,8 +144,40 @@ def test_a_rank_killed_mid_stage_resumes_to_the_same_result_even_on_another_numb
 
     resumed = launch(config, 1, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    uninterrupted = launch(settings(teacher, tmp_path / "whole", transfer={"epochs": 6}), 1, tmp_path)
+    report = json.loads((tmp_path / "killed" / "report.json").read_text())
+    assert report["stages"]["transfer"]["blocks"] == 2 and report["config"]["finetune"]["batch_size"] == 2
+    whole = settings(teacher, tmp_path / "whole", transfer={"epochs": 6, "layers_per_block": 2})
+    uninterrupted = launch(whole, 1, tmp_path)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     got, expected = adapter(tmp_path / "killed"), adapter(tmp_path / "whole")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sharded_loading_reads_each_ranks_rows_so_no_process_holds_the_whole_teacher(tmp_path):
+    """FSDP2 on 2 ranks with a 0.7 GB teacher: each rank builds the student without weights and reads only its
+    own rows of every tensor from the safetensors files. Each rank's resident memory grows by its half of
+    the teacher and at most one tensor's worth besides, never by the whole teacher."""
+    from safetensors import safe_open
+
+    path = tmp_path / "teacher"
+    make_tiny_model("llama", vocab_size=16384, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                    num_attention_heads=16, num_key_value_heads=16, head_dim=64).save_pretrained(path)
+    make_byte_tokenizer().save_pretrained(path)
+    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+        sizes = [handle.get_slice(n).get_shape() for n in handle.keys()]
+    tensors = [torch.Size(s).numel() * 4 for s in sizes]
+    whole = sum(tensors)
+    assert whole > 600 << 20
+    config = settings(path, tmp_path / "out", finetune={"parallel": "fsdp"})
+    config_path = tmp_path / "sharded.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    command = TORCHRUN + [str(ROOT / "tests" / "sharded_load_worker.py"), str(config_path), str(tmp_path / "rss")]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rss.rank{r}.json").read_text()) for r in range(2)]
+    for rank in ranks:
+        grown = rank["peak"] - rank["before"]
+        assert rank["local_bytes"] == pytest.approx(whole / 2, rel=0.02)  # its half of every tensor (+ adapter)
+        assert grown <= whole / 2 + max(tensors) + (64 << 20), (grown >> 20, whole >> 20)
+        assert grown < 0.75 * whole

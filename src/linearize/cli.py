@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -45,7 +46,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     from linearize.pipeline import run
     from linearize.report import summary
 
-    config = load_config(resolve_config_path(args.config), args.overrides)
+    try:
+        config = load_config(resolve_config_path(args.config), args.overrides)
+    except LinearizeError as err:  # every process of a torchrun run reads the same settings
+        raise LinearizeError(str(err), every_rank=True) from err
     try:
         report = run(config, fresh=args.fresh, log=lambda msg: print(f"[linearize] {msg}", file=sys.stderr))
         if distributed.is_main():
@@ -495,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except LinearizeError as err:
-        print(f"linearize: error: {err}", file=sys.stderr)
+        if not err.every_rank or os.environ.get("RANK", "0") == "0":  # under torchrun, said once
+            print(f"linearize: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("linearize: interrupted; run the same command again to resume", file=sys.stderr)

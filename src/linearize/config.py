@@ -59,7 +59,9 @@ class TransferConfig:
     # and output: fastest, most disk) | blocks (each block's input hidden state; its layers re-run) | none
     # (re-run the teacher every step) | auto (the fastest that fits disk_budget)
     store: str = "auto"
-    layers_per_block: int | None = None  # decoder layers per block, each trained alone; null = one block of all
+    # decoder layers per block, each trained alone; null = as many blocks as processes (one block of all layers
+    # on one process)
+    layers_per_block: int | None = None
     disk_budget: float | None = None  # GiB stage 1 may store; null = half the free space under output_dir
 
 
@@ -72,7 +74,7 @@ class FinetuneConfig:
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 2
-    batch_size: int = 1
+    batch_size: int | None = None  # the global batch, split over the processes; null = one sequence per process
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -134,6 +136,22 @@ class RunConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def for_processes(config: RunConfig, processes: int, layers: int) -> RunConfig:
+    """`config` with the defaults that depend on the number of processes resolved: `finetune.batch_size` null =
+    one sequence per process; `transfer.layers_per_block` null = blocks enough for every process to train one
+    (the most even split that gives at least `processes` blocks of `layers` decoder layers; one block of all
+    on one process)."""
+    tune, transfer = config.finetune, config.transfer
+    if tune.batch_size is None:
+        tune = dataclasses.replace(tune, batch_size=processes)
+    if transfer.layers_per_block is None and processes > 1:
+        size = -(-layers // processes)
+        if -(-layers // size) < processes:  # e.g. 30 layers on 7 processes: blocks of 5 make only 6
+            size = max(1, layers // processes)
+        transfer = dataclasses.replace(transfer, layers_per_block=size)
+    return dataclasses.replace(config, finetune=tune, transfer=transfer)
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

@@ -35,7 +35,7 @@ from linearize.checkpoint import (
     load_params_strict,
     load_tensors,
 )
-from linearize.config import RunConfig
+from linearize.config import RunConfig, for_processes
 from linearize.data import build_blocks
 from linearize.devices import resolve_device, resolve_dtype
 from linearize.errors import LinearizeError
@@ -221,6 +221,10 @@ class Recipe:
                             getattr(self.text_config, "max_position_embeddings", None), " (evaluate.retrieval_lengths)")
         shape = model_shape(self.text_config, config.method, config.attention, config.finetune.target_modules,
                             config.finetune.lora_r)
+        # the defaults that follow the number of processes, as the run first chose them: resumed on another
+        # number, it keeps its stage-1 blocks and its global batch
+        processes = self.progress.put("plan.processes", self.progress.get("plan.processes") or distributed.world())
+        config = self.config = for_processes(config, processes, shape.layers)
         kind = self.device.type if self.device.type in ("cpu", "cuda") else "cpu"
         stage1 = stage1_plan(shape, config, kind) if config.transfer.enabled else None
         if stage1 is not None:
@@ -235,10 +239,12 @@ class Recipe:
                          "smaller gives them blocks)")
         stage2 = stage2_plan(shape, config, kind) if config.finetune.enabled else None
         if stage2 is not None and config.finetune.batch_size % distributed.world():
+            fix = (f"set finetune.batch_size to a multiple of {distributed.world()}" if processes == distributed.world()
+                   else f"resume on a number of processes that divides {processes} (finetune.batch_size null: one "
+                   f"sequence per process of the {processes} this run started on)")
             raise LinearizeError(
                 f"finetune.batch_size is the global batch, split over the processes: {config.finetune.batch_size} "
-                f"sequences do not split over {distributed.world()}; set finetune.batch_size to a multiple of "
-                f"{distributed.world()}")
+                f"sequences do not split over {distributed.world()}; {fix}", every_rank=True)
         self.store = stage1.store if stage1 is not None else "none"
         self.engine = engine_for(config.finetune, stage2 is None or stage2.ddp <= device_memory(self.device),
                                  self.device)

@@ -89,7 +89,7 @@ def _check_run(config: RunConfig) -> None:
     if config.checkpoint_every < 1:
         raise LinearizeError("checkpoint_every must be >= 1")
     for stage in (config.transfer, config.finetune):
-        if stage.enabled and (stage.tokens < 1 or stage.lr <= 0 or stage.batch_size < 1):
+        if stage.enabled and (stage.tokens < 1 or stage.lr <= 0 or (stage.batch_size or 1) < 1):
             raise LinearizeError("transfer/finetune tokens, lr and batch_size must be positive")
         if not 0 < stage.min_lr_ratio <= 1:
             raise LinearizeError("transfer/finetune min_lr_ratio must lie in (0, 1]")
@@ -97,7 +97,8 @@ def _check_run(config: RunConfig) -> None:
     if transfer.store not in ("auto", "layers", "blocks", "none"):
         raise LinearizeError(f"transfer.store must be auto, layers, blocks or none, got '{transfer.store}'")
     if transfer.layers_per_block is not None and transfer.layers_per_block < 1:
-        raise LinearizeError(f"transfer.layers_per_block must be >= 1 (null: one), got {transfer.layers_per_block}")
+        raise LinearizeError(f"transfer.layers_per_block must be >= 1 (null: as many blocks as processes), "
+                             f"got {transfer.layers_per_block}")
     if transfer.disk_budget is not None and transfer.disk_budget <= 0:
         raise LinearizeError(f"transfer.disk_budget must be > 0 GiB (or null), got {transfer.disk_budget}")
     if tune.parallel not in ("auto", "ddp", "fsdp"):

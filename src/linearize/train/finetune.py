@@ -7,6 +7,7 @@ no second copy of the weights is needed.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from contextlib import nullcontext
 from pathlib import Path
@@ -135,6 +136,8 @@ def finetune(
     from linearize.train.parallel import Local
 
     engine = engine or Local()
+    if config.batch_size is None:  # one sequence per process
+        config = dataclasses.replace(config, batch_size=distributed.world())
     torch.manual_seed(seed)  # LoRA's random init, the same whether or not the run was resumed
     ids = training_blocks(config, blocks, seed)
     device = next(model.parameters()).device
