@@ -66,13 +66,14 @@ from linearize.report import model_card, write_report
 from linearize.retrieval import check_settings as check_retrieval
 from linearize.teacher import (
     FileWeights,
+    TeacherInfo,
     load_teacher,
     load_teacher_config,
     load_tokenizer,
     teacher_directory,
     teacher_license,
 )
-from linearize.teacher.streaming import empty_teacher, tied_names
+from linearize.teacher.streaming import empty_teacher, tied_names, without_storage
 from linearize.train import finetune
 from linearize.train.finetune import training_blocks, with_lora
 from linearize.train.parallel import engine_for
@@ -315,8 +316,8 @@ class Recipe:
         config = self.config
         self.evaluates = distributed.is_main() or self.engine.sharded
         if self.engine.sharded:  # the student is built, with its adapter, and sharded at once
-            self.log(f"loading teacher '{config.model}' on rank 0 and sharding it over {distributed.world()} "
-                     "processes (FSDP2)")
+            self.log(f"reading teacher '{config.model}' sharded over {distributed.world()} processes (FSDP2): each "
+                     "its own rows of every weight")
             self.model, self.table = self.sharded_student(config.method, config.attention)
             return
         self.log(f"loading teacher '{config.model}'")
@@ -324,21 +325,32 @@ class Recipe:
         self.teacher_model = model.to(self.device)
 
     def sharded_student(self, method: str, settings: Any) -> tuple[torch.nn.Module, list[dict]]:
-        """The converted student with its LoRA adapter, sharded over the ranks (FSDP2): rank 0 reads the
-        teacher whole into host memory, the others build its structure on the meta device, and each rank
-        keeps its shard. Returns it and its transfer table."""
+        """The converted student with its LoRA adapter, sharded over the ranks (FSDP2): every rank builds its
+        structure without weights and reads its own rows of each teacher tensor from the files, so no process
+        holds the whole teacher (but under XATL's `init: random`, whose weights rank 0 draws whole). Returns
+        it and its transfer table."""
+        from transformers import AutoConfig
+
         config = self.config
-        if distributed.is_main():
+        directory = teacher_directory(config.model)
+        weights = None
+        if self.random_init and distributed.is_main():
             teacher, _ = load_teacher(config.model, dtype=self.dtype)
         else:
-            teacher = empty_teacher(self.text_config, self.dtype)
-            teacher.generation_config = generation_config(teacher_directory(config.model), self.text_config)
+            files_config = AutoConfig.from_pretrained(directory)  # the config its weight files were written with
+            teacher = empty_teacher(files_config, self.dtype)
+            teacher.generation_config = generation_config(directory, self.text_config)
+            teacher.teacher_info = TeacherInfo(config.model, str(directory), files_config.model_type,
+                                               teacher_license(config.model))
+            if not self.random_init:  # storage-free stand-ins, so the adapter is built real, beside them
+                teacher = without_storage(teacher)
+                weights = FileWeights(directory, self.dtype, tied=tied_names(files_config))
         shapes = teacher_shapes(teacher)
         model = LinearizedForCausalLM.from_teacher(teacher, method, settings)
         table = transfer_table(shapes, model, copied=not self.random_init)
         torch.manual_seed(config.seed)  # the adapter's initial values, as one process draws them in stage 2
         model = with_lora(model, config.finetune)
-        return self.engine.shard(model, model.state_dict() if distributed.is_main() else None), table
+        return self.engine.shard(model, weights), table
 
     @contextmanager
     def teacher_view(self):

@@ -32,6 +32,27 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 class InMemory:
     """The weights of a model loaded whole: always resident."""
 
+    def stored(self, name: str) -> str | None:
+        """The stored tensor of a parameter named as in a converted student, with or without its LoRA wrapper
+        (`base_model.model.` in front, `.base_layer` inside), or None: not the teacher's (a mixer, an adapter)."""
+        plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if plain in self.files:
+            return plain
+        return self.tied[plain] if self.tied.get(plain) in self.files else None
+
+    def read_rows(self, stored: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of stored tensor `stored` (its first dimension), cast to `dtype`: only those
+        bytes are read from the file (safetensors' `get_slice`)."""
+        from safetensors import safe_open
+
+        path = self.directory / self.files[stored]
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                return handle.get_slice(stored)[start:stop].to(self.dtype)
+        except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+            raise LinearizeError(f"teacher weight file '{path}' could not be read ({err}): it is corrupt or "
+                                 "truncated; download or convert the teacher again") from err
+
     @contextmanager
     def hold(self, model: nn.Module, prefixes: Iterable[str]) -> Iterator[None]:
         yield
@@ -82,6 +103,27 @@ class FileWeights:
                 raise LinearizeError(f"teacher weight file '{path}' could not be read ({err}): it is corrupt or "
                                      "truncated; download or convert the teacher again") from err
         return out
+
+    def stored(self, name: str) -> str | None:
+        """The stored tensor of a parameter named as in a converted student, with or without its LoRA wrapper
+        (`base_model.model.` in front, `.base_layer` inside), or None: not the teacher's (a mixer, an adapter)."""
+        plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if plain in self.files:
+            return plain
+        return self.tied[plain] if self.tied.get(plain) in self.files else None
+
+    def read_rows(self, stored: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of stored tensor `stored` (its first dimension), cast to `dtype`: only those
+        bytes are read from the file (safetensors' `get_slice`)."""
+        from safetensors import safe_open
+
+        path = self.directory / self.files[stored]
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                return handle.get_slice(stored)[start:stop].to(self.dtype)
+        except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+            raise LinearizeError(f"teacher weight file '{path}' could not be read ({err}): it is corrupt or "
+                                 "truncated; download or convert the teacher again") from err
 
     @contextmanager
     def hold(self, model: nn.Module, prefixes: Iterable[str]) -> Iterator[None]:
@@ -156,6 +198,23 @@ def empty_teacher(config, dtype: torch.dtype) -> nn.Module:
     model.tie_weights()  # not done for meta weights by from_config: the output embeddings are the input ones
     model.eval()
     model.requires_grad_(False)
+    return model
+
+
+def without_storage(model: nn.Module) -> nn.Module:
+    """Every meta parameter replaced by one of its shape, dtype and requires_grad on the CPU that holds a single
+    element (a zero seen through a stride-0 view: no memory). Code that wants a real device beside a weight
+    (peft builds an adapter where its layer's weight lives) then runs, and keeps what it builds; the values
+    are not the teacher's, and writing to them is an error. Ties stay ties."""
+    replaced: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in replaced:
+                empty = torch.zeros((), dtype=param.dtype).expand(param.shape)
+                replaced[id(param)] = nn.Parameter(empty, requires_grad=param.requires_grad)
+            module._parameters[key] = replaced[id(param)]
     return model
 
 

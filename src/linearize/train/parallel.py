@@ -116,21 +116,36 @@ class Sharded(Replicated):
         fully_shard(model, mesh=mesh)
         return model
 
-    def shard(self, model: nn.Module, full_state: dict[str, torch.Tensor] | None) -> nn.Module:
-        """Shard `model` over the ranks and fill every rank's shards from rank 0's `full_state` (its
-        state_dict; None on the other ranks, whose weights may be on the meta device): each rank then holds
-        1/N of every weight on its device and no rank but 0 ever held the whole model."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    def shard(self, model: nn.Module, weights=None) -> nn.Module:
+        """Shard `model` over the ranks, each rank filling only its own shards: a parameter the teacher's files
+        hold (`weights`, a `linearize.teacher.FileWeights`) is read by every rank for its own rows alone; every
+        other one (the mixers, the adapter; without `weights`, all) is scattered from rank 0's model. No rank
+        ever holds the teacher whole, and no rank but 0 holds anything else whole. Its parameters may be on
+        the meta device or storage-free (`linearize.teacher.streaming.without_storage`) wherever their values
+        come from the files or, on ranks other than 0, from rank 0."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
 
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # computed, not stored
+        sources = dict(model.named_parameters())  # rank 0's values, kept while the model goes to meta
         to_meta(model)
         self.wrap(model)
         model.to_empty(device=self.device)
         with torch.no_grad():
             for name, value in buffers.items():
                 model.get_buffer(name).copy_(value)
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_model_state_dict(model, full_state if distributed.is_main() else {}, options=options)
+            for name, param in model.named_parameters():
+                local = param.to_local() if isinstance(param, DTensor) else param
+                stored = weights.stored(name) if weights is not None else None
+                if stored is not None:
+                    start, stop = rows_of_rank(param.shape[0], local.shape[0], param)
+                    local.copy_(weights.read_rows(stored, start, stop))
+                    continue
+                source = sources[name]
+                full = source.detach() if distributed.is_main() else torch.empty(source.shape, dtype=source.dtype)
+                full = full.to(device=self.device, dtype=param.dtype)
+                if isinstance(param, DTensor):
+                    full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=0).to_local()
+                local.copy_(full)
         return model
 
     def load_full(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -194,6 +209,24 @@ class Sharded(Replicated):
                 if distributed.is_main():
                     out[name] = full.detach().cpu()
         return out if distributed.is_main() else None
+
+
+def rows_of_rank(rows: int, local_rows: int, param) -> tuple[int, int]:
+    """The rows [start, stop) of a parameter of `rows` rows (its first dimension) that this rank's shard holds:
+    FSDP2 splits dimension 0 as torch.chunk does (ceil(rows / N) rows each, the last ranks fewer or none)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
+        return 0, rows
+    if tuple(param.placements) != (Shard(0),):
+        raise LinearizeError(f"a sharded parameter placed as {param.placements}: only FSDP2's Shard(0) is read "
+                             "from the files rank by rank")
+    per_rank = -(-rows // distributed.world())
+    start = min(rows, distributed.rank() * per_rank)
+    stop = min(rows, start + per_rank)
+    if stop - start != local_rows:
+        raise LinearizeError(f"this rank's shard holds {local_rows} of {rows} rows, expected rows {start}-{stop}")
+    return start, stop
 
 
 def to_meta(model: nn.Module) -> None:
