@@ -111,6 +111,21 @@ def test_stage2_on_two_ranks_matches_one_process_with_the_same_global_batch(runs
             assert report["eval"][row][domain]["perplexity"] == pytest.approx(entry["perplexity"], rel=1e-4)
 
 
+def test_every_run_keeps_the_plans_time_estimate_beside_the_measured_seconds(runs):
+    """report.json holds the plan step's estimate per stage (on this CPU, measured on the spot) next to what the
+    stages took; plan.md shows it as a table. A 4-layer model's seconds are mostly fixed costs the estimate
+    does not model, so only their presence and order of magnitude are checked here (bench/plan_time.py and
+    docs/scale.md compare them on the default run)."""
+    for run in ("one", "ddp", "fsdp"):
+        report = json.loads((runs[run] / "report.json").read_text())
+        estimate = report["plan"]["estimate_seconds"]
+        assert set(estimate) == {"transfer", "finetune"} and "CPU" in report["plan"]["hardware"]
+        for stage in ("transfer", "finetune"):
+            measured = report["stages"][stage]["seconds"]
+            assert 0 < estimate[stage] < 100 * max(measured, 0.1)
+        assert "| in all |" in (runs[run] / "plan.md").read_text()
+
+
 def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_any_work(teacher, tmp_path):
     config = settings(teacher, tmp_path / "odd", finetune={"batch_size": 3})
     result = launch(config, 2, tmp_path)
