@@ -105,7 +105,25 @@ def test_an_off_value_runs_to_a_rendered_report(teacher, tmp_path, case):
             assert key not in report["stages"]
 
 
-@pytest.mark.parametrize("method", ["hybrid", "lolcats", "liger", "window", "xatl"])
+def test_a_measured_sparse_cache_goes_to_the_heads_the_budget_pays_for_and_the_saved_model_names_them(teacher,
+                                                                                                      tmp_path):
+    from linearize.api import load
+    from linearize.placement import head_bytes
+
+    budget = 2.5 * head_bytes(4, 8, 16) / 2**20  # two heads of this model's head_dim
+    report = run_case(teacher, tmp_path, attention={"window_size": 8, "sink_tokens": 2, "sparse_keys": 4,
+                                                     "sparse_budget": budget}, baselines={})
+    heads = report["placement"]["heads"]
+    assert len(heads) == 2 and report["placement"]["candidates"] > 2
+    model, _ = load(tmp_path / "run")
+    assert model.config.attention["sparse_heads"] == heads
+    kept = {(layer, head) for layer, heads_of in enumerate(
+        [getattr(m.self_attn.mixer, "sparse_heads", None) for m in model.model.layers]) if heads_of is not None
+        for head, chosen in enumerate(heads_of.tolist()) if chosen}
+    assert kept == {tuple(pair) for pair in heads}
+
+
+@pytest.mark.parametrize("method", ["hybrid", "lolcats", "lola", "liger", "window", "xatl"])
 def test_every_method_runs_to_a_rendered_report(teacher, tmp_path, method):
     attention = {"window_size": 8, "sink_tokens": 2} if method != "liger" else {"window_size": 8}
     report = run_case(teacher, tmp_path, method=method, attention=attention, baselines={})

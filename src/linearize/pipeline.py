@@ -27,6 +27,7 @@ import torch
 import yaml
 
 import linearize.distributed as distributed
+from linearize import placement
 from linearize.checkpoint import (
     CONFIG_FILE,
     atomic_save_tensors,
@@ -43,6 +44,7 @@ from linearize.evaluate import Scores, layer_errors, score, summarize
 from linearize.generation import SAMPLE_PROMPTS, sample_generations
 from linearize.layers.attention import attention_mode, linearized_attentions
 from linearize.methods import get_method, method_settings, settings_dict
+from linearize.methods.base import head_dim_of
 from linearize.models import LinearizedForCausalLM
 from linearize.models.modeling import decoder_layers
 from linearize.models.saving import save_adapter, save_full
@@ -149,7 +151,7 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
     device = distributed.device_of_rank(resolve_device(config.device))
     distributed.init(device)
     recipe = Recipe(config, device, log, fresh)
-    steps = (recipe.prepare, recipe.plan, recipe.read_data, recipe.transfer, recipe.load_teacher,
+    steps = (recipe.prepare, recipe.plan, recipe.read_data, recipe.place, recipe.transfer, recipe.load_teacher,
              recipe.evaluate_teacher, recipe.convert, recipe.finetune, recipe.evaluate_student, recipe.save,
              recipe.baselines, recipe.report)
     for step in steps:
@@ -265,6 +267,34 @@ class Recipe:
         if distributed.is_main():
             atomic_write_text(self.out / "plan.md", text + "\n")
         self.log("plan:\n" + text)
+
+    def place(self) -> None:
+        """Which heads keep a sparse cache, when `attention.sparse_heads` is "measured": the teacher's heads whose
+        queries read most from a few keys beyond the window, on the run's own text (`linearize.placement`), as
+        many as `attention.sparse_budget` pays for; written into the run's attention settings, so the student
+        and its saved config name them."""
+        settings = self.config.attention
+        if not getattr(settings, "sparse_keys", 0) or settings.sparse_heads != "measured":
+            return
+        summary = self.progress.once("placement", self.measure_placement)
+        settings.sparse_heads = [list(pair) for pair in summary["heads"]]
+        line = placement.describe(summary)
+        self.log(line)
+        if distributed.is_main():
+            plan_file = self.out / "plan.md"
+            atomic_write_text(plan_file, (plan_file.read_text() if plan_file.is_file() else "") + line + "\n")
+
+    def measure_placement(self) -> dict:
+        from linearize.teacher.families import teacher_window
+
+        config, settings = self.config, self.config.attention
+        model, _ = load_teacher(config.model, dtype=self.dtype)
+        scores = placement.head_scores(model.to(self.device), self.data.train, settings.window_size,
+                                       settings.sink_tokens)
+        converted = [i for i in range(len(scores)) if i not in settings.softmax_layers and (
+            teacher_window(self.text_config, i) is None or settings.local_layers == "convert")]
+        return placement.place_sparse(scores, converted, settings.sparse_keys, settings.window_size,
+                                      head_dim_of(self.text_config), settings.sparse_budget).summary()
 
     # --- stage 1 -------------------------------------------------------------------------------------------
 
@@ -411,6 +441,7 @@ class Recipe:
             },
             "data": data_summary(self.data),
             "transfer": transfer_counts(table),
+            **({"placement": self.progress.get("placement")} if self.progress.get("placement") else {}),
             "eval": {"teacher": {d: summarize(s) for d, s in (self.teacher or {}).items()}},
             "stages": {},
             "config": config.to_dict(),
