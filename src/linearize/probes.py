@@ -5,38 +5,63 @@
 - `Ablation`: the student's held-out ratios and retrieval with each branch of its state switched off.
 
 The teacher's side of each is computed when the teacher is evaluated and kept in the run's progress
-(`progress.once`), so a resumed run does not recompute it.
+(`progress.once`), so a resumed run does not recompute it; given a `TeacherResults`, also across runs: a
+later run of the same teacher on the same prompts reads it back (`remembered`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+import linearize.evaluate as evaluate
+import linearize.generation as generation
+import linearize.retrieval as retrieval
 from linearize.evaluate import bucket_ratios, copy_sequences, copy_test, position_profile, score
 from linearize.layers.attention import branches_off, linearized_attentions
 from linearize.retrieval import accuracy, build_prompts, run_retrieval
+from linearize.teacher.results import TeacherResults
+
+
+def evaluation_code() -> str:
+    """A fingerprint of the code that computes the teacher's results (this module and the ones it calls): kept
+    results of other code are not read back."""
+    digest = hashlib.sha256()
+    for module in (evaluate, generation, retrieval):
+        digest.update(Path(module.__file__).read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def remembered(results: TeacherResults | None, kind: str, inputs: Sequence[torch.Tensor], compute: Callable[[], Any],
+               settings: Any = None) -> Any:
+    """`compute()`'s JSON value, or the same kept by an earlier run in `results` (None: nothing kept)."""
+    return compute() if results is None else results.value(kind, inputs, compute, settings)
 
 
 class LongRange:
     """The long-range diagnostics of a run: per-position ratios on long held-out documents and the copy
     test, the teacher's side computed once (and kept in progress.json)."""
 
-    def __init__(self, config, data, teacher_model, progress, evaluates: bool = True):
+    def __init__(self, config, data, teacher_model, progress, evaluates: bool = True,
+                 results: TeacherResults | None = None):
         self.documents = data.long
         lengths = config.data.copy_lengths
         self.sequences = copy_sequences(teacher_model.config.vocab_size, lengths, seed=config.seed) if lengths else {}
         self.enabled = bool(self.sequences) or any(len(docs) for docs in self.documents.values())
         saved = progress.get("long_range.teacher")
         if saved is None and self.enabled and evaluates:
-            saved = progress.put("long_range.teacher", {
-                "profiles": {d: position_profile(teacher_model, docs, f"positions teacher ({d})").tolist()
-                             for d, docs in self.documents.items()},
-                "copy": copy_test(teacher_model, self.sequences, "copy teacher"),
-            })
+            saved = progress.put("long_range.teacher", remembered(
+                results, "long-range", [*self.documents.values(), *self.sequences.values()], lambda: {
+                    "profiles": {d: position_profile(teacher_model, docs, f"positions teacher ({d})").tolist()
+                                 for d, docs in self.documents.items()},
+                    "copy": copy_test(teacher_model, self.sequences, "copy teacher"),
+                }, {"domains": list(self.documents), "copy": list(self.sequences)}))
         self.teacher = saved
 
     def teacher_summary(self) -> dict[str, Any]:
@@ -59,7 +84,8 @@ def quote_documents(data) -> list[torch.Tensor]:
 class Retrieval:
     """The run's retrieval prompts (evaluate.retrieval*), the teacher's answers computed once."""
 
-    def __init__(self, config, data, tokenizer, teacher_model, progress, evaluates: bool = True):
+    def __init__(self, config, data, tokenizer, teacher_model, progress, evaluates: bool = True,
+                 results: TeacherResults | None = None):
         settings = config.evaluate
         self.tokenizer = tokenizer
         self.prompts = build_prompts(
@@ -69,7 +95,10 @@ class Retrieval:
         self.enabled = bool(self.prompts)
         self.teacher = None
         if self.enabled and evaluates:
-            self.teacher = progress.once("retrieval.teacher", lambda: self.measure(teacher_model, "teacher"))
+            asked = [[p.task, p.length, p.depth, list(p.answers), p.max_new_tokens] for p in self.prompts]
+            self.teacher = progress.once("retrieval.teacher", lambda: remembered(
+                results, "retrieval", [p.input_ids for p in self.prompts],
+                lambda: self.measure(teacher_model, "teacher"), asked))
 
     def measure(self, model, label: str, tasks: set[str] | None = None) -> list[dict]:
         """`model`'s answers to the run's prompts (of `tasks` only, when given)."""
@@ -125,14 +154,17 @@ class Ablation:
     """The student's held-out ratios (on the first `evaluate.ablation_blocks` blocks of each domain) and
     retrieval accuracy with all its branches, then with each of `evaluate.ablate` switched off."""
 
-    def __init__(self, config, data, teacher_model, progress, evaluates: bool = True):
+    def __init__(self, config, data, teacher_model, progress, evaluates: bool = True,
+                 results: TeacherResults | None = None):
         self.branches = list(config.evaluate.ablate)
         count = config.evaluate.ablation_blocks
         self.blocks = {d: blocks[:count] for d, blocks in data.eval.items() if len(blocks)}
         self.enabled = bool(self.branches) and (bool(self.blocks) or config.evaluate.retrieval != [])
         self.teacher = None
         if self.enabled and evaluates:
-            self.teacher = progress.once("ablation.teacher", lambda: mean_nll(teacher_model, self.blocks, "teacher"))
+            self.teacher = progress.once("ablation.teacher", lambda: remembered(
+                results, "mean-nll", list(self.blocks.values()),
+                lambda: mean_nll(teacher_model, self.blocks, "teacher"), list(self.blocks)))
 
     def measure(self, model, retrieval: Retrieval, records: list[dict] | None) -> dict[str, Any] | None:
         """`ablate` over the configured branches the model has (None: it has none of them)."""
