@@ -201,3 +201,21 @@ def test_a_student_saved_before_memory_bias_existed_is_served_without_it(saved, 
     assert model.config.attention["memory_bias"] == 0.0
     mixers = [m.mixer for m in model.modules() if hasattr(m, "mixer") and hasattr(m.mixer, "memory_bias")]
     assert mixers and all(m.memory_bias == () for m in mixers)
+
+
+def test_a_trained_student_takes_a_sparse_cache_when_loaded_and_nothing_that_needs_training(saved):
+    """LoLA's use: the cache set on a saved student (no weight changes); settings that change weights refused."""
+    _, _, full, logits = saved
+    x = tokens()
+    model, _ = linearize.load(full, device="cpu", attention={"sparse_keys": 3, "sparse_heads": [[1, 0]]})
+    assert model.config.attention["sparse_keys"] == 3
+    kept = [getattr(m.self_attn.mixer, "sparse_keys", 0) for m in model.model.layers]
+    assert kept[1] == 3 and kept[0] == 0
+    with torch.no_grad():
+        cached = model(x).logits
+    torch.testing.assert_close(cached[:, :8], logits[:, :8])  # within the window nothing differs
+    assert (cached - logits).abs().max() > 1e-4
+    with pytest.raises(linearize.LinearizeError, match="feature_dim.*cannot change without retraining"):
+        linearize.load(full, device="cpu", attention={"feature_dim": 4})
+    with pytest.raises(linearize.LinearizeError, match="sparse_heads lists"):
+        linearize.load(full, device="cpu", attention={"sparse_keys": 3, "sparse_heads": [[9, 0]]})

@@ -60,8 +60,26 @@ def find_model_dir(path: str | Path) -> Path:
     )
 
 
-def load(path: str | Path, device: str = "auto", dtype: str | None = None) -> tuple[LinearizedForCausalLM, Any]:
-    """A saved student (adapter-only or full weights, or a run directory) -> (model, tokenizer), in eval mode."""
+# attention settings a trained student can take without retraining: they add or change no weight
+INFERENCE_SETTINGS = ("sparse_keys", "sparse_score", "sparse_heads", "memory_bias", "memory_recall", "sink_distance")
+
+
+def with_inference_settings(method: str, saved: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A saved student's attention settings with `changes` (only `INFERENCE_SETTINGS`), checked."""
+    from linearize.methods import method_settings, settings_dict
+
+    fixed = sorted(set(changes) - set(INFERENCE_SETTINGS))
+    if fixed:
+        raise LinearizeError(f"attention {', '.join(fixed)} of a trained student cannot change without retraining: "
+                             f"set only {', '.join(INFERENCE_SETTINGS)} on a saved model")
+    return settings_dict(method_settings(method, {**saved, **changes}))
+
+
+def load(path: str | Path, device: str = "auto", dtype: str | None = None, attention: dict[str, Any] | None = None
+         ) -> tuple[LinearizedForCausalLM, Any]:
+    """A saved student (adapter-only or full weights, or a run directory) -> (model, tokenizer), in eval mode.
+    `attention`: settings that need no training (`INFERENCE_SETTINGS`), e.g. `{"sparse_keys": 64}` gives a
+    trained student a sparse cache of exact keys beyond its window, as LoLA does."""
     from transformers import AutoTokenizer
 
     directory = find_model_dir(path)
@@ -71,6 +89,8 @@ def load(path: str | Path, device: str = "auto", dtype: str | None = None) -> tu
         raise LinearizeError(f"'{directory / 'config.json'}' is not a readable linearized config ({err})") from err
     if config.model_type != LinearizedConfig.model_type:
         raise LinearizeError(f"'{directory}' holds a '{config.model_type}' model, not a linearized one")
+    if attention:
+        config.attention = with_inference_settings(config.method, config.attention, attention)
     kwargs = {} if dtype is None else {"dtype": resolve_dtype(dtype)}
     model = LinearizedForCausalLM.from_pretrained(directory, config=config, **kwargs)
     model.to(resolve_device(device)).eval()

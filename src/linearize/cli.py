@@ -116,6 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     """Whatever was asked for, student (and teacher) side by side: one JSON line, then tables. Every setting
     and task file is checked before a model loads."""
     from linearize.api import find_model_dir, load
+    from linearize.config import parse_overrides
     from linearize.teacher import load_teacher
 
     if not (args.data or args.tasks or args.long_range or args.retrieval or args.ablate):
@@ -123,7 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                              "and/or --ablate")
     specs = task_specs(args.tasks, args.score) if args.tasks else []
     retrieval = retrieval_settings(args, find_model_dir(args.model_dir)) if args.retrieval else None
-    model, tokenizer = load(args.model_dir, device=args.device)
+    model, tokenizer = load(args.model_dir, device=args.device, attention=parse_overrides(args.attention))
     teacher = None
     if args.teacher or args.long_range or args.retrieval or args.ablate:
         if not model.config.teacher:
@@ -454,6 +455,9 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many examples per task")
     ev.add_argument("--include", help="lm-eval: a directory of extra task YAML files")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--attention", action="append", default=[], metavar="KEY=VALUE",
+                    help="an attention setting that needs no training, on the saved student (repeatable), e.g. "
+                         "sparse_keys=64: a sparse cache of exact keys beyond the window, as LoLA adds one")
     ev.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help="generate text with a saved model")
