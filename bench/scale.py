@@ -46,6 +46,8 @@ def worker(args) -> None:
     config = recipe.config  # its defaults that follow the number of processes resolved
     recipe.read_data()
     out: dict = {"rank": distributed.rank(), "world": distributed.world(), "threads": args.threads}
+    estimate = (recipe.progress.get("plan.estimate") or {}).get("estimate_seconds", {})  # the plan's, this CPU
+    out["estimate_seconds"] = estimate.get("transfer" if args.worker == "stage1" else "finetune")
     if args.worker == "floor":  # the process with its libraries and data, no weight loaded
         out.update(seconds=1.0, tokens=0)
     elif args.worker == "stage1":
@@ -120,8 +122,10 @@ def case(name: str, kind: str, processes: int, threads: int, overrides: list[str
     merged["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in ranks)
     merged["tokens_per_second"] = merged["tokens"] / merged["seconds"]
     merged["process_seconds"] = wall
+    estimate = f"; the plan estimated {merged['estimate_seconds']:.1f} s" if merged.get("estimate_seconds") else ""
     print(f"  {name}: {merged['tokens']} tokens in {merged['seconds']:.1f} s = {merged['tokens_per_second']:.1f} "
-          f"tokens/s; peak RSS {merged['peak_rss_bytes'] / MiB:.0f} MiB (whole process {wall:.0f} s)", flush=True)
+          f"tokens/s; peak RSS {merged['peak_rss_bytes'] / MiB:.0f} MiB (whole process {wall:.0f} s){estimate}",
+          flush=True)
     return merged
 
 
@@ -183,6 +187,12 @@ def tables(r: dict) -> str:
         one, two_threads, two = tokens[f"{key}_1x1"], tokens[f"{key}_1x2"], tokens[f"{key}_2x1"]
         lines.append(f"| {stage} | {one:.1f} | {two_threads:.1f} | {two:.1f} | {two / one:.2f}x | "
                      f"{two / two_threads:.2f}x |")
+    timed = [k for k in ("s1_1x1", "s1_1x2", "s1_2x1", "s2_1x1", "s2_1x2", "s2_2x1")
+             if r.get(k, {}).get("estimate_seconds")]
+    if timed:
+        lines += ["", "| case | measured s | plan's estimate s | estimate / measured |", "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {r[k]['seconds']:.1f} | {r[k]['estimate_seconds']:.1f} | "
+                  f"{r[k]['estimate_seconds'] / r[k]['seconds']:.2f} |" for k in timed]
     lines += ["", "| stage 2, DDP | peak RSS per process | plan's estimate | plan / measured |", "|---|---:|---:|---:|"]
     for name, key in (("1 process (batch 2)", "s2_1x2"), ("2 processes (batch 1 each)", "s2_2x1")):
         entry = r[key]

@@ -295,16 +295,29 @@ def reasons(best: Estimate, pairs: list[Estimate]) -> list[str]:
         fits = [p for p in members if p.fits]
         if fits:
             pair = min(fits, key=lambda p: p.seconds)
-            lines.append(f"{label}: slower, {hours(pair.seconds)} h against {hours(best.seconds)} h "
-                         f"({getattr(pair, part).describe()})")
-        else:
-            option = min((getattr(p, part) for p in members), key=lambda o: (o.memory, getattr(o, "disk", 0.0)))
-            lines.append(f"{label}: {option.problem or 'does not fit'} ({option.describe()})")
+            lines.append(f"{label}: slower, {hours(pair.seconds)} h against {hours(best.seconds)} h (+"
+                         f"{duration(pair.seconds - best.seconds)}; {getattr(pair, part).describe()})")
+        else:  # the nearest miss: the least disk among those that fit memory, else the least memory
+            options = [getattr(p, part) for p in members]
+            within = [o for o in options if not o.problem.startswith("does not fit memory")]
+            option = min(within, key=lambda o: getattr(o, "disk", 0.0)) if within else min(options,
+                                                                                        key=lambda o: o.memory)
+            problem = option.problem or "goes only with stage-1 layouts that do not fit"
+            lines.append(f"{label}: {problem} ({option.describe()})")
     return lines
 
 
+def duration(seconds: float) -> str:
+    """A difference of time for people: seconds, minutes or hours."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 2 * HOUR else f"{hours(seconds)} h"
+
+
 def hours(seconds: float) -> str:
-    return f"{seconds / HOUR:.2f}" if seconds < 10 * HOUR else f"{seconds / HOUR:.0f}"
+    """Hours to three significant digits (0.0123, 1.23, 12.3, 123)."""
+    value = seconds / HOUR
+    return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
 
 
 def nowhere(shape: ModelShape, config, hardware: Hardware, ones: list[Stage1Option], twos: list[Stage2Option]) -> str:
@@ -395,7 +408,7 @@ def format_estimate(estimate: Estimate) -> str:
         rows.append(("stage 2: training", s2.train_seconds))
     rows.append(("in all", estimate.seconds))
     out = ["| step | hours | seconds |", "|---|---:|---:|"]
-    out += [f"| {name} | {seconds / HOUR:.2f} | {seconds:,.0f} |" for name, seconds in rows]
+    out += [f"| {name} | {hours(seconds)} | {seconds:,.0f} |" for name, seconds in rows]
     return "\n".join(out)
 
 
