@@ -1,5 +1,5 @@
-"""The docs do not rot: the config reference lists exactly the schema's keys, and every `linearize` command
-in the README's and docs' shell blocks parses, its settings included."""
+"""The docs do not rot: the config reference lists exactly the schema's keys, every `linearize` command in the
+README's and docs' shell blocks parses, its settings included, and every relative link and image resolves."""
 
 from __future__ import annotations
 
@@ -112,3 +112,29 @@ def test_every_documented_command_parses(document, command):
         if path is not None and (Path(path).is_file() or "/" not in path and not path.endswith(".yaml")):
             user = deep_merge(load_user_config(resolve_config_path(path)), user)
         build_config(user)
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|(?:src|href)=[\"']([^\"']+)[\"']")
+
+
+def relative_links(document: Path) -> list[str]:
+    """Targets of the Markdown links and images, and of the HTML src / href attributes, that name a file of the
+    repository (not a web address, an anchor on the same page, or embedded data)."""
+    targets = [a or b for a, b in LINK.findall(document.read_text())]
+    return [t for t in targets if not re.match(r"^([a-z][a-z0-9+.-]*:|#)", t)]
+
+
+LINKED = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "docs").glob("*.html"))]
+
+
+@pytest.mark.parametrize("document", LINKED, ids=[d.name for d in LINKED])
+def test_every_relative_link_and_image_resolves(document):
+    broken = [t for t in relative_links(document) if not (document.parent / t.split("#")[0]).exists()]
+    assert not broken, f"{document.relative_to(ROOT)} links to missing files: {broken}"
+
+
+def test_the_link_check_sees_links_images_and_html_and_skips_web_addresses(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text('[a](a.md) ![b](img/b.png "title") [c](https://example.org/c) [d](#d) [e](e.md#part) '
+                    '<img src="f.png"> <a href="mailto:x@y.z">x</a> <img src="data:image/png;base64,AAAA">')
+    assert relative_links(page) == ["a.md", "img/b.png", "e.md#part", "f.png"]
