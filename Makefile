@@ -1,10 +1,12 @@
 # `make run`: install into .venv (first time only) and run the default linearization end to end.
 # `make test`: install into .venv (first time only) and run the test suite.
+# `make figures`: redraw the README's figures from the measured numbers in docs/figures.yaml.
+# `make example-report`: copy the default run's report (runs/default/report.html, after `make run`) to docs/.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench
+.PHONY: run test lint bench figures example-report
 
 $(BIN)/linearize: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,3 +25,12 @@ test: $(BIN)/linearize
 
 lint: $(BIN)/linearize
 	$(BIN)/ruff check src tests bench
+
+figures: $(BIN)/linearize
+	$(BIN)/python bench/figures.py
+
+example-report: runs/default/report.html
+	cp runs/default/report.html docs/example-report.html
+
+runs/default/report.html:
+	@echo "no runs/default/report.html: run \`make run\` first" && false
