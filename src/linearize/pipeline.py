@@ -264,7 +264,8 @@ class Recipe:
         if timing.estimate is not None:
             self.progress.put("plan.estimate", {"estimate_seconds": timing.estimate.stages(),
                                                 "hardware": timing.hardware.describe()})
-            text += f"\n\ntime estimate on {timing.hardware.describe()}:\n" + format_estimate(timing.estimate)
+            text += (f"\n\ntime estimate on {timing.hardware.describe()}:\n"
+                     + format_estimate(timing.estimate, timing.hardware))
         if distributed.is_main():
             atomic_write_text(self.out / "plan.md", text + "\n")
         self.log("plan:\n" + text)

@@ -88,6 +88,15 @@ class Hardware:
         """Bytes/s each process exchanges with the others at: within a node, or across nodes."""
         return self.link if processes <= self.per_node else min(self.link, INTER_NODE_BYTES)
 
+    def rates(self) -> str:
+        """How the time model treats one op on this hardware, in words."""
+        d = self.device
+        source = "fitted on a 2-core CPU" if self.kind == "cpu" else "assumed: no GPU measured"
+        per_op = "floor" if d.asynchronous else "cost"
+        return (f"every op's FLOPs at {d.flop_utilisation:.0%} of the peak FLOP/s or its bytes at "
+                f"{d.bandwidth_utilisation:.0%} of the memory bandwidth, whichever takes longer, and a "
+                f"{d.op_seconds * 1e6:.0f} us {per_op} per op; {source}, linearize/plan/hardware.py")
+
     def describe(self) -> str:
         d = self.device
         nodes = f" on {self.nodes} nodes of {self.per_node}" if self.nodes > 1 else ""

@@ -46,6 +46,7 @@ class Stage1Option:
     collect_seconds: float  # the teacher's pass, wall time over the processes
     block_seconds: list[float]  # each block's training on one process
     train_seconds: float  # wall time: the busiest process's blocks
+    flops: float = 0.0  # every process's, the teacher's pass and the training
     problem: str = ""  # why it cannot run here ("" = it fits)
 
     @property
@@ -70,6 +71,7 @@ class Stage2Option:
     memory: float
     train_seconds: float
     targets_seconds: float  # the teacher forwards for targets stage 1 did not keep
+    flops: float = 0.0  # every process's
     problem: str = ""
 
     @property
@@ -124,23 +126,43 @@ class Suggestion:
     others: list[str] = field(default_factory=list)  # one line per layout that loses, and why
 
 
+@dataclass(frozen=True)
+class Work:
+    """Seconds on one device, and the floating-point operations done in them."""
+
+    seconds: float = 0.0
+    flops: float = 0.0
+
+    def __add__(self, other: Work) -> Work:
+        return Work(self.seconds + other.seconds, self.flops + other.flops)
+
+    def __mul__(self, factor: float) -> Work:
+        return Work(self.seconds * factor, self.flops * factor)
+
+
+def total(works) -> Work:
+    return sum(works, Work())
+
+
 class Timing:
-    """The seconds of each piece of work on one device of `hardware`, computed once per piece."""
+    """Each piece of work's seconds on one device of `hardware` (computed once per piece) and its FLOPs."""
 
     def __init__(self, costs: dict[int, ModelCosts], hardware: Hardware):
         self.costs, self.hardware = costs, hardware
-        self._cache: dict[tuple[int, int], float] = {}
+        self._cache: dict[int, Work] = {}
 
-    def of(self, ops: OpCounts) -> float:
-        key = (id(ops), 0)
-        if key not in self._cache:
-            self._cache[key] = ops.seconds(self.hardware.device)
-        return self._cache[key]
+    def of(self, ops: OpCounts) -> Work:
+        if id(ops) not in self._cache:
+            self._cache[id(ops)] = Work(ops.seconds(self.hardware.device), ops.total_flops)
+        return self._cache[id(ops)]
 
-    def layer(self, batch: int, piece: str, index: int) -> float:
+    def layer(self, batch: int, piece: str, index: int) -> Work:
         return self.of(getattr(self.costs[batch].layers[index], piece))
 
-    def head(self, batch: int, piece: str) -> float:
+    def layers(self, batch: int, piece: str, indices) -> Work:
+        return total(self.layer(batch, piece, i) for i in indices)
+
+    def head(self, batch: int, piece: str) -> Work:
         return self.of(getattr(self.costs[batch], piece))
 
 
@@ -162,33 +184,34 @@ def stage1_option(shape: ModelShape, timing: Timing, config, store: str, layers_
     disk = sizes.disk[store] + (sizes.targets_disk if store != "none" else 0.0)
     cache = DTYPE_BYTES[transfer.cache_dtype]
     pair = shape.hidden + shape.heads * shape.head_dim
-    collect = 0.0
+    collect = Work()
     if store != "none":
-        teacher = sum(timing.layer(batch, "teacher", i) for i in range(shape.layers))
-        head = timing.head(batch, "head_forward") if targets else 0.0
+        passed = timing.layers(batch, "teacher", range(shape.layers))
+        passed += timing.head(batch, "head_forward") if targets else Work()
         # every stored byte written once, and each block's input read back for the next block's pass
-        io = (disk + sizes.disk["blocks"]) / DISK_BYTES
+        io = Work((disk + sizes.disk["blocks"]) / DISK_BYTES)
         row_bytes = max(shape.hidden, max(len(b) * pair for b in blocks)) * seq_len * cache
         per_shard = max(1, min(MAX_ROWS_PER_SHARD, SHARD_BYTES // row_bytes, -(-rows // processes)))
         shards = -(-rows // per_shard)
-        share = -(-shards // processes) / shards  # the busiest process's share of the shards
-        collect = share * (steps * (teacher + head) + io)
-    block_seconds = []
+        collect = passed * steps + io
+        collect = Work(collect.seconds * -(-shards // processes) / shards, collect.flops)  # the busiest's share
+    blocks_work = []
     for b, block in enumerate(blocks):
-        step = sum(timing.layer(batch, "transfer", i) for i in block)
+        step = timing.layers(batch, "transfer", block)
         if store == "blocks":
-            step += sum(timing.layer(batch, "teacher", i) for i in block)
-            step += batch * seq_len * shape.hidden * cache / DISK_BYTES if b else 0.0
+            step += timing.layers(batch, "teacher", block)
+            step += Work(batch * seq_len * shape.hidden * cache / DISK_BYTES if b else 0.0)
         elif store == "none":
-            step += sum(timing.layer(batch, "teacher", i) for i in range(block.stop))
+            step += timing.layers(batch, "teacher", range(block.stop))
         else:
-            step += batch * seq_len * pair * cache * sum(i in shape.converted for i in block) / DISK_BYTES
+            step += Work(batch * seq_len * pair * cache * sum(i in shape.converted for i in block) / DISK_BYTES)
         trains = any(shape.mixer_params[i] for i in block)
-        block_seconds.append(step * steps * transfer.epochs if trains else 0.0)
+        blocks_work.append(step * (steps * transfer.epochs) if trains else Work())
+    block_seconds = [w.seconds for w in blocks_work]
     owners = assign_blocks(block_seconds, processes)
     busiest = max(sum(s for s, o in zip(block_seconds, owners) if o == r) for r in range(processes))
-    return Stage1Option(store, layers_per_block, len(blocks), sizes.memory[store], disk, collect, block_seconds,
-                        busiest)
+    return Stage1Option(store, layers_per_block, len(blocks), sizes.memory[store], disk, collect.seconds,
+                        block_seconds, busiest, flops=collect.flops + total(blocks_work).flops)
 
 
 def stage2_option(shape: ModelShape, timing: Timing, config, parallel: str, processes: int, checkpointing: bool,
@@ -200,9 +223,9 @@ def stage2_option(shape: ModelShape, timing: Timing, config, parallel: str, proc
     sizes = stage2_plan(shape, run, device_type, (processes,), per_process_batch=batch)
     memory = sizes.fsdp[processes] if parallel == "fsdp" else sizes.ddp
     steps = rows_of(tune.tokens, seq_len, batch * processes) // (batch * processes)
-    compute = sum(timing.layer(batch, "student", i) for i in range(shape.layers)) + timing.head(batch, "head")
+    compute = timing.layers(batch, "student", range(shape.layers)) + timing.head(batch, "head")
     if checkpointing:
-        compute += sum(timing.layer(batch, "student_forward", i) for i in range(shape.layers))
+        compute += timing.layers(batch, "student_forward", range(shape.layers))
     spread = (processes - 1) / processes
     link = timing.hardware.link_between(processes)
     gradients = 2 * sizes.trainable * 4 * spread / link if processes > 1 else 0.0
@@ -211,14 +234,14 @@ def stage2_option(shape: ModelShape, timing: Timing, config, parallel: str, proc
         exchange = (3 if checkpointing else 2) * weights * spread / link + gradients
     else:
         exchange = gradients
-    train = steps * max(compute, exchange)
-    teacher = 0.0
+    train = steps * max(compute.seconds, exchange)
+    teacher = forward = Work()
     if tune.distill_weight > 0 and not targets_stored:
-        forward = sum(timing.layer(batch, "teacher", i) for i in range(shape.layers))
-        forward += timing.head(batch, "head_forward")
+        forward = timing.layers(batch, "teacher", range(shape.layers)) + timing.head(batch, "head_forward")
         gathers = weights * spread / link if parallel == "fsdp" else 0.0
-        teacher = steps * max(forward, gathers)
-    return Stage2Option(parallel, processes, batch, checkpointing, memory, train, teacher)
+        teacher = Work(steps * max(forward.seconds, gathers))
+    flops = (compute.flops + forward.flops) * steps * processes
+    return Stage2Option(parallel, processes, batch, checkpointing, memory, train, teacher.seconds, flops=flops)
 
 
 def stage1_options(shape: ModelShape, timing: Timing, config, processes: int, device_type: str) -> list[Stage1Option]:
@@ -388,29 +411,32 @@ def format_suggestion(suggestion: Suggestion, hardware: Hardware) -> str:
         lines.append(f"  stage 1: {best.stage1.describe()}")
     if best.stage2 is not None:
         lines.append(f"  stage 2: {best.stage2.settings}: {best.stage2.describe()}")
-    lines += ["", format_estimate(best), "", "other layouts:"]
+    lines += ["", format_estimate(best, hardware), "", "other layouts:"]
     lines += [f"- {line}" for line in suggestion.others] or ["- none: the settings given leave one layout"]
     return "\n".join(lines)
 
 
-def format_estimate(estimate: Estimate) -> str:
-    """Hours per stage and in all, as a small table."""
+def format_estimate(estimate: Estimate, hardware: Hardware) -> str:
+    """Hours per stage and in all, as a small table, with the FLOPs counted and the rates assumed."""
     rows = []
     if estimate.stage1 is not None:
         s1 = estimate.stage1
         if s1.collect_seconds:
-            rows.append(("stage 1: the teacher's pass", s1.collect_seconds))
-        rows.append((f"stage 1: training ({len(s1.block_seconds)} block(s), the busiest process)", s1.train_seconds))
+            rows.append(("stage 1: the teacher's pass", s1.collect_seconds, None))
+        rows.append((f"stage 1: training ({len(s1.block_seconds)} block(s), the busiest process)", s1.train_seconds,
+                     None))
+        rows.append(("stage 1", s1.seconds, s1.flops))
     if estimate.stage2 is not None:
         s2 = estimate.stage2
         if s2.targets_seconds:
-            rows.append(("stage 2: teacher targets", s2.targets_seconds))
-        rows.append(("stage 2: training", s2.train_seconds))
-    rows.append(("in all", estimate.seconds))
-    out = ["| step | hours | seconds |", "|---|---:|---:|"]
-    out += [f"| {name} | {hours(seconds)} | {seconds:,.0f} |" for name, seconds in rows]
-    return "\n".join(out)
-
+            rows.append(("stage 2: teacher targets", s2.targets_seconds, None))
+            rows.append(("stage 2: training", s2.train_seconds, None))
+        rows.append(("stage 2", s2.seconds, s2.flops))
+    rows.append(("in all", estimate.seconds, sum(part.flops for part in (estimate.stage1, estimate.stage2) if part)))
+    out = ["| step | hours | seconds | FLOPs counted |", "|---|---:|---:|---:|"]
+    out += [f"| {name} | {hours(seconds)} | {seconds:,.0f} | {'' if flops is None else f'{flops:.3g}'} |"
+            for name, seconds, flops in rows]
+    return "\n".join(out + [f"(time model: {hardware.rates()})"])
 
 
 def per_process_batch(config, processes: int) -> int:
