@@ -305,9 +305,18 @@ def test_eval_cli_retrieval_and_ablation_side_by_side(finished_run):
     assert printed["ablation"]["all"]["retrieval"] == accuracy["student"]
     assert "| model | passkey 512 | quote 512 |" in result.stderr
     assert "| student | code ratio | prose ratio |" in result.stderr
-    # lengths beyond the model's positions: refused before any model loads
-    result = cli("eval", str(out), "--retrieval", "--lengths", "1024")
-    assert result.returncode == 2 and "beyond the model's maximum position embeddings (512)" in result.stderr
+    by_variant = printed["retrieval"]["accuracy_by_variant"]["student"]
+    assert set(by_variant) == {"passkey repeated/a", "passkey repeated/b", "passkey prose/a", "passkey prose/b",
+                               "quote text"}
+    # lengths beyond the teacher's positions (512): the student's alone, the teacher not asked there
+    result = cli("eval", str(out), "--retrieval", "--retrieval-tasks", "passkey", "--lengths", "512,1024",
+                 "--depths", "0.5", "--variants", "repeated/a", "--long-context", "256")
+    assert result.returncode == 0, result.stderr
+    accuracy = json.loads(result.stdout.strip().splitlines()[-1])["retrieval"]["accuracy"]
+    assert set(accuracy["student"]["passkey"]) == {"512", "1024"} and set(accuracy["teacher"]["passkey"]) == {"512"}
+    assert "the teacher has 512 positions" in result.stderr
+    result = cli("eval", str(out), "--retrieval", "--variants", "prose/c")
+    assert result.returncode == 2 and "retrieval variants ['prose/c']" in result.stderr
 
 
 def test_generate_cli_generates(finished_run):

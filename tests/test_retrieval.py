@@ -12,6 +12,7 @@ from linearize import LinearizeError, linearize
 from linearize.layers.attention import branches_off, linearized_attentions
 from linearize.report import ablation_table
 from linearize.retrieval import (
+    VARIANTS,
     Prompt,
     accuracy,
     answer,
@@ -77,6 +78,38 @@ def test_prompts_cover_every_cell_and_samples_differ():
     assert len(prompts) == 16 and prompts[0].answers != prompts[1].answers
 
 
+def test_each_variant_says_it_in_its_own_words_and_filler_and_the_answer_is_there():
+    tokenizer = make_byte_tokenizer()
+    sentences = "Call me Ishmael. Some years ago, never mind how long, I went to sea.\n" * 40
+    prose = [torch.tensor(tokenizer(sentences, add_special_tokens=False)["input_ids"])]
+    texts = {}
+    for variant in VARIANTS:
+        prompt = build_prompt(tokenizer, "passkey", 1024, 0.5, variant=variant, prose=prose)
+        assert prompt.variant == variant and length_ok(prompt, 1024)
+        texts[variant] = text = tokenizer.decode(prompt.input_ids)
+        assert prompt.answers[0] in text
+        assert ("The grass is green." in text) == variant.startswith("repeated")
+        assert ("Ishmael" in text) == variant.startswith("prose")
+        assert ("pass key" in text) == variant.endswith("/a") and ("secret code" in text) == variant.endswith("/b")
+    needle = texts["prose/b"].index("Note this down")
+    assert texts["prose/b"][needle - 2 : needle] in (". ", ".\n", "\n ")  # between two sentences
+    multikey = build_prompt(tokenizer, "multikey", 2048, 0.5, variant="repeated/b")
+    assert tokenizer.decode(multikey.input_ids).count("is registered under the number") == 5  # 4 needles + question
+    with pytest.raises(LinearizeError, match="needs .* tokens of held-out prose"):
+        build_prompt(tokenizer, "passkey", 1024, 0.5, variant="prose/a", prose=prose[:1][0][:100][None])
+
+
+def length_ok(prompt, length: int) -> bool:
+    return length - 60 <= len(prompt.input_ids) + prompt.max_new_tokens <= length
+
+
+def test_accuracy_is_kept_per_task_and_apart_per_variant():
+    records = [{"task": "passkey", "variant": v, "length": 1024, "correct": c}
+               for v, c in (("repeated/a", True), ("repeated/a", True), ("prose/b", False), ("prose/b", True))]
+    assert accuracy(records) == {"passkey": {"1024": 0.75}}
+    assert accuracy(records, by_variant=True) == {"passkey repeated/a": {"1024": 1.0}, "passkey prose/b": {"1024": 0.5}}
+
+
 def test_exact_match_refuses_near_misses():
     passkey = Prompt("passkey", 512, 0.5, torch.zeros(1), ("52445",), 8)
     assert is_correct(passkey, " 52445. Remember it.")
@@ -94,6 +127,8 @@ def test_bad_settings_are_named_before_any_work():
         check_settings(["needle"], [1024], [0.5])
     with pytest.raises(LinearizeError, match="depths \\[1.5\\]"):
         check_settings(["passkey"], [1024], [1.5])
+    with pytest.raises(LinearizeError, match="retrieval variants \\['repeated/c'\\].*prose/b"):
+        check_settings(["passkey"], [1024], [0.5], variants=["repeated/c"])
     with pytest.raises(LinearizeError, match="leaves -?[0-9]+ tokens of context around its needles"):
         build_prompt(make_byte_tokenizer(), "multikey", 512, 0.5)
     with pytest.raises(LinearizeError, match="needs held-out documents"):

@@ -152,20 +152,24 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.ablate:
         result["ablation"] = ablation(model, teacher, tokenizer, prompts, records, args)
     if retrieval is not None:
-        result["retrieval"] = retrieval_side_by_side(model, teacher, tokenizer, prompts, records)
+        result["retrieval"] = retrieval_side_by_side(model, teacher, tokenizer, prompts, records,
+                                                     retrieval["max_positions"])
     print(json.dumps(result))
     print(eval_tables(result), file=sys.stderr)
 
 
 def retrieval_settings(args: argparse.Namespace, directory: Path) -> dict:
-    """--retrieval-tasks, --lengths, --depths checked against the saved model's position embeddings."""
+    """--retrieval-tasks, --lengths, --depths, --variants checked; lengths beyond the teacher's position
+    embeddings are the student's alone (`max_positions`: the teacher is not asked there)."""
     from linearize.models import LinearizedConfig
-    from linearize.retrieval import check_settings
+    from linearize.retrieval import VARIANTS, check_settings
 
     settings = {"tasks": _items(args.retrieval_tasks), "lengths": [int(x) for x in _items(args.lengths)],
-                "depths": [float(x) for x in _items(args.depths)]}
-    max_positions = getattr(LinearizedConfig.from_pretrained(directory).text_config, "max_position_embeddings", None)
-    check_settings(settings["tasks"], settings["lengths"], settings["depths"], max_positions)
+                "depths": [float(x) for x in _items(args.depths)],
+                "variants": _items(args.variants) if args.variants else list(VARIANTS)}
+    check_settings(settings["tasks"], settings["lengths"], settings["depths"], variants=settings["variants"])
+    text_config = LinearizedConfig.from_pretrained(directory).text_config
+    settings["max_positions"] = getattr(text_config, "max_position_embeddings", None)
     if args.samples < 1:
         raise LinearizeError(f"--samples must be >= 1, got {args.samples}")
     return settings
@@ -180,33 +184,37 @@ def _items(text: str) -> list[str]:
 
 def retrieval_prompts(tokenizer, settings: dict, args: argparse.Namespace):
     from linearize.data import build_blocks
-    from linearize.probes import quote_documents
+    from linearize.probes import prose_documents, quote_documents
     from linearize.retrieval import build_prompts
 
-    documents = []
-    if "quote" in settings["tasks"]:
+    documents, prose = [], []
+    if "quote" in settings["tasks"] or any(v.startswith("prose") for v in settings["variants"]):
         longest = max(settings["lengths"])
         per_document = min(longest, args.long_context)
         data = build_blocks(tokenizer, "default", 1024, 0, 0, long_tokens=per_document,
                             long_documents_per_domain=-(-longest // per_document))
-        documents = quote_documents(data)
+        documents, prose = quote_documents(data), prose_documents(data)
     return build_prompts(tokenizer, settings["tasks"], settings["lengths"], settings["depths"], args.samples,
-                         documents=documents)
+                         documents=documents, variants=settings["variants"], prose=prose)
 
 
-def retrieval_side_by_side(model, teacher, tokenizer, prompts, records) -> dict:
-    """Retrieval answers of the student, the teacher and the untrained window + sinks baseline (the teacher
-    converted last: the conversion reuses its modules)."""
+def retrieval_side_by_side(model, teacher, tokenizer, prompts, records, max_positions: int | None = None) -> dict:
+    """Retrieval answers of the student, the teacher (within its `max_positions`: it is not asked beyond) and
+    the untrained window + sinks baseline (the teacher converted last: the conversion reuses its modules);
+    accuracy per task, and per task and variant."""
     from linearize.config import WINDOW_SINKS_BASELINE
     from linearize.models import LinearizedForCausalLM
     from linearize.retrieval import accuracy, run_retrieval
 
-    answers = {"student": records, "teacher": run_retrieval(teacher, tokenizer, prompts, "retrieval teacher")}
+    within = [p for p in prompts if max_positions is None or p.length <= max_positions]
+    answers = {"student": records, "teacher": run_retrieval(teacher, tokenizer, within, "retrieval teacher")}
     # the baseline reads its sinks from as far as the student does (the student's trained block length)
     attention = {**WINDOW_SINKS_BASELINE["attention"], "sink_distance": model.config.attention.get("sink_distance")}
     window = LinearizedForCausalLM.from_teacher(teacher, WINDOW_SINKS_BASELINE["method"], attention)
     answers["window+sinks (untrained)"] = run_retrieval(window, tokenizer, prompts, "retrieval window+sinks")
-    return {"accuracy": {name: accuracy(r) for name, r in answers.items()}, "answers": answers}
+    return {"accuracy": {name: accuracy(r) for name, r in answers.items()},
+            "accuracy_by_variant": {name: accuracy(r, by_variant=True) for name, r in answers.items()},
+            "answers": answers, **({"teacher_positions": max_positions} if len(within) < len(prompts) else {})}
 
 
 def ablation(model, teacher, tokenizer, prompts, records, args: argparse.Namespace) -> dict:
@@ -302,6 +310,10 @@ def eval_tables(result: dict) -> str:
         lines.append("")
     if "retrieval" in result:
         lines += [*accuracy_table(result["retrieval"]["accuracy"]), ""]
+        lines += [*accuracy_table(result["retrieval"]["accuracy_by_variant"]), ""]
+        if "teacher_positions" in result["retrieval"]:
+            lines += [f"(the teacher has {result['retrieval']['teacher_positions']} positions: it is not asked at "
+                      "longer lengths, \"–\")", ""]
     if "ablation" in result:
         lines += ablation_table(result["ablation"])
     return "\n".join(lines)
@@ -437,9 +449,13 @@ def parser() -> argparse.ArgumentParser:
                     help="generation-based retrieval (passkey, multi-key and multi-value needles, quotes from real "
                     "text): student, teacher and untrained window + sinks side by side")
     ev.add_argument("--retrieval-tasks", default="passkey,multikey,multivalue,quote")
-    ev.add_argument("--lengths", default="1024,2048,4096,8192", help="retrieval prompt lengths in tokens")
+    ev.add_argument("--lengths", default="1024,2048,4096,8192",
+                    help="retrieval prompt lengths in tokens (beyond the teacher's positions: the student's alone)")
     ev.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="where the needle sits, fractions of the context")
     ev.add_argument("--samples", type=int, default=1, help="retrieval prompts per task, length and depth")
+    ev.add_argument("--variants", default=None,
+                    help="retrieval fillers and phrasings, filler/phrasing, comma-separated (reported apart; default: "
+                         "all)")
     ev.add_argument("--ablate", nargs="?", const="all",
                     help="switch off each branch of the student in turn (all it has, or the ones named: linear, "
                     "memory, sinks): held-out ratios, and retrieval with --retrieval")

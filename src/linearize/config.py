@@ -107,6 +107,8 @@ class EvaluateConfig:
     retrieval_lengths: list[int] = field(default_factory=lambda: [4096])  # prompt lengths in tokens
     retrieval_depths: list[float] = field(default_factory=lambda: [0.5])  # where the needle sits, 0 = first
     retrieval_samples: int = 1  # prompts per (task, length, depth)
+    # fillers and phrasings of the needle tasks, filler/phrasing (linearize.retrieval.VARIANTS), reported apart
+    retrieval_variants: list[str] = field(default_factory=lambda: ["repeated/a", "prose/b"])
     # branches of the student switched off one at a time at inference (held-out ratios and retrieval without
     # each): linear | memory | sinks; [] = no ablation
     ablate: list[str] = field(default_factory=lambda: ["linear", "memory", "sinks"])

@@ -81,6 +81,12 @@ def quote_documents(data) -> list[torch.Tensor]:
     return documents or [block for blocks in data.eval.values() for block in blocks]
 
 
+def prose_documents(data) -> list[torch.Tensor]:
+    """Held-out prose for the retrieval tasks' prose filler: the prose domain's long documents (else every
+    long held-out document, else the held-out blocks)."""
+    return list(data.long.get("prose", ())) or quote_documents(data)
+
+
 class Retrieval:
     """The run's retrieval prompts (evaluate.retrieval*), the teacher's answers computed once."""
 
@@ -88,9 +94,11 @@ class Retrieval:
                  results: TeacherResults | None = None):
         settings = config.evaluate
         self.tokenizer = tokenizer
+        prose = any(v.startswith("prose") for v in settings.retrieval_variants)
         self.prompts = build_prompts(
             tokenizer, settings.retrieval, settings.retrieval_lengths, settings.retrieval_depths,
             settings.retrieval_samples, config.seed, quote_documents(data) if "quote" in settings.retrieval else (),
+            settings.retrieval_variants, prose_documents(data) if prose else (),
         ) if settings.retrieval else []
         self.enabled = bool(self.prompts)
         self.teacher = None

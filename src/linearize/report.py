@@ -332,8 +332,8 @@ def accuracy_table(scores: dict[str, dict[str, dict]], columns: list[tuple[str, 
     lines = ["| model | " + " | ".join(f"{task} {length}" for task, length in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for name, cells in scores.items():
-        lines.append(f"| {name} | " + " | ".join(f"{cells.get(t, {}).get(n, float('nan')):.2f}" for t, n in columns)
-                     + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{cells[t][n]:.2f}" if n in cells.get(t, {}) else "–"
+                                                 for t, n in columns) + " |")
     return lines
 
 

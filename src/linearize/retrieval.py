@@ -14,6 +14,11 @@ stated once, thousands of tokens back, is what a constant-size state most easily
   by its first tokens at the end, the model continues it (its next 8 tokens, on the same line, must be
   the document's, word for word).
 
+Each needle task comes in variants (`VARIANTS`, reported apart), so that a recipe cannot pass by matching one
+template: two fillers, the classic repeated sentences and real prose (held-out documents, needles between
+its sentences), and two phrasings of needle and question ("a": the classic one; "b": other words for the
+same request). The quote task has one form (its context is real text already).
+
 Keys of one prompt differ in their last token, and so do values: the question's last tokens (what the
 model reads when it starts answering) single out one needle, never two. Depth is where the (first)
 needle sits, as a fraction of the context between the instruction and the question. Prompts are built in
@@ -42,6 +47,9 @@ NEEDLES = 4  # needles per multikey / multivalue prompt
 QUOTE_PREFIX = 8  # tokens of the quoted passage shown in the question
 QUOTE_ANSWER = 8  # tokens of it the model must continue with
 
+FILLERS = ("repeated", "prose")
+PHRASINGS = ("a", "b")
+VARIANTS = tuple(f"{filler}/{phrasing}" for filler in FILLERS for phrasing in PHRASINGS)
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 ADJECTIVES = ("amber", "brisk", "calm", "dusty", "eager", "faint", "gentle", "hollow", "icy", "jolly", "keen",
               "lucky", "mellow", "noble", "olive", "proud", "quiet", "rapid", "silent", "tidy", "upper", "vivid",
@@ -61,12 +69,13 @@ class Prompt:
     input_ids: torch.Tensor
     answers: tuple[str, ...]  # passkey/multikey: one number; multivalue: every number; quote: the passage's text
     max_new_tokens: int
+    variant: str = "repeated/a"  # filler/phrasing (`VARIANTS`); the quote task's own: "text"
 
 
 def check_settings(tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float],
-                   max_positions: int | None = None, where: str = "") -> None:
-    """Raise a LinearizeError naming the bad value: unknown tasks, lengths too short for a prompt or beyond
-    the model's position embeddings, depths outside [0, 1]."""
+                   max_positions: int | None = None, where: str = "", variants: Sequence[str] = VARIANTS[:1]) -> None:
+    """Raise a LinearizeError naming the bad value: unknown tasks or variants, lengths too short for a prompt or
+    beyond the model's position embeddings, depths outside [0, 1]."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise LinearizeError(f"unknown retrieval task(s) {unknown}{where}: choose from {', '.join(TASKS)}")
@@ -81,6 +90,10 @@ def check_settings(tasks: Sequence[str], lengths: Sequence[int], depths: Sequenc
     bad = [d for d in depths if not isinstance(d, (int, float)) or not 0 <= d <= 1]
     if bad:
         raise LinearizeError(f"retrieval depths {bad}{where} must be fractions of the context in [0, 1]")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise LinearizeError(f"retrieval variants {unknown or '[]'}{where}: choose one or more of "
+                             f"{', '.join(VARIANTS)} (filler/phrasing)")
 
 
 class _Ids:
@@ -100,24 +113,16 @@ class _Ids:
         return start_tokens(self.tokenizer)
 
 
-def _haystack(ids: _Ids, budget: int, needles: list[tuple[float, list[int]]]) -> list[int]:
-    """Filler of `budget` tokens (minus the needles) with each needle inserted at its depth."""
+def _haystack(ids: _Ids, budget: int, needles: list[tuple[float, list[int]]], filler: str = "repeated",
+              prose: Sequence[torch.Tensor] = ()) -> list[int]:
+    """Filler of `budget` tokens (minus the needles) with each needle inserted at its depth, between sentences:
+    the repeated sentences, or (`filler` "prose") held-out documents `prose`, cut after a sentence's end."""
     filler_tokens = budget - sum(len(n) for _, n in needles)
     if filler_tokens < 16:
         raise LinearizeError(f"a retrieval prompt of this length leaves {filler_tokens} tokens of context around its "
                              "needles with this tokenizer: ask for longer prompts (evaluate.retrieval_lengths, "
                              "--lengths)")
-    # sentence boundaries of the filler, so needles go between sentences
-    sentences: list[list[int]] = []
-    total = 0
-    index = 0
-    while True:
-        sentence = ids(" " + FILLER[index % len(FILLER)])
-        if total + len(sentence) > filler_tokens:
-            break
-        sentences.append(sentence)
-        total += len(sentence)
-        index += 1
+    sentences = _sentences(ids, filler_tokens) if filler == "repeated" else _prose_sentences(ids, filler_tokens, prose)
     slots = sorted(((round(depth * len(sentences)), i) for i, (depth, _) in enumerate(needles)))
     out: list[int] = []
     position = 0
@@ -129,6 +134,40 @@ def _haystack(ids: _Ids, budget: int, needles: list[tuple[float, list[int]]]) ->
     for sentence in sentences[position:]:
         out += sentence
     return out
+
+
+def _sentences(ids: _Ids, tokens: int) -> list[list[int]]:
+    """The repeated filler sentences, as many as fit in `tokens`."""
+    sentences: list[list[int]] = []
+    total = index = 0
+    while True:
+        sentence = ids(" " + FILLER[index % len(FILLER)])
+        if total + len(sentence) > tokens:
+            return sentences
+        sentences.append(sentence)
+        total += len(sentence)
+        index += 1
+
+
+def _prose_sentences(ids: _Ids, tokens: int, documents: Sequence[torch.Tensor]) -> list[list[int]]:
+    """The first `tokens` tokens of `documents`, in pieces that end where a token ends a sentence or a line (a
+    needle goes between two pieces)."""
+    text: list[int] = []
+    for document in documents:
+        text += document.tolist()
+        if len(text) >= tokens:
+            break
+    if len(text) < tokens:
+        raise LinearizeError(f"the prose filler needs {tokens} tokens of held-out prose, and has {len(text)}: ask for "
+                             "shorter lengths, or more long held-out documents (data.long_documents)")
+    text = text[:tokens]
+    ends = {token for token in set(text) if ids.tokenizer.decode([token]).rstrip(" ").endswith((".", "!", "?", "\n"))}
+    pieces, start = [], 0
+    for i, token in enumerate(text):
+        if token in ends:
+            pieces.append(text[start : i + 1])
+            start = i + 1
+    return pieces + ([text[start:]] if start < len(text) else [])
 
 
 def _distinct_last(ids: _Ids, candidates: list[str], count: int, rng: random.Random, prefix: str = " ") -> list[str]:
@@ -154,45 +193,62 @@ def _keys(count: int, ids: _Ids, rng: random.Random) -> list[str]:
     return _distinct_last(ids, words, count, rng)
 
 
-def _needle(key: str, value: str) -> str:
-    return f" One of the special magic numbers for {key} is: {value}."
+# the words of each phrasing: instruction, needle and question; {key} and {value} filled in
+WORDS = {
+    ("passkey", "a"): ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
+                       "memorize it. I will quiz you about it.\n", " The pass key is {value}. Remember it. {value} is "
+                       "the pass key.", "\nWhat is the pass key? The pass key is"),
+    ("passkey", "b"): ("Somewhere in the text below a secret code is given. Read carefully and keep it in mind.\n",
+                       " Note this down: the secret code is {value}.",
+                       "\nQuestion: what was the secret code given in the text? Answer: the secret code is"),
+    ("multikey", "a"): ("Some special magic numbers are hidden inside the following text. Make sure to memorize "
+                        "them. I will quiz you about the numbers afterwards.\n", " One of the special magic numbers "
+                        "for {key} is: {value}.", "\nWhat is the special magic number for {key} mentioned in the "
+                        "provided text? The special magic number for {key} mentioned in the provided text is"),
+    ("multikey", "b"): ("The text below registers a few items under numbers. Keep track of them.\n", " The {key} is "
+                        "registered under the number {value}.", "\nUnder which number is the {key} registered? The "
+                        "{key} is registered under the number"),
+    ("multivalue", "a"): ("Some special magic numbers are hidden inside the following text. Make sure to memorize "
+                          "them. I will quiz you about the numbers afterwards.\n", " One of the special magic numbers "
+                          "for {key} is: {value}.", "\nWhat are all the special magic numbers for {key} mentioned in "
+                          "the provided text? The special magic numbers for {key} mentioned in the provided text are"),
+    ("multivalue", "b"): ("The text below registers a few items under numbers. Keep track of them.\n", " The {key} is "
+                          "registered under the number {value}.", "\nUnder which numbers is the {key} registered? "
+                          "The {key} is registered under the numbers"),
+}
 
 
 def build_prompt(tokenizer, task: str, length: int, depth: float, seed: int = 0,
-                 documents: Sequence[torch.Tensor] = ()) -> Prompt:
-    """One prompt of `task` with `length` tokens at most, its (first) needle at `depth`."""
+                 documents: Sequence[torch.Tensor] = (), variant: str = "repeated/a",
+                 prose: Sequence[torch.Tensor] = ()) -> Prompt:
+    """One prompt of `task` with `length` tokens at most, its (first) needle at `depth`, in `variant`
+    (filler/phrasing; the prose filler reads `prose`, the quote task `documents`)."""
     ids = _Ids(tokenizer)
-    rng = random.Random(f"{task}/{length}/{depth}/{seed}")
+    if task == "quote":
+        rng = random.Random(f"{task}/{length}/{depth}/{seed}")
+        return _quote(ids, ids.start(), length, depth, rng, documents)
+    if task not in TASKS:
+        raise LinearizeError(f"unknown retrieval task '{task}': choose from {', '.join(TASKS)}")
+    filler, phrasing = variant.split("/")
+    # the classic variant draws what it always drew; another variant, other keys and values
+    rng = random.Random(f"{task}/{length}/{depth}/{seed}" + ("" if variant == VARIANTS[0] else f"/{variant}"))
     start = ids.start()
+    intro_text, needle_text, question_text = WORDS[(task, phrasing)]
     if task == "passkey":
-        key = str(rng.randrange(10000, 100000))
-        intro = ids("There is an important piece of information hidden inside a lot of irrelevant text. Find it "
-                    "and memorize it. I will quiz you about it.\n")
-        question = ids("\nWhat is the pass key? The pass key is")
-        needle = ids(f" The pass key is {key}. Remember it. {key} is the pass key.")
-        new_tokens = 8
-        body = _haystack(ids, length - new_tokens - len(start) - len(intro) - len(question), [(depth, needle)])
-        return Prompt(task, length, depth, torch.tensor(start + intro + body + question), (key,), new_tokens)
-    if task in ("multikey", "multivalue"):
+        values, keys, depths, new_tokens = [str(rng.randrange(10000, 100000))], [""], [depth], 8
+        answers = tuple(values)
+    else:
         keys = _keys(NEEDLES if task == "multikey" else 1, ids, rng)
         values = _numbers(7, NEEDLES, ids, rng)
-        pairs = list(zip(keys, values)) if task == "multikey" else [(keys[0], v) for v in values]
+        if task == "multivalue":
+            keys = keys * NEEDLES
         # the asked needle (the first) at `depth`, the others spread evenly around the context
         depths = [depth] + [(depth + (i + 1) / NEEDLES) % 1.0 for i in range(NEEDLES - 1)]
-        needles = [(d, ids(_needle(k, v))) for d, (k, v) in zip(depths, pairs)]
-        intro = ids("Some special magic numbers are hidden inside the following text. Make sure to memorize them. "
-                    "I will quiz you about the numbers afterwards.\n")
-        key = keys[0]
-        if task == "multikey":
-            question = ids(f"\nWhat is the special magic number for {key} mentioned in the provided text? The "
-                           f"special magic number for {key} mentioned in the provided text is")
-            answers, new_tokens = (values[0],), 12
-        else:
-            question = ids(f"\nWhat are all the special magic numbers for {key} mentioned in the provided text? The "
-                           f"special magic numbers for {key} mentioned in the provided text are")
-            answers, new_tokens = tuple(values), 12 * NEEDLES
-        body = _haystack(ids, length - new_tokens - len(start) - len(intro) - len(question), needles)
-        return Prompt(task, length, depth, torch.tensor(start + intro + body + question), answers, new_tokens)
+        answers, new_tokens = ((values[0],), 12) if task == "multikey" else (tuple(values), 12 * NEEDLES)
+    needles = [(d, ids(needle_text.format(key=k, value=v))) for d, k, v in zip(depths, keys, values)]
+    intro, question = ids(intro_text), ids(question_text.format(key=keys[0]))
+    body = _haystack(ids, length - new_tokens - len(start) - len(intro) - len(question), needles, filler, prose)
+    return Prompt(task, length, depth, torch.tensor(start + intro + body + question), answers, new_tokens, variant)
     if task == "quote":
         return _quote(ids, start, length, depth, rng, documents)
     raise LinearizeError(f"unknown retrieval task '{task}': choose from {', '.join(TASKS)}")
@@ -233,19 +289,22 @@ def _quote(ids: _Ids, start: list[int], length: int, depth: float, rng: random.R
                 continue
             prefix = text[at : at + QUOTE_PREFIX]
             return Prompt("quote", length, depth, torch.tensor(start + intro + text + question + prefix),
-                          (answer,), QUOTE_ANSWER + 2)
+                          (answer,), QUOTE_ANSWER + 2, "text")
     raise LinearizeError("no passage of the quote task's text occurs only once and stays on one line: give less "
                          "repetitive documents")
 
 
 def build_prompts(tokenizer, tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float],
-                  samples: int = 1, seed: int = 0, documents: Sequence[torch.Tensor] = ()) -> list[Prompt]:
-    """`samples` prompts (different keys, values and passages) per (task, length, depth), in that order."""
-    check_settings(tasks, lengths, depths)
+                  samples: int = 1, seed: int = 0, documents: Sequence[torch.Tensor] = (),
+                  variants: Sequence[str] = VARIANTS[:1], prose: Sequence[torch.Tensor] = ()) -> list[Prompt]:
+    """`samples` prompts (different keys, values and passages) per (task, length, depth) and, for the needle
+    tasks, per variant, in that order."""
+    check_settings(tasks, lengths, depths, variants=variants)
     if not isinstance(samples, int) or samples < 1:
         raise LinearizeError(f"retrieval samples must be an integer >= 1, got {samples!r}")
-    return [build_prompt(tokenizer, task, length, depth, seed + i, documents)
-            for task in tasks for length in lengths for depth in depths for i in range(samples)]
+    return [build_prompt(tokenizer, task, length, depth, seed + i, documents, variant, prose)
+            for task in tasks for variant in (("text",) if task == "quote" else variants)
+            for length in lengths for depth in depths for i in range(samples)]
 
 
 _NUMBER = re.compile(r"\d+")
@@ -285,17 +344,19 @@ def run_retrieval(model, tokenizer, prompts: Sequence[Prompt], desc: str = "retr
     for prompt in tqdm(prompts, desc=desc, unit="prompt", leave=False, dynamic_ncols=True):
         ids, state = _generate(model, prompt, pad)
         generated = tokenizer.decode(ids, skip_special_tokens=True)
-        records.append({"task": prompt.task, "length": prompt.length, "depth": prompt.depth,
+        records.append({"task": prompt.task, "variant": prompt.variant, "length": prompt.length, "depth": prompt.depth,
                         "correct": is_correct(prompt, generated), "generated": generated,
                         "expected": " ".join(prompt.answers), "state_bytes": state})
     return records
 
 
-def accuracy(records: Sequence[dict]) -> dict[str, dict[str, float]]:
-    """{task: {length: fraction correct over depths}} (lengths as strings, JSON keys)."""
+def accuracy(records: Sequence[dict], by_variant: bool = False) -> dict[str, dict[str, float]]:
+    """{task: {length: fraction correct over depths and variants}} (lengths as strings, JSON keys); by_variant:
+    {"task variant": {...}}, each variant apart."""
     cells: dict[str, dict[str, list[bool]]] = {}
     for r in records:
-        cells.setdefault(r["task"], {}).setdefault(str(r["length"]), []).append(r["correct"])
+        row = f"{r['task']} {r.get('variant', VARIANTS[0])}" if by_variant else r["task"]
+        cells.setdefault(row, {}).setdefault(str(r["length"]), []).append(r["correct"])
     return {task: {length: sum(v) / len(v) for length, v in by_length.items()} for task, by_length in cells.items()}
 
 

@@ -126,7 +126,7 @@ def _check_evaluate(evaluate) -> None:
     from linearize.retrieval import check_settings
 
     check_settings(evaluate.retrieval, evaluate.retrieval_lengths, evaluate.retrieval_depths,
-                   where=" (evaluate.retrieval*)")
+                   where=" (evaluate.retrieval*)", variants=evaluate.retrieval_variants)
     if evaluate.retrieval_samples < 1:
         raise LinearizeError(f"evaluate.retrieval_samples must be >= 1, got {evaluate.retrieval_samples}")
     unknown = [b for b in evaluate.ablate if b not in BRANCHES]
