@@ -6,7 +6,8 @@ floating-point operations (`torch.utils.flop_counter`'s formulas: matmuls, atten
 reads and writes (its tensor arguments and results; views move nothing):
 
 - `teacher`: one teacher decoder layer's forward, softmax attention, no gradient (stage 1's pass over the
-  data, the recomputation `transfer.store` blocks / none imply, stage 2's teacher targets);
+  data, the recomputation `transfer.store` blocks / none imply, stage 2's teacher targets), its attention
+  counted as the fused kernel it runs as (`FusedAttention`);
 - `transfer`: a converted layer's `mix` (q/k/v projections and the mixer) forward and backward, and
   AdamW's step over the layer's mixer (stage 1's training);
 - `student` / `student_forward`: a student decoder layer with its LoRA adapter, forward and backward with
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
@@ -94,9 +97,32 @@ class OpCounter(TorchDispatchMode):
         return out
 
 
+class FusedAttention(TorchFunctionMode):
+    """Softmax attention without a gradient (the teacher's) as the one fused kernel it runs as on a device
+    (flash attention: q, k and v read once, the output written once; causal: half the products), instead
+    of the T x T matrices its decomposition on the meta device would count."""
+
+    def __init__(self, counts: OpCounts):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention or torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        q, k, v = args[:3]
+        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        causal = kwargs.get("is_causal", False) and q.shape[-2] == k.shape[-2]
+        products = q.shape[:-1].numel() * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+        self.counts.flops.append(2.0 * products * (0.5 if causal else 1.0))
+        self.counts.bytes.append(float(sum(t.numel() * t.element_size() for t in (q, k, v, out))))
+        self.counts.float32.append(q.dtype == torch.float32)
+        return out
+
+
 def count(work) -> OpCounts:
     """The ops `work()` runs (on meta tensors)."""
-    with OpCounter() as counter:
+    with OpCounter() as counter, FusedAttention(counter.counts):
         work()
     return counter.counts
 
