@@ -312,3 +312,44 @@ def test_memory_layers_choose_which_layers_remember():
     assert [layer.mixer.memory_buckets for layer in layers] == [
         16 if layer.layer_idx >= len(layers) // 2 else 0 for layer in layers]
     assert any(b == 0 for b in [layer.mixer.memory_buckets for layer in layers])
+
+
+class OpShapes:
+    """Every aten op a region runs, with the shapes of its tensor arguments (a TorchDispatchMode)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = self.ops = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                shapes = tuple(tuple(a.shape) for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                               if isinstance(a, torch.Tensor))
+                ops.append((str(func), shapes))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Record()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_a_decoding_step_runs_the_same_ops_on_the_same_shapes_at_1k_and_16k():
+    """Constant time per token as an invariant: the default student's parts (window, sinks read from afar,
+    decayed linear state, recall memory, sparse cache) take a step at position 1,024 and at 16,384 with the same
+    operations on the same shapes (both positions in the same phase of the sparse cache's 32-token groups)."""
+    attention = {"window_size": 32, "sink_tokens": 2, "decay": 0.95, "memory_buckets": 16, "memory_ngram": [1, 2],
+                 "sink_distance": 48, "sparse_keys": 4}
+    model = linearize(make_tiny_model("llama", max_position_embeddings=32768, num_hidden_layers=1), "hybrid", attention)
+    steps = []
+    for length in (1024, 16384):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(tokens(length=length, seed=length), past_key_values=cache, use_cache=True)
+            with OpShapes() as recorded:
+                model(tokens(length=1, seed=1), past_key_values=cache, use_cache=True)
+        steps.append(recorded.ops)
+    assert len(steps[0]) > 100 and steps[0] == steps[1]
