@@ -117,9 +117,8 @@ def test_a_measured_sparse_cache_goes_to_the_heads_the_budget_pays_for_and_the_s
     assert len(heads) == 2 and report["placement"]["candidates"] > 2
     model, _ = load(tmp_path / "run")
     assert model.config.attention["sparse_heads"] == heads
-    kept = {(layer, head) for layer, heads_of in enumerate(
-        [getattr(m.self_attn.mixer, "sparse_heads", None) for m in model.model.layers]) if heads_of is not None
-        for head, chosen in enumerate(heads_of.tolist()) if chosen}
+    kept = {(layer, head) for layer, m in enumerate(model.model.layers) if m.self_attn.mixer.sparse_keys
+            for head in (m.self_attn.mixer.sparse_heads or range(model.config.text_config.num_key_value_heads))}
     assert kept == {tuple(pair) for pair in heads}
 
 

@@ -95,8 +95,8 @@ def test_each_variant_says_it_in_its_own_words_and_filler_and_the_answer_is_ther
     assert texts["prose/b"][needle - 2 : needle] in (". ", ".\n", "\n ")  # between two sentences
     multikey = build_prompt(tokenizer, "multikey", 2048, 0.5, variant="repeated/b")
     assert tokenizer.decode(multikey.input_ids).count("is registered under the number") == 5  # 4 needles + question
-    with pytest.raises(LinearizeError, match="needs .* tokens of held-out prose"):
-        build_prompt(tokenizer, "passkey", 1024, 0.5, variant="prose/a", prose=prose[:1][0][:100][None])
+    with pytest.raises(LinearizeError, match="needs held-out prose documents"):
+        build_prompt(tokenizer, "passkey", 1024, 0.5, variant="prose/a", prose=[])
 
 
 def length_ok(prompt, length: int) -> bool:
@@ -203,6 +203,22 @@ def test_a_branch_switched_off_stays_off_while_decoding(name):
     model = linearize(make_tiny_model("llama"), "hybrid", HYBRID)
     with branches_off(model, [name]):
         assert_decoding_matches_parallel(model, tokens(length=48), prefill=20)
+
+
+def test_the_whole_students_ablation_row_read_from_its_held_out_pass_equals_its_own_pass():
+    """first_blocks: the mean NLL of the first blocks of each domain, from the held-out pass's per-block sums,
+    is exactly what the ablation computes on them (so the run skips that pass); None when sums are missing."""
+    from linearize.evaluate import score
+    from linearize.probes import first_blocks, mean_nll
+
+    model = linearize(make_tiny_model("llama"), "hybrid", HYBRID)
+    held_out = {"code": tokens(batch=3, length=48, seed=1), "prose": tokens(batch=3, length=48, seed=2)}
+    sums = {d: score(model, blocks).block_nll for d, blocks in held_out.items()}
+    for count in (1, 2):
+        first = {d: blocks[:count] for d, blocks in held_out.items()}
+        assert first_blocks(sums, first) == mean_nll(model, first, "whole")
+    assert first_blocks({"code": sums["code"], "prose": sums["prose"][:1]}, {d: b[:2] for d, b in held_out.items()}) \
+        is None and first_blocks(None, held_out) is None
 
 
 def test_a_branch_switched_off_answers_only_the_tasks_the_whole_student_answered():

@@ -150,11 +150,21 @@ def test_heads_without_a_sparse_cache_are_the_plain_op(padded):
     common = {"window": 5, "sink_tokens": 2, "key_mask": mask}
     plain = window_attention_chunked(**args, **common)[0]
     heads = torch.tensor([False, True, False])
+    kv_of = torch.arange(6) // 2
     for form in (window_attention_parallel, window_attention_chunked):
-        o = form(**args, **common, sparse_keys=3, sparse_heads=heads)[0]
-        kv_of = torch.arange(6) // 2
+        o = form(**args, **common, sparse_keys=3, sparse_heads=(1,))[0]
         close(masked(o, mask)[:, ~heads[kv_of]], masked(plain, mask)[:, ~heads[kv_of]])
         assert masked(o - plain, mask)[:, heads[kv_of]].abs().max() > 1e-3
+    # the state keeps the one head's cache; decoding goes on from it
+    expected = window_attention_parallel(**args, **common, sparse_keys=3, sparse_heads=(1,))[0]
+    _, state = window_attention_chunked(**sliced(args, slice(0, 20), mask), window=5, sink_tokens=2, sparse_keys=3,
+                                        sparse_heads=(1,), output_final_state=True)
+    assert state.sparse_keys.shape[1] == 1 and state.sparse_position.shape[1] == 1
+    rest = {**common, "key_mask": None}
+    for i in range(20, T):
+        o, state = window_attention_recurrent(**sliced(args, slice(i, i + 1), None), **rest, sparse_keys=3,
+                                              sparse_heads=(1,), state=state)
+        close(o, expected[:, :, i : i + 1])
 
 
 def test_a_left_padded_row_keeps_what_it_keeps_alone():

@@ -150,16 +150,15 @@ def _sentences(ids: _Ids, tokens: int) -> list[list[int]]:
 
 
 def _prose_sentences(ids: _Ids, tokens: int, documents: Sequence[torch.Tensor]) -> list[list[int]]:
-    """The first `tokens` tokens of `documents`, in pieces that end where a token ends a sentence or a line (a
-    needle goes between two pieces)."""
+    """The first `tokens` tokens of `documents` (read again from the first when they are shorter), in pieces
+    that end where a token ends a sentence or a line (a needle goes between two pieces)."""
+    if not any(len(d) for d in documents):
+        raise LinearizeError("the prose filler needs held-out prose documents: give a corpus with a prose domain, "
+                             "or ask for the repeated filler only (evaluate.retrieval_variants, --variants)")
     text: list[int] = []
-    for document in documents:
-        text += document.tolist()
-        if len(text) >= tokens:
-            break
-    if len(text) < tokens:
-        raise LinearizeError(f"the prose filler needs {tokens} tokens of held-out prose, and has {len(text)}: ask for "
-                             "shorter lengths, or more long held-out documents (data.long_documents)")
+    while len(text) < tokens:
+        for document in documents:
+            text += document.tolist()
     text = text[:tokens]
     ends = {token for token in set(text) if ids.tokenizer.decode([token]).rstrip(" ").endswith((".", "!", "?", "\n"))}
     pieces, start = [], 0

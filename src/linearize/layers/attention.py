@@ -81,7 +81,8 @@ class Mixer(nn.Module):
             return
         self.sparse_keys, self.sparse_score = settings.sparse_keys, settings.sparse_score
         self.sparse_training = settings.sparse_training
-        self.register_buffer("sparse_heads", torch.tensor(chosen), persistent=False)
+        # their indices, a constant of the op's calls (a compiled step's state keeps those heads only)
+        self.sparse_heads = None if all(chosen) else tuple(i for i, c in enumerate(chosen) if c)
         self.branches = (*self.branches, "sparse")
 
     def sparse_inputs(self) -> dict:

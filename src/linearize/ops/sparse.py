@@ -41,6 +41,25 @@ SCORES = ("recall-error", "recency")
 NEEDS_STATE = ("recall-error",)  # scores read the linear state: a method without one cannot use them
 
 
+def heads_mask(kv_heads: int, heads: tuple[int, ...] | None, device=None) -> torch.Tensor:
+    """[Hk] bool: the key/value heads with a sparse cache (`heads`: their indices; None: every head)."""
+    return torch.tensor([heads is None or h in heads for h in range(kv_heads)], device=device)
+
+
+def compact(x: torch.Tensor | None, heads: tuple[int, ...] | None) -> torch.Tensor | None:
+    """[B, Hk, ...] -> [B, len(heads), ...]: what the state keeps, only the heads with a cache (None: all)."""
+    return x if x is None or heads is None else x[:, list(heads)]
+
+
+def expand(x: torch.Tensor | None, heads: tuple[int, ...] | None, kv_heads: int, fill) -> torch.Tensor | None:
+    """`compact`'s inverse: [B, len(heads), ...] -> [B, Hk, ...], `fill` in the heads without a cache."""
+    if x is None or heads is None:
+        return x
+    full = x.new_full((x.shape[0], kv_heads, *x.shape[2:]), fill)
+    full[:, list(heads)] = x
+    return full
+
+
 def check_score(score: str, has_state: bool) -> None:
     if score not in SCORES:
         raise ValueError(f"sparse cache score must be one of {', '.join(SCORES)}, got {score!r}")

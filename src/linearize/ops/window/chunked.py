@@ -78,7 +78,7 @@ def window_attention_chunked(
     sink_q: torch.Tensor | None = None,
     sink_distance: int | None = None,
     sparse_keys: int = 0,
-    sparse_heads: torch.Tensor | None = None,
+    sparse_heads: tuple[int, ...] | None = None,
     sparse_score: str = "recall-error",
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Linear in T: chunks of size `window`. Query chunk i reaches its window in chunks i - 1 and i (one
@@ -90,7 +90,7 @@ def window_attention_chunked(
     `sink_distance`, what a query farther than that from the sinks scores them with (the attention layer's
     `sink_distance`).
 
-    A sparse cache (`sparse_keys` > 0 exact keys per key/value head in `sparse_heads` [Hk] bool, None = all;
+    A sparse cache (`sparse_keys` > 0 exact keys per key/value head in `sparse_heads`, their indices, None = all;
     `linearize.ops.sparse`) follows the chunks: chunk = group, so query chunk i reads chunk i - 1's keys that
     left the window exactly (its pending group) and the cache after update i - 2 ([C, size] more scores);
     the state read for chunks <= i - 2 holds every key, so the cached ones' linear terms are taken out again
@@ -133,8 +133,7 @@ def window_attention_chunked(
         mem_hidden = ~has.view(batch, 1, n_chunks, 1, chunk, -1)  # [B, 1, N, 1, C, K]
 
     if sparse_keys > 0:
-        chosen = (torch.ones(kv_heads, dtype=torch.bool, device=k.device) if sparse_heads is None
-                  else sparse_heads.to(device=k.device, dtype=torch.bool))
+        chosen = sparse.heads_mask(kv_heads, sparse_heads, k.device)
         eligible = (mask & ~is_sink)[:, None, :] & chosen[None, :, None]  # [B, Hk, T]
         cumulative = None if log_gate is None else log_gate.cumsum(-1)  # A, [B, Hk, T]
         updates = sparse.chunk_updates(sparse_score, fk, v, cumulative, eligible, chunk, sparse_keys, eps)
@@ -268,7 +267,7 @@ def window_attention_chunked(
         fields, exclude = {}, None
         if sparse_keys > 0:
             fields, exclude = sparse_final(updates, k, v, kept if kept is not None else fk, cumulative, mask,
-                                           eligible, window, out_dtype)
+                                           eligible, window, out_dtype, sparse_heads)
             exclude = reorder(exclude, order, 2, inverse=True)
         k, v, fk, log_gate, mask, kept, token_ids = final_inputs
         if memory_state is not None and order is not None:  # its buckets and last token ids, as the rows lie

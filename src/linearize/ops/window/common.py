@@ -148,13 +148,14 @@ def reorder(x: torch.Tensor | None, order: torch.Tensor | None, dim: int, invers
     return x.new_empty(x.shape).scatter_(dim, index, x) if inverse else x.gather(dim, index)
 
 
-def sparse_final(kept: torch.Tensor, k, v, inputs, total, mask, eligible, window: int, dtype: torch.dtype
-                 ) -> tuple[dict, torch.Tensor]:
+def sparse_final(kept: torch.Tensor, k, v, inputs, total, mask, eligible, window: int, dtype: torch.dtype,
+                 heads: tuple[int, ...] | None = None) -> tuple[dict, torch.Tensor]:
     """The sparse cache after a fresh sequence whose rows start at index 0 (`compaction`): the cache after the
     last update done (`kept` [B, Hk, N, size] from `sparse.chunk_updates`) and the tokens of the current group
     that left the window (`eligible` ones). -> the DecodeState fields (keys, values and `inputs`, what the
     window keeps for the linear state or None, in `dtype`; positions; with `total`, the cumulative log-gates,
-    their decay since their position), and the tokens it holds [B, Hk, T], which the linear state must not."""
+    their decay since their position), kept for the heads with a cache (`heads`; None: all), and the tokens it
+    holds [B, Hk, T], which the linear state must not."""
     length = mask.sum(-1)
     done = sparse.updates_done(length, window)  # [B]
     last = (done - 1).clamp(min=0)[:, None, None, None].expand(*kept.shape[:2], 1, kept.shape[-1])
@@ -170,6 +171,7 @@ def sparse_final(kept: torch.Tensor, k, v, inputs, total, mask, eligible, window
     if total is not None:
         end = total.gather(-1, (length - 1).clamp(min=0)[:, None, None].expand(-1, k.shape[1], 1))
         fields["sparse_log_decay"] = (end - total.gather(-1, position.clamp(min=0))).masked_fill(position < 0, 0.0)
+    fields = {name: sparse.compact(value, heads) for name, value in fields.items()}
     length_t = eligible.shape[-1]  # an empty slot writes the extra column
     exclude = torch.zeros(*eligible.shape[:2], length_t + 1, dtype=torch.bool, device=k.device)
     return fields, exclude.scatter(-1, torch.where(position >= 0, position, length_t), True)[..., :length_t]

@@ -48,7 +48,7 @@ def window_attention_parallel(
     sink_q: torch.Tensor | None = None,
     sink_distance: int | None = None,
     sparse_keys: int = 0,
-    sparse_heads: torch.Tensor | None = None,
+    sparse_heads: tuple[int, ...] | None = None,
     sparse_score: str = "recall-error",
 ) -> tuple[torch.Tensor, DecodeState | None]:
     """Quadratic reference: every [T, T] weight materialised; the sparse cache's updates replayed one by one
@@ -74,8 +74,7 @@ def window_attention_parallel(
     extra = None  # [B, Hk, T, T]: the sparse cache's exact keys beyond the window (its cache and pending group)
     if sparse_keys > 0:
         sparse.check_score(sparse_score, fk is not None)
-        chosen = (torch.ones(kv_heads, dtype=torch.bool, device=k.device) if sparse_heads is None
-                  else sparse_heads.to(device=k.device, dtype=torch.bool))
+        chosen = sparse.heads_mask(kv_heads, sparse_heads, k.device)
         eligible = (mask & ~is_sink)[:, None, :] & chosen[None, :, None]  # [B, Hk, T]
         total = None if log_gate is None else log_gate.cumsum(-1)
         updates = sparse_updates(sparse_score, fk, v, total, eligible, positions, window, sparse_keys, eps)
@@ -126,7 +125,7 @@ def window_attention_parallel(
             order = compaction(mask)
             compact = [reorder(x, order, 2) for x in (k, v, kept if kept is not None else fk, total, eligible)]
             fields, exclude = sparse_final(updates, *compact[:4], reorder(mask, order, 1), compact[4], window,
-                                           out_dtype)
+                                           out_dtype, sparse_heads)
             exclude = reorder(exclude, order, 2, inverse=True)
         state = final_state(k, v, fk, log_gate, mask, positions, window, sink_tokens, memory_state=memory_state,
                             table_dtype=out_dtype, memory_format=memory_format, kept=kept, exclude=exclude)

@@ -38,7 +38,7 @@ def window_attention_recurrent(
     sink_q: torch.Tensor | None = None,
     sink_distance: int | None = None,
     sparse_keys: int = 0,
-    sparse_heads: torch.Tensor | None = None,
+    sparse_heads: tuple[int, ...] | None = None,
     sparse_score: str = "recall-error",
 ) -> tuple[torch.Tensor, DecodeState]:
     """Token by token from `state` (decoding; T is usually 1). Each new token joins the window; the oldest
@@ -58,9 +58,7 @@ def window_attention_recurrent(
     sparse_args = None
     if sparse_keys > 0:
         sparse.check_score(sparse_score, fk is not None)
-        chosen = (torch.ones(k.shape[1], dtype=torch.bool, device=k.device) if sparse_heads is None
-                  else sparse_heads.to(device=k.device, dtype=torch.bool))
-        sparse_args = (sparse_keys, chosen, sparse_score)
+        sparse_args = (sparse_keys, sparse.heads_mask(k.shape[1], sparse_heads, k.device), sparse_score, sparse_heads)
     if q.shape[2] == 1 and key_mask is None and window > 1:
         return _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps, token_ids,
                           memory_buckets, memory_ngram, key_features, memory_recall, memory_bias, sink_q,
@@ -85,7 +83,7 @@ def window_attention_recurrent(
         query_bucket, key_bucket, recent = memory.key_buckets(
             token_ids, mask, real_positions(mask, seen), sink_tokens, memory_buckets, s.recent_tokens, memory_ngram)
     recalled = query_bucket.shape[-1] if memory_buckets > 0 else 0  # memory keys, first in each row
-    slots = None if sparse_args is None else sparse_tensors(s)  # out of place below: the caller's state stays
+    slots = None if sparse_args is None else sparse_tensors(s, sparse_args[3], kv_heads)  # out of place below
     extra = recalled + (0 if slots is None else slots[0].shape[2])  # memory and sparse keys, before the sinks
     bias = None  # the memory bias as a row of scores: the same for every token, built at the first
     outputs = []
@@ -185,7 +183,7 @@ def window_attention_recurrent(
         set_memory(new_state, table)
         new_state.window_buckets, new_state.recent_tokens = w_buckets, recent
     if slots is not None:
-        set_sparse(new_state, slots)
+        set_sparse(new_state, slots, sparse_args[3])
     return o, new_state
 
 
@@ -220,7 +218,7 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         keys = torch.cat([_float(s.window_keys), k], dim=2)
         values = torch.cat([_float(s.window_values), v], dim=2)
         visible = torch.cat([s.window_valid, ones], dim=1)
-    slots = None if sparse_args is None else sparse_tensors(s)
+    slots = None if sparse_args is None else sparse_tensors(s, sparse_args[3], kv_heads)
     keys, values, visible = _with_sparse(slots, keys, values, visible)
     first = sink_tokens + 1 + (0 if slots is None else slots[0].shape[2])  # index of window slot 1 in keys
     recalled = 0  # memory keys, first in each row
@@ -302,7 +300,7 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
             slots, (s.window_keys[:, :, 0], s.window_values[:, :, 0], leaving_input, leaving_position, eligible,
                     leaving_decay if log_gate is not None else None), new.recurrent,
             None if log_gate is None else log_gate[:, :, 0], key_features, sparse_args, window, eps, out_dtype)
-        set_sparse(new, slots)
+        set_sparse(new, slots, sparse_args[3])
     if memory_buckets > 0:  # the leaving token goes into the memory, the new one's bucket is kept
         if not _caller_writes_memory:  # our compiled step writes it after its graph (store_leaving)
             store_leaving(s)
@@ -312,16 +310,18 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
     return o, new
 
 
-def sparse_tensors(state: DecodeState) -> list:
-    """The sparse cache's slots of `state`: keys, values, features (or their inputs; None without a linear
-    state), position, log-decay (None without gates)."""
-    return [state.sparse_keys, state.sparse_values, state.sparse_features, state.sparse_position,
-            state.sparse_log_decay]
+def sparse_tensors(state: DecodeState, heads: tuple[int, ...] | None = None, kv_heads: int = 0) -> list:
+    """The sparse cache's slots of `state` for every key/value head (the state keeps those of `heads` only;
+    the others come empty): keys, values, features (or their inputs; None without a linear state), position,
+    log-decay (None without gates)."""
+    return [sparse.expand(x, heads, kv_heads, fill) for x, fill in (
+        (state.sparse_keys, 0.0), (state.sparse_values, 0.0), (state.sparse_features, 0.0),
+        (state.sparse_position, -1), (state.sparse_log_decay, 0.0))]
 
 
-def set_sparse(state: DecodeState, slots: list) -> None:
+def set_sparse(state: DecodeState, slots: list, heads: tuple[int, ...] | None = None) -> None:
     (state.sparse_keys, state.sparse_values, state.sparse_features, state.sparse_position,
-     state.sparse_log_decay) = slots
+     state.sparse_log_decay) = (sparse.compact(x, heads) for x in slots)
 
 
 def _with_sparse(slots: list | None, keys, values, visible):
@@ -352,7 +352,7 @@ def _sparse_leave(slots: list, leaving: tuple, recurrent, log_gate, key_features
     group compete and the losers enter the linear state `recurrent`; then the leaving token (key, value,
     input [B, Hk, X], position [B], `eligible` [B, Hk], decay [B, Hk]) takes its pending slot in the heads
     that keep it. -> the new slots and linear state."""
-    size, _, score = sparse_args
+    size, _, score, _ = sparse_args
     keys, values, features, position, log_decay = slots
     key, value, feature, at, eligible, decay = leaving
     if log_decay is not None:
@@ -455,11 +455,13 @@ def empty_window_state(
     memory_format: str = "auto",
     feature_inputs: int | None = None,
     sparse_keys: int = 0,
+    sparse_heads: tuple[int, ...] | None = None,
 ) -> DecodeState:
     """The state before the first token: every window and sink slot invalid, a zero linear state, an
     empty memory. `feature_inputs`: the width of what the window keeps of each key for the linear state,
     when it keeps the feature map's inputs (`key_features`) rather than `feature_dim` features. `sparse_keys`:
-    the sparse cache's size per key/value head (its slots: that many and `window` pending ones)."""
+    the sparse cache's size per key/value head (its slots: that many and `window` pending ones), in the heads
+    `sparse_heads` (None: all)."""
     keep = window - 1
     zeros = torch.zeros(batch, kv_heads, keep, head_dim, device=device)
     state = DecodeState(
@@ -485,12 +487,12 @@ def empty_window_state(
         state.window_buckets = torch.full((batch, keep, len(grams)), -1, dtype=torch.long, device=device)
         state.recent_tokens = torch.full((batch, max(grams)), -1, dtype=torch.long, device=device)
     if sparse_keys > 0:
-        slots = sparse_keys + window
-        state.sparse_keys = torch.zeros(batch, kv_heads, slots, head_dim, device=device)
+        slots, heads = sparse_keys + window, kv_heads if sparse_heads is None else len(sparse_heads)
+        state.sparse_keys = torch.zeros(batch, heads, slots, head_dim, device=device)
         state.sparse_values = state.sparse_keys.clone()
-        state.sparse_position = torch.full((batch, kv_heads, slots), -1, dtype=torch.long, device=device)
+        state.sparse_position = torch.full((batch, heads, slots), -1, dtype=torch.long, device=device)
         if feature_dim is not None:
-            state.sparse_features = torch.zeros(batch, kv_heads, slots, feature_inputs or feature_dim, device=device)
+            state.sparse_features = torch.zeros(batch, heads, slots, feature_inputs or feature_dim, device=device)
             if gated:
-                state.sparse_log_decay = torch.zeros(batch, kv_heads, slots, device=device)
+                state.sparse_log_decay = torch.zeros(batch, heads, slots, device=device)
     return state
