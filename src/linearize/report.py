@@ -298,6 +298,17 @@ def retrieval_section(report: dict[str, Any]) -> list[str]:
         "each), by task and prompt length in tokens.", "",
         *accuracy_table({name: accuracy(records) for name, records in rows}, columns),
     ]
+    variants = {r.get("variant") for r in rows[0][1]}
+    if len(variants) > 1:
+        by_variant = {name: accuracy(records, by_variant=True) for name, records in rows}
+        lines += ["", "The same answers by task and variant (filler/phrasing: repeated sentences or held-out prose, "
+                  "the classic words or others; linearize.retrieval):", "",
+                  *accuracy_table(by_variant, [(task, length) for task, by_length in by_variant[rows[0][0]].items()
+                                               for length in by_length])]
+    if report.get("placement"):
+        from linearize.placement import describe
+
+        lines += ["", f"The student's {describe(report['placement'])}."]
     student = next((records for name, records in rows if name.endswith("(student)")), [])
     misses = [r for r in student if not r["correct"]][:6]
     if misses:
