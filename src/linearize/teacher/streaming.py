@@ -32,27 +32,6 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 class InMemory:
     """The weights of a model loaded whole: always resident."""
 
-    def stored(self, name: str) -> str | None:
-        """The stored tensor of a parameter named as in a converted student, with or without its LoRA wrapper
-        (`base_model.model.` in front, `.base_layer` inside), or None: not the teacher's (a mixer, an adapter)."""
-        plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        if plain in self.files:
-            return plain
-        return self.tied[plain] if self.tied.get(plain) in self.files else None
-
-    def read_rows(self, stored: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of stored tensor `stored` (its first dimension), cast to `dtype`: only those
-        bytes are read from the file (safetensors' `get_slice`)."""
-        from safetensors import safe_open
-
-        path = self.directory / self.files[stored]
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                return handle.get_slice(stored)[start:stop].to(self.dtype)
-        except Exception as err:  # safetensors raises its own error types for truncated or garbled files
-            raise LinearizeError(f"teacher weight file '{path}' could not be read ({err}): it is corrupt or "
-                                 "truncated; download or convert the teacher again") from err
-
     @contextmanager
     def hold(self, model: nn.Module, prefixes: Iterable[str]) -> Iterator[None]:
         yield
@@ -86,22 +65,15 @@ class FileWeights:
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """The stored tensors of parameters `names`, by stored name (tied parameters share one), read one file
         at a time and cast to `dtype`."""
-        from safetensors import safe_open
-
         by_file: dict[str, set[str]] = {}
         for name in names:
             stored = self.stored_name(name)
             by_file.setdefault(self.files[stored], set()).add(stored)
         out: dict[str, torch.Tensor] = {}
         for file, wanted in by_file.items():
-            path = self.directory / file
-            try:
-                with safe_open(str(path), framework="pt", device="cpu") as handle:
-                    for stored in sorted(wanted):
-                        out[stored] = handle.get_tensor(stored).to(self.dtype)
-            except Exception as err:  # safetensors raises its own error types for truncated or garbled files
-                raise LinearizeError(f"teacher weight file '{path}' could not be read ({err}): it is corrupt or "
-                                     "truncated; download or convert the teacher again") from err
+            with weight_file(self.directory / file) as handle:
+                for stored in sorted(wanted):
+                    out[stored] = handle.get_tensor(stored).to(self.dtype)
         return out
 
     def stored(self, name: str) -> str | None:
@@ -115,15 +87,8 @@ class FileWeights:
     def read_rows(self, stored: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of stored tensor `stored` (its first dimension), cast to `dtype`: only those
         bytes are read from the file (safetensors' `get_slice`)."""
-        from safetensors import safe_open
-
-        path = self.directory / self.files[stored]
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                return handle.get_slice(stored)[start:stop].to(self.dtype)
-        except Exception as err:  # safetensors raises its own error types for truncated or garbled files
-            raise LinearizeError(f"teacher weight file '{path}' could not be read ({err}): it is corrupt or "
-                                 "truncated; download or convert the teacher again") from err
+        with weight_file(self.directory / self.files[stored]) as handle:
+            return handle.get_slice(stored)[start:stop].to(self.dtype)
 
     @contextmanager
     def hold(self, model: nn.Module, prefixes: Iterable[str]) -> Iterator[None]:
@@ -147,6 +112,20 @@ class FileWeights:
             for name in names:
                 set_parameter(model, name, None)
             self.resident_bytes -= size
+
+
+@contextmanager
+def weight_file(path: Path) -> Iterator:
+    """safetensors' handle on one weight file (mapped, each tensor read on its own); a file it cannot read is
+    an error that says what to do."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            yield handle
+    except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+        raise LinearizeError(f"teacher weight file '{path}' could not be read ({err}): it is corrupt or "
+                             "truncated; download or convert the teacher again") from err
 
 
 def weight_files(directory: Path) -> dict[str, str]:
