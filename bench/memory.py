@@ -1,18 +1,23 @@
-"""The recall memory's size against its quality: a Pareto table on one trained student, in one run.
+"""The recall memory's and the sparse cache's size against their quality: a Pareto table on one trained
+student, in one run.
 
     python bench/memory.py                         # the default run's student, every variant
     python bench/memory.py --run runs/x --gains    # first the measured gain of each layer's memory
+    python bench/memory.py --retrieval 4           # and passkey accuracy at 4K (4 prompts a row)
 
 The memory has no parameters: which layers carry one, its buckets per order, its orders and how its table
 stores an entry (`attention.memory_format`: the model's dtype, bf16, int8 or int4 with a step and an offset
-per row) change when the trained student is loaded, so every row is the same trained model at the same
+per row), and the sparse cache (exact keys kept beyond the window: `attention.sparse_keys` and the score that
+keeps them, `sparse_score`; in the heads the run placed it, else every head) change when the trained student
+is loaded, so every row is the same trained model at the same
 training budget, served with a different memory. Rows that drop the memory from layers it was trained with
 are a lower bound for a student trained that way (`linearize run` with the row's settings gives the other
 side). Per row: the decode state of one sequence, measured on the model's own cache after a 1,024-token
 prompt in float32 and in bfloat16 (the state has this size at any length); held-out perplexity ratios to the
 teacher on the run's held-out blocks (the teacher's scores as the run stored them); the copy test at L = 256;
 with `--long`, the ratio over positions [1024, 4096) of the run's long held-out documents (the teacher's
-profile as the run stored it).
+profile as the run stored it); with `--retrieval N`, passkey accuracy at 4,096 tokens over N prompts (depths
+spread over the context, half in repeated filler and half in held-out prose, in other words).
 
 `--gains`: the student served with a memory in every converted layer, then each layer's memory switched off
 alone: the rise of held-out loss (nats per token, mean over the domains, on `--gain-blocks` blocks each) is
@@ -46,6 +51,12 @@ def variants(gains: list[int] | None) -> dict[str, dict]:
         "orders [2, 4]": {"memory_ngram": [2, 4]},
         "longest order's key only": {"memory_recall": "longest"},
         "no memory": {"memory_buckets": 0},
+        "no sparse cache": {"sparse_keys": 0},
+        "sparse 64, recall error": {"sparse_keys": 64, "sparse_score": "recall-error"},
+        "sparse 128, recall error": {"sparse_keys": 128, "sparse_score": "recall-error"},
+        "sparse 256, recall error": {"sparse_keys": 256, "sparse_score": "recall-error"},
+        "sparse 128, recency": {"sparse_keys": 128, "sparse_score": "recency"},
+        "sparse 128 in every head": {"sparse_keys": 128, "sparse_heads": "all"},
     }
     if gains:
         for k in (2, 4, 5, 6):
@@ -79,6 +90,29 @@ def state_mib(model, dtype: torch.dtype) -> float:
     model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     model.to(torch.float32)
     return cache_bytes(cache) / 2**20
+
+
+def passkey_prompts(config, count: int) -> tuple[list, object]:
+    """(`count` passkey prompts of 4,096 tokens: depths spread over the context, alternately in repeated filler
+    with the classic words and in held-out prose with other words; the tokenizer)."""
+    from linearize.data.blocks import build_blocks
+    from linearize.probes import prose_documents
+    from linearize.retrieval import build_prompt
+    from linearize.teacher import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model)
+    data = build_blocks(tokenizer, config.data.source, seq_len=config.data.seq_len, train_tokens=0,
+                        eval_tokens_per_domain=0, seed=config.seed, long_tokens=4096, long_documents_per_domain=2)
+    prose = prose_documents(data)
+    return [build_prompt(tokenizer, "passkey", 4096, (i + 0.5) / count, seed=i, variant=variant, prose=prose)
+            for i in range(count) for variant in [("repeated/a", "prose/b")[i % 2]]], tokenizer
+
+
+def passkey(model, prompts: list, tokenizer) -> float:
+    from linearize.retrieval import run_retrieval
+
+    records = run_retrieval(model, tokenizer, prompts, "passkey 4K")
+    return sum(r["correct"] for r in records) / len(records)
 
 
 def mean_nll(model, blocks: dict) -> float:
@@ -117,6 +151,8 @@ def main() -> None:
     parser.add_argument("--gain-blocks", type=int, default=1, help="held-out blocks per domain for the gains")
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     parser.add_argument("--long", action="store_true", help="add the [1024, 4096) ratio on long documents")
+    parser.add_argument("--retrieval", type=int, default=0, metavar="N",
+                        help="add passkey accuracy at 4,096 tokens over N prompts a row")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
 
@@ -162,12 +198,14 @@ def main() -> None:
     domains = list(blocks)
     copy_teacher = (progress.get("long_range.teacher") or {}).get("copy", {}).get("L=256")
     baseline = progress.get("baseline.window+sinks", {})
-    header = ("| memory | layers | buckets x orders | format | state MiB fp32 | state MiB bf16 | "
-              + " | ".join(f"{d} ratio" for d in domains) + "".join(f" | {d} [1024, 4096)" for d in long_docs)
-              + " | copy L=256 |")
+    header = ("| variant | memory layers | buckets x orders | format | sparse keys, score | state MiB fp32 | "
+              "state MiB bf16 | " + " | ".join(f"{d} ratio" for d in domains)
+              + "".join(f" | {d} [1024, 4096)" for d in long_docs) + " | copy L=256 |"
+              + (" passkey 4K |" if args.retrieval else ""))
+    prompts = passkey_prompts(config, args.retrieval) if args.retrieval else ()
     lines += [f"Student: {run} ({config.method} on {config.model}); teacher copy L=256: {copy_teacher}; "
               f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}.", "", header,
-              "|---|---|---|---|" + "---:|" * (len(domains) + len(long_docs) + 3)]
+              "|---|---|---|---|---|" + "---:|" * (len(domains) + len(long_docs) + 3 + bool(args.retrieval))]
     print("\n".join(lines), flush=True)
     for name, changes in rows.items():
         settings = {"memory_format": "auto", **trained.attention, **changes}
@@ -181,17 +219,19 @@ def main() -> None:
             ratios.append(bucket_ratios(profile, torch.tensor(teacher_profiles[d]))["[1024, 4096)"])
         copy = copy_test(model, sequences)["L=256"]
         fp32, bf16 = state_mib(model, torch.float32), state_mib(model, torch.bfloat16)
-        buckets = settings["memory_buckets"]
+        buckets, sparse = settings["memory_buckets"], settings.get("sparse_keys", 0)
+        kept = f"{sparse}, {settings['sparse_score']}" if sparse else "-"
         line = (f"| {name} | {settings['memory_layers']} | {buckets} x {len(settings['memory_ngram'])} | "
-                f"{settings['memory_format']} | {fp32:.1f} | {bf16:.1f} | "
-                + " | ".join(f"{r:.3f}" for r in ratios) + f" | {copy:.3f} |")
+                f"{settings['memory_format']} | {kept} | {fp32:.1f} | {bf16:.1f} | "
+                + " | ".join(f"{r:.3f}" for r in ratios) + f" | {copy:.3f} |"
+                + (f" {passkey(model, *prompts):.2f} |" if prompts else ""))
         lines.append(line)
         print(line, flush=True)
     if baseline:
         ratios = [baseline["eval"].get("finetune", {}).get(d, {}).get("ppl_ratio") for d in domains]
         buckets = [baseline.get("long_range", {}).get("finetune", {}).get("buckets", {}).get(d, {}).get("[1024, 4096)")
                    for d in long_docs]
-        lines.append("| window + sinks (trained baseline, from the run) | - | - | - | - | - | "
+        lines.append("| window + sinks (trained baseline, from the run) | - | - | - | - | - | - | "
                      + " | ".join("-" if r is None else f"{r:.3f}" for r in ratios + buckets)
                      + f" | {baseline.get('long_range', {}).get('finetune', {}).get('copy', {}).get('L=256', '-')} |")
     text = "\n".join(lines) + "\n"
