@@ -228,13 +228,13 @@ def model_costs(text_config, config, batch: int, dtype: torch.dtype | None = Non
 
     def head_step() -> None:
         logits = student.lm_head(base.norm(hidden(grad=True)))
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), token_ids.flatten())
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), token_ids.flatten())
         if tune.distill_weight > 0 and top_k > 0:
             indices = torch.zeros(batch, seq_len, top_k, dtype=torch.long, device=meta)
             loss = loss + top_k_kl(logits, indices, torch.empty(batch, seq_len, top_k, device=meta))
         elif tune.distill_weight > 0:
-            loss = loss + torch.nn.functional.kl_div(logits.float().log_softmax(-1), logits.detach().float(),
-                                                     log_target=True, reduction="batchmean")
+            loss = loss + F.kl_div(logits.float().log_softmax(-1), logits.detach().float(), log_target=True,
+                                   reduction="batchmean")
         loss.backward()
 
     def head_forward() -> None:
@@ -247,13 +247,13 @@ def model_costs(text_config, config, batch: int, dtype: torch.dtype | None = Non
 
 
 def signature(layer: torch.nn.Module, text_config, index: int) -> tuple:
-    """What makes one decoder layer's work differ from another's: converted or kept, its mixer, the mixer's
-    recall memory, the teacher's window."""
+    """What makes one decoder layer's work differ from another's: converted or kept, its mixer and the
+    branches it keeps (a recall memory and its size), the teacher's window."""
     from linearize.teacher.families import teacher_window
 
     mixer = getattr(layer.self_attn, "mixer", None)
-    return (type(layer.self_attn).__name__, type(mixer).__name__, getattr(mixer, "memory_buckets", 0),
-            teacher_window(text_config, index))
+    return (type(layer.self_attn).__name__, type(mixer).__name__, getattr(mixer, "branches", ()),
+            getattr(mixer, "memory_buckets", 0), teacher_window(text_config, index))
 
 
 def adam_step(params: list[torch.nn.Parameter]) -> None:
