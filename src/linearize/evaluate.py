@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ class Scores:
     nll: float  # summed negative log-likelihood over predicted tokens
     tokens: int
     predictions: torch.Tensor  # [N, T-1] top-1 next-token predictions (int32)
+    block_nll: list[float] = field(default_factory=list)  # each block's summed NLL, in order (nll is their sum)
 
     @property
     def perplexity(self) -> float:
@@ -81,8 +82,9 @@ def _progress(blocks: torch.Tensor, desc: str):
 
 
 def _scores(rows: list[tuple[torch.Tensor, torch.Tensor]], blocks: torch.Tensor) -> Scores:
-    return Scores(nll=sum(nll.sum().item() for nll, _ in rows), tokens=blocks.shape[0] * (blocks.shape[1] - 1),
-                  predictions=torch.stack([predictions for _, predictions in rows]))
+    block_nll = [nll.sum().item() for nll, _ in rows]
+    return Scores(nll=sum(block_nll), tokens=blocks.shape[0] * (blocks.shape[1] - 1),
+                  predictions=torch.stack([predictions for _, predictions in rows]), block_nll=block_nll)
 
 
 def summarize(scores: Scores, reference: Scores | None = None) -> dict:

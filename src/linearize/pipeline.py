@@ -63,7 +63,7 @@ from linearize.plan import (
     stage1_plan,
     stage2_plan,
 )
-from linearize.probes import Ablation, LongRange, Retrieval, evaluation_code, remembered
+from linearize.probes import Ablation, LongRange, Retrieval, evaluation_code, remembered, teacher_held_out
 from linearize.report import model_card, write_report
 from linearize.retrieval import check_settings as check_retrieval
 from linearize.teacher import (
@@ -171,6 +171,7 @@ class Recipe:
         self.result: dict[str, Any] = {}
         self.model = self.teacher_model = self.tokenizer = None
         self.table: list[dict] = []
+        self.last_evaluated: str | None = None  # the step whose model the held-out pass saw last
 
     def timed(self, step: Callable[[], None]) -> None:
         """Run one step and add its wall time to the run's record (summed over resumed runs): the report's
@@ -406,7 +407,8 @@ class Recipe:
                                       self.evaluates, results)
         self.probes = LongRange(config, data, model, self.progress, self.evaluates, results)
         self.retrieval = Retrieval(config, data, self.tokenizer, model, self.progress, self.evaluates, results)
-        self.ablation = Ablation(config, data, model, self.progress, self.evaluates, results)
+        self.ablation = Ablation(config, data, model, self.progress, self.evaluates, results,
+                                 {d: s.block_nll for d, s in self.teacher.items()} if self.teacher else None)
         tune = config.finetune
         if self.targets is not None and tune.enabled and not self.keeps_teacher_weights:
             # training will change (or has replaced) the teacher's own weights: keep its targets first
@@ -483,8 +485,15 @@ class Recipe:
     # --- evaluate, save, baselines, report -----------------------------------------------------------------
 
     def evaluate(self, key: str, student: torch.nn.Module) -> dict | None:
-        return self.progress.once(f"eval.{key}", self.main_only(
-            lambda: evaluate_domains(student, self.data.eval, self.teacher, key)))
+        """Held-out ratios of `student` (the model as it is after step `key`), each block's NLL kept beside them
+        in progress ("blocks.KEY"): the ablation's whole-student row reads the last model's from there."""
+        def compute():
+            scores = domain_scores(student, self.data.eval, key)
+            self.progress.put(f"blocks.{key}", {d: s.block_nll for d, s in scores.items()})
+            return {d: summarize(s, self.teacher[d]) for d, s in scores.items()}
+
+        self.last_evaluated = key
+        return self.progress.once(f"eval.{key}", self.main_only(compute))
 
     def main_only(self, compute: Callable[[], Any]) -> Callable[[], Any]:
         """`compute` where this rank evaluates (rank 0, or every rank of a sharded model), else nothing."""
@@ -515,8 +524,8 @@ class Recipe:
                 lambda: self.retrieval.measure(model, "student")))
             report["retrieval"] = {"teacher": self.retrieval.teacher, self.config.method: records}
         if self.ablation.enabled:
-            ablation = self.progress.once("ablation.student", self.main_only(
-                lambda: self.ablation.measure(model, self.retrieval, records)))
+            ablation = self.progress.once("ablation.student", self.main_only(lambda: self.ablation.measure(
+                model, self.retrieval, records, self.progress.get(f"blocks.{self.last_evaluated}"))))
             if ablation is not None:
                 report["ablation"] = ablation
 
@@ -565,8 +574,12 @@ class Recipe:
         distributed.barrier()
 
 
+def domain_scores(model, eval_blocks: dict, label: str) -> dict[str, Scores]:
+    return {d: score(model, b, desc=f"eval {label} ({d})") for d, b in eval_blocks.items()}
+
+
 def evaluate_domains(model, eval_blocks: dict, teacher: dict[str, Scores], label: str) -> dict[str, dict]:
-    return {d: summarize(score(model, b, desc=f"eval {label} ({d})"), teacher[d]) for d, b in eval_blocks.items()}
+    return {d: summarize(s, teacher[d]) for d, s in domain_scores(model, eval_blocks, label).items()}
 
 
 def teacher_scores(model, eval_blocks: dict, path: Path, progress: Progress, evaluates: bool = True,
@@ -576,25 +589,15 @@ def teacher_scores(model, eval_blocks: dict, path: Path, progress: Progress, eva
     saved = progress.get("eval.teacher_raw")
     if saved is not None and path.is_file():
         predictions = load_tensors(path)
-        return {d: Scores(nll=s["nll"], tokens=s["tokens"], predictions=predictions[d]) for d, s in saved.items()}
+        return {d: Scores(nll=s["nll"], tokens=s["tokens"], predictions=predictions[d],
+                          block_nll=s.get("block_nll", [])) for d, s in saved.items()}
     if not evaluates:
         return None
-
-    def held_out(domain: str, blocks: torch.Tensor) -> Scores:
-        if results is None:
-            return score(model, blocks, desc=f"eval teacher ({domain})")
-
-        def compute():
-            scores = score(model, blocks, desc=f"eval teacher ({domain})")
-            return {"nll": scores.nll, "tokens": scores.tokens}, {"predictions": scores.predictions}
-
-        value, tensors = results.get("held-out", [blocks], compute)
-        return Scores(nll=value["nll"], tokens=value["tokens"], predictions=tensors["predictions"])
-
-    scores = {d: held_out(d, blocks) for d, blocks in eval_blocks.items()}
+    scores = {d: teacher_held_out(model, blocks, d, results) for d, blocks in eval_blocks.items()}
     if distributed.is_main():
         atomic_save_tensors({d: s.predictions for d, s in scores.items()}, path)
-    progress.put("eval.teacher_raw", {d: {"nll": s.nll, "tokens": s.tokens} for d, s in scores.items()})
+    progress.put("eval.teacher_raw", {d: {"nll": s.nll, "tokens": s.tokens, "block_nll": s.block_nll}
+                                      for d, s in scores.items()})
     return scores
 
 

@@ -22,15 +22,13 @@ import torch
 import linearize.evaluate as evaluate
 import linearize.generation as generation
 import linearize.retrieval as retrieval
-from linearize.evaluate import bucket_ratios, copy_sequences, copy_test, position_profile, score
+from linearize.evaluate import Scores, bucket_ratios, copy_sequences, copy_test, position_profile, score
 from linearize.layers.attention import branches_off, linearized_attentions
 from linearize.retrieval import accuracy, build_prompts, run_retrieval
 from linearize.teacher.results import TeacherResults
 
 
-def evaluation_code() -> str:
-    """A fingerprint of the code that computes the teacher's results (this module and the ones it calls): kept
-    results of other code are not read back."""
+def _fingerprint() -> str:
     digest = hashlib.sha256()
     for module in (evaluate, generation, retrieval):
         digest.update(Path(module.__file__).read_bytes())
@@ -38,10 +36,34 @@ def evaluation_code() -> str:
     return digest.hexdigest()
 
 
+_CODE = _fingerprint()  # read with the code it describes, at import: a file edited since is not this code
+
+
+def evaluation_code() -> str:
+    """A fingerprint of the code that computes the teacher's results (this module and the ones it calls, as they
+    were imported): kept results of other code are not read back."""
+    return _CODE
+
+
 def remembered(results: TeacherResults | None, kind: str, inputs: Sequence[torch.Tensor], compute: Callable[[], Any],
                settings: Any = None) -> Any:
     """`compute()`'s JSON value, or the same kept by an earlier run in `results` (None: nothing kept)."""
     return compute() if results is None else results.value(kind, inputs, compute, settings)
+
+
+def teacher_held_out(model, blocks: torch.Tensor, domain: str, results: TeacherResults | None = None) -> Scores:
+    """The teacher's `score` on one domain's held-out blocks [N, T], or the same kept by an earlier run."""
+    if results is None:
+        return score(model, blocks, desc=f"eval teacher ({domain})")
+
+    def compute():
+        scores = score(model, blocks, desc=f"eval teacher ({domain})")
+        return ({"nll": scores.nll, "tokens": scores.tokens, "block_nll": scores.block_nll},
+                {"predictions": scores.predictions})
+
+    value, tensors = results.get("held-out", [blocks], compute)
+    return Scores(nll=value["nll"], tokens=value["tokens"], predictions=tensors["predictions"],
+                  block_nll=value["block_nll"])
 
 
 class LongRange:
@@ -127,21 +149,31 @@ def mean_nll(model, blocks: dict[str, torch.Tensor], label: str) -> dict[str, fl
     return out
 
 
+def first_blocks(block_nll: dict[str, list[float]] | None, blocks: dict[str, torch.Tensor]) -> dict[str, float] | None:
+    """`mean_nll` of a model on `blocks` {domain: [N, T]}, the first N of its held-out blocks, read from the held-out
+    pass's per-block sums (`Scores.block_nll`) instead of computed again: the same sums, added in the same order.
+    None where the sums were not kept."""
+    if block_nll is None or any(len(block_nll.get(d, ())) < len(rows) for d, rows in blocks.items()):
+        return None
+    return {d: sum(block_nll[d][: len(rows)]) / (rows.shape[0] * (rows.shape[1] - 1)) for d, rows in blocks.items()}
+
+
 def ablate(model, branches: list[str], blocks: dict[str, torch.Tensor], teacher_nll: dict[str, float],
            answer: Callable[[Any, str, set[str] | None], list[dict]] | None = None,
-           records: list[dict] | None = None) -> dict[str, Any]:
+           records: list[dict] | None = None, whole: dict[str, float] | None = None) -> dict[str, Any]:
     """{"all": ..., "without BRANCH": ...}: held-out ratios to the teacher ({domain: ratio}) and, given
     `answer` (model, label, tasks: None for all) -> retrieval records, retrieval accuracy, with all branches
     and with each of `branches` switched off. `records`: the answers with all branches on, when already
-    measured. A branch switched off answers only the tasks the whole student answered at least once: what a
-    branch carries is what the student loses without it, and a task it never answers has nothing to lose
-    (its cells are left out: not measured)."""
+    measured; `whole`: its `mean_nll` with all branches, when already known (`first_blocks`). A branch switched
+    off answers only the tasks the whole student answered at least once: what a branch carries is what the
+    student loses without it, and a task it never answers has nothing to lose (its cells are left out: not
+    measured)."""
     out = {}
     solved: set[str] = set()
     for branch in [None, *branches]:
         label = f"without {branch}" if branch else "student"
         with branches_off(model, [branch] if branch else []):
-            nll = mean_nll(model, blocks, label)
+            nll = whole if branch is None and whole is not None else mean_nll(model, blocks, label)
             entry: dict[str, Any] = {"ratios": {d: math.exp(nll[d] - teacher_nll[d]) for d in nll}}
             if answer is not None and branch is None:
                 records = records if records is not None else answer(model, label, None)
@@ -163,22 +195,25 @@ class Ablation:
     retrieval accuracy with all its branches, then with each of `evaluate.ablate` switched off."""
 
     def __init__(self, config, data, teacher_model, progress, evaluates: bool = True,
-                 results: TeacherResults | None = None):
+                 results: TeacherResults | None = None, teacher_blocks: dict[str, list[float]] | None = None):
         self.branches = list(config.evaluate.ablate)
         count = config.evaluate.ablation_blocks
         self.blocks = {d: blocks[:count] for d, blocks in data.eval.items() if len(blocks)}
         self.enabled = bool(self.branches) and (bool(self.blocks) or config.evaluate.retrieval != [])
         self.teacher = None
         if self.enabled and evaluates:
-            self.teacher = progress.once("ablation.teacher", lambda: remembered(
+            known = first_blocks(teacher_blocks, self.blocks)  # the teacher's held-out pass saw these blocks
+            self.teacher = progress.once("ablation.teacher", lambda: known if known is not None else remembered(
                 results, "mean-nll", list(self.blocks.values()),
                 lambda: mean_nll(teacher_model, self.blocks, "teacher"), list(self.blocks)))
 
-    def measure(self, model, retrieval: Retrieval, records: list[dict] | None) -> dict[str, Any] | None:
-        """`ablate` over the configured branches the model has (None: it has none of them)."""
+    def measure(self, model, retrieval: Retrieval, records: list[dict] | None,
+                block_nll: dict[str, list[float]] | None = None) -> dict[str, Any] | None:
+        """`ablate` over the configured branches the model has (None: it has none of them); `block_nll`: the
+        model's own held-out pass, per block, where its whole row is read from."""
         present = present_branches(model)
         branches = [b for b in self.branches if b in present]
         if not branches:
             return None
         return ablate(model, branches, self.blocks, self.teacher, retrieval.measure if retrieval.enabled else None,
-                      records)
+                      records, first_blocks(block_nll, self.blocks))
