@@ -57,3 +57,19 @@ def test_bucket_ratios_read_positions_and_contexts():
     assert math.isclose(ratios["[64, 256)"], 2.0, rel_tol=1e-6)
     assert math.isclose(ratios["ratio@1024"], 2.0 ** (192 / 1023), rel_tol=1e-6)
     assert math.isclose(ratios["ratio@4096"], 2.0 ** (192 / 4095), rel_tol=1e-6)
+
+
+def test_scoring_blocks_several_per_forward_gives_the_numbers_of_one_at_a_time():
+    """The held-out score in forwards of several blocks (the default) equals block by block to the last bit:
+    every NLL, per-block sum and prediction, for a teacher and a hybrid student."""
+    from helpers import make_tiny_model, tokens
+
+    from linearize import linearize
+    from linearize.evaluate import score
+
+    blocks = tokens(batch=5, length=64, seed=3)
+    teacher = make_tiny_model("llama")
+    for model in (teacher, linearize(make_tiny_model("llama"), "hybrid", {"window_size": 8, "sink_tokens": 2})):
+        alone, together = score(model, blocks, batch_tokens=64), score(model, blocks, batch_tokens=3 * 64)
+        assert together.block_nll == alone.block_nll and together.nll == alone.nll
+        assert torch.equal(together.predictions, alone.predictions)
