@@ -125,7 +125,7 @@ class Retrieval:
         self.enabled = bool(self.prompts)
         self.teacher = None
         if self.enabled and evaluates:
-            asked = [[p.task, p.length, p.depth, list(p.answers), p.max_new_tokens] for p in self.prompts]
+            asked = [[p.task, p.variant, p.length, p.depth, list(p.answers), p.max_new_tokens] for p in self.prompts]
             self.teacher = progress.once("retrieval.teacher", lambda: remembered(
                 results, "retrieval", [p.input_ids for p in self.prompts],
                 lambda: self.measure(teacher_model, "teacher"), asked))
