@@ -21,14 +21,17 @@ import time
 
 import torch
 
+CLOCK = time.perf_counter  # --clock cpu: this process's CPU time, which other processes on the machine do not
+# stretch (with one thread it is the wall time of a machine to itself)
+
 
 def timed(work, repeats: int) -> float:
     work()
     times = []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started = CLOCK()
         work()
-        times.append(time.perf_counter() - started)
+        times.append(CLOCK() - started)
     return statistics.median(times)
 
 
@@ -45,7 +48,6 @@ def measure(config, repeats: int) -> dict[str, float]:
     teacher, _ = load_teacher(config.model, dtype=torch.float32)
     student = LinearizedForCausalLM.from_teacher(teacher, config.method, config.attention)
     student.requires_grad_(False)
-    with_lora(student, config.finetune)
     layers = decoder_layers(student)
     seq_len, hidden_size = config.data.seq_len, student.config.text_config.hidden_size
     tokens = torch.randint(0, student.config.text_config.vocab_size, (1, seq_len))
@@ -90,10 +92,14 @@ def measure(config, repeats: int) -> dict[str, float]:
         with torch.no_grad():
             student.lm_head(student.model.norm(x)).float().log_softmax(-1).topk(config.finetune.distill_top_k, -1)
 
-    return {
+    seconds = {  # stage 1's pieces before stage 2's adapter exists, as they run
         "teacher": timed(teacher_pass, repeats),
         "transfer": timed(lambda: transfer(plain), repeats),
         "transfer_memory": timed(lambda: transfer(memory), repeats),
+    }
+    with_lora(student, config.finetune)
+    return {
+        **seconds,
         "student": timed(lambda: student_step(plain), repeats),
         "student_memory": timed(lambda: student_step(memory), repeats),
         "student_forward": timed(lambda: student_forward(plain), repeats),
@@ -124,6 +130,9 @@ def predicted(costs, plain: int, memory: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="time pieces by the wall clock or by this process's CPU time (with --threads 1)")
     parser.add_argument("--fit", action="store_true", help="search the CPU constants that fit these pieces best")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -138,10 +147,16 @@ def main() -> None:
     )
     from linearize.teacher import load_teacher_config
 
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        CLOCK = time.process_time
     config = load_config(None, args.overrides)
     flops, bandwidth = measure_cpu()
     print(f"this CPU: {flops / 1e9:.1f} GFLOP/s (fp32 matmul), {bandwidth / 1e9:.1f} GB/s (copy), "
-          f"{torch.get_num_threads()} threads", flush=True)
+          f"{torch.get_num_threads()} threads, timed by {args.clock} clock; load {open('/proc/loadavg').read()}",
+          flush=True)
     seconds, plain, memory = measure(config, args.repeats)
     costs = predicted(model_costs(load_teacher_config(config.model), config, 1), plain, memory)
 

@@ -12,8 +12,8 @@ from linearize.plan import (
     GiB,
     choose_store,
     count_costs,
+    described_hardware,
     format_suggestion,
-    hardware,
     model_shape,
     stage1_plan,
     stage2_plan,
@@ -112,7 +112,7 @@ def test_the_disk_budget_picks_the_fastest_store_that_fits_and_refuses_one_that_
 
 
 def machine(kind="h100", devices=1, per_node=None, memory=None, disk=1000.0, **numbers):
-    return hardware(kind, devices, per_node, memory, disk, free_disk=0.0, dtype="bfloat16", **numbers)
+    return described_hardware(kind, devices, per_node, memory, disk, free_disk=0.0, dtype="bfloat16", **numbers)
 
 
 @pytest.fixture(scope="module")

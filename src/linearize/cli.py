@@ -67,10 +67,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
         Plan,
         choose_store,
         count_costs,
+        described_hardware,
         disk_budget,
         format_plan,
         format_suggestion,
-        hardware,
         model_shape,
         stage1_plan,
         stage2_plan,
@@ -80,7 +80,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
     config = load_config(resolve_config_path(args.config), [*args.overrides, f"model={args.model}"])
     devices = args.devices if args.devices is not None else (args.per_node or 1)
-    machine = hardware(args.gpu, devices, args.per_node, args.memory, args.disk, free_disk(config.output_dir),
+    machine = described_hardware(args.gpu, devices, args.per_node, args.memory, args.disk, free_disk(config.output_dir),
                        config.dtype, args.tflops, args.bandwidth)
     text_config = load_teacher_config(args.model)
     shape = model_shape(text_config, config.method, config.attention, config.finetune.target_modules,

@@ -7,7 +7,7 @@
 """
 
 from linearize.plan.costs import Device, ModelCosts, OpCounts, model_costs
-from linearize.plan.hardware import GPUS, KINDS, Hardware, hardware, reference_hardware, run_hardware
+from linearize.plan.hardware import GPUS, KINDS, Hardware, described_hardware, reference_hardware, run_hardware
 from linearize.plan.layout import (
     Estimate,
     Suggestion,
@@ -42,6 +42,6 @@ __all__ = [
     "ADAM_BYTES", "DTYPE_BYTES", "GPUS", "KINDS", "STORES", "Device", "Estimate", "GiB", "Hardware", "ModelCosts",
     "ModelShape", "OpCounts", "Plan", "Stage1Plan", "Stage2Plan", "Suggestion", "check_layers_per_block",
     "choose_store", "count_costs", "device_memory", "disk_budget", "estimate_run", "format_estimate", "format_plan",
-    "format_suggestion", "gib", "hardware", "model_costs", "model_shape", "reference_hardware", "rows_of",
+    "format_suggestion", "gib", "described_hardware", "model_costs", "model_shape", "reference_hardware", "rows_of",
     "run_hardware", "stage1_plan", "stage2_plan", "suggest",
 ]

@@ -174,13 +174,6 @@ def model_costs(text_config, config, batch: int, dtype: torch.dtype | None = Non
     first: dict[tuple, int] = {}  # each kind of layer, by its first index
     for index in range(len(layers)):
         first.setdefault(signature(layers[index], text_config, index), index)
-    adapter = lora_config(tune)
-    adapter.layers_to_transform = sorted(first.values())  # the LoRA layers stage 2 trains, on those counted
-    get_peft_model(student, adapter)
-    if tune.train_mixers:
-        for name, param in student.named_parameters():
-            if ".mixer." in name:
-                param.requires_grad_(True)
     meta = torch.device("meta")
     hidden_size = text_config.hidden_size
     token_ids = torch.zeros(batch, seq_len, dtype=torch.long, device=meta)
@@ -195,7 +188,7 @@ def model_costs(text_config, config, batch: int, dtype: torch.dtype | None = Non
         return layers[index](x, position_ids=positions, position_embeddings=rotary[index], use_cache=False,
                              **{TOKEN_IDS: token_ids})
 
-    def teacher_pass(index: int) -> None:
+    def teacher_pass(index: int) -> None:  # stage 2's teacher targets run it with the adapter disabled
         with torch.no_grad(), attention_mode(student, "softmax"):
             call(index, hidden())
 
@@ -219,8 +212,17 @@ def model_costs(text_config, config, batch: int, dtype: torch.dtype | None = Non
     def student_forward(index: int) -> None:
         call(index, hidden(grad=True))
 
-    counted = {key: LayerCosts(*(count(partial(work, index)) for work in (
-        teacher_pass, transfer_step, student_step, student_forward))) for key, index in first.items()}
+    stage1 = {key: [count(partial(work, index)) for work in (teacher_pass, transfer_step)]
+              for key, index in first.items()}  # before stage 2's adapter exists, as stage 1 runs
+    adapter = lora_config(tune)
+    adapter.layers_to_transform = sorted(first.values())  # the LoRA layers stage 2 trains, on those counted
+    get_peft_model(student, adapter)
+    if tune.train_mixers:
+        for name, param in student.named_parameters():
+            if ".mixer." in name:
+                param.requires_grad_(True)
+    counted = {key: LayerCosts(*stage1[key], *(count(partial(work, index)) for work in (student_step, student_forward)))
+               for key, index in first.items()}
     costs = [counted[signature(layer, text_config, index)] for index, layer in enumerate(layers)]
 
     base = student.model

@@ -6,8 +6,8 @@ memory bandwidth `measure_cpu` measures on the spot (under a second). Explicit `
 describe any other device.
 
 How much of those peaks a step reaches is not in a data sheet. On a CPU it was measured (fitted to the
-steps of the default run on a 2-core AMD EPYC, fp32: bench/plan_time.py); on a GPU it is assumed, since no
-GPU was at hand to measure: 40% of the peak FLOP/s (large-model training reaches 38-43% of an H100's BF16
+pieces of the default run's steps on this project's CPU, fp32: bench/plan_time.py); on a GPU it is assumed,
+since no GPU was at hand to measure: 40% of the peak FLOP/s (large-model training reaches 38-43% of an H100's BF16
 peak: the Llama 3 report, section 3.3.4), 70% of the memory bandwidth, and 10 microseconds per op launched
 (eager PyTorch's dispatch and kernel launch, overlapped with the kernels themselves).
 """
@@ -58,9 +58,13 @@ DISK_BYTES = 2 * GIGA  # reading or writing stored activations: an NVMe drive's 
 GPU_FLOP_UTILISATION = 0.40
 GPU_BANDWIDTH_UTILISATION = 0.70
 GPU_OP_SECONDS = 10e-6
-# Fitted on this project's CPU (2-core AMD EPYC, AVX2, torch 2.13, fp32; bench/plan_time.py --fit): the
-# fractions of the measured matmul rate and copy bandwidth that the default run's ops reach, and the
-# fixed cost of an eager op (dispatch, autograd's bookkeeping, the allocator)
+# Fitted on this project's CPU (a 2-vCPU Intel Xeon with AVX-512, torch 2.13, fp32; `python bench/plan_time.py
+# --fit --threads 1 --clock cpu`): each piece of a step (a teacher layer, a transfer step with and without a
+# recall memory, a stage-2 layer step, its forward, the head) timed on the real SmolLM2-135M beside its ops
+# counted, against the measured 1-thread matmul rate (151 GFLOP/s) and 4 MiB copy bandwidth (23 GB/s). The
+# error is flat around these values (0.7-0.8 of the FLOP/s, 0.4-0.5 of the bandwidth, 0-12 us per op: every
+# piece within 0.8-1.2); with them a short run (8,192 + 4,096 tokens, 1 thread, timed by CPU time) measured
+# stage 1 in 103.8 s (estimate 103.7 s) and stage 2 in 37.5 s (estimate 42.2 s). docs/scale.md has the tables.
 CPU_FLOP_UTILISATION = 0.70
 CPU_BANDWIDTH_UTILISATION = 0.50
 CPU_OP_SECONDS = 12e-6
@@ -111,7 +115,9 @@ def gib_text(value: float) -> str:
 
 def measure_cpu(dtype: torch.dtype = torch.float32, threads: int | None = None) -> tuple[float, float]:
     """This CPU's matmul rate (FLOP/s, `dtype`, 1024 x 1024 products, best of a few) and copy bandwidth
-    (bytes read and written per second, 64 MiB tensors), with `threads` threads (default: torch's)."""
+    (bytes read and written per second, best of a few), with `threads` threads (default: torch's). The copy
+    is of 4 MiB: the size of a step's activations on a small model, which stay in the CPU's caches; the
+    bandwidth a step's ops see is that, not main memory's."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -119,16 +125,16 @@ def measure_cpu(dtype: torch.dtype = torch.float32, threads: int | None = None) 
         a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
         torch.mm(a, b)  # warm up
         best = math.inf
-        for _ in range(5):
+        for _ in range(10):
             started = time.perf_counter()
             torch.mm(a, b)
             best = min(best, time.perf_counter() - started)
         flops = 2 * 1024**3 / best
-        source = torch.ones(16 << 20, dtype=torch.float32)
+        source = torch.ones(1 << 20, dtype=torch.float32)
         target = torch.empty_like(source)
         target.copy_(source)
         best = math.inf
-        for _ in range(5):
+        for _ in range(20):
             started = time.perf_counter()
             target.copy_(source)
             best = min(best, time.perf_counter() - started)
@@ -145,9 +151,9 @@ def machine_memory() -> float:
         return math.inf
 
 
-def hardware(kind: str | None, devices: int, per_node: int | None, memory_gib: float | None, disk_gib: float | None,
-             free_disk: float, dtype: str = "bfloat16", tflops: float | None = None,
-             bandwidth_gbs: float | None = None) -> Hardware:
+def described_hardware(kind: str | None, devices: int, per_node: int | None, memory_gib: float | None,
+                       disk_gib: float | None, free_disk: float, dtype: str = "bfloat16", tflops: float | None = None,
+                       bandwidth_gbs: float | None = None) -> Hardware:
     """The hardware the `linearize plan` options describe, checked: a known `kind` (its data sheet; `memory_gib`,
     `tflops`, `bandwidth_gbs` override it), "cpu" (this machine, measured now: each of `devices` processes on
     its share of the cores), or no kind with explicit `tflops`, `bandwidth_gbs` and `memory_gib`; no kind and
@@ -223,7 +229,7 @@ def run_hardware(device: torch.device, processes: int, dtype: str, disk: float) 
         if kind is None:
             return None
         memory = torch.cuda.get_device_properties(device).total_memory / GiB
-        return hardware(kind, processes, None, memory, None, disk, dtype)
+        return described_hardware(kind, processes, None, memory, None, disk, dtype)
     flops, bandwidth = measure_cpu(getattr(torch, dtype))
     device_speed = Device(flops, flops, bandwidth, CPU_FLOP_UTILISATION, CPU_BANDWIDTH_UTILISATION, CPU_OP_SECONDS,
                           False)
@@ -237,4 +243,4 @@ def reference_hardware(kind: str, processes: int) -> Hardware:
     if kind == "cpu":
         speed = Device(100e9, 100e9, 10e9, CPU_FLOP_UTILISATION, CPU_BANDWIDTH_UTILISATION, CPU_OP_SECONDS, False)
         return Hardware("reference CPU", "cpu", processes, processes, math.inf, math.inf, speed, 5e9)
-    return hardware("h100", processes, None, None, math.inf, math.inf)
+    return described_hardware("h100", processes, None, None, math.inf, math.inf)
