@@ -113,8 +113,9 @@ def test_report_holds_retrieval_for_every_model_and_the_branch_ablation(finished
             *report["baselines"]["window+sinks"]["retrieval"].values()]
     assert len(rows) == 3
     for records in rows:
-        assert [(r["task"], r["length"], r["depth"]) for r in records] == [
-            (task, 512, depth) for task in ("passkey", "quote") for depth in (0.25, 0.75)]
+        assert [(r["task"], r["variant"], r["length"], r["depth"]) for r in records] == [
+            (task, variant, 512, depth) for task, variant in (("passkey", "repeated/a"), ("passkey", "prose/b"),
+                                                              ("quote", "text")) for depth in (0.25, 0.75)]
         assert all(isinstance(r["correct"], bool) and isinstance(r["generated"], str) for r in records)
     ablation = report["ablation"]
     assert list(ablation) == ["all", "without linear", "without memory", "without sinks"]
@@ -441,7 +442,7 @@ def test_a_run_saved_before_a_section_existed_resumes_and_measures_only_what_is_
     assert after["eval"] == before["eval"] and after["stages"] == before["stages"]
     assert after["baselines"]["window+sinks"]["eval"] == before["baselines"]["window+sinks"]["eval"]
     assert set(after["baselines"]["window+sinks"]["retrieval"]) == {"finetune"}
-    assert len(after["retrieval"]["hybrid"]) == 4 and "without memory" in after["ablation"]
+    assert len(after["retrieval"]["hybrid"]) == 6 and "without memory" in after["ablation"]  # 2 x 2 passkeys, 2 quotes
     assert (tmp_path / "model" / ADAPTER_FILE).read_bytes() == adapter
 
 
