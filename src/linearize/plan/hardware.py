@@ -186,14 +186,11 @@ def described_hardware(kind: str | None, devices: int, per_node: int | None, mem
             raise LinearizeError(f"a device given by its numbers needs all of {HINTS['--tflops']} (--tflops), "
                                  f"{HINTS['--bandwidth']} (--bandwidth) and {HINTS['--memory']} (--memory), "
                                  "or a known kind (--gpu)")
-        speed = Device(tflops * TERA, tflops * TERA, bandwidth_gbs * GIGA, GPU_FLOP_UTILISATION,
-                       GPU_BANDWIDTH_UTILISATION, GPU_OP_SECONDS, True)
-        return Hardware(f"device of {tflops:g} TFLOP/s", "custom", devices, per_node, memory_gib * GiB, disk, speed,
-                        INTER_NODE_BYTES)
+        kind = "custom"
     kind = kind or "h100"
-    gpu = GPUS[kind] if kind in GPUS else Gpu(kind, tflops, tflops, memory_gib, bandwidth_gbs, INTER_NODE_BYTES / GIGA)
-    sixteen = tflops or gpu.bf16_tflops
-    peak = (tflops or gpu.fp32_tflops) if dtype == "float32" else sixteen
+    # a kind the table does not know is its numbers, linked to the others as across nodes
+    gpu = GPUS.get(kind) or Gpu(f"{kind} device", tflops, tflops, memory_gib, bandwidth_gbs, INTER_NODE_BYTES / GIGA)
+    peak = tflops or (gpu.fp32_tflops if dtype == "float32" else gpu.bf16_tflops)
     speed = Device(peak * TERA, (tflops or gpu.fp32_tflops) * TERA, (bandwidth_gbs or gpu.bandwidth_gbs) * GIGA,
                    GPU_FLOP_UTILISATION, GPU_BANDWIDTH_UTILISATION, GPU_OP_SECONDS, True)
     return Hardware(gpu.name, kind, devices, per_node, (memory_gib or gpu.memory_gib) * GiB, disk, speed,
