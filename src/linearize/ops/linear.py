@@ -81,7 +81,7 @@ def _feature_gated_scores(fqc: torch.Tensor, fkc: torch.Tensor, a: torch.Tensor,
     a_sub = a.unflatten(-2, (subs, sub))  # [B, Hk, N, J, c, F]
     before = F.pad(a_sub[..., -1, :], (0, 0, 1, 0))[..., :subs, :]  # r_j: [B, Hk, N, J, F]
     rise = before[..., None, :] - a_sub  # r_j - a_s >= 0: the log-decay from a sub-chunk's start to key s
-    if a.numel() and rise.amax().item() > MAX_SUB_CHUNK_DECAY:
+    if a.numel() and not a.is_meta and rise.amax().item() > MAX_SUB_CHUNK_DECAY:  # meta: shapes only
         decay = _masked_decay(a[..., :, None, :] - a[..., None, :, :], causal[..., None])  # [B, Hk, N, C, C, F]
         return torch.einsum("bkgntf,bkntsf->bkgnts", fqc, decay * fkc[..., None, :, :])
     keys = fkc.unflatten(-2, (subs, sub)) * rise.exp()  # [B, Hk, N, J, c, F]

@@ -156,6 +156,7 @@ def model_costs(text_config, config, batch: int, dtype: torch.dtype | None = Non
 
     from linearize.devices import resolve_dtype
     from linearize.layers.attention import TOKEN_IDS, LinearizedAttention, attention_mode
+    from linearize.methods import get_method
     from linearize.models import LinearizedForCausalLM
     from linearize.models.modeling import decoder_layers
     from linearize.teacher.streaming import empty_teacher
@@ -192,10 +193,12 @@ def model_costs(text_config, config, batch: int, dtype: torch.dtype | None = Non
         with torch.no_grad(), attention_mode(student, "softmax"):
             call(index, hidden())
 
+    transfers = "transfer" in get_method(config.method).stages
+
     def transfer_step(index: int) -> None:
         attention = layers[index].self_attn
-        if not isinstance(attention, LinearizedAttention):
-            return
+        if not transfers or not isinstance(attention, LinearizedAttention):
+            return  # a method without stage 1, or a layer kept as the teacher's
         params = list(attention.mixer.parameters())
         trained = [p.requires_grad for p in params]
         for p in params:  # stage 1 trains every mixer parameter, whatever stage 2 does
