@@ -9,7 +9,8 @@ cache + linear state, no training).
 
 Tokens that leave the window are taken in groups of `window` consecutive real positions (group m holds
 positions [m W, (m + 1) W)). A group's tokens wait, as exact keys too ("pending"), until its last token has
-left the window and been read once as pending; then the group and the cache compete: every candidate is
+left the window and been read once as pending (as window keys: with the window's, they set the maximum the
+linear terms are weighed against); then the group and the cache compete: every candidate is
 scored, the `size` best stay in the cache, the others enter the linear state, decayed from their own
 position (an evicted key weighs what it would have weighed had it entered the state when it left the
 window). A query therefore sees as exact keys: the window, the sinks, its group's tokens that left the

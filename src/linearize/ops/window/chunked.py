@@ -92,7 +92,8 @@ def window_attention_chunked(
 
     A sparse cache (`sparse_keys` > 0 exact keys per key/value head in `sparse_heads`, their indices, None = all;
     `linearize.ops.sparse`) follows the chunks: chunk = group, so query chunk i reads chunk i - 1's keys that
-    left the window exactly (its pending group) and the cache after update i - 2 ([C, size] more scores);
+    left the window exactly (its pending group: in the window's block, as window keys) and the cache after
+    update i - 2 ([C, size] more scores);
     the state read for chunks <= i - 2 holds every key, so the cached ones' linear terms are taken out again
     (the same sum, without a second state). Rows with left padding are first moved to start at index 0."""
     _check(window, sink_tokens, fq, fk, sink_q, sink_distance)
@@ -145,6 +146,8 @@ def window_attention_chunked(
         sinks_c = _with_previous_chunk(chunks(is_sink[..., None].float(), chunk), 1)[..., 0].bool()  # [B, N, 2C]
         left = torch.arange(2 * chunk, device=k.device)[None, :] <= torch.arange(chunk, device=k.device)[:, None]
         pending = (left & (valid & ~sinks_c)[:, :, None, :])[:, None, :, None] & chosen[:, None, None, None, None]
+        hidden = hidden & ~pending  # [B, Hk, N, 1, C, 2C]
+        every_head = bool(chosen.all()) if chosen.device.type != "meta" else False
         if fk is not None:
             cache_fk_t = sparse.rows_at(fk, reads).transpose(-1, -2)  # [B, Hk, N, F, size]
             if cumulative is not None:  # exp(A_t - A_s) of query t and cached key s
@@ -208,10 +211,8 @@ def window_attention_chunked(
     def block(n: slice) -> torch.Tensor:
         """Outputs [B, Hk, n, G C, D + 1] (numerator and normaliser) of query chunks n."""
         shape = (batch, kv_heads, -1, groups, chunk)
-        scores = (qc[:, :, n] @ keys_t[:, :, n]).mul_(scale).view(*shape, 2 * chunk)  # [B, Hk, n, G, C, 2C]
-        if sparse_keys > 0:  # the pending group, scored apart: it does not set c_t
-            pending_scores = scores.masked_fill(~pending[:, :, n], float("-inf"))
-        scores = scores.masked_fill_(hidden[:, :, n], float("-inf"))
+        scores = (qc[:, :, n] @ keys_t[:, :, n]).mul_(scale).view(*shape, 2 * chunk).masked_fill_(
+            hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, 2C]
         row_max = scores.amax(-1, keepdim=True)
         if sink_tokens > 0:
             sink_scores = (qc[:, :, n] @ sink_keys_t).mul_(scale).view(*shape, sink_tokens)
@@ -232,23 +233,23 @@ def window_attention_chunked(
         if sparse_keys > 0:
             cache_scores = (qc[:, :, n] @ cache_k[:, :, n].transpose(-1, -2)).mul_(scale).view(*shape, sparse_keys)
             cache_scores = cache_scores.masked_fill_(cache_hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, size]
-            row_max = torch.maximum(row_max, torch.maximum(pending_scores.amax(-1, keepdim=True),
-                                                           cache_scores.amax(-1, keepdim=True)))
+            row_max = torch.maximum(row_max, cache_scores.amax(-1, keepdim=True))
         weights = (scores - row_max).exp_().flatten(3, 4)
         o = weights @ values[:, :, n]
         if sparse_keys > 0:
-            o = o + (pending_scores - row_max).exp_().flatten(3, 4) @ values[:, :, n]
             o = o + (cache_scores - row_max).exp_().flatten(3, 4) @ cache_v[:, :, n]
         if sink_tokens > 0:
             o = o + (sink_scores - row_max).exp_().flatten(3, 4) @ sink_values
         if memory_buckets > 0:
             o = o + torch.einsum("bkngcm,bkncmd->bkngcd", (mem_scores - row_max).exp_(), mem_vc[:, :, n]).flatten(3, 4)
         if fk is not None:
-            lin = (fqc[:, :, n] @ previous_fk_t[:, :, n]).view(*shape, chunk)  # [B, Hk, n, G, C, C]
-            lin = lin.masked_fill(not_older, 0.0) if log_gate is None else lin * older_decay[:, :, n]
-            if sparse_keys > 0:  # a chosen head reads its pending group exactly
-                lin = lin * ~chosen[:, None, None, None, None]
-            linear = lin.flatten(3, 4) @ previous_v[:, :, n] + from_state[:, :, n] @ state_before[:, :, n]
+            linear = from_state[:, :, n] @ state_before[:, :, n]
+            if not (sparse_keys > 0 and every_head):  # a head with a cache reads its pending group exactly
+                lin = (fqc[:, :, n] @ previous_fk_t[:, :, n]).view(*shape, chunk)  # [B, Hk, n, G, C, C]
+                lin = lin.masked_fill(not_older, 0.0) if log_gate is None else lin * older_decay[:, :, n]
+                if sparse_keys > 0:
+                    lin = lin * ~chosen[:, None, None, None, None]
+                linear = linear + lin.flatten(3, 4) @ previous_v[:, :, n]
             if sparse_keys > 0:  # the state holds the cached keys too: their linear terms out again
                 cached = (fqc[:, :, n] @ cache_fk_t[:, :, n]).view(*shape, sparse_keys)  # [B, Hk, n, G, C, size]
                 cached = cached if log_gate is None else cached * cache_decay[:, :, n]

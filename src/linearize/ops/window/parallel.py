@@ -65,7 +65,8 @@ def window_attention_parallel(
     is_sink = mask & (positions < sink_tokens)  # [B, T]
     visible = (age >= 0)[None] & mask[:, None, :]  # [B, T, T]
     soft = visible & ((age < window)[None] | is_sink[:, None, :])
-    soft = soft | torch.eye(t, dtype=torch.bool, device=k.device)  # a padded query sees itself: no NaN
+    soft = (soft | torch.eye(t, dtype=torch.bool, device=k.device))[:, None]  # [B, 1, T, T]; a padded query sees
+    # itself: no NaN
     scores = torch.einsum("bkgtd,bksd->bkgts", group_heads(q, kv_heads), k) * scale
     if sink_q is not None and sink_tokens > 0:  # a query beyond sink_distance reads the sinks from there
         far = torch.einsum("bkgtd,bksd->bkgts", group_heads(sink_q.float(), kv_heads), k) * scale
@@ -78,9 +79,11 @@ def window_attention_parallel(
         eligible = (mask & ~is_sink)[:, None, :] & chosen[None, :, None]  # [B, Hk, T]
         total = None if log_gate is None else log_gate.cumsum(-1)
         updates = sparse_updates(sparse_score, fk, v, total, eligible, positions, window, sparse_keys, eps)
-        extra = sparse_reads(updates, eligible, positions, window)
-        extra_scores = scores.masked_fill(~extra[:, :, None], float("-inf"))
-    scores = scores.masked_fill(~soft[:, None, None], float("-inf"))
+        cached, pending = sparse_reads(updates, eligible, positions, window)
+        extra = cached | pending
+        extra_scores = scores.masked_fill(~cached[:, :, None], float("-inf"))
+        soft = soft | pending  # [B, Hk, T, T]: the pending group counts as window keys (it sets c_t with them)
+    scores = scores.masked_fill(~soft[:, :, None], float("-inf"))
     row_max = scores.amax(-1, keepdim=True)
     window_max = row_max  # c_t
     if extra is not None:
@@ -166,9 +169,10 @@ def sparse_updates(score: str, fk, v, total, eligible, positions, window: int, s
 
 
 
-def sparse_reads(updates: torch.Tensor, eligible: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
-    """[B, Hk, T, T] bool: the keys beyond the window that query t (real position p, group g = p // W) reads
-    exactly: the cache after update g - 2 (`updates` [B, Hk, N, size], real positions) and the eligible
+def sparse_reads(updates: torch.Tensor, eligible: torch.Tensor, positions: torch.Tensor, window: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, Hk, T, T] bool twice) the keys beyond the window that query t (real position p, group g = p // W)
+    reads exactly: the cache after update g - 2 (`updates` [B, Hk, N, size], real positions), and the eligible
     tokens of group g - 1 at p - W or before (its pending group)."""
     size = updates.shape[-1]
     query_group = positions.div(window, rounding_mode="floor")  # [B, T]; -1 at padding
@@ -181,4 +185,4 @@ def sparse_reads(updates: torch.Tensor, eligible: torch.Tensor, positions: torch
     key_group = positions.div(window, rounding_mode="floor")[:, None, None, :]
     pending = eligible[:, :, None, :] & (key_group == query_group[:, None, :, None] - 1) & (
         key <= positions[:, None, :, None] - window)
-    return in_cache | pending
+    return in_cache, pending

@@ -85,6 +85,7 @@ def window_attention_recurrent(
     recalled = query_bucket.shape[-1] if memory_buckets > 0 else 0  # memory keys, first in each row
     slots = None if sparse_args is None else sparse_tensors(s, sparse_args[3], kv_heads)  # out of place below
     extra = recalled + (0 if slots is None else slots[0].shape[2])  # memory and sparse keys, before the sinks
+    reference = recalled + (0 if slots is None else sparse_args[0])  # c_t: over pending group, sinks, window
     bias = None  # the memory bias as a row of scores: the same for every token, built at the first
     outputs = []
     for i in range(t):
@@ -119,8 +120,8 @@ def window_attention_recurrent(
             if log_gate is not None:
                 recurrent = recurrent * log_gate[:, :, i].exp()[..., None, None]
             linear = fq[:, :, :, i] @ recurrent
-            if extra:  # the memory and sparse keys are weighed against c_t, the window's max
-                linear = linear * (scores[..., extra:].amax(-1, keepdim=True) - row_max).exp()
+            if extra:  # the memory and cached keys are weighed against c_t, the window's (and pending group's) max
+                linear = linear * (scores[..., reference:].amax(-1, keepdim=True) - row_max).exp()
             num = num + linear
         outputs.append(num)
 
@@ -234,6 +235,7 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         recalled = has.shape[1]
         first += recalled
     extra = first - sink_tokens - 1  # memory and sparse keys, before the sinks
+    reference = recalled + (0 if slots is None else sparse_args[0])  # c_t: over pending group, sinks, window
     scores = (q @ keys.transpose(-1, -2)).mul_(scale)
     if sink_q is not None and sink_tokens > 0:  # the sink columns follow the recalled and sparse ones
         far_q = sink_q.float().view(batch, kv_heads, -1, head_dim)
@@ -252,8 +254,8 @@ def _one_token(q, k, v, window, state, sink_tokens, fq, fk, log_gate, scale, eps
         if log_gate is not None:
             recurrent = recurrent * log_gate.float().exp()[..., None]  # [B, Hk, 1] -> [B, Hk, 1, 1]
         linear = fq.float().view(batch, kv_heads, -1, fq.shape[-1]) @ recurrent  # [B, Hk, G, D + 1]
-        if extra:  # the memory and sparse keys are weighed against c_t, the window's max
-            linear = linear * (scores[..., extra:].amax(-1, keepdim=True) - row_max).exp()
+        if extra:  # the memory and cached keys are weighed against c_t, the window's (and pending group's) max
+            linear = linear * (scores[..., reference:].amax(-1, keepdim=True) - row_max).exp()
         num, den = num + linear[..., :-1], den + linear[..., -1:]
     o = (num / (den + eps)).view(batch, -1, 1, head_dim).to(out_dtype)
 
