@@ -111,7 +111,7 @@ class EvaluateConfig:
     retrieval_variants: list[str] = field(default_factory=lambda: ["repeated/a", "prose/b"])
     # branches of the student switched off one at a time at inference (held-out ratios and retrieval without
     # each): linear | memory | sinks; [] = no ablation
-    ablate: list[str] = field(default_factory=lambda: ["linear", "memory", "sinks"])
+    ablate: list[str] = field(default_factory=lambda: ["linear", "memory", "sparse", "sinks"])
     ablation_blocks: int = 1  # held-out blocks per domain for the ablation's ratios (the first of data.eval_blocks)
     # the teacher's results (held-out, long range, retrieval, samples) kept across runs under the cache directory
     # and read back by a run of the same teacher on the same inputs (linearize.teacher.results); false = computed

@@ -23,9 +23,13 @@ softmax keys: most of a small model's attention mass sits on them), and changes 
   four tokens, kept in a table of 1024 buckets per n-gram order, each entry in int4 with a step and an
   offset per row. It is what the teacher's copying (induction) heads attend to, and what no feature map of
   the state's size singles out among hundreds of old keys (bench/recall.py); the window shrinks to 60 so a
-  query still sees 68 softmax keys at most, as a 64-token window with 4 sinks.
+  query still sees 68 softmax keys at most, as a 64-token window with 4 sinks;
+- a sparse cache (`linearize.ops.sparse`, LoLA's): 128 exact keys beyond the window, those the linear state
+  recalls worst, in the key/value heads the run measures reading far back on the teacher
+  (`linearize.placement`), as many as `sparse_budget` MiB per sequence pays for. A query weighs them in the
+  same softmax; the state holds every other old key.
 
-    y_t = (sum_{window, sinks, memory keys} exp(q_t.k_s / sqrt(d) - c_t) [v_s, 1]
+    y_t = (sum_{window, sinks, memory and cached keys} exp(q_t.k_s / sqrt(d) - c_t) [v_s, 1]
            + sum_{older} a^{t-s} m_q(q_t) m_k(k_s) phi(q_t).phi(k_s) [v_s, 1])  -> num / den
     m_q(q) = exp(q.u_q + b), m_k(k) = exp(k.u_k); u = 0 and b = log(linear_scale_init) at the start.
 """
@@ -71,6 +75,8 @@ class Settings(SparseSettings, WindowSettings):
     # added to a recalled key's score (a prior for keys found by a long match): a number for every order of 2
     # or more tokens (a single token recurs too often to trust), or a list: one per memory_ngram order
     memory_bias: float | list[float] = 2.0
+    sparse_keys: int = 128  # exact keys beyond the window (linearize.ops.sparse) in the measured heads ...
+    sparse_budget: float = 2.0  # ... as many as 2 MiB per sequence pays for (SmolLM2-135M: 14 of 90)
 
     def validate(self) -> None:
         super().validate()
