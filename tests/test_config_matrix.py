@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import make_byte_tokenizer, make_tiny_model
 
+from linearize.errors import LinearizeError
 from linearize.methods import build_config
 from linearize.pipeline import run
 
@@ -120,6 +121,21 @@ def test_a_measured_sparse_cache_goes_to_the_heads_the_budget_pays_for_and_the_s
     kept = {(layer, head) for layer, m in enumerate(model.model.layers) if m.self_attn.mixer.sparse_keys
             for head in (m.self_attn.mixer.sparse_heads or range(model.config.text_config.num_key_value_heads))}
     assert kept == {tuple(pair) for pair in heads}
+
+
+def test_a_sparse_budget_that_pays_for_no_head_stops_the_run_while_it_plans(teacher, tmp_path, monkeypatch):
+    import linearize.pipeline as pipeline
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the budget was checked")
+
+    monkeypatch.setattr(pipeline, "load_teacher", no_teacher)
+    out = tmp_path / "run"
+    config = build_config(settings(teacher, out, attention={"window_size": 8, "sink_tokens": 2, "sparse_keys": 4,
+                                                            "sparse_budget": 1e-6}))
+    with pytest.raises(LinearizeError, match=r"attention.sparse_budget \(1e-06 MiB\) does not pay for one head"):
+        run(config, log=lambda msg: None)
+    assert not (out / "stage1").exists()
 
 
 @pytest.mark.parametrize("method", ["hybrid", "lolcats", "lola", "liger", "window", "xatl"])

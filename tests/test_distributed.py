@@ -32,7 +32,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def settings(teacher: Path, out: Path, **changes) -> dict:
     run = {
         "model": str(teacher), "output_dir": str(out), "checkpoint_every": 1, "baselines": {},
-        "attention": {"window_size": 8, "sink_tokens": 2, "memory_buckets": 16},
+        "attention": {"window_size": 8, "sink_tokens": 2, "memory_buckets": 16, "sparse_keys": 4},
         "data": {"seq_len": 48, "eval_seq_len": 48, "eval_blocks": 1, "long_context": 0, "copy_lengths": []},
         "evaluate": {"retrieval": [], "ablate": []},
         "transfer": {"tokens": 48 * 8, "epochs": 2, "lr": 0.05, "warmup_steps": 1, "layers_per_block": 1,

@@ -38,7 +38,8 @@ def tiny_settings(teacher_dir: Path, output_dir: Path, **extra) -> dict:
         "model": str(teacher_dir),
         "output_dir": str(output_dir),
         "checkpoint_every": 2,
-        "attention": {"window_size": 8, "sink_tokens": 2},
+        # a sparse cache of 4 keys (the default's 128 would hold a 64-token block whole), in the heads placed
+        "attention": {"window_size": 8, "sink_tokens": 2, "sparse_keys": 4},
         "baselines": {},
         "data": {"source": "default", "seq_len": 64, "eval_seq_len": 64, "eval_blocks": 2, "long_context": 256,
                  "copy_lengths": [16, 64]},
@@ -93,11 +94,12 @@ def test_report_holds_every_row_and_stage(finished_run):
     text = (out / "report.md").read_text()
     for row in ("teacher", "untrained swap", "after stage 1", "after stage 2", "window+sinks (baseline)", "Long range"):
         assert row in text
-    # the tiny hybrid: window 8 + sinks 2 (+ a recalled key per n-gram order where it has a memory) against the
-    # baseline's 8 + 2
+    # the tiny hybrid: window 8 + sinks 2 (+ a recalled key per n-gram order where it has a memory, + the sparse
+    # cache's 4 keys and its pending group of 8) against the baseline's 8 + 2
     keys, attention = report["model"]["softmax_keys"], report["config"]["attention"]
     assert keys == attention["window_size"] + attention["sink_tokens"] + (
-        len(attention["memory_ngram"]) if attention["memory_buckets"] else 0)
+        len(attention["memory_ngram"]) if attention["memory_buckets"] else 0) + 4 + 8
+    assert report["placement"]["heads"] == attention["sparse_heads"] and attention["sparse_heads"]
     assert f"at most: {keys} (baselines: window+sinks 10)." in text
     # where the time went: every step that ran, the training steps taking at least their stages' own time
     steps = report["seconds_by_step"]
@@ -118,15 +120,16 @@ def test_report_holds_retrieval_for_every_model_and_the_branch_ablation(finished
                                                               ("quote", "text")) for depth in (0.25, 0.75)]
         assert all(isinstance(r["correct"], bool) and isinstance(r["generated"], str) for r in records)
     ablation = report["ablation"]
-    assert list(ablation) == ["all", "without linear", "without memory", "without sinks"]
+    assert list(ablation) == ["all", "without linear", "without memory", "without sparse", "without sinks"]
     for entry in ablation.values():
         assert set(entry["ratios"]) == set(report["eval"]["teacher"]) and all(r > 0 for r in entry["ratios"].values())
     # a branch switched off is asked only the tasks the whole student answered at least once
     solved = {r["task"] for r in report["retrieval"]["hybrid"] if r["correct"]}
     assert set(ablation["all"]["retrieval"]) == {"passkey", "quote"}
-    assert all(set(ablation[f"without {b}"]["retrieval"]) == solved for b in ("linear", "memory", "sinks"))
-    # switching a branch off changes the student's held-out ratio (the tiny student uses all three)
-    assert all(ablation[f"without {b}"]["ratios"] != ablation["all"]["ratios"] for b in ("linear", "memory", "sinks"))
+    branches = ("linear", "memory", "sparse", "sinks")
+    assert all(set(ablation[f"without {b}"]["retrieval"]) == solved for b in branches)
+    # switching a branch off changes the student's held-out ratio (the tiny student uses all four)
+    assert all(ablation[f"without {b}"]["ratios"] != ablation["all"]["ratios"] for b in branches)
     text = (out / "report.md").read_text()
     assert "## Retrieval" in text and "| window+sinks (baseline), after the same stage 2 |" in text
     assert "## Branch ablation" in text and "| without memory |" in text
@@ -303,7 +306,7 @@ def test_eval_cli_retrieval_and_ablation_side_by_side(finished_run):
     accuracy = printed["retrieval"]["accuracy"]
     assert list(accuracy) == ["student", "teacher", "window+sinks (untrained)"]
     assert all(set(a) == {"passkey", "quote"} and set(a["passkey"]) == {"512"} for a in accuracy.values())
-    assert list(printed["ablation"]) == ["all", "without linear", "without memory", "without sinks"]
+    assert list(printed["ablation"]) == ["all", "without linear", "without memory", "without sparse", "without sinks"]
     assert printed["ablation"]["all"]["retrieval"] == accuracy["student"]
     assert "| model | passkey 512 | quote 512 |" in result.stderr
     assert "| student | code ratio | prose ratio |" in result.stderr

@@ -8,6 +8,7 @@ import pytest
 
 from linearize import LinearizeError
 from linearize.methods import build_config
+from linearize.placement import planned_heads
 from linearize.plan import (
     GiB,
     choose_store,
@@ -177,9 +178,19 @@ def test_the_costs_count_a_teacher_layer_as_two_flops_per_weight_and_token(shape
     # the student's step: forward and the backward to its input (no weight gradients but LoRA's), and more
     assert 1.5 * weights < counted.layers[0].student.total_flops < 3 * weights
     assert counted.layers[0].transfer.total_flops > 0
-    memory = [i for i in range(shape.layers) if counted.layers[i] is not counted.layers[0]]
-    assert memory == list(range(16, 32))  # the upper half keeps a recall memory: counted apart, costs more
-    assert len(counted.layers[16].transfer.flops) > len(counted.layers[0].transfer.flops)
+    # the upper half keeps a recall memory, the sparse cache one head in each of the layers the plan places it
+    # (placement.planned_heads: as many as its budget pays for, spread): four kinds of layer, each counted once
+    config = run_config()
+    cached = {layer for layer, _ in planned_heads(config.attention, text_config("Llama-3.1-8B"), list(range(32)))}
+    assert 0 < len(cached) < 16 and any(i < 16 for i in cached) and any(i >= 16 for i in cached)
+    for i in range(shape.layers):
+        alike = [j for j in range(shape.layers) if counted.layers[j] is counted.layers[i]]
+        assert alike == [j for j in range(shape.layers) if (j >= 16, j in cached) == (i >= 16, i in cached)]
+    plain, memory, sparse = (min(j for j in range(32) if (j >= 16, j in cached) == kind)
+                             for kind in ((False, False), (True, False), (False, True)))
+    # a memory's and a cache's ops cost more than the plain layer's
+    for costlier in (memory, sparse):
+        assert counted.layers[costlier].transfer.total_flops > counted.layers[plain].transfer.total_flops
 
 
 @pytest.mark.parametrize("options, message", [

@@ -25,7 +25,7 @@ from linearize.retrieval import (
 )
 
 HYBRID = {"window_size": 8, "sink_tokens": 2, "decay": 0.95, "memory_buckets": 16, "memory_layers": None,
-          "linear_scale_init": 0.5}
+          "linear_scale_init": 0.5, "sparse_keys": 3}  # every head: no run measured where
 
 
 def documents(count: int = 4, length: int = 600) -> list[torch.Tensor]:
@@ -182,10 +182,11 @@ def test_each_branch_switched_off_changes_the_output_and_is_restored():
     model = linearize(make_tiny_model("llama"), "hybrid", HYBRID)
     x = tokens(length=64)
     full = forward(model, x)
-    for name in ("linear", "memory", "sinks"):
+    for name in ("linear", "memory", "sinks", "sparse"):
         assert not torch.allclose(forward(model, x, [name]), full, atol=1e-4), name
     torch.testing.assert_close(forward(model, x), full)
-    with pytest.raises(LinearizeError, match="no window branch to switch off; its branches: linear, memory, sinks"):
+    with pytest.raises(LinearizeError, match="no window branch to switch off; its branches: linear, memory, sinks, "
+                                             "sparse"):
         forward(model, x, ["window"])
 
 
@@ -194,11 +195,11 @@ def test_every_branch_off_leaves_exactly_the_window():
     hybrid = linearize(make_tiny_model("llama"), "hybrid", HYBRID)
     window = linearize(teacher, "window", {"window_size": 8, "sink_tokens": 0})
     x = tokens(length=64)
-    torch.testing.assert_close(forward(hybrid, x, ["linear", "memory", "sinks"]), forward(window, x),
+    torch.testing.assert_close(forward(hybrid, x, ["linear", "memory", "sinks", "sparse"]), forward(window, x),
                                rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["linear", "memory", "sinks"])
+@pytest.mark.parametrize("name", ["linear", "memory", "sinks", "sparse"])
 def test_a_branch_switched_off_stays_off_while_decoding(name):
     model = linearize(make_tiny_model("llama"), "hybrid", HYBRID)
     with branches_off(model, [name]):

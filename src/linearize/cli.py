@@ -221,6 +221,7 @@ def ablation(model, teacher, tokenizer, prompts, records, args: argparse.Namespa
     """Held-out ratios (--data, else the default corpus's held-out blocks) and retrieval accuracy with each
     branch switched off (all the model has, unless --ablate names them)."""
     from linearize.data import build_blocks, file_blocks
+    from linearize.layers.attention import BRANCHES
     from linearize.probes import ablate, mean_nll, of_tasks, present_branches
     from linearize.retrieval import run_retrieval
 
@@ -230,7 +231,8 @@ def ablation(model, teacher, tokenizer, prompts, records, args: argparse.Namespa
         data = build_blocks(tokenizer, "default", args.seq_len, 0, args.ablation_blocks * args.seq_len,
                             eval_seq_len=args.seq_len)
         blocks = {d: b for d, b in data.eval.items() if len(b)}
-    branches = sorted(present_branches(model)) if args.ablate == "all" else _items(args.ablate)
+    present = present_branches(model)  # in the order a run's evaluate.ablate names them
+    branches = [b for b in BRANCHES if b in present] if args.ablate == "all" else _items(args.ablate)
 
     def answer(m, label, tasks):
         return run_retrieval(m, tokenizer, of_tasks(prompts, tasks), f"retrieval {label}")
@@ -458,7 +460,7 @@ def parser() -> argparse.ArgumentParser:
                          "all)")
     ev.add_argument("--ablate", nargs="?", const="all",
                     help="switch off each branch of the student in turn (all it has, or the ones named: linear, "
-                    "memory, sinks): held-out ratios, and retrieval with --retrieval")
+                    "memory, sparse, sinks): held-out ratios, and retrieval with --retrieval")
     ev.add_argument("--ablation-blocks", type=int, default=2, help="held-out blocks per domain for --ablate")
     ev.add_argument("--long-range", action="store_true",
                     help="ratio by position on long held-out documents, and the copy test (with the teacher)")

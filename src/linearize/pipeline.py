@@ -201,6 +201,8 @@ class Recipe:
         distributed.barrier()
         self.tokenizer = load_tokenizer(config.model)
         stage_tokens = [s.tokens for s in (config.transfer, config.finetune) if s.enabled]
+        if getattr(config.attention, "sparse_keys", 0) and config.attention.sparse_heads == "measured":
+            stage_tokens.append(placement.PROBE_BLOCKS * config.data.seq_len)  # the placement probe's text
         self.data = build_blocks(
             self.tokenizer, config.data.source, seq_len=config.data.seq_len,
             train_tokens=max(stage_tokens, default=0),
@@ -224,6 +226,10 @@ class Recipe:
             check_retrieval(config.evaluate.retrieval, config.evaluate.retrieval_lengths,
                             config.evaluate.retrieval_depths,
                             getattr(self.text_config, "max_position_embeddings", None), " (evaluate.retrieval_lengths)")
+        sparse = config.attention
+        if getattr(sparse, "sparse_keys", 0) and sparse.sparse_heads == "measured":  # the budget pays for a head
+            placement.heads_paid(sparse.sparse_keys, sparse.window_size, head_dim_of(self.text_config),
+                                 sparse.sparse_budget)
         shape = model_shape(self.text_config, config.method, config.attention, config.finetune.target_modules,
                             config.finetune.lora_r)
         # the defaults that follow the number of processes, as the run first chose them: resumed on another
@@ -288,14 +294,11 @@ class Recipe:
             atomic_write_text(plan_file, (plan_file.read_text() if plan_file.is_file() else "") + line + "\n")
 
     def measure_placement(self) -> dict:
-        from linearize.teacher.families import teacher_window
-
         config, settings = self.config, self.config.attention
         model, _ = load_teacher(config.model, dtype=self.dtype)
         scores = placement.head_scores(model.to(self.device), self.data.train, settings.window_size,
                                        settings.sink_tokens)
-        converted = [i for i in range(len(scores)) if i not in settings.softmax_layers and (
-            teacher_window(self.text_config, i) is None or settings.local_layers == "convert")]
+        converted = placement.converted_layers(self.text_config, settings)
         return placement.place_sparse(scores, converted, settings.sparse_keys, settings.window_size,
                                       head_dim_of(self.text_config), settings.sparse_budget).summary()
 

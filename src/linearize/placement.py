@@ -14,7 +14,7 @@ sequence pays for.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,6 +30,9 @@ MiB = float(1 << 20)
 def head_scores(model: torch.nn.Module, blocks: torch.Tensor, window: int, sink_tokens: int) -> list[list[float]]:
     """[layer][kv_head] scores of a teacher (a Hugging Face causal LM) on `blocks` [N, T] of its own tokens:
     each block's first PROBE_HALF tokens said twice (the first PROBE_BLOCKS blocks)."""
+    if blocks.shape[0] == 0:
+        raise LinearizeError("placing the sparse cache measures the teacher on training blocks, and the corpus gave "
+                             "none: give data.source more text, or name the heads (attention.sparse_heads)")
     half = min(PROBE_HALF, blocks.shape[1] // 2)
     if half <= window:
         raise LinearizeError(f"placing the sparse cache needs training blocks of more than {2 * window} tokens "
@@ -90,9 +93,9 @@ def describe(summary: dict) -> str:
             "(layer.head)")
 
 
-def place_sparse(scores: list[list[float]], converted: list[int], sparse_keys: int, window: int, head_dim: int,
-                 budget_mib: float) -> Placement:
-    """The highest-scoring heads of the `converted` layers that `budget_mib` MiB per sequence pays for."""
+def heads_paid(sparse_keys: int, window: int, head_dim: int, budget_mib: float) -> int:
+    """How many heads' caches `budget_mib` MiB per sequence pays for; an error when not one (a run checks it
+    while it plans, before any weight loads)."""
     size = head_bytes(sparse_keys, window, head_dim)
     count = math.floor(budget_mib * MiB / size)
     if count < 1:
@@ -100,6 +103,44 @@ def place_sparse(scores: list[list[float]], converted: list[int], sparse_keys: i
                              f"({size / MiB:.2f} MiB for sparse_keys {sparse_keys} + a {window}-token pending "
                              f"group): raise attention.sparse_budget to at least {math.ceil(size / MiB * 100) / 100} "
                              "or lower attention.sparse_keys")
+    return count
+
+
+def converted_layers(text_config, settings) -> list[int]:
+    """The layers a conversion with `settings` replaces (not kept as softmax, not a teacher's local layer kept)."""
+    from linearize.teacher.families import teacher_window
+
+    return [i for i in range(text_config.num_hidden_layers) if i not in settings.softmax_layers and (
+        teacher_window(text_config, i) is None or settings.local_layers == "convert")]
+
+
+def planned(settings, text_config):
+    """`settings` with the heads a plan counts in place of `sparse_heads: measured` (`planned_heads`); as
+    they are otherwise."""
+    if not getattr(settings, "sparse_keys", 0) or settings.sparse_heads != "measured":
+        return settings
+    return replace(settings, sparse_heads=planned_heads(settings, text_config, converted_layers(text_config, settings)))
+
+
+def planned_heads(settings, text_config, layers: list[int]) -> list[list[int]]:
+    """The heads a plan counts before the run has measured any (`sparse_heads: measured`): as many as the
+    budget pays for, one per layer of `layers` (the converted ones, spread evenly while fewer), then a second
+    head in each, and so on: the cost at its highest, as a layer's op pays for its cache whether one of its
+    heads has one or all do."""
+    from linearize.methods.base import head_dim_of
+
+    count = heads_paid(settings.sparse_keys, settings.window_size, head_dim_of(text_config), settings.sparse_budget)
+    count = min(count, len(layers) * text_config.num_key_value_heads)
+    if count < len(layers):
+        layers = [layers[(i * len(layers)) // count] for i in range(count)]
+    return sorted([layers[i % len(layers)], i // len(layers)] for i in range(count))
+
+
+def place_sparse(scores: list[list[float]], converted: list[int], sparse_keys: int, window: int, head_dim: int,
+                 budget_mib: float) -> Placement:
+    """The highest-scoring heads of the `converted` layers that `budget_mib` MiB per sequence pays for."""
+    size = head_bytes(sparse_keys, window, head_dim)
+    count = heads_paid(sparse_keys, window, head_dim, budget_mib)
     ranked = sorted(((scores[layer][head], layer, head) for layer in converted for head in range(len(scores[layer]))),
                     key=lambda entry: (-entry[0], entry[1], entry[2]))
     chosen, rest = ranked[:count], ranked[count:]

@@ -256,7 +256,7 @@ class LinearizedAttention(nn.Module):
         return self.o_proj(out), None
 
 
-BRANCHES = ("linear", "memory", "sinks", "sparse")  # every switchable branch any mixer has
+BRANCHES = ("linear", "memory", "sparse", "sinks")  # every switchable branch any mixer has
 
 
 @contextmanager

@@ -159,6 +159,7 @@ def model_costs(text_config, config, batch: int, dtype: torch.dtype | None = Non
     from linearize.methods import get_method
     from linearize.models import LinearizedForCausalLM
     from linearize.models.modeling import decoder_layers
+    from linearize.placement import planned
     from linearize.teacher.streaming import empty_teacher
     from linearize.train.finetune import lora_config
     from linearize.train.targets import top_k_kl
@@ -168,7 +169,7 @@ def model_costs(text_config, config, batch: int, dtype: torch.dtype | None = Non
     seq_len, tune = config.data.seq_len, config.finetune
     with torch.random.fork_rng(devices=[]):
         teacher = empty_teacher(text_config, dtype)
-        student = LinearizedForCausalLM.from_teacher(teacher, config.method, config.attention,
+        student = LinearizedForCausalLM.from_teacher(teacher, config.method, planned(config.attention, text_config),
                                                      device=torch.device("meta"))
         student.requires_grad_(False)
     layers = decoder_layers(student)

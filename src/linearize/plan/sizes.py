@@ -75,6 +75,7 @@ def model_shape(text_config, method: str, attention: Any, target_modules: list[s
     from linearize.methods.base import head_dim_of
     from linearize.models import LinearizedForCausalLM
     from linearize.models.modeling import decoder_layers
+    from linearize.placement import planned
     from linearize.teacher.families import check_supported
     from linearize.teacher.streaming import empty_teacher
 
@@ -86,7 +87,8 @@ def model_shape(text_config, method: str, attention: Any, target_modules: list[s
     attention_params = [sum(p.numel() for p in layer.self_attn.parameters()) for layer in teacher.model.layers]
     lora = sum(lora_r * (m.in_features + m.out_features) for name, m in teacher.model.layers.named_modules()
                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules)
-    student = LinearizedForCausalLM.from_teacher(teacher, method, attention, device=torch.device("meta"))
+    student = LinearizedForCausalLM.from_teacher(teacher, method, planned(attention, text_config),
+                                                 device=torch.device("meta"))
     mixers = []
     for layer in decoder_layers(student):
         mixer = getattr(layer.self_attn, "mixer", None)
