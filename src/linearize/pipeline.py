@@ -201,7 +201,7 @@ class Recipe:
         distributed.barrier()
         self.tokenizer = load_tokenizer(config.model)
         stage_tokens = [s.tokens for s in (config.transfer, config.finetune) if s.enabled]
-        if getattr(config.attention, "sparse_keys", 0) and config.attention.sparse_heads == "measured":
+        if placement.measured(config.attention):
             stage_tokens.append(placement.PROBE_BLOCKS * config.data.seq_len)  # the placement probe's text
         self.data = build_blocks(
             self.tokenizer, config.data.source, seq_len=config.data.seq_len,
@@ -226,10 +226,7 @@ class Recipe:
             check_retrieval(config.evaluate.retrieval, config.evaluate.retrieval_lengths,
                             config.evaluate.retrieval_depths,
                             getattr(self.text_config, "max_position_embeddings", None), " (evaluate.retrieval_lengths)")
-        sparse = config.attention
-        if getattr(sparse, "sparse_keys", 0) and sparse.sparse_heads == "measured":  # the budget pays for a head
-            placement.heads_paid(sparse.sparse_keys, sparse.window_size, head_dim_of(self.text_config),
-                                 sparse.sparse_budget)
+        # (model_shape counts a measured sparse cache in the heads its budget pays for: none is an error here)
         shape = model_shape(self.text_config, config.method, config.attention, config.finetune.target_modules,
                             config.finetune.lora_r)
         # the defaults that follow the number of processes, as the run first chose them: resumed on another
@@ -283,7 +280,7 @@ class Recipe:
         many as `attention.sparse_budget` pays for; written into the run's attention settings, so the student
         and its saved config name them."""
         settings = self.config.attention
-        if not getattr(settings, "sparse_keys", 0) or settings.sparse_heads != "measured":
+        if not placement.measured(settings):
             return
         summary = self.progress.once("placement", self.measure_placement)
         settings.sparse_heads = [list(pair) for pair in summary["heads"]]

@@ -114,10 +114,15 @@ def converted_layers(text_config, settings) -> list[int]:
         teacher_window(text_config, i) is None or settings.local_layers == "convert")]
 
 
+def measured(settings) -> bool:
+    """Whether `settings` (a method's attention settings) ask for a sparse cache in heads the run measures."""
+    return bool(getattr(settings, "sparse_keys", 0)) and settings.sparse_heads == "measured"
+
+
 def planned(settings, text_config):
-    """`settings` with the heads a plan counts in place of `sparse_heads: measured` (`planned_heads`); as
-    they are otherwise."""
-    if not getattr(settings, "sparse_keys", 0) or settings.sparse_heads != "measured":
+    """`settings` with the heads a plan counts in place of `sparse_heads: measured` (`planned_heads`; an error
+    when the budget pays for no head); as they are otherwise."""
+    if not measured(settings):
         return settings
     return replace(settings, sparse_heads=planned_heads(settings, text_config, converted_layers(text_config, settings)))
 
