@@ -1,5 +1,6 @@
 # `make run`: install into .venv (first time only) and run the default linearization end to end.
-# `make test`: install into .venv (first time only) and run the test suite.
+# `make test`: install into .venv (first time only) and run the test suite, on two worker processes (pytest-xdist),
+# one torch thread each: most tests are small and gain nothing from a second thread, so two at a time.
 # `make figures`: redraw the README's figures from the measured numbers in docs/figures.yaml.
 # `make example-report`: copy the default run's report (runs/default/report.html, after `make run`) to docs/.
 PYTHON ?= python3
@@ -21,7 +22,7 @@ run: $(BIN)/linearize
 	$(BIN)/linearize run
 
 test: $(BIN)/linearize
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 lint: $(BIN)/linearize
 	$(BIN)/ruff check src tests bench

@@ -156,3 +156,14 @@ def test_the_defaults_that_follow_the_number_of_processes():
     chosen = build_config({"finetune": {"batch_size": 3}, "transfer": {"layers_per_block": 10}})
     resolved = for_processes(chosen, 2, 30)
     assert resolved.finetune.batch_size == 3 and resolved.transfer.layers_per_block == 10
+
+
+def test_the_command_line_keeps_freed_memory_for_the_next_tensors_on_glibc():
+    """mallopt takes every setting (a value out of its range is refused: False), so CPU runs stop faulting in
+    the same activation-sized blocks at every layer."""
+    import os
+
+    from linearize.allocator import keep_freed_memory
+
+    glibc = os.confstr("CS_GNU_LIBC_VERSION") is not None
+    assert keep_freed_memory() is glibc

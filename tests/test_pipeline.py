@@ -421,6 +421,37 @@ def test_a_second_run_of_the_same_teacher_reads_its_results_back_and_reports_the
     assert reports[0] == reports[1] and reports[0]["retrieval"]["teacher"] and reports[0]["samples"]
 
 
+def test_a_baseline_trained_once_is_read_back_by_a_run_that_changes_only_the_student(teacher_dir, tmp_path,
+                                                                                   monkeypatch):
+    """window + sinks after stage 2, with its held-out ratios, probes and retrieval: kept by the first run; a
+    second run with another student (its window) on the same teacher, data and stage 2 trains no baseline and
+    reports the same numbers for it; a changed stage 2 trains it again."""
+    from linearize.teacher.results import TeacherResults
+
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    computed = []
+    get = TeacherResults.get
+
+    def counted(self, kind, inputs, compute, settings=None):
+        return get(self, kind, inputs, lambda: computed.append(kind) or compute(), settings)
+
+    monkeypatch.setattr(TeacherResults, "get", counted)
+    baselines = {"window+sinks": {"method": "window", "attention": {"window_size": 8, "sink_tokens": 2}}}
+    reports = {}
+    for name, extra in (("first", {}), ("other-student", {"attention": {"window_size": 6}}),
+                        ("other-stage-2", {"finetune": {"lr": 2e-3}})):
+        settings = tiny_settings(teacher_dir, tmp_path / name, baselines=baselines, transfer={"enabled": False},
+                                 evaluate={"ablate": []}, **extra)
+        reports[name] = json.loads(json.dumps(run(build_config(settings), log=lambda msg: None)))
+    assert computed.count("baseline-window-sinks") == 2  # the first run's and the changed stage 2's
+    assert not (tmp_path / "other-student" / "baselines").exists()  # read back: nothing trained
+    assert (tmp_path / "other-stage-2" / "baselines" / "window-sinks").is_dir()
+    first, again = (reports[n]["baselines"]["window+sinks"] for n in ("first", "other-student"))
+    assert first == again and first["finetune"]["steps"] > 0 and first["retrieval"]["finetune"]
+    assert reports["other-student"]["eval"]["finetune"] != reports["first"]["eval"]["finetune"]  # its own student
+    assert reports["other-stage-2"]["baselines"]["window+sinks"]["eval"] != first["eval"]
+
+
 def test_rerun_with_another_config_in_the_same_dir_is_refused(finished_run, teacher_dir):
     out, _ = finished_run
     with pytest.raises(LinearizeError, match=r"different config \(seed, baselines\): pass --fresh"):

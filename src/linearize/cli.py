@@ -22,6 +22,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from linearize.allocator import keep_freed_memory
 from linearize.errors import LinearizeError
 
 
@@ -518,6 +519,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    keep_freed_memory()
     try:
         args.func(args)
     except LinearizeError as err:

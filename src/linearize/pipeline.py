@@ -20,6 +20,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,15 @@ from linearize.plan import (
     stage1_plan,
     stage2_plan,
 )
-from linearize.probes import Ablation, LongRange, Retrieval, evaluation_code, remembered, teacher_held_out
+from linearize.probes import (
+    Ablation,
+    LongRange,
+    Retrieval,
+    evaluation_code,
+    package_code,
+    remembered,
+    teacher_held_out,
+)
 from linearize.report import model_card, write_report
 from linearize.retrieval import check_settings as check_retrieval
 from linearize.teacher import (
@@ -543,15 +552,33 @@ class Recipe:
 
     def baselines(self) -> None:
         config = self.config
+        # like the teacher's results, kept across runs (one process: more split the arithmetic otherwise): what a
+        # baseline gives depends on the teacher, the run's data, stage 2 and evaluation settings and the code
+        # (all of it: the package's fingerprint), never on the student
+        results = (TeacherResults(config.model, self.dtype, self.device, package_code())
+                   if config.evaluate.teacher_cache and distributed.world() == 1 else None)
         for name, baseline in config.baselines.items():
             def train_baseline(name=name, baseline=baseline):
-                return run_baseline(self, name, baseline)
+                if results is None:
+                    return run_baseline(self, name, baseline)
+                settings = {"baseline": baseline, "seed": config.seed, "data": asdict(config.data),
+                            "finetune": asdict(config.finetune), "evaluate": asdict(config.evaluate) | {"ablate": []},
+                            "domains": sorted(self.data.eval), "checkpoint_every": config.checkpoint_every}
+                return remembered(results, f"baseline-{slug(name)}", self.baseline_inputs(),
+                                  lambda: run_baseline(self, name, baseline), settings)
 
             key = f"baseline.{name}"
             saved = self.progress.get(key)
             if saved is not None and self.retrieval.enabled and "retrieval" not in saved:
                 self.progress.data.pop(key)  # measured before retrieval existed: measure it again (it resumes)
             self.result.setdefault("baselines", {})[name] = self.progress.once(key, train_baseline)
+
+    def baseline_inputs(self) -> list[torch.Tensor]:
+        """Every token a baseline trains on or is evaluated on (its results' key: `baselines`)."""
+        data = self.data
+        inputs = [data.train, *(data.eval[d] for d in sorted(data.eval)), *(data.long[d] for d in sorted(data.long))]
+        inputs += [] if data.answers is None else [data.answers]
+        return inputs + [p.input_ids for p in self.retrieval.prompts]
 
     def report(self) -> None:
         elapsed = (self.progress.get("seconds") or 0) + time.perf_counter() - self.started

@@ -36,13 +36,28 @@ def _fingerprint() -> str:
     return digest.hexdigest()
 
 
+def _package_fingerprint() -> str:
+    digest = hashlib.sha256()
+    root = Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 _CODE = _fingerprint()  # read with the code it describes, at import: a file edited since is not this code
+_PACKAGE = _package_fingerprint()
 
 
 def evaluation_code() -> str:
     """A fingerprint of the code that computes the teacher's results (this module and the ones it calls, as they
     were imported): kept results of other code are not read back."""
     return _CODE
+
+
+def package_code() -> str:
+    """A fingerprint of every module of the package (as at import): what keeps a baseline's results, which its
+    training code computes too, from being read back by other code."""
+    return _PACKAGE
 
 
 def remembered(results: TeacherResults | None, kind: str, inputs: Sequence[torch.Tensor], compute: Callable[[], Any],

@@ -14,9 +14,9 @@ one, each through the backend registry (`linearize.ops.backend`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,8 @@ class MixerInput:
     the same before RoPE; v: [B, Hk, T, D]; hidden: the layer input [B, T, C]; key_mask: [B, T] bool
     (True = real token) or None (no padding); token_ids: [B, T] the input token ids, for mixers that
     remember by token (None where the model was called without input_ids); sink_q: [B, H, T, D] the queries
-    rotated to position `mixer.sink_distance`, for mixers that have one (None otherwise)."""
+    rotated to position `mixer.sink_distance`, for mixers that have one (None otherwise), computed by
+    `sink_query` where it is read: a fresh sequence no longer than that distance never reads it."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -50,7 +51,11 @@ class MixerInput:
     hidden: torch.Tensor
     key_mask: torch.Tensor | None = None
     token_ids: torch.Tensor | None = None
-    sink_q: torch.Tensor | None = None
+    sink_query: Callable[[], torch.Tensor | None] | None = field(default=None, repr=False)
+
+    @property
+    def sink_q(self) -> torch.Tensor | None:
+        return None if self.sink_query is None else self.sink_query()
 
 
 class Mixer(nn.Module):
@@ -92,9 +97,10 @@ class Mixer(nn.Module):
             return {}
         return {"sparse_keys": self.sparse_keys, "sparse_heads": self.sparse_heads, "sparse_score": self.sparse_score}
 
-    def sink_inputs(self, x: MixerInput) -> dict:
-        """The window op's arguments for `sink_distance` (none without it)."""
-        if self.sink_distance is None:
+    def sink_inputs(self, x: MixerInput, state: DecodeState | None = None) -> dict:
+        """The window op's arguments for `sink_distance` (none without it, or for a fresh sequence no longer
+        than it: no query there is farther than that from the sinks)."""
+        if self.sink_distance is None or (state is None and x.q.shape[2] - 1 <= self.sink_distance):
             return {}
         return {"sink_q": x.sink_q, "sink_distance": self.sink_distance}
 
@@ -212,7 +218,8 @@ class LinearizedAttention(nn.Module):
 
     def mixer_input(self, hidden_states, position_embeddings, key_mask=None, token_ids=None) -> MixerInput:
         q, k, v, q_nope, k_nope = self.project(hidden_states, position_embeddings)
-        return MixerInput(q, k, v, q_nope, k_nope, hidden_states, key_mask, token_ids, self.sink_query(q_nope))
+        return MixerInput(q, k, v, q_nope, k_nope, hidden_states, key_mask, token_ids,
+                          lambda: self.sink_query(q_nope))
 
     def mix(
         self,

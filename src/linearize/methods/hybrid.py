@@ -211,7 +211,7 @@ class HybridMixer(Mixer):
             x.q, x.k, x.v, self.window_size, state, output_state,
             sink_tokens=0 if "sinks" in self.off else self.sink_tokens, fq=fq, fk=k, key_features=self.key_features,
             log_gate=log_gate, key_mask=x.key_mask, scale=self.scale, **self.memory_inputs(x),
-            **self.sink_inputs(x), **self.sparse_inputs(),
+            **self.sink_inputs(x, state), **self.sparse_inputs(),
         )
 
     def memory_inputs(self, x) -> dict:

@@ -72,7 +72,7 @@ class LigerMixer(Mixer):
         window_state = None if state is None else replace(state, recurrent=None)
         window, window_state = self.window_op(
             x.q, x.k, x.v, s.window_size, window_state, output_state,
-            sink_tokens=s.sink_tokens, key_mask=x.key_mask, scale=self.scale, **self.sink_inputs(x),
+            sink_tokens=s.sink_tokens, key_mask=x.key_mask, scale=self.scale, **self.sink_inputs(x, state),
         )
         out = s.mix[0] * window + s.mix[1] * recurrent
         if window_state is not None:

@@ -80,7 +80,7 @@ class LolcatsMixer(Mixer):
         return self.window_op(
             x.q, k, v, self.window_size, state, output_state, sink_tokens=self.sink_tokens,
             fq=fq / g[:, None, None].to(fq.dtype), fk=fk, key_mask=x.key_mask, scale=self.scale,
-            **self.sink_inputs(x), **self.sparse_inputs(),
+            **self.sink_inputs(x, state), **self.sparse_inputs(),
         )
 
 

@@ -33,7 +33,7 @@ class WindowMixer(Mixer):
     def forward(self, x, state, output_state):
         return self.window_op(
             x.q, x.k, x.v, self.window_size, state, output_state,
-            sink_tokens=self.sink_tokens, key_mask=x.key_mask, scale=self.scale, **self.sink_inputs(x),
+            sink_tokens=self.sink_tokens, key_mask=x.key_mask, scale=self.scale, **self.sink_inputs(x, state),
             **self.sparse_inputs(),
         )
 

@@ -1,5 +1,7 @@
 """The teacher's evaluation results, kept across runs: they depend on the teacher, the exact inputs and how it
 computes them, never on the student, so a later run of the same teacher on the same prompts reads them back.
+The same holds of a run's baselines (the teacher swapped to a constant-memory method, trained by stage 2 and
+evaluated: `linearize.pipeline`), kept here too under the fingerprint of all the package's code.
 
 An entry is `<cache_dir>/teacher-results/<kind>-<key>.json`, with its tensors beside it as `.safetensors`. The
 key is a SHA-256 over everything the result depends on:

@@ -49,9 +49,18 @@ GROUP_TOKENS = 2048  # query chunks are processed this many tokens at a time: bl
 
 def _query_chunks(x: torch.Tensor, kv_heads: int, chunk: int) -> torch.Tensor:
     """Queries [B, H, T, X] -> [B, Hk, N, G * C, X]: chunk n's queries of all G heads that read kv head k
-    in one contiguous matrix, so every product with chunk n's keys is a plain batched matmul."""
-    grouped = chunks(group_heads(x, kv_heads), chunk)  # [B, Hk, G, N, C, X]
-    return grouped.transpose(2, 3).flatten(3, 4).contiguous()
+    in one contiguous matrix, so every product with chunk n's keys is a plain batched matmul. Written in one
+    pass into the new layout (zeros after T), not padded first and then copied."""
+    batch, heads, t, width = x.shape
+    n, full, rest = -(-t // chunk), t // chunk, t % chunk
+    out = x.new_empty(batch, kv_heads, n, heads // kv_heads, chunk, width)
+    into, grouped = out.transpose(2, 3), group_heads(x, kv_heads)  # [B, Hk, G, N, C, X], [B, Hk, G, T, X]
+    if full:
+        into[:, :, :, :full] = grouped[:, :, :, : full * chunk].unflatten(3, (full, chunk))
+    if rest:
+        into[:, :, :, full, :rest] = grouped[:, :, :, full * chunk :]
+        into[:, :, :, full, rest:] = 0.0
+    return out.flatten(3, 4)
 
 
 def window_attention_chunked(
@@ -97,6 +106,8 @@ def window_attention_chunked(
     the state read for chunks <= i - 2 holds every key, so the cached ones' linear terms are taken out again
     (the same sum, without a second state). Rows with left padding are first moved to start at index 0."""
     _check(window, sink_tokens, fq, fk, sink_q, sink_distance)
+    if sink_q is not None and k.shape[2] - 1 <= sink_distance:  # no query as far as that: no second sink score
+        sink_q = None
     out_dtype = v.dtype
     fk, kept = key_features_of(fk, key_features)
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
@@ -115,7 +126,7 @@ def window_attention_chunked(
     positions = real_positions(mask)
     is_sink = mask & (positions < sink_tokens)
 
-    qc = _query_chunks(q, kv_heads, chunk)  # [B, Hk, N, G C, D]
+    qc = _query_chunks(q * scale, kv_heads, chunk)  # [B, Hk, N, G C, D], scaled once: every score reads them
     n_chunks = qc.shape[2]
     vc = chunks(append_ones(v), chunk)  # [B, Hk, N, C, D + 1]
     keys_t = _with_previous_chunk(chunks(k, chunk), 2).transpose(-1, -2)  # [B, Hk, N, D, 2C]
@@ -174,7 +185,7 @@ def window_attention_chunked(
         sink_hidden = ~((where[:, None, None, :] >= 0) & (where[:, None, None, :] <= query_index - window))
         sink_hidden = sink_hidden[:, None, :, None]  # [B, 1, N, 1, C, S]
         if sink_q is not None:  # queries beyond sink_distance read the sinks from there
-            far_qc = _query_chunks(sink_q.float(), kv_heads, chunk)
+            far_qc = _query_chunks(sink_q.float() * scale, kv_heads, chunk)
             reads_far = F.pad(positions, (0, n_chunks * chunk - t), value=-1) > sink_distance
             reads_far = reads_far.view(batch, 1, n_chunks, 1, chunk, 1)  # [B, 1, N, 1, C, 1]
 
@@ -186,7 +197,7 @@ def window_attention_chunked(
         fkc = chunks(fk.masked_fill(is_sink[:, None, :, None], 0.0), chunk)  # [B, Hk, N, C, F]
         previous_fk_t, previous_v = _previous_chunk(fkc, 2).transpose(-1, -2), _previous_chunk(vc, 2)
         not_older = ~torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
-        from_state = fqc  # the queries' reads of the state, decayed from the end of chunk i - 2
+        query_decay = None  # each query's read of the state, decayed from the end of chunk i - 2 (on its row)
         if log_gate is None:
             local = fkc.transpose(-1, -2) @ vc  # [B, Hk, N, F, D + 1]
             chunk_decay = None
@@ -199,7 +210,6 @@ def window_attention_chunked(
             chunk_decay = (end - F.pad(end, (1, 0))[..., :-1]).exp()[..., None, None]  # [B, Hk, N, 1, 1]
             end_before = F.pad(end, (2, 0))[..., :n_chunks]  # A at the end of chunk i - 2
             query_decay = (total - end_before[..., None]).exp()[:, :, :, None, :, None]  # [B, Hk, N, 1, C, 1]
-            from_state = (fqc.view(*fqc.shape[:3], groups, chunk, -1) * query_decay).flatten(3, 4)
         current = torch.zeros_like(local[:, :, 0])
         states_before = [current, current]  # a query in chunk i reads the state after chunk i - 2
         for i in range(n_chunks - 2):
@@ -211,13 +221,13 @@ def window_attention_chunked(
     def block(n: slice) -> torch.Tensor:
         """Outputs [B, Hk, n, G C, D + 1] (numerator and normaliser) of query chunks n."""
         shape = (batch, kv_heads, -1, groups, chunk)
-        scores = (qc[:, :, n] @ keys_t[:, :, n]).mul_(scale).view(*shape, 2 * chunk).masked_fill_(
+        scores = (qc[:, :, n] @ keys_t[:, :, n]).view(*shape, 2 * chunk).masked_fill_(
             hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, 2C]
         row_max = scores.amax(-1, keepdim=True)
         if sink_tokens > 0:
-            sink_scores = (qc[:, :, n] @ sink_keys_t).mul_(scale).view(*shape, sink_tokens)
+            sink_scores = (qc[:, :, n] @ sink_keys_t).view(*shape, sink_tokens)
             if sink_q is not None:
-                far = (far_qc[:, :, n] @ sink_keys_t).mul_(scale).view(*shape, sink_tokens)
+                far = (far_qc[:, :, n] @ sink_keys_t).view(*shape, sink_tokens)
                 sink_scores = torch.where(reads_far[:, :, n], far, sink_scores)
             sink_scores = sink_scores.masked_fill_(sink_hidden[:, :, n], float("-inf"))
             row_max = torch.maximum(row_max, sink_scores.amax(-1, keepdim=True))
@@ -226,37 +236,44 @@ def window_attention_chunked(
             # a query's K recalled keys are its own: products batched over (chunk, position), the G query
             # heads of a group as the rows of one small matmul (no copy of the keys per head)
             mem_scores = torch.einsum("bkngcd,bkncmd->bkngcm", qc[:, :, n].view(*shape, head_dim), mem_kc[:, :, n])
-            mem_scores = mem_scores.mul_(scale).masked_fill_(mem_hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, K]
+            mem_scores = mem_scores.masked_fill_(mem_hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, K]
             if memory_bias:
                 mem_scores = mem_scores + memory.bias_of(mem_scores, memory_bias)
             row_max = torch.maximum(row_max, mem_scores.amax(-1, keepdim=True))
         if sparse_keys > 0:
-            cache_scores = (qc[:, :, n] @ cache_k[:, :, n].transpose(-1, -2)).mul_(scale).view(*shape, sparse_keys)
+            cache_scores = (qc[:, :, n] @ cache_k[:, :, n].transpose(-1, -2)).view(*shape, sparse_keys)
             cache_scores = cache_scores.masked_fill_(cache_hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, size]
             row_max = torch.maximum(row_max, cache_scores.amax(-1, keepdim=True))
-        weights = (scores - row_max).exp_().flatten(3, 4)
+        in_place = not torch.is_grad_enabled()  # no backward reads the scores (the row max's does, with one)
+
+        def weights_of(block_scores: torch.Tensor) -> torch.Tensor:  # exp(score - row max)
+            return (block_scores.sub_(row_max) if in_place else block_scores - row_max).exp_()
+
+        weights = weights_of(scores).flatten(3, 4)
         o = weights @ values[:, :, n]
         if sparse_keys > 0:
-            o = o + (cache_scores - row_max).exp_().flatten(3, 4) @ cache_v[:, :, n]
+            o += weights_of(cache_scores).flatten(3, 4) @ cache_v[:, :, n]  # o: a product's, no backward reads it
         if sink_tokens > 0:
-            o = o + (sink_scores - row_max).exp_().flatten(3, 4) @ sink_values
+            o += weights_of(sink_scores).flatten(3, 4) @ sink_values
         if memory_buckets > 0:
-            o = o + torch.einsum("bkngcm,bkncmd->bkngcd", (mem_scores - row_max).exp_(), mem_vc[:, :, n]).flatten(3, 4)
+            o += torch.einsum("bkngcm,bkncmd->bkngcd", weights_of(mem_scores), mem_vc[:, :, n]).flatten(3, 4)
         if fk is not None:
-            linear = from_state[:, :, n] @ state_before[:, :, n]
+            linear = fqc[:, :, n] @ state_before[:, :, n]
+            if query_decay is not None:
+                linear = (linear.view(*shape, head_dim + 1) * query_decay[:, :, n]).flatten(3, 4)
             if not (sparse_keys > 0 and every_head):  # a head with a cache reads its pending group exactly
                 lin = (fqc[:, :, n] @ previous_fk_t[:, :, n]).view(*shape, chunk)  # [B, Hk, n, G, C, C]
                 lin = lin.masked_fill(not_older, 0.0) if log_gate is None else lin * older_decay[:, :, n]
                 if sparse_keys > 0:
                     lin = lin * ~chosen[:, None, None, None, None]
-                linear = linear + lin.flatten(3, 4) @ previous_v[:, :, n]
+                linear += lin.flatten(3, 4) @ previous_v[:, :, n]
             if sparse_keys > 0:  # the state holds the cached keys too: their linear terms out again
                 cached = (fqc[:, :, n] @ cache_fk_t[:, :, n]).view(*shape, sparse_keys)  # [B, Hk, n, G, C, size]
                 cached = cached if log_gate is None else cached * cache_decay[:, :, n]
-                linear = linear - cached.masked_fill(cache_hidden[:, :, n], 0.0).flatten(3, 4) @ cache_v[:, :, n]
+                linear -= cached.masked_fill(cache_hidden[:, :, n], 0.0).flatten(3, 4) @ cache_v[:, :, n]
             if memory_buckets > 0 or sparse_keys > 0:  # the extra keys are weighed against c_t, the window's max
                 linear = linear * (window_max - row_max).exp().flatten(3, 4)
-            o = o + linear
+            o += linear
         return o
 
     per_block = max(1, GROUP_TOKENS // chunk)
