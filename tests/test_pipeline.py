@@ -392,14 +392,12 @@ def test_a_killed_run_resumes_to_the_same_result(teacher_dir, tmp_path):
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
 
 
-def test_a_second_run_of_the_same_teacher_reads_its_results_back_and_reports_the_same(teacher_dir, tmp_path,
-                                                                                        monkeypatch):
-    """The teacher's held-out scores, long-range profiles, retrieval answers and samples, computed
-    by one run and kept; the next run of the same teacher on the same inputs computes none of them and reports
-    the very same numbers."""
+def kept_results_computed(monkeypatch, cache: Path) -> list[str]:
+    """Results kept across runs go to `cache`; the returned list gets the kind of each one computed (not read
+    back), in order."""
     from linearize.teacher.results import TeacherResults
 
-    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LINEARIZE_CACHE", str(cache))
     computed = []
     get = TeacherResults.get
 
@@ -407,6 +405,15 @@ def test_a_second_run_of_the_same_teacher_reads_its_results_back_and_reports_the
         return get(self, kind, inputs, lambda: computed.append(kind) or compute(), settings)
 
     monkeypatch.setattr(TeacherResults, "get", counted)
+    return computed
+
+
+def test_a_second_run_of_the_same_teacher_reads_its_results_back_and_reports_the_same(teacher_dir, tmp_path,
+                                                                                        monkeypatch):
+    """The teacher's held-out scores, long-range profiles, retrieval answers and samples, computed
+    by one run and kept; the next run of the same teacher on the same inputs computes none of them and reports
+    the very same numbers."""
+    computed = kept_results_computed(monkeypatch, tmp_path / "cache")
     off = {"enabled": False}  # the untrained student: its agreement, ratios and ablation read the teacher's
     reports = []
     for name in ("first", "second"):
@@ -426,16 +433,7 @@ def test_a_baseline_trained_once_is_read_back_by_a_run_that_changes_only_the_stu
     """window + sinks after stage 2, with its held-out ratios, probes and retrieval: kept by the first run; a
     second run with another student (its window) on the same teacher, data and stage 2 trains no baseline and
     reports the same numbers for it; a changed stage 2 trains it again."""
-    from linearize.teacher.results import TeacherResults
-
-    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
-    computed = []
-    get = TeacherResults.get
-
-    def counted(self, kind, inputs, compute, settings=None):
-        return get(self, kind, inputs, lambda: computed.append(kind) or compute(), settings)
-
-    monkeypatch.setattr(TeacherResults, "get", counted)
+    computed = kept_results_computed(monkeypatch, tmp_path / "cache")
     baselines = {"window+sinks": {"method": "window", "attention": {"window_size": 8, "sink_tokens": 2}}}
     reports = {}
     for name, extra in (("first", {}), ("other-student", {"attention": {"window_size": 6}}),
