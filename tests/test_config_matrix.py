@@ -87,6 +87,7 @@ CASES = {
     "no_retrieval": {"evaluate": {"retrieval": []}},
     "no_ablation": {"evaluate": {"ablate": []}},
     "ablation_without_retrieval": {"evaluate": {"retrieval": [], "ablate": ["memory"]}},
+    "no_samples": {"evaluate": {"samples": False}},
 }
 
 
@@ -101,6 +102,7 @@ def test_an_off_value_runs_to_a_rendered_report(teacher, tmp_path, case):
     evaluate = changes.get("evaluate", {})
     assert ("retrieval" in report) == (evaluate.get("retrieval") != [])
     assert ("ablation" in report) == (evaluate.get("ablate") != [])
+    assert ("samples" in report) == (evaluate.get("samples") is not False)
     for stage, key in (("transfer", "transfer"), ("finetune", "finetune")):
         if changes.get(stage, {}).get("enabled") is False:
             assert key not in report["stages"]

@@ -21,7 +21,7 @@ def smoke_run(tmp_path_factory, smollm2):  # smollm2: builds the teacher cache o
         "output_dir": str(out),
         "baselines": {},
         "data": {"seq_len": 128, "eval_seq_len": 128, "eval_blocks": 1, "long_context": 0, "copy_lengths": []},
-        "evaluate": {"retrieval": [], "ablate": []},
+        "evaluate": {"retrieval": [], "ablate": [], "samples": False},  # what it tests: the stages and the reload
         "transfer": {"tokens": 128 * 6, "epochs": 2, "warmup_steps": 1},
         "finetune": {"tokens": 128 * 6, "lr": 1e-3, "warmup_steps": 1, "distill_weight": 1.0},
     }

@@ -113,6 +113,7 @@ class EvaluateConfig:
     # each): linear | memory | sinks; [] = no ablation
     ablate: list[str] = field(default_factory=lambda: ["linear", "memory", "sparse", "sinks"])
     ablation_blocks: int = 1  # held-out blocks per domain for the ablation's ratios (the first of data.eval_blocks)
+    samples: bool = True  # the report's sample generations, teacher and student side by side; false = none
     # the teacher's results (held-out, long range, retrieval, samples) kept across runs under the cache directory
     # and read back by a run of the same teacher on the same inputs (linearize.teacher.results); false = computed
     teacher_cache: bool = True

@@ -427,9 +427,10 @@ class Recipe:
             ids = distributed.mine(training_blocks(tune, data.train, config.seed))
             self.targets.fill(ids, logits, "teacher targets")
             distributed.barrier()
-        self.teacher_samples = self.progress.once("samples.teacher", self.main_only(lambda: remembered(
-            results, "samples", [], lambda: sample_generations(model, self.tokenizer, SAMPLE_PROMPTS),
-            list(SAMPLE_PROMPTS))))
+        self.teacher_samples = None if not config.evaluate.samples else self.progress.once(
+            "samples.teacher", self.main_only(lambda: remembered(
+                results, "samples", [], lambda: sample_generations(model, self.tokenizer, SAMPLE_PROMPTS),
+                list(SAMPLE_PROMPTS))))
 
     # --- convert, finetune ---------------------------------------------------------------------------------
 
@@ -516,8 +517,8 @@ class Recipe:
         if layer_blocks is not None and not self.engine.sharded:  # a sharded layer is whole only in its forward
             report["layer_errors"] = self.progress.once("layers.student", self.main_only(
                 lambda: layer_errors(base_model(model), layer_blocks)))
-        student_samples = self.progress.once("samples.student", self.main_only(
-            lambda: sample_generations(model, self.tokenizer, SAMPLE_PROMPTS)))
+        student_samples = None if self.teacher_samples is None else self.progress.once(
+            "samples.student", self.main_only(lambda: sample_generations(model, self.tokenizer, SAMPLE_PROMPTS)))
         if student_samples is not None:
             report["samples"] = [{"prompt": p, "teacher": t, "student": s}
                                  for p, t, s in zip(SAMPLE_PROMPTS, self.teacher_samples, student_samples)]
