@@ -439,7 +439,8 @@ def test_a_baseline_trained_once_is_read_back_by_a_run_that_changes_only_the_stu
     for name, extra in (("first", {}), ("other-student", {"attention": {"window_size": 6}}),
                         ("other-stage-2", {"finetune": {"lr": 2e-3}})):
         settings = tiny_settings(teacher_dir, tmp_path / name, baselines=baselines, transfer={"enabled": False},
-                                 evaluate={"ablate": []}, **extra)
+                                 evaluate={"ablate": [], "retrieval": ["passkey"], "retrieval_depths": [0.5]},
+                                 **extra)
         reports[name] = json.loads(json.dumps(run(build_config(settings), log=lambda msg: None)))
     assert computed.count("baseline-window-sinks") == 2  # the first run's and the changed stage 2's
     assert not (tmp_path / "other-student" / "baselines").exists()  # read back: nothing trained
