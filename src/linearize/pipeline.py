@@ -562,8 +562,9 @@ class Recipe:
             def train_baseline(name=name, baseline=baseline):
                 if results is None:
                     return run_baseline(self, name, baseline)
+                evaluate = {k: v for k, v in asdict(config.evaluate).items() if k not in STUDENT_ONLY}
                 settings = {"baseline": baseline, "seed": config.seed, "data": asdict(config.data),
-                            "finetune": asdict(config.finetune), "evaluate": asdict(config.evaluate) | {"ablate": []},
+                            "finetune": asdict(config.finetune), "evaluate": evaluate,
                             "domains": sorted(self.data.eval), "checkpoint_every": config.checkpoint_every}
                 return remembered(results, f"baseline-{slug(name)}", self.baseline_inputs(),
                                   lambda: run_baseline(self, name, baseline), settings)
@@ -651,6 +652,10 @@ def stage_summary(result, trainable: int, distinct: int) -> dict[str, Any]:
         "loss_curve": [(h["step"], h["loss"]) for h in result.history],
         "per_layer_loss": result.per_layer_loss,
     }
+
+
+# evaluate settings no baseline reads (the student's ablation and samples; whether results are kept at all)
+STUDENT_ONLY = ("ablate", "ablation_blocks", "samples", "teacher_cache")
 
 
 def run_baseline(recipe: Recipe, name: str, baseline: dict) -> dict[str, Any] | None:

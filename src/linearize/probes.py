@@ -28,24 +28,16 @@ from linearize.retrieval import accuracy, build_prompts, run_retrieval
 from linearize.teacher.results import TeacherResults
 
 
-def _fingerprint() -> str:
+def _fingerprint(paths: Sequence[Path]) -> str:
     digest = hashlib.sha256()
-    for module in (evaluate, generation, retrieval):
-        digest.update(Path(module.__file__).read_bytes())
-    digest.update(Path(__file__).read_bytes())
+    for path in paths:
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
-def _package_fingerprint() -> str:
-    digest = hashlib.sha256()
-    root = Path(__file__).parent
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
-_CODE = _fingerprint()  # read with the code it describes, at import: a file edited since is not this code
-_PACKAGE = _package_fingerprint()
+# read with the code they describe, at import: a file edited since is not this code
+_CODE = _fingerprint([Path(module.__file__) for module in (evaluate, generation, retrieval)] + [Path(__file__)])
+_PACKAGE = _fingerprint(sorted(Path(__file__).parent.rglob("*.py")))
 
 
 def evaluation_code() -> str:

@@ -106,8 +106,6 @@ def window_attention_chunked(
     the state read for chunks <= i - 2 holds every key, so the cached ones' linear terms are taken out again
     (the same sum, without a second state). Rows with left padding are first moved to start at index 0."""
     _check(window, sink_tokens, fq, fk, sink_q, sink_distance)
-    if sink_q is not None and k.shape[2] - 1 <= sink_distance:  # no query as far as that: no second sink score
-        sink_q = None
     out_dtype = v.dtype
     fk, kept = key_features_of(fk, key_features)
     q, k, v, fq, fk, log_gate, mask = _inputs(q, k, v, fq, fk, log_gate, key_mask)
