@@ -179,18 +179,20 @@ def test_a_left_padded_row_keeps_what_it_keeps_alone():
     assert torch.equal(state.sparse_position[1:], s_alone.sparse_position)
 
 
+@pytest.mark.parametrize("sparse_heads", [None, (1,)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_sparse_cache_and_recall_memory_count_a_key_once_in_every_form(padded):
-    """A recalled memory key that the sparse cache (or its pending group) holds is read there only."""
+def test_sparse_cache_and_recall_memory_count_a_key_once_in_every_form(padded, sparse_heads):
+    """A recalled memory key that the sparse cache (or its pending group) holds is read there only; with a
+    cache in some heads, the others read it from the memory as they would without one."""
     torch.manual_seed(37)
     args = window_args("hybrid", 4, 2)
     mask = left_padding([0, 13]) if padded else None
     token_ids = torch.randint(0, 3, (B, T))
     common = {"window": 4, "sink_tokens": 2, "sparse_keys": 3, "memory_buckets": 5, "memory_ngram": (1, 2),
-              "token_ids": token_ids, "key_mask": mask}
+              "token_ids": token_ids, "key_mask": mask, "sparse_heads": sparse_heads}
     expected, s_par = window_attention_parallel(**args, **common, output_final_state=True)
     close(masked(window_attention_chunked(**args, **common)[0], mask), masked(expected, mask))
-    empty = empty_for("hybrid", 2, 4, 2, 3, memory_buckets=5, memory_ngram=(1, 2))
+    empty = empty_for("hybrid", 2, 4, 2, 3, memory_buckets=5, memory_ngram=(1, 2), sparse_heads=sparse_heads)
     o_rec, s_rec = window_attention_recurrent(**args, **common, state=empty)
     close(masked(o_rec, mask), masked(expected, mask))
     same_sparse_state(s_rec, s_par)
@@ -204,10 +206,11 @@ def test_sparse_cache_and_recall_memory_count_a_key_once_in_every_form(padded):
     same_sparse_state(state, s_par)
 
 
-def test_sparse_chunked_gradients_match_parallel():
+@pytest.mark.parametrize("sparse_heads", [None, (1,)])
+def test_sparse_chunked_gradients_match_parallel(sparse_heads):
     torch.manual_seed(38)
     args = {name: value.requires_grad_() for name, value in window_args("gated", 4, 2).items()}
-    common = {"window": 4, "sink_tokens": 1, "sparse_keys": 3}
+    common = {"window": 4, "sink_tokens": 1, "sparse_keys": 3, "sparse_heads": sparse_heads}
     grads = []
     for form in (window_attention_parallel, window_attention_chunked):
         out = form(**args, **common)[0]

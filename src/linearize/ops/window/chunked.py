@@ -44,6 +44,16 @@ def _previous_chunk(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.narrow(dim, 0, x.shape[dim] - 1)], dim=dim)
 
 
+def _of_heads(x: torch.Tensor | None, heads: torch.Tensor | None) -> torch.Tensor | None:
+    """x [B, Hk, ...] in the key/value heads `heads` only (indices; None: every head)."""
+    return x if x is None or heads is None else x.index_select(1, heads)
+
+
+def _add_at(x: torch.Tensor, heads: torch.Tensor | None, part: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """x [B, Hk, ...] += alpha * part [B, len(heads), ...] in the heads `heads` (None: every head), in place."""
+    return x.add_(part, alpha=alpha) if heads is None else x.index_add_(1, heads, part, alpha=alpha)
+
+
 GROUP_TOKENS = 2048  # query chunks are processed this many tokens at a time: blocks stay cache-sized
 
 
@@ -142,15 +152,21 @@ def window_attention_chunked(
         mem_vc = _recalled(mem_v, index).unflatten(2, (n_chunks, chunk))  # [B, Hk, N, C, K, D + 1]
         mem_hidden = ~has.view(batch, 1, n_chunks, 1, chunk, -1)  # [B, 1, N, 1, C, K]
 
+    with_cache = None  # the key/value heads with a cache (indices) where not every head has one
     if sparse_keys > 0:
         chosen = sparse.heads_mask(kv_heads, sparse_heads, k.device)
         eligible = (mask & ~is_sink)[:, None, :] & chosen[None, :, None]  # [B, Hk, T]
         cumulative = None if log_gate is None else log_gate.cumsum(-1)  # A, [B, Hk, T]
-        updates = sparse.chunk_updates(sparse_score, fk, v, cumulative, eligible, chunk, sparse_keys, eps)
-        reads = F.pad(updates, (0, 0, 2, 0), value=-1)[:, :, :n_chunks]  # chunk i: the cache after update i - 2
-        cache_k = sparse.rows_at(k, reads)  # [B, Hk, N, size, D]
-        cache_v = append_ones(sparse.rows_at(v, reads))  # [B, Hk, N, size, D + 1]
-        cache_hidden = (reads < 0)[:, :, :, None, None, :]  # [B, Hk, N, 1, 1, size]
+        if sparse_heads is not None and len(sparse_heads) < kv_heads:  # the cache's work in those heads only
+            with_cache = torch.tensor(list(sparse_heads), dtype=torch.long, device=k.device)
+        # the Hc heads with a cache: chunk i reads the cache after update i - 2
+        updates = sparse.chunk_updates(sparse_score, _of_heads(fk, with_cache), _of_heads(v, with_cache),
+                                       _of_heads(cumulative, with_cache), _of_heads(eligible, with_cache), chunk,
+                                       sparse_keys, eps)  # [B, Hc, N, size]
+        reads = F.pad(updates, (0, 0, 2, 0), value=-1)[:, :, :n_chunks]
+        cache_k = sparse.rows_at(_of_heads(k, with_cache), reads)  # [B, Hc, N, size, D]
+        cache_v = append_ones(sparse.rows_at(_of_heads(v, with_cache), reads))  # [B, Hc, N, size, D + 1]
+        cache_hidden = (reads < 0)[:, :, :, None, None, :]  # [B, Hc, N, 1, 1, size]
         # chunk i - 1's real, non-sink keys that left the window of query t (local j <= t): exact, in chosen heads
         sinks_c = _with_previous_chunk(chunks(is_sink[..., None].float(), chunk), 1)[..., 0].bool()  # [B, N, 2C]
         left = torch.arange(2 * chunk, device=k.device)[None, :] <= torch.arange(chunk, device=k.device)[:, None]
@@ -158,18 +174,21 @@ def window_attention_chunked(
         hidden = hidden & ~pending  # [B, Hk, N, 1, C, 2C]
         every_head = bool(chosen.all()) if chosen.device.type != "meta" else False
         if fk is not None:
-            cache_fk_t = sparse.rows_at(fk, reads).transpose(-1, -2)  # [B, Hk, N, F, size]
+            cache_fk_t = sparse.rows_at(_of_heads(fk, with_cache), reads).transpose(-1, -2)  # [B, Hc, N, F, size]
             if cumulative is not None:  # exp(A_t - A_s) of query t and cached key s
-                cache_total = cumulative.gather(-1, reads.clamp(min=0).flatten(2)).view_as(reads)
-                query_total = chunks(cumulative[..., None], chunk)[..., 0]  # [B, Hk, N, C]
+                cache_cumulative = _of_heads(cumulative, with_cache)
+                cache_total = cache_cumulative.gather(-1, reads.clamp(min=0).flatten(2)).view_as(reads)
+                query_total = chunks(cache_cumulative[..., None], chunk)[..., 0]  # [B, Hc, N, C]
                 # <= 0 for every real pair; clamped so the padding after the last chunk stays finite
                 cache_decay = (query_total[..., :, None] - cache_total[..., None, :]).clamp(max=0).exp()[:, :, :, None]
         if memory_buckets > 0:  # a recalled key the cache or the pending group holds is read there, once
             recalled_at = index.view(batch, n_chunks, chunk, -1)  # [B, N, C, K]
             chunk_of = torch.arange(n_chunks, device=k.device)[None, :, None, None]
-            held = (recalled_at // chunk == chunk_of - 1)[:, None] | (
-                recalled_at[:, None, :, :, :, None] == reads[:, :, :, None, None, :]).any(-1)  # [B, Hk, N, C, K]
-            mem_hidden = mem_hidden | (held & chosen[:, None, None, None])[:, :, :, None]
+            held = (recalled_at // chunk == chunk_of - 1)[:, None] & chosen[:, None, None, None]  # [B, Hk, N, C, K]
+            cached = (recalled_at[:, None, :, :, :, None] == reads[:, :, :, None, None, :]).any(-1)  # [B, Hc, ...]
+            held = held | cached if with_cache is None else held.index_copy(
+                1, with_cache, held.index_select(1, with_cache) | cached)
+            mem_hidden = mem_hidden | held[:, :, :, None]
 
     if sink_tokens > 0:
         # slot j = the row's real token j; visible to query t when it lies outside t's window
@@ -238,23 +257,25 @@ def window_attention_chunked(
             if memory_bias:
                 mem_scores = mem_scores + memory.bias_of(mem_scores, memory_bias)
             row_max = torch.maximum(row_max, mem_scores.amax(-1, keepdim=True))
-        if sparse_keys > 0:
-            cache_scores = (qc[:, :, n] @ cache_k[:, :, n].transpose(-1, -2)).view(*shape, sparse_keys)
-            cache_scores = cache_scores.masked_fill_(cache_hidden[:, :, n], float("-inf"))  # [B, Hk, n, G, C, size]
-            row_max = torch.maximum(row_max, cache_scores.amax(-1, keepdim=True))
+        if sparse_keys > 0:  # in the heads with a cache
+            cache_shape = (batch, cache_k.shape[1], -1, groups, chunk, sparse_keys)
+            cache_scores = (_of_heads(qc[:, :, n], with_cache) @ cache_k[:, :, n].transpose(-1, -2)).view(cache_shape)
+            cache_scores = cache_scores.masked_fill_(cache_hidden[:, :, n], float("-inf"))  # [B, Hc, n, G, C, size]
+            cache_max = torch.maximum(_of_heads(row_max, with_cache), cache_scores.amax(-1, keepdim=True))
+            row_max = cache_max if with_cache is None else row_max.index_copy(1, with_cache, cache_max)
         in_place = not torch.is_grad_enabled()  # no backward reads the scores (the row max's does, with one)
 
-        def weights_of(block_scores: torch.Tensor) -> torch.Tensor:  # exp(score - row max)
-            return (block_scores.sub_(row_max) if in_place else block_scores - row_max).exp_()
+        def weights_of(block_scores: torch.Tensor, top: torch.Tensor) -> torch.Tensor:  # exp(score - row max)
+            return (block_scores.sub_(top) if in_place else block_scores - top).exp_()
 
-        weights = weights_of(scores).flatten(3, 4)
+        weights = weights_of(scores, row_max).flatten(3, 4)
         o = weights @ values[:, :, n]
-        if sparse_keys > 0:
-            o += weights_of(cache_scores).flatten(3, 4) @ cache_v[:, :, n]  # o: a product's, no backward reads it
+        if sparse_keys > 0:  # o: a product's, no backward reads it
+            _add_at(o, with_cache, weights_of(cache_scores, cache_max).flatten(3, 4) @ cache_v[:, :, n])
         if sink_tokens > 0:
-            o += weights_of(sink_scores).flatten(3, 4) @ sink_values
+            o += weights_of(sink_scores, row_max).flatten(3, 4) @ sink_values
         if memory_buckets > 0:
-            o += torch.einsum("bkngcm,bkncmd->bkngcd", weights_of(mem_scores), mem_vc[:, :, n]).flatten(3, 4)
+            o += torch.einsum("bkngcm,bkncmd->bkngcd", weights_of(mem_scores, row_max), mem_vc[:, :, n]).flatten(3, 4)
         if fk is not None:
             linear = fqc[:, :, n] @ state_before[:, :, n]
             if query_decay is not None:
@@ -266,9 +287,10 @@ def window_attention_chunked(
                     lin = lin * ~chosen[:, None, None, None, None]
                 linear += lin.flatten(3, 4) @ previous_v[:, :, n]
             if sparse_keys > 0:  # the state holds the cached keys too: their linear terms out again
-                cached = (fqc[:, :, n] @ cache_fk_t[:, :, n]).view(*shape, sparse_keys)  # [B, Hk, n, G, C, size]
+                cached = (_of_heads(fqc[:, :, n], with_cache) @ cache_fk_t[:, :, n]).view(cache_shape)  # [B, Hc, ...]
                 cached = cached if log_gate is None else cached * cache_decay[:, :, n]
-                linear -= cached.masked_fill(cache_hidden[:, :, n], 0.0).flatten(3, 4) @ cache_v[:, :, n]
+                _add_at(linear, with_cache, cached.masked_fill(cache_hidden[:, :, n], 0.0).flatten(3, 4)
+                        @ cache_v[:, :, n], alpha=-1.0)
             if memory_buckets > 0 or sparse_keys > 0:  # the extra keys are weighed against c_t, the window's max
                 linear = linear * (window_max - row_max).exp().flatten(3, 4)
             o += linear
@@ -282,6 +304,7 @@ def window_attention_chunked(
     if output_final_state:
         fields, exclude = {}, None
         if sparse_keys > 0:
+            updates = updates if with_cache is None else sparse.expand(updates, sparse_heads, kv_heads, -1)
             fields, exclude = sparse_final(updates, k, v, kept if kept is not None else fk, cumulative, mask,
                                            eligible, window, out_dtype, sparse_heads)
             exclude = reorder(exclude, order, 2, inverse=True)
