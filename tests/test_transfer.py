@@ -80,7 +80,8 @@ def test_what_each_store_keeps_on_disk(tmp_path):
 
 def test_a_streamed_teacher_holds_one_block_and_trains_the_same_mixers(reference, tmp_path):
     """The teacher read from its files one block at a time: the same mixers as with the whole teacher in memory,
-    at most one block of weights resident (counted by the loader), and the stage-2 targets from the last block."""
+    at most one block of weights resident (counted by the loader), and the stage-2 targets from the last block,
+    for the blocks stage 2 reads only."""
     whole = teacher()
     whole.save_pretrained(tmp_path / "teacher")
     skeleton = empty_teacher(whole.config, torch.float32)
@@ -88,7 +89,7 @@ def test_a_streamed_teacher_holds_one_block_and_trains_the_same_mixers(reference
     assert (skeleton.lm_head.weight is skeleton.model.embed_tokens.weight) == whole.config.tie_word_embeddings
     model = LinearizedForCausalLM.from_teacher(skeleton, "hybrid", ATTENTION)
     weights = FileWeights(tmp_path / "teacher", torch.float32, tied=tied_names(whole.config))
-    targets = TeacherTargets(tmp_path / "targets", top_k=8)
+    targets = TeacherTargets(tmp_path / "targets", top_k=8, blocks=[0, 1, 3])
     attention_transfer(model, sequences(), stage1(store="blocks", layers_per_block=1), tmp_path / "s1", 100,
                        targets=targets, weights=weights)
     expected, _ = reference
@@ -102,10 +103,11 @@ def test_a_streamed_teacher_holds_one_block_and_trains_the_same_mixers(reference
     assert weights.peak_bytes < 0.5 * sum(size.values())
     assert weights.resident_bytes == 0 and all(p.is_meta for n, p in model.named_parameters() if ".mixer." not in n)
 
-    ids = list(range(4))
+    assert targets.missing(list(range(4))) == [2] and targets.wanted(list(range(4))) == []
+    ids = [0, 1, 3]
     stored_indices, stored_logprobs = targets.get(ids, lambda rows: pytest.fail("targets should be stored"))
     with torch.no_grad():
-        logprobs = whole(sequences()).logits.log_softmax(-1)
+        logprobs = whole(sequences()[ids]).logits.log_softmax(-1)
     torch.testing.assert_close(stored_logprobs, logprobs.gather(-1, stored_indices), rtol=1e-4, atol=1e-5)
 
 

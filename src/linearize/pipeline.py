@@ -222,7 +222,7 @@ class Recipe:
         )
         self.data.eval = {d: blocks for d, blocks in self.data.eval.items() if len(blocks)}  # eval_blocks: 0
         self.log(f"data: {data_summary(self.data)}")
-        self.targets = teacher_targets(config, self.out)
+        self.targets = teacher_targets(config, self.out, self.data.train)
         tune = config.finetune
         self.random_init = getattr(config.attention, "init", "transfer") == "random"
         self.keeps_teacher_weights = not (tune.full or self.random_init)
@@ -694,10 +694,12 @@ def run_baseline(recipe: Recipe, name: str, baseline: dict) -> dict[str, Any] | 
     return summary if distributed.is_main() else None
 
 
-def teacher_targets(config: RunConfig, out: Path) -> TeacherTargets | None:
-    """The run's store of teacher distributions for distillation, shared by the student and the baselines."""
-    if config.finetune.distill_weight > 0 and config.finetune.distill_top_k > 0:
-        return TeacherTargets(out / "teacher_targets", config.finetune.distill_top_k)
+def teacher_targets(config: RunConfig, out: Path, train: torch.Tensor) -> TeacherTargets | None:
+    """The run's store of teacher distributions for distillation, shared by the student and the baselines
+    (which stage 2 trains on the same blocks): kept for the blocks stage 2 reads."""
+    tune = config.finetune
+    if tune.distill_weight > 0 and tune.distill_top_k > 0:
+        return TeacherTargets(out / "teacher_targets", tune.distill_top_k, training_blocks(tune, train, config.seed))
     return None
 
 

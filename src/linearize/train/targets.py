@@ -23,9 +23,13 @@ from linearize.checkpoint import atomic_save_tensors, load_tensors
 
 
 class TeacherTargets:
-    def __init__(self, directory: Path, top_k: int):
+    """`blocks`: the blocks training will read (None: any), the ones stage 1's recording pass keeps targets
+    for; `get` still computes any other block asked for."""
+
+    def __init__(self, directory: Path, top_k: int, blocks: list[int] | None = None):
         self.directory = directory
         self.top_k = top_k
+        self.blocks = None if blocks is None else frozenset(blocks)
         directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, block: int) -> Path:
@@ -47,6 +51,10 @@ class TeacherTargets:
 
     def missing(self, ids: list[int]) -> list[int]:
         return [i for i in ids if not self.path(i).is_file()]
+
+    def wanted(self, ids: list[int]) -> list[int]:
+        """The blocks of `ids` that training will read and that are not stored yet."""
+        return [i for i in self.missing(ids) if self.blocks is None or i in self.blocks]
 
     def fill(self, ids: list[int], teacher_logits: Callable[[list[int]], torch.Tensor], desc: str = "") -> None:
         """Store the targets of every block in `ids` not stored yet, one block at a time."""

@@ -234,7 +234,7 @@ class AttentionTransfer:
             def done(shard, following=following, recorded=recorded, targets=targets):
                 rows = list(self.inputs(0).rows_of(shard))
                 return ((following is None or following.has(shard)) and (recorded is None or recorded.has(shard))
-                        and not (targets and self.targets.missing(rows)))
+                        and not (targets and self.targets.wanted(rows)))
 
             todo = [shard for shard in shards if not done(shard)]
             if not todo:
@@ -266,7 +266,7 @@ class AttentionTransfer:
         if targets:  # a few positions at a time: the logits of a whole sequence are T x vocabulary floats
             base = self.model.model
             for row, out in zip(rows, torch.cat(outputs)):
-                if self.targets.missing([row]):
+                if self.targets.wanted([row]):
                     tops = [self.targets.top(self.model.lm_head(base.norm(part[None]))[0])
                             for part in out.split(TARGET_POSITIONS)]
                     self.targets.write(row, torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops]))
