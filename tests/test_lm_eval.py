@@ -80,13 +80,11 @@ FACTS = [
 ]
 
 
-def test_eval_command_runs_lm_eval_tasks_on_the_real_teacher_and_student(tmp_path, smollm2):  # noqa: ARG001
+def test_eval_command_runs_lm_eval_tasks_on_the_real_teacher_and_student(tmp_path, smollm2, capsys, monkeypatch):  # noqa: ARG001
     """`linearize eval DIR --tasks T --teacher` on SmolLM2: one JSON line with both models' scores. The
     teacher is well above chance; these prompts are shorter than the 64-token window, where the untrained
     hybrid computes exactly the teacher's attention, so the student matches it."""
-    import subprocess
-    import sys
-
+    from linearize.cli import main
     from linearize.models.saving import save_adapter
 
     rows = [{"question": q, "choices": [f" {a}", f" {b}"], "label": 0} for q, a, b in FACTS]
@@ -104,13 +102,13 @@ def test_eval_command_runs_lm_eval_tasks_on_the_real_teacher_and_student(tmp_pat
     teacher, tokenizer = load_teacher(DEFAULT_TEACHER)
     student = linearize.linearize(teacher, "hybrid")
     save_adapter(student, tmp_path / "student", tokenizer=tokenizer)
-    result = subprocess.run(
-        [sys.executable, "-m", "linearize.cli", "eval", str(tmp_path / "student"), "--tasks", str(tasks),
-         "--score", "both", "--teacher", "--batch-size", "4"],
-        capture_output=True, text=True, cwd=tmp_path.parent,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    printed = json.loads(result.stdout.strip().splitlines()[-1])["tasks"]
+    monkeypatch.chdir(tmp_path.parent)  # the task file's data is found beside it, from another directory
+    capsys.readouterr()
+    code = main(["eval", str(tmp_path / "student"), "--tasks", str(tasks), "--score", "both", "--teacher",
+                 "--batch-size", "5"])
+    result = capsys.readouterr()
+    assert code == 0, result.err[-2000:]
+    printed = json.loads(result.out.strip().splitlines()[-1])["tasks"]
     teacher_acc, student_acc = printed["teacher"]["facts"]["acc"], printed["student"]["facts"]["acc"]
     assert teacher_acc >= 0.8
     assert abs(student_acc - teacher_acc) <= 0.1
@@ -118,8 +116,8 @@ def test_eval_command_runs_lm_eval_tasks_on_the_real_teacher_and_student(tmp_pat
     teacher_gen, student_gen = (printed[m]["facts_generate"]["exact_match"] for m in ("teacher", "student"))
     assert printed["student"]["facts_generate"]["scored_by"] == "generate"
     assert 0 <= teacher_gen <= teacher_acc and abs(student_gen - teacher_gen) <= 0.1
-    assert "| facts | loglikelihood | acc |" in result.stderr and "| facts_generate | generate | exact_match |" in \
-        result.stderr
+    assert "| facts | loglikelihood | acc |" in result.err and "| facts_generate | generate | exact_match |" in \
+        result.err
 
 
 def write_facts(directory, data: str = "facts.jsonl") -> None:

@@ -324,14 +324,16 @@ def test_eval_cli_retrieval_and_ablation_side_by_side(finished_run):
     assert result.returncode == 2 and "retrieval variants ['prose/c']" in result.stderr
 
 
-def test_generate_cli_generates(finished_run):
+def test_generate_cli_generates(finished_run, capsys):
+    from linearize.cli import main
+
     out, _ = finished_run
-    result = cli("generate", str(out / "model"), "--prompt", "def main(", "--max-new-tokens", "8")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() != ""
-    compiled = cli("generate", str(out / "model"), "--prompt", "def main(", "--max-new-tokens", "8", "--compile")
-    assert compiled.returncode == 0, compiled.stderr
-    assert compiled.stdout == result.stdout  # greedy: the compiled step decodes the same tokens
+    command = ["generate", str(out / "model"), "--prompt", "def main(", "--max-new-tokens", "8"]
+    assert main(command) == 0, capsys.readouterr().err
+    eager = capsys.readouterr().out
+    assert eager.strip() != ""
+    assert main([*command, "--compile"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out == eager  # greedy: the compiled step decodes the same tokens
 
 
 def test_chat_streams_replies_with_the_chat_template_and_the_conversation_so_far(finished_run, tmp_path):
@@ -352,9 +354,13 @@ def test_chat_streams_replies_with_the_chat_template_and_the_conversation_so_far
     assert result.stdout.count("model> ") == 2 and result.stdout.count("you> ") == 3
 
 
-def test_a_killed_run_resumes_to_the_same_result(teacher_dir, tmp_path):
+def test_a_killed_run_resumes_to_the_same_result(teacher_dir, tmp_path, capsys):
+    from linearize.cli import main
+
+    # what resumes here is training: of the evaluation, the held-out blocks only (the summary's table)
     settings = tiny_settings(teacher_dir, tmp_path / "once", transfer={"tokens": 64 * 8, "epochs": 3},
-                             checkpoint_every=1)
+                             checkpoint_every=1, data={"long_context": 0, "copy_lengths": []},
+                             evaluate={"retrieval": [], "ablate": []})
     run(build_config(settings), log=lambda msg: None)
 
     killed = tmp_path / "killed"
@@ -379,9 +385,9 @@ def test_a_killed_run_resumes_to_the_same_result(teacher_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     # the last screen is the summary table, not JSON; --json prints the report (here: the run, resumed once more)
     assert result.stdout.splitlines()[2].startswith("model ") and len(result.stdout.splitlines()) <= 30
-    printed = cli("run", "--config", str(config_file), "--json")
-    assert printed.returncode == 0, printed.stderr
-    assert json.loads(printed.stdout) == json.loads((killed / "report.json").read_text())
+    capsys.readouterr()
+    assert main(["run", "--config", str(config_file), "--json"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out) == json.loads((killed / "report.json").read_text())
     from safetensors.torch import load_file
 
     resumed = load_file(str(killed / "model" / ADAPTER_FILE))
