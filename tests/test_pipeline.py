@@ -60,6 +60,17 @@ def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
+def cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The command line called in this process (where the test is about the command, not a fresh process):
+    its exit code and what it printed, as `cli` returns them."""
+    from linearize.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    printed = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, printed.out, printed.err)
+
+
 @pytest.fixture(scope="module")
 def finished_run(teacher_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
@@ -202,7 +213,7 @@ def test_report_html_embeds_its_plots_and_renders_in_a_browser(finished_run, tmp
     assert "Held-out recovery" in dom and "Sample generations" in dom
 
 
-def test_report_and_compare_commands(finished_run, tmp_path):
+def test_report_and_compare_commands(finished_run, tmp_path, capsys):
     import shutil
 
     out, _ = finished_run
@@ -210,15 +221,15 @@ def test_report_and_compare_commands(finished_run, tmp_path):
     other.mkdir()
     shutil.copy(out / "report.json", other / "report.json")
     (other / "report.html").unlink(missing_ok=True)
-    result = cli("report", str(other))
+    result = cli_here(capsys, "report", str(other))
     assert result.returncode == 0, result.stderr
     assert (other / "report.html").is_file() and (other / "report.md").is_file()
-    result = cli("compare", str(out), str(other), "--output", str(tmp_path / "compared"))
+    result = cli_here(capsys, "compare", str(out), str(other), "--output", str(tmp_path / "compared"))
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "compared" / "compare.md").read_text()
     assert table.count(f"| {out.name} | hybrid |") == table.count("| other-run | hybrid |") >= 3
     assert "data:image/png;base64," in (tmp_path / "compared" / "compare.html").read_text()
-    missing = cli("report", str(tmp_path / "nowhere"))
+    missing = cli_here(capsys, "report", str(tmp_path / "nowhere"))
     assert missing.returncode != 0 and "no report.json" in missing.stderr
 
 
@@ -269,9 +280,9 @@ def test_both_stages_train_only_new_parameters_and_leave_the_teachers_in_memory_
     assert lora and all(p.abs().sum() > 0 for p in lora)  # lora_B starts at zero
 
 
-def test_export_writes_a_standalone_model_with_the_same_logits(finished_run, tmp_path):
+def test_export_writes_a_standalone_model_with_the_same_logits(finished_run, tmp_path, capsys):
     out, _ = finished_run
-    result = cli("export", str(out / "model"), str(tmp_path / "merged"))
+    result = cli_here(capsys, "export", str(out / "model"), str(tmp_path / "merged"))
     assert result.returncode == 0, result.stderr
     merged, _ = load(tmp_path / "merged")
     student, _ = load(out / "model")
@@ -280,12 +291,13 @@ def test_export_writes_a_standalone_model_with_the_same_logits(finished_run, tmp
         torch.testing.assert_close(merged(x).logits, student(x).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_eval_cli_on_a_run_directory_prints_student_and_teacher_json(finished_run, tmp_path):
+def test_eval_cli_on_a_run_directory_prints_student_and_teacher_json(finished_run, tmp_path, capsys):
     out, _ = finished_run
     text = tmp_path / "text.txt"
     text.write_text((ROOT / "src" / "linearize" / "pipeline.py").read_text())
     # the first 4 of its hundreds of 128-token blocks: every number checked below is there in 4 as in all
-    result = cli("eval", str(out), "--data", str(text), "--teacher", "--seq-len", "128", "--max-blocks", "4")
+    result = cli_here(capsys, "eval", str(out), "--data", str(text), "--teacher", "--seq-len", "128",
+                      "--max-blocks", "4")
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout.strip().splitlines()[-1])["perplexity"]
     assert set(printed) == {"student", "teacher", "layers"}
@@ -297,10 +309,11 @@ def test_eval_cli_on_a_run_directory_prints_student_and_teacher_json(finished_ru
     assert "| student |" in result.stderr and "| layer | attention-output MSE |" in result.stderr
 
 
-def test_eval_cli_retrieval_and_ablation_side_by_side(finished_run):
+def test_eval_cli_retrieval_and_ablation_side_by_side(finished_run, capsys):
     out, _ = finished_run
-    result = cli("eval", str(out), "--retrieval", "--retrieval-tasks", "passkey,quote", "--lengths", "512",
-                 "--depths", "0.5", "--ablate", "--ablation-blocks", "1", "--seq-len", "64", "--long-context", "256")
+    result = cli_here(capsys, "eval", str(out), "--retrieval", "--retrieval-tasks", "passkey,quote", "--lengths",
+                      "512", "--depths", "0.5", "--ablate", "--ablation-blocks", "1", "--seq-len", "64",
+                      "--long-context", "256")
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     accuracy = printed["retrieval"]["accuracy"]
@@ -314,13 +327,13 @@ def test_eval_cli_retrieval_and_ablation_side_by_side(finished_run):
     assert set(by_variant) == {"passkey repeated/a", "passkey repeated/b", "passkey prose/a", "passkey prose/b",
                                "quote text"}
     # lengths beyond the teacher's positions (512): the student's alone, the teacher not asked there
-    result = cli("eval", str(out), "--retrieval", "--retrieval-tasks", "passkey", "--lengths", "512,1024",
-                 "--depths", "0.5", "--variants", "repeated/a", "--long-context", "256")
+    result = cli_here(capsys, "eval", str(out), "--retrieval", "--retrieval-tasks", "passkey", "--lengths",
+                      "512,1024", "--depths", "0.5", "--variants", "repeated/a", "--long-context", "256")
     assert result.returncode == 0, result.stderr
     accuracy = json.loads(result.stdout.strip().splitlines()[-1])["retrieval"]["accuracy"]
     assert set(accuracy["student"]["passkey"]) == {"512", "1024"} and set(accuracy["teacher"]["passkey"]) == {"512"}
     assert "the teacher has 512 positions" in result.stderr
-    result = cli("eval", str(out), "--retrieval", "--variants", "prose/c")
+    result = cli_here(capsys, "eval", str(out), "--retrieval", "--variants", "prose/c")
     assert result.returncode == 2 and "retrieval variants ['prose/c']" in result.stderr
 
 
