@@ -44,11 +44,6 @@ def _previous_chunk(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.narrow(dim, 0, x.shape[dim] - 1)], dim=dim)
 
 
-def _of_heads(x: torch.Tensor | None, heads: torch.Tensor | None) -> torch.Tensor | None:
-    """x [B, Hk, ...] in the key/value heads `heads` only (indices; None: every head)."""
-    return x if x is None or heads is None else x.index_select(1, heads)
-
-
 def _add_at(x: torch.Tensor, heads: torch.Tensor | None, part: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """x [B, Hk, ...] += alpha * part [B, len(heads), ...] in the heads `heads` (None: every head), in place."""
     return x.add_(part, alpha=alpha) if heads is None else x.index_add_(1, heads, part, alpha=alpha)
@@ -152,20 +147,22 @@ def window_attention_chunked(
         mem_vc = _recalled(mem_v, index).unflatten(2, (n_chunks, chunk))  # [B, Hk, N, C, K, D + 1]
         mem_hidden = ~has.view(batch, 1, n_chunks, 1, chunk, -1)  # [B, 1, N, 1, C, K]
 
-    with_cache = None  # the key/value heads with a cache (indices) where not every head has one
+    cache_heads = with_cache = None  # the key/value heads with a cache (tuple; tensor) where not every head has one
     if sparse_keys > 0:
         chosen = sparse.heads_mask(kv_heads, sparse_heads, k.device)
         eligible = (mask & ~is_sink)[:, None, :] & chosen[None, :, None]  # [B, Hk, T]
         cumulative = None if log_gate is None else log_gate.cumsum(-1)  # A, [B, Hk, T]
         if sparse_heads is not None and len(sparse_heads) < kv_heads:  # the cache's work in those heads only
-            with_cache = torch.tensor(list(sparse_heads), dtype=torch.long, device=k.device)
-        # the Hc heads with a cache: chunk i reads the cache after update i - 2
-        updates = sparse.chunk_updates(sparse_score, _of_heads(fk, with_cache), _of_heads(v, with_cache),
-                                       _of_heads(cumulative, with_cache), _of_heads(eligible, with_cache), chunk,
-                                       sparse_keys, eps)  # [B, Hc, N, size]
-        reads = F.pad(updates, (0, 0, 2, 0), value=-1)[:, :, :n_chunks]
-        cache_k = sparse.rows_at(_of_heads(k, with_cache), reads)  # [B, Hc, N, size, D]
-        cache_v = append_ones(sparse.rows_at(_of_heads(v, with_cache), reads))  # [B, Hc, N, size, D + 1]
+            cache_heads = tuple(sparse_heads)
+            with_cache = torch.tensor(cache_heads, dtype=torch.long, device=k.device)
+        # in the Hc heads with a cache
+        cache_fk, cache_cumulative = sparse.compact(fk, cache_heads), sparse.compact(cumulative, cache_heads)
+        cache_keys, cache_values = sparse.compact(k, cache_heads), sparse.compact(v, cache_heads)
+        updates = sparse.chunk_updates(sparse_score, cache_fk, cache_values, cache_cumulative,
+                                       sparse.compact(eligible, cache_heads), chunk, sparse_keys, eps)  # [B, Hc, N, S]
+        reads = F.pad(updates, (0, 0, 2, 0), value=-1)[:, :, :n_chunks]  # chunk i: the cache after update i - 2
+        cache_k = sparse.rows_at(cache_keys, reads)  # [B, Hc, N, size, D]
+        cache_v = append_ones(sparse.rows_at(cache_values, reads))  # [B, Hc, N, size, D + 1]
         cache_hidden = (reads < 0)[:, :, :, None, None, :]  # [B, Hc, N, 1, 1, size]
         # chunk i - 1's real, non-sink keys that left the window of query t (local j <= t): exact, in chosen heads
         sinks_c = _with_previous_chunk(chunks(is_sink[..., None].float(), chunk), 1)[..., 0].bool()  # [B, N, 2C]
@@ -174,9 +171,8 @@ def window_attention_chunked(
         hidden = hidden & ~pending  # [B, Hk, N, 1, C, 2C]
         every_head = bool(chosen.all()) if chosen.device.type != "meta" else False
         if fk is not None:
-            cache_fk_t = sparse.rows_at(_of_heads(fk, with_cache), reads).transpose(-1, -2)  # [B, Hc, N, F, size]
+            cache_fk_t = sparse.rows_at(cache_fk, reads).transpose(-1, -2)  # [B, Hc, N, F, size]
             if cumulative is not None:  # exp(A_t - A_s) of query t and cached key s
-                cache_cumulative = _of_heads(cumulative, with_cache)
                 cache_total = cache_cumulative.gather(-1, reads.clamp(min=0).flatten(2)).view_as(reads)
                 query_total = chunks(cache_cumulative[..., None], chunk)[..., 0]  # [B, Hc, N, C]
                 # <= 0 for every real pair; clamped so the padding after the last chunk stays finite
@@ -187,7 +183,7 @@ def window_attention_chunked(
             held = (recalled_at // chunk == chunk_of - 1)[:, None] & chosen[:, None, None, None]  # [B, Hk, N, C, K]
             cached = (recalled_at[:, None, :, :, :, None] == reads[:, :, :, None, None, :]).any(-1)  # [B, Hc, ...]
             held = held | cached if with_cache is None else held.index_copy(
-                1, with_cache, held.index_select(1, with_cache) | cached)
+                1, with_cache, sparse.compact(held, cache_heads) | cached)
             mem_hidden = mem_hidden | held[:, :, :, None]
 
     if sink_tokens > 0:
@@ -259,9 +255,10 @@ def window_attention_chunked(
             row_max = torch.maximum(row_max, mem_scores.amax(-1, keepdim=True))
         if sparse_keys > 0:  # in the heads with a cache
             cache_shape = (batch, cache_k.shape[1], -1, groups, chunk, sparse_keys)
-            cache_scores = (_of_heads(qc[:, :, n], with_cache) @ cache_k[:, :, n].transpose(-1, -2)).view(cache_shape)
+            cache_scores = sparse.compact(qc[:, :, n], cache_heads) @ cache_k[:, :, n].transpose(-1, -2)
+            cache_scores = cache_scores.view(cache_shape)
             cache_scores = cache_scores.masked_fill_(cache_hidden[:, :, n], float("-inf"))  # [B, Hc, n, G, C, size]
-            cache_max = torch.maximum(_of_heads(row_max, with_cache), cache_scores.amax(-1, keepdim=True))
+            cache_max = torch.maximum(sparse.compact(row_max, cache_heads), cache_scores.amax(-1, keepdim=True))
             row_max = cache_max if with_cache is None else row_max.index_copy(1, with_cache, cache_max)
         in_place = not torch.is_grad_enabled()  # no backward reads the scores (the row max's does, with one)
 
@@ -287,7 +284,7 @@ def window_attention_chunked(
                     lin = lin * ~chosen[:, None, None, None, None]
                 linear += lin.flatten(3, 4) @ previous_v[:, :, n]
             if sparse_keys > 0:  # the state holds the cached keys too: their linear terms out again
-                cached = (_of_heads(fqc[:, :, n], with_cache) @ cache_fk_t[:, :, n]).view(cache_shape)  # [B, Hc, ...]
+                cached = (sparse.compact(fqc[:, :, n], cache_heads) @ cache_fk_t[:, :, n]).view(cache_shape)
                 cached = cached if log_gate is None else cached * cache_decay[:, :, n]
                 _add_at(linear, with_cache, cached.masked_fill(cache_hidden[:, :, n], 0.0).flatten(3, 4)
                         @ cache_v[:, :, n], alpha=-1.0)
