@@ -32,6 +32,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def settings(teacher: Path, out: Path, **changes) -> dict:
     run = {
         "model": str(teacher), "output_dir": str(out), "checkpoint_every": 1, "baselines": {},
+        # float32 throughout: ranks must match one process to 1e-4, and bf16 MLP products differ with the batch
+        "autocast": None,
         "attention": {"window_size": 8, "sink_tokens": 2, "memory_buckets": 16, "sparse_keys": 4},
         "data": {"seq_len": 48, "eval_seq_len": 48, "eval_blocks": 1, "long_context": 0, "copy_lengths": []},
         "evaluate": {"retrieval": [], "ablate": []},

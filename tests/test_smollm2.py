@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from linearize import load
 from linearize.data import build_blocks
+from linearize.devices import autocast, resolve_autocast
 from linearize.evaluate import score
 from linearize.methods import build_config
 from linearize.pipeline import run
@@ -48,6 +50,12 @@ def test_saved_student_reloads_to_the_trained_model(smoke_run, smollm2):
     out, config, report = smoke_run
     model, tokenizer = load(out / "model")
     data = build_blocks(tokenizer, "default", 128, 0, 128, config.seed)
+    cpu = torch.device("cpu")
+    products = resolve_autocast(config.autocast, cpu, torch.float32)
+    # bf16 MLP products round away the last float32 digits in which the reloaded weights may differ: on 127
+    # tokens that moves the perplexity by up to ~1e-3 (float32: 1e-4)
+    tolerance = 1e-4 if products is None else 2e-3
     for domain, blocks in data.eval.items():
-        reloaded = score(model, blocks).perplexity
-        assert math.isclose(reloaded, report["eval"]["finetune"][domain]["perplexity"], rel_tol=1e-4)
+        with autocast(cpu, products):  # as the run evaluated it
+            reloaded = score(model, blocks).perplexity
+        assert math.isclose(reloaded, report["eval"]["finetune"][domain]["perplexity"], rel_tol=tolerance)

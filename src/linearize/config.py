@@ -126,6 +126,10 @@ class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     dtype: str = "float32"
+    # the MLPs' products in training and the students' evaluation under torch.autocast: auto (bfloat16 on a CPU
+    # with AMX, for a float32 model; none elsewhere) | bfloat16 | null (none); attention, the output head and
+    # the teacher's evaluation always run in dtype
+    autocast: str | None = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     checkpoint_every: int = 25  # optimizer steps between resumable checkpoints
     # constant-memory baselines, evaluated untrained and after the same stage-2 budget:

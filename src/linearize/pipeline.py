@@ -39,7 +39,7 @@ from linearize.checkpoint import (
 )
 from linearize.config import RunConfig, for_processes
 from linearize.data import build_blocks
-from linearize.devices import resolve_device, resolve_dtype
+from linearize.devices import autocast, resolve_autocast, resolve_device, resolve_dtype
 from linearize.errors import LinearizeError
 from linearize.evaluate import Scores, layer_errors, score, summarize
 from linearize.generation import SAMPLE_PROMPTS, sample_generations
@@ -164,8 +164,9 @@ def run(config: RunConfig, fresh: bool = False, log: Callable[[str], None] = pri
     steps = (recipe.prepare, recipe.plan, recipe.read_data, recipe.place, recipe.transfer, recipe.load_teacher,
              recipe.evaluate_teacher, recipe.convert, recipe.finetune, recipe.evaluate_student, recipe.save,
              recipe.baselines, recipe.report)
-    for step in steps:
-        recipe.timed(step)
+    with autocast(device, recipe.autocast):  # training and the students' evaluation (not the teacher's)
+        for step in steps:
+            recipe.timed(step)
     return recipe.result
 
 
@@ -174,6 +175,7 @@ class Recipe:
 
     def __init__(self, config: RunConfig, device: torch.device, log: Callable[[str], None], fresh: bool = False):
         self.config, self.device, self.dtype = config, device, resolve_dtype(config.dtype)
+        self.autocast = resolve_autocast(config.autocast, device, self.dtype)
         self.log = log if distributed.is_main() else (lambda msg: None)
         self.started = time.perf_counter()
         self.fresh = fresh
@@ -404,7 +406,9 @@ class Recipe:
             yield self.model
 
     def evaluate_teacher(self) -> None:
-        with self.teacher_view() as model:
+        # in the model's own dtype, without the run's autocast: the teacher's numbers are its exact ones (and kept
+        # across runs, whatever their autocast); any precision the students' bf16 MLPs lose counts against them
+        with self.teacher_view() as model, autocast(self.device, None):
             self.evaluate_teacher_model(model)
 
     def evaluate_teacher_model(self, model) -> None:
@@ -450,7 +454,7 @@ class Recipe:
             "method": config.method,
             "teacher": config.model,
             "teacher_license": teacher_license(config.model),
-            "machine": machine_description(self.device),
+            "machine": machine_description(self.device, self.autocast),
             "model": {
                 "layers": layers,
                 "converted_layers": len(linearized_attentions(model)),
@@ -727,9 +731,10 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
-def machine_description(device: torch.device) -> str:
+def machine_description(device: torch.device, autocast: torch.dtype | None = None) -> str:
+    products = "" if autocast is None else f", {str(autocast).removeprefix('torch.')} autocast"
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.get_device_name(device) + products
     processes = f", {distributed.world()} processes" if distributed.world() > 1 else ""
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads{processes}, " \
-           f"torch {torch.__version__}"
+           f"torch {torch.__version__}{products}"

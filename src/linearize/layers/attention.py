@@ -229,6 +229,9 @@ class LinearizedAttention(nn.Module):
     ) -> torch.Tensor:
         """The mixer's per-head output [B, H, T, D] for a fresh sequence, without decoding state (what
         attention transfer compares with the teacher's output)."""
+        if under_autocast(hidden_states):
+            with torch.autocast(hidden_states.device.type, enabled=False):
+                return self.mix(hidden_states.to(self.o_proj.weight.dtype), position_embeddings, token_ids)
         return self.mixer(self.mixer_input(hidden_states, position_embeddings, token_ids=token_ids), None,
                           output_state=False)[0]
 
@@ -240,6 +243,10 @@ class LinearizedAttention(nn.Module):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        if under_autocast(hidden_states):  # the whole layer in the weights' dtype (see `under_autocast`)
+            with torch.autocast(hidden_states.device.type, enabled=False):
+                return self.forward(hidden_states.to(self.o_proj.weight.dtype), position_embeddings, attention_mask,
+                                    past_key_values, **kwargs)
         batch, length, _ = hidden_states.shape
         if self.mode == "linear" and STEP_STATES in kwargs:  # inside a compiled step: no padding, no cache
             states = kwargs[STEP_STATES]
@@ -261,6 +268,15 @@ class LinearizedAttention(nn.Module):
                 self.recorded = (hidden_states, out)
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(out), None
+
+
+def under_autocast(x: torch.Tensor) -> bool:
+    """Whether an autocast is on for `x`'s device. A converted attention layer then runs outside it, in its
+    weights' dtype: its projections (which carry stage 2's LoRA adapter: in a bf16 sum its small updates would
+    round away), the mixer's running sums and softmax blocks (softmax mode too); the MLPs around it take the
+    autocast's lower dtype (`linearize.devices.autocast`)."""
+    device = x.device.type
+    return device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
 
 
 BRANCHES = ("linear", "memory", "sparse", "sinks")  # every switchable branch any mixer has

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from linearize.config import RunConfig, deep_merge, from_dict
+from linearize.devices import AUTOCASTS
 from linearize.errors import LinearizeError
 from linearize.methods.base import SEQ_LEN, Method, Shapes
 from linearize.methods.hybrid import Hybrid
@@ -86,6 +87,8 @@ def build_config(user: dict[str, Any]) -> RunConfig:
 def _check_run(config: RunConfig) -> None:
     if config.dtype not in ("float32", "bfloat16", "float16"):
         raise LinearizeError(f"dtype must be float32, bfloat16 or float16, got '{config.dtype}'")
+    if config.autocast not in AUTOCASTS:
+        raise LinearizeError(f"autocast must be auto, bfloat16 or null (none), got '{config.autocast}'")
     if config.checkpoint_every < 1:
         raise LinearizeError("checkpoint_every must be >= 1")
     for stage in (config.transfer, config.finetune):

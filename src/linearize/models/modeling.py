@@ -25,7 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from linearize.errors import LinearizeError
-from linearize.layers.attention import TOKEN_IDS, LinearizedAttention
+from linearize.layers.attention import TOKEN_IDS, LinearizedAttention, under_autocast
 from linearize.methods import get_method, method_settings
 from linearize.methods.base import shapes_from_config
 from linearize.models.configuration import LinearizedConfig
@@ -155,7 +155,7 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
         kwargs.pop(TOKEN_IDS, None)
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        logits = self.logits(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -166,6 +166,14 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head on final hidden states [..., C]: in the weights' dtype, also under an autocast (exact
+        logits for the losses and the held-out numbers; `linearize.layers.attention.under_autocast`)."""
+        if under_autocast(hidden):
+            with torch.autocast(hidden.device.type, enabled=False):
+                return self.lm_head(hidden.to(self.lm_head.weight.dtype))
+        return self.lm_head(hidden)
 
     # --- the two directory variants ----------------------------------------------------------------------
 

@@ -47,8 +47,11 @@ def machine_fingerprint(dtype: torch.dtype, device: torch.device) -> dict[str, A
     import transformers
 
     kind = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return {"dtype": str(dtype), "device": kind, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    fingerprint = {"dtype": str(dtype), "device": kind, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                   "transformers": transformers.__version__}
+    if torch.is_autocast_enabled(device.type):  # products in a lower dtype: other results (a key only then, so
+        fingerprint["autocast"] = str(torch.get_autocast_dtype(device.type))  # those kept without one still read)
+    return fingerprint
 
 
 class TeacherResults:

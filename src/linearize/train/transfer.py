@@ -267,7 +267,7 @@ class AttentionTransfer:
             base = self.model.model
             for row, out in zip(rows, torch.cat(outputs)):
                 if self.targets.wanted([row]):
-                    tops = [self.targets.top(self.model.lm_head(base.norm(part[None]))[0])
+                    tops = [self.targets.top(self.model.logits(base.norm(part[None]))[0])
                             for part in out.split(TARGET_POSITIONS)]
                     self.targets.write(row, torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops]))
 
