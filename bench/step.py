@@ -1,8 +1,10 @@
 """A saved student's two costliest CPU pieces, timed: one stage-1 step (every converted layer's mixer on one
 sequence, forward and backward, as attention transfer runs it) and one held-out forward (4 sequences, no
 gradient, as evaluation batches them), best of a few runs each, with the C allocator as the command line
-sets it (where the code has that setting). To compare code versions, run it from each checkout in turn, a
-few times, alternating: timings on a shared machine move by 10% and more from one minute to the next.
+sets it (where the code has that setting). The held-out forward is timed twice, alternating, without and with
+a bf16 autocast (the run's `autocast`, where the code has it): their ratio is what autocast buys on this CPU.
+To compare code versions, run it from each checkout in turn, a few times, alternating: timings on a shared
+machine move by 10% and more from one minute to the next.
 
     python bench/step.py runs/default/model           # the default run's student (about a minute)
     python bench/step.py runs/default/model --json    # one JSON line
@@ -69,6 +71,15 @@ def main() -> None:
         with torch.no_grad():
             model(input_ids=held_out, use_cache=False, logits_to_keep=1)
 
+    def held_out_forward_autocast():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            held_out_forward()
+
+    try:
+        from linearize.layers.attention import under_autocast  # noqa: F401 (code whose layers run outside it)
+    except ImportError:
+        held_out_forward_autocast = None  # bf16 everywhere would not be what the run does
+
     package = Path(linearize.__file__).resolve().parent
     commit = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
@@ -76,6 +87,13 @@ def main() -> None:
               "allocator_keeps_freed_memory": kept,
               "stage1_step_s": round(best(stage1_step, args.repeats), 3),
               "held_out_forward_s": round(best(held_out_forward, args.repeats), 3)}
+    if held_out_forward_autocast is not None:
+        plain, mixed = [], []
+        for _ in range(args.repeats):  # alternating: both see the same spells of the machine
+            plain.append(best(held_out_forward, 1))
+            mixed.append(best(held_out_forward_autocast, 1))
+        result.update(held_out_forward_float32_s=round(min(plain), 3), held_out_forward_autocast_s=round(min(mixed), 3),
+                      autocast_speedup=round(min(plain) / min(mixed), 2))
     if args.json:
         print(json.dumps(result))
     else:
@@ -83,6 +101,9 @@ def main() -> None:
               f"one stage-1 step "
               f"(1 x {args.length}) {result['stage1_step_s']} s; one held-out forward (4 x {args.length}) "
               f"{result['held_out_forward_s']} s (best of {args.repeats})")
+        if "autocast_speedup" in result:
+            print(f"held-out forward, alternating: float32 {result['held_out_forward_float32_s']} s, bf16 autocast "
+                  f"(MLPs) {result['held_out_forward_autocast_s']} s: {result['autocast_speedup']}x")
 
 
 if __name__ == "__main__":
