@@ -52,9 +52,10 @@ def test_saved_student_reloads_to_the_trained_model(smoke_run, smollm2):
     data = build_blocks(tokenizer, "default", 128, 0, 128, config.seed)
     cpu = torch.device("cpu")
     products = resolve_autocast(config.autocast, cpu, torch.float32)
-    # bf16 MLP products round away the last float32 digits in which the reloaded weights may differ: on 127
-    # tokens that moves the perplexity by up to ~1e-3 (float32: 1e-4)
-    tolerance = 1e-4 if products is None else 2e-3
+    # the reloaded student has its adapter merged into the weights: float32 digits that bf16 MLP products round
+    # one way or the other, which on one 127-token block moves a perplexity by up to 0.25% (measured: 0.07-0.23%;
+    # in float32 under 1e-4). A reload without its adapter or mixers moves it by 1-3% (stage 2's gain here).
+    tolerance = 1e-4 if products is None else 5e-3
     for domain, blocks in data.eval.items():
         with autocast(cpu, products):  # as the run evaluated it
             reloaded = score(model, blocks).perplexity
