@@ -1,5 +1,6 @@
-"""A run's autocast: which dtype `autocast` resolves to, and what runs inside it (the weights' products) and what
-outside (each converted layer's mixer, in the model's own dtype)."""
+"""A run's autocast: which dtype `autocast` resolves to, what runs inside it (the MLPs' products: training and
+the students' evaluation) and what outside it, in the model's own dtype (each converted attention layer, the
+output head, the teacher's evaluation)."""
 
 import json
 
@@ -9,6 +10,7 @@ from helpers import make_tiny_model, tokens
 from test_pipeline import teacher_dir, tiny_settings  # noqa: F401 (a fixture)
 
 import linearize.devices as devices
+import linearize.pipeline as pipeline
 from linearize import LinearizeError, linearize
 from linearize.devices import autocast, resolve_autocast
 from linearize.layers.attention import linearized_attentions
@@ -73,13 +75,26 @@ def test_under_autocast_attention_and_the_head_run_in_float32_and_the_mlps_in_bf
     torch.testing.assert_close(mixed.softmax(-1), plain.softmax(-1), atol=2e-2, rtol=0)
 
 
-def test_a_run_under_autocast_says_so_and_keeps_its_teacher_results_apart(teacher_dir, tmp_path):  # noqa: F811
-    """A run with `autocast: bfloat16` names it in the report's machine, and the teacher's kept results of a run
-    with it are not those of a run without it (another key: products in another dtype)."""
+def test_a_run_under_autocast_says_so_evaluates_its_teacher_without_it_and_keys_its_results_apart(
+        teacher_dir, tmp_path, monkeypatch):  # noqa: F811
+    """A run with `autocast: bfloat16` evaluates its students under it and its teacher without it (the teacher's
+    numbers are float32's), names it in the report's machine, and what it keeps under it (a baseline's results)
+    has another key than the same kept without it."""
+    under = {"teacher": [], "students": []}
+
+    def recording(name, original):
+        def call(*args, **kwargs):
+            under[name].append(torch.is_autocast_enabled("cpu"))
+            return original(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(pipeline, "teacher_scores", recording("teacher", pipeline.teacher_scores))
+    monkeypatch.setattr(pipeline, "domain_scores", recording("students", pipeline.domain_scores))
     report = run(build_config(tiny_settings(teacher_dir, tmp_path / "run", autocast="bfloat16",
                                             transfer={"enabled": False}, finetune={"tokens": 64},
                                             evaluate={"retrieval": [], "ablate": [], "samples": False})),
                  log=lambda msg: None)
+    assert under == {"teacher": [False], "students": [True, True]}  # untrained, after stage 2
     assert report["machine"].endswith("bfloat16 autocast")
     assert report["eval"]["finetune"]["code"]["ppl_ratio"] > 0
     plain = machine_fingerprint(torch.float32, CPU)
