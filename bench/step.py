@@ -23,14 +23,15 @@ from pathlib import Path
 import torch
 
 
+def seconds(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
 def best(work, repeats: int) -> float:
     work()  # warm-up: first-call allocations and lazy inits
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return min(times)
+    return min(seconds(work) for _ in range(repeats))
 
 
 def main() -> None:
@@ -88,10 +89,11 @@ def main() -> None:
               "stage1_step_s": round(best(stage1_step, args.repeats), 3),
               "held_out_forward_s": round(best(held_out_forward, args.repeats), 3)}
     if held_out_forward_autocast is not None:
+        held_out_forward_autocast()  # warm-up (the float32 one is warm already)
         plain, mixed = [], []
         for _ in range(args.repeats):  # alternating: both see the same spells of the machine
-            plain.append(best(held_out_forward, 1))
-            mixed.append(best(held_out_forward_autocast, 1))
+            plain.append(seconds(held_out_forward))
+            mixed.append(seconds(held_out_forward_autocast))
         result.update(held_out_forward_float32_s=round(min(plain), 3), held_out_forward_autocast_s=round(min(mixed), 3),
                       autocast_speedup=round(min(plain) / min(mixed), 2))
     if args.json:
